@@ -1,0 +1,12 @@
+"""Shared test set-up: without a GPU, Triton kernels run under Triton's CPU interpreter."""
+
+import os
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # Must be set before any @triton.jit function is defined (i.e. before hayabusa.kernels is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if ON_GPU else "cpu"
