@@ -1,0 +1,331 @@
+"""Paged decode attention: one new token per sequence, rotary + cache append + attention over its pages.
+
+For each sequence b with position p = positions[b] (the sequence holds p + 1 tokens after this call):
+  1. rotate-half rotary on the first `rotary_dims` of each head's q and k (fp32, rounded to the model dtype once),
+  2. write the rotated k and the v into slot block_tables[b, p // block_size] * block_size + p % block_size,
+  3. attend q over keys 0..p: keys 0..p-1 read from the paged cache, key p taken from registers (so the program
+     never reads the slot it writes, and no ordering between the write and the reads is needed).
+Online softmax in fp32. One program per (sequence, head) or, in the split-K (flash-decoding) variant, per
+(sequence, head, split): each split covers a slice of the sequence's cached keys and writes an unnormalised
+partial (running max, running sum, accumulator) that a reduction kernel merges. positions[b] < 0 marks a padding
+row (CUDA-graph batch padding): it writes nothing to the cache and its output row is 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from hayabusa.kernels.rotary import apply_rotary_ref
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+MAX_SPLITS = 16
+MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost outweighs the parallelism it adds
+PROGRAMS_PER_SM = 4  # (sequence, head) programs per SM that keep enough loads in flight without splitting
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _rotated_head_vector(row_ptr, cos_row_ptr, sin_row_ptr, offs_d, HEAD_DIM: tl.constexpr, ROT_HALF: tl.constexpr):
+    """Load one head's q or k ([BLOCK_D] lanes, HEAD_DIM real) and apply rotate-half rotary in fp32."""
+    in_head = offs_d < HEAD_DIM
+    in_rotary = offs_d < 2 * ROT_HALF
+    first_half = offs_d < ROT_HALF
+    # Lane i pairs with i + h (first half) or i - h (second half); both halves use frequency i mod h.
+    partner = tl.where(first_half, offs_d + ROT_HALF, offs_d - ROT_HALF)
+    freq = tl.where(first_half, offs_d, offs_d - ROT_HALF)
+    x = tl.load(row_ptr + offs_d, mask=in_head, other=0.0).to(tl.float32)
+    x_partner = tl.load(row_ptr + partner, mask=in_rotary, other=0.0).to(tl.float32)
+    cos = tl.load(cos_row_ptr + freq, mask=in_rotary, other=1.0)
+    sin = tl.load(sin_row_ptr + freq, mask=in_rotary, other=0.0)
+    sign = tl.where(first_half, -1.0, 1.0)
+    return x * cos + sign * x_partner * sin
+
+
+@triton.jit
+def _decode_attention_kernel(
+    qkv_ptr, positions_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
+    out_ptr, partial_max_ptr, partial_sum_ptr, partial_acc_ptr,
+    qkv_row_stride, block_table_row_stride, rotary_row_stride, scale_log2,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROT_HALF: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    split = tl.program_id(2)
+    position = tl.load(positions_ptr + seq).to(tl.int32)
+    if position < 0:  # padding row: the reduction (or this program, unsplit) writes its zero output
+        if NUM_SPLITS == 1:
+            offs = tl.arange(0, BLOCK_D)
+            zeros = tl.zeros([BLOCK_D], dtype=tl.float32)
+            tl.store(out_ptr + seq * NUM_HEADS * HEAD_DIM + head * HEAD_DIM + offs,
+                     zeros.to(out_ptr.dtype.element_ty), mask=offs < HEAD_DIM)
+        return
+
+    dtype = k_cache_ptr.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    in_head = offs_d < HEAD_DIM
+    token_stride = NUM_HEADS * HEAD_DIM  # cache: [num_blocks, PAGE_SIZE, NUM_HEADS, HEAD_DIM]
+    block_table_row = block_tables_ptr + seq * block_table_row_stride
+
+    # qkv row: [NUM_HEADS, 3, HEAD_DIM]; q and k rotated in fp32 and rounded to the model dtype once.
+    head_row = qkv_ptr + seq * qkv_row_stride + head * 3 * HEAD_DIM
+    cos_row = cos_ptr + position * rotary_row_stride
+    sin_row = sin_ptr + position * rotary_row_stride
+    q = _rotated_head_vector(head_row, cos_row, sin_row, offs_d, HEAD_DIM, ROT_HALF).to(dtype)
+    k_new = _rotated_head_vector(head_row + HEAD_DIM, cos_row, sin_row, offs_d, HEAD_DIM, ROT_HALF).to(dtype)
+    v_new = tl.load(head_row + 2 * HEAD_DIM + offs_d, mask=in_head, other=0.0)
+    q = q.to(tl.float32) * scale_log2  # scores in log2 units: exp2 replaces exp
+
+    if split == 0:  # exactly one program per (sequence, head) writes the new token's slot
+        page = tl.load(block_table_row + position // PAGE_SIZE).to(tl.int64)
+        slot_offset = (page * PAGE_SIZE + position % PAGE_SIZE) * token_stride + head * HEAD_DIM
+        tl.store(k_cache_ptr + slot_offset + offs_d, k_new, mask=in_head)
+        tl.store(v_cache_ptr + slot_offset + offs_d, v_new, mask=in_head)
+
+    # Split 0 starts its running softmax from the new token (key `position`); other splits start empty.
+    holds_new_token = split == 0
+    new_score = tl.sum(q * k_new.to(tl.float32), axis=0)
+    running_max = tl.where(holds_new_token, new_score, -float("inf"))
+    running_sum = tl.where(holds_new_token, 1.0, 0.0)
+    acc = tl.where(holds_new_token, v_new.to(tl.float32), 0.0)  # [BLOCK_D]
+
+    # Cached keys 0..position-1, shared out between splits in BLOCK_N-aligned slices.
+    tokens_per_split = tl.cdiv(tl.cdiv(position, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, position)
+    offs_n = tl.arange(0, BLOCK_N)
+    for tile_start in range(start, end, BLOCK_N):
+        tokens = tile_start + offs_n
+        valid = tokens < end
+        # A tile may span several pages: each token row finds its own page through the block table.
+        pages = tl.load(block_table_row + tokens // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+        rows = (pages * PAGE_SIZE + tokens % PAGE_SIZE) * token_stride + head * HEAD_DIM
+        tile_mask = valid[:, None] & in_head[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK_N]
+        scores = tl.where(valid, scores, -float("inf"))
+        new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        correction = tl.exp2(running_max - new_max)
+        probs = tl.exp2(scores - new_max)
+        v = tl.load(v_cache_ptr + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        acc = acc * correction + tl.sum(probs[:, None] * v.to(tl.float32), axis=0)
+        running_sum = running_sum * correction + tl.sum(probs, axis=0)
+        running_max = new_max
+
+    if NUM_SPLITS == 1:
+        out = acc / running_sum
+        tl.store(out_ptr + seq * token_stride + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=in_head)
+    else:
+        # partials: max/sum [B, H, NUM_SPLITS], acc [B, H, NUM_SPLITS, BLOCK_D]; an empty split leaves (-inf, 0, 0).
+        partial = (seq * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(partial_max_ptr + partial, running_max)
+        tl.store(partial_sum_ptr + partial, running_sum)
+        tl.store(partial_acc_ptr + partial * BLOCK_D + offs_d, acc)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    positions_ptr, partial_max_ptr, partial_sum_ptr, partial_acc_ptr, out_ptr,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    out_offsets = seq * NUM_HEADS * HEAD_DIM + head * HEAD_DIM + offs_d
+    position = tl.load(positions_ptr + seq)
+    if position < 0:  # padding row
+        tl.store(out_ptr + out_offsets, tl.zeros([BLOCK_D], dtype=tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=offs_d < HEAD_DIM)
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    in_splits = offs_s < NUM_SPLITS
+    first = (seq * NUM_HEADS + head) * NUM_SPLITS
+    split_max = tl.load(partial_max_ptr + first + offs_s, mask=in_splits, other=-float("inf"))
+    split_sum = tl.load(partial_sum_ptr + first + offs_s, mask=in_splits, other=0.0)
+    split_acc = tl.load(partial_acc_ptr + (first + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                        mask=in_splits[:, None], other=0.0)  # [BLOCK_S, BLOCK_D]
+    # Split 0 always holds the new token, so the overall max is finite and empty splits weigh exp2(-inf) = 0.
+    overall_max = tl.max(split_max, axis=0)
+    weights = tl.exp2(split_max - overall_max)
+    total = tl.sum(weights * split_sum, axis=0)
+    out = tl.sum(weights[:, None] * split_acc, axis=0) / total
+    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def decode_attention(
+    qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None = None,
+) -> Tensor:
+    """out [B, H*D]: rotary + cache append + attention over keys 0..positions[b] (see the module docstring).
+
+    qkv [B, 3*H*D]; positions int32/int64 [B]; block_tables int32 [B, max_blocks_per_seq];
+    k_cache, v_cache [num_blocks, block_size, H, D]; cos, sin float32 [max_positions, rotary_dims // 2].
+    num_splits: None picks by heuristic, 1 forces the single-pass kernel, > 1 the split-K kernel + reduction.
+    """
+    _check_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits)
+    _check_triton_device(qkv)
+    batch = qkv.shape[0]
+    _, page_size, num_heads, head_dim = k_cache.shape
+    out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        num_splits = pick_num_splits(batch, num_heads, block_tables.shape[1] * page_size, qkv.device)
+    block_d = triton.next_power_of_2(head_dim)
+    block_n = max(16, min(64, 8192 // block_d))  # tile of at most 64 x 128 fp32 products per program
+    if num_splits > 1:
+        partial_max = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=qkv.device)
+        partial_sum = torch.empty_like(partial_max)
+        partial_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=qkv.device)
+    else:
+        partial_max = partial_sum = partial_acc = out  # unused by the single-pass kernel
+    _decode_attention_kernel[(batch, num_heads, num_splits)](
+        qkv, positions, block_tables, k_cache, v_cache, cos, sin,
+        out, partial_max, partial_sum, partial_acc,
+        qkv.stride(0), block_tables.stride(0), cos.stride(0), LOG2E / math.sqrt(head_dim),
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROT_HALF=rotary_dims // 2,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            positions, partial_max, partial_sum, partial_acc, out,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+def pick_num_splits(batch: int, num_heads: int, max_context: int, device: torch.device) -> int:
+    """Split the keys only when (sequence, head) programs are too few to fill the GPU and contexts are long.
+
+    max_context is the block table's capacity (static, so the choice never reads device memory and stays
+    fixed under CUDA-graph capture); splits past a sequence's real length exit at once.
+    """
+    if device.type != "cuda":
+        return 1
+    programs = batch * num_heads
+    wanted_programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= wanted_programs:
+        return 1
+    splits = min(triton.cdiv(wanted_programs, programs), max_context // MIN_TOKENS_PER_SPLIT, MAX_SPLITS)
+    return max(splits, 1)
+
+
+def decode_attention_ref(
+    qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None = None,
+) -> Tensor:
+    """Plain-PyTorch decode_attention: same arguments, output and cache writes (num_splits changes nothing)."""
+    _check_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits)
+    batch = qkv.shape[0]
+    _, page_size, num_heads, head_dim = k_cache.shape
+    out = torch.zeros(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    q_all, k_all, v_all = qkv.view(batch, num_heads, 3, head_dim).unbind(2)  # each [B, H, D]
+    for b in range(batch):
+        position = int(positions[b])
+        if position < 0:  # padding row
+            continue
+        q = apply_rotary_ref(q_all[b], cos[position], sin[position])  # [H, D]
+        k = apply_rotary_ref(k_all[b], cos[position], sin[position])
+        page = int(block_tables[b, position // page_size])
+        k_cache[page, position % page_size] = k
+        v_cache[page, position % page_size] = v_all[b]
+        pages = block_tables[b, : position // page_size + 1].long()
+        keys = k_cache[pages].reshape(-1, num_heads, head_dim)[: position + 1].float()  # [p + 1, H, D]
+        values = v_cache[pages].reshape(-1, num_heads, head_dim)[: position + 1].float()
+        scores = torch.einsum("hd,thd->ht", q.float(), keys) / math.sqrt(head_dim)
+        out[b] = torch.einsum("ht,thd->hd", scores.softmax(dim=-1), values).to(qkv.dtype)
+    return out.view(batch, num_heads * head_dim)
+
+
+def _check_arguments(
+    qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None,
+) -> None:
+    """Raise ValueError naming the argument for anything the kernel would read or write out of bounds."""
+    tensors = {"qkv": qkv, "positions": positions, "block_tables": block_tables, "k_cache": k_cache,
+               "v_cache": v_cache, "cos": cos, "sin": sin}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.device != qkv.device:
+            raise ValueError(f"{name} is on {tensor.device}, expected qkv's device {qkv.device}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+    if k_cache.dim() != 4:
+        raise ValueError(f"k_cache must be [num_blocks, block_size, num_heads, head_dim], got {tuple(k_cache.shape)}")
+    num_blocks, page_size, num_heads, head_dim = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"qkv dtype {qkv.dtype} unsupported; expected one of {SUPPORTED_DTYPES}")
+    for name in ("k_cache", "v_cache"):
+        if tensors[name].dtype != qkv.dtype:
+            raise ValueError(f"{name} dtype {tensors[name].dtype} must equal qkv dtype {qkv.dtype}")
+    if not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"k_cache head_dim {head_dim} must be in [1, {MAX_HEAD_DIM}]")
+    if qkv.dim() != 2 or qkv.shape[1] != 3 * num_heads * head_dim:
+        raise ValueError(f"qkv must be [batch, 3 * num_heads * head_dim = {3 * num_heads * head_dim}] "
+                         f"(num_heads {num_heads}, head_dim {head_dim} from k_cache), got {tuple(qkv.shape)}")
+    batch = qkv.shape[0]
+    if positions.dtype not in (torch.int32, torch.int64) or positions.shape != (batch,):
+        raise ValueError(f"positions must be int32 or int64 [batch = {batch}], "
+                         f"got {positions.dtype} {tuple(positions.shape)}")
+    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch:
+        raise ValueError(f"block_tables must be int32 [batch = {batch}, max_blocks_per_seq], "
+                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    if isinstance(rotary_dims, bool) or not isinstance(rotary_dims, int) or rotary_dims % 2 \
+            or not 0 <= rotary_dims <= head_dim:
+        raise ValueError(f"rotary_dims must be an even integer in [0, head_dim = {head_dim}], got {rotary_dims!r}")
+    for name in ("cos", "sin"):
+        table = tensors[name]
+        if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != rotary_dims // 2:
+            raise ValueError(f"{name} must be float32 [max_positions, rotary_dims // 2 = {rotary_dims // 2}], "
+                             f"got {table.dtype} {tuple(table.shape)}")
+    if sin.shape != cos.shape:
+        raise ValueError(f"sin shape {tuple(sin.shape)} must equal cos shape {tuple(cos.shape)}")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if batch == 0 or (qkv.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return  # value checks read device memory, which a CUDA-graph capture forbids
+    _check_positions_and_pages(positions, block_tables, num_blocks, page_size, cos.shape[0])
+
+
+def _check_positions_and_pages(
+    positions: Tensor, block_tables: Tensor, num_blocks: int, page_size: int, max_positions: int
+) -> None:
+    """Every position fits the rotary table and the block table; every page a sequence needs is a real block."""
+    max_blocks_per_seq = block_tables.shape[1]
+    pages_needed = positions.long() // page_size + 1  # [B]; 0 for padding rows (position -1 // p + 1 = 0)
+    needed = torch.arange(max_blocks_per_seq, device=positions.device)[None, :] < pages_needed[:, None]
+    bad_entry = needed & ((block_tables < 0) | (block_tables >= num_blocks))
+    # One device-to-host transfer for all three checks.
+    max_position, any_bad_entry = torch.stack((positions.max().long(), bad_entry.any().long())).tolist()
+    capacity = max_blocks_per_seq * page_size
+    if max_position >= max_positions:
+        raise ValueError(f"positions holds {max_position}, beyond the rotary tables cos/sin "
+                         f"({max_positions} positions)")
+    if max_position >= capacity:
+        raise ValueError(f"positions holds {max_position}, beyond block_tables capacity "
+                         f"{max_blocks_per_seq} blocks x block_size {page_size} = {capacity} tokens")
+    if any_bad_entry:
+        seq, column = bad_entry.nonzero()[0].tolist()
+        raise ValueError(f"block_tables[{seq}, {column}] = {int(block_tables[seq, column])} is needed by "
+                         f"positions[{seq}] = {int(positions[seq])} but is outside [0, num_blocks = {num_blocks})")
+
+
+def _check_triton_device(qkv: Tensor) -> None:
+    if qkv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"qkv is on {qkv.device}: the Triton kernel needs a CUDA device or TRITON_INTERPRET=1")
