@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 from transformers import GPTNeoXJapaneseConfig
 from transformers.models.gpt_neox_japanese.modeling_gpt_neox_japanese import (
     GPTNeoXJapaneseRotaryEmbedding,
     apply_rotary_pos_emb,
 )
+
+from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 
 
 def hf_cos_sin(head_dim: int, partial_rotary_factor: float, base: float, positions: torch.Tensor):
