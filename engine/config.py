@@ -31,6 +31,18 @@ class ModelConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self) -> None:
+        # Types first, so the range checks below never hit a TypeError (config.json may hold anything).
+        for key in ("partial_rotary_factor", "rope_theta", "layer_norm_eps"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            value = self.tie_word_embeddings
+            raise ConfigError(f"config key 'tie_word_embeddings' must be true or false, got {value!r}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"config key '{key}' must be an integer token id or null, got {value!r}")
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "intermediate_multiple_size", "max_position_embeddings"):
             value = getattr(self, key)
@@ -96,7 +108,9 @@ class ModelConfig:
             eos = eos[0]
         fields: dict[str, Any] = {
             "partial_rotary_factor": rope.get("partial_rotary_factor", raw.get("rotary_pct", 1.0)),
-            "rope_theta": rope.get("rope_theta", raw.get("rotary_emb_base", raw.get("rope_theta", 10000.0))),
+            # transformers reads only rope_parameters and abeja's rotary_* keys; a top-level `rope_theta` or
+            # `partial_rotary_factor` is ignored there, so it is ignored here too.
+            "rope_theta": rope.get("rope_theta", raw.get("rotary_emb_base", 10000.0)),
             "eos_token_id": eos,
         }
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -104,11 +118,11 @@ class ModelConfig:
                     "hidden_act", "bos_token_id", "tie_word_embeddings"):
             if key in raw:
                 fields[key] = raw[key]
-        try:
-            fields["partial_rotary_factor"] = float(fields["partial_rotary_factor"])
-            fields["rope_theta"] = float(fields["rope_theta"])
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"config rotary keys must be numbers: {err}") from None
+        for key, spelling in (("partial_rotary_factor", "rotary_pct"), ("rope_theta", "rotary_emb_base")):
+            value = fields[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ConfigError(f"config key '{spelling}' / 'rope_parameters.{key}' must be a number, got {value!r}")
+            fields[key] = float(value)
         return cls(**fields)
 
     @classmethod
@@ -138,6 +152,14 @@ class ModelConfig:
 
     def with_overrides(self, **overrides: Any) -> ModelConfig:
         return replace(self, **overrides)
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of a checkpoint directory (its `config.json`)."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ConfigError(f"{model_dir}: not a directory")
+    return ModelConfig.from_json(model_dir / "config.json")
 
 
 # abeja/gpt-neox-japanese-2.7b's own config.json has no tie key and bos = eos = 31999.
