@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from tolerance import assert_close
 
 

@@ -1,0 +1,158 @@
+"""Sampling parameters and batched next-token selection, on the logits' device with no host sync.
+
+Processing order follows transformers' generate: repetition penalty on the raw logits, then temperature,
+top-k, top-p. Random draws are counter-based: the noise for a request's n-th token is a hash of
+(seed, n, token id), so a seeded request gives the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    do_sample: bool = False
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+
+@dataclass
+class SamplingState:
+    """Per-request sampling state: the resolved seed and how many tokens were drawn so far."""
+
+    params: SamplingParams
+    seed: int = field(init=False)
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(62)
+
+
+def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],
+                       seeds: Sequence[int], steps: Sequence[int]) -> Tensor:
+    """logits: [B, V] (any float dtype) -> next token ids, LongTensor [B] on the logits' device.
+
+    seen_tokens[b] (prompt + generated) feed the repetition penalty; seeds[b] and steps[b] key the noise.
+    """
+    device = logits.device
+    logits = logits.float()
+    batch, vocab = logits.shape
+    if not len(params) == len(seen_tokens) == len(seeds) == len(steps) == batch:
+        raise ValueError(f"logits hold {batch} rows but got {len(params)} params, {len(seen_tokens)} token lists, "
+                         f"{len(seeds)} seeds, {len(steps)} steps")
+
+    penalties = [p.repetition_penalty for p in params]
+    if any(p != 1.0 for p in penalties):
+        logits = apply_repetition_penalty(logits, seen_tokens, torch.tensor(penalties, device=device))
+    greedy_tokens = logits.argmax(dim=-1)
+    if all(p.greedy for p in params):
+        return greedy_tokens
+
+    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
+    scaled = logits / temperature[:, None]
+    scaled = mask_top_k_top_p(scaled, torch.tensor([p.top_k for p in params], device=device),
+                              torch.tensor([p.top_p for p in params], device=device))
+    gumbel = gumbel_noise(torch.tensor(list(seeds), dtype=torch.int64, device=device),
+                          torch.tensor(list(steps), dtype=torch.int64, device=device), vocab)
+    sampled = (scaled + gumbel).argmax(dim=-1)  # Gumbel-max: a draw from softmax(scaled)
+    is_greedy = torch.tensor([p.greedy for p in params], device=device)
+    return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def apply_repetition_penalty(logits: Tensor, seen_tokens: Sequence[Sequence[int]], penalty: Tensor) -> Tensor:
+    """transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
+    width = max(len(tokens) for tokens in seen_tokens)
+    # Pad each row by repeating its first token: a duplicate index rewrites the same value.
+    padded = [list(tokens) + [tokens[0]] * (width - len(tokens)) for tokens in seen_tokens]
+    index = torch.tensor(padded, dtype=torch.int64, device=logits.device)  # [B, width]
+    seen = logits.gather(1, index)
+    seen = torch.where(seen > 0, seen / penalty[:, None], seen * penalty[:, None])
+    return logits.scatter(1, index, seen)
+
+
+def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """logits: [B, V]; top_k: [B] int (0 = off); top_p: [B] float (1 = off). Removed entries become -inf."""
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    # top-k: keep logits >= the k-th largest (ties kept, as transformers does).
+    kth = sorted_logits.gather(1, (top_k.clamp(1, vocab) - 1)[:, None])
+    keep = (logits >= kth) | (top_k[:, None] == 0)
+    # top-p on what top-k kept: the smallest set of top tokens whose probability reaches top_p.
+    sorted_kept = sorted_logits.masked_fill(sorted_logits < kth.where(top_k[:, None] > 0, -torch.inf), -torch.inf)
+    probs = sorted_kept.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    in_nucleus = mass_before < top_p[:, None]
+    in_nucleus[:, 0] = True
+    cutoff = sorted_kept.masked_fill(~in_nucleus, torch.inf).min(dim=-1, keepdim=True).values
+    keep &= logits >= cutoff
+    return logits.masked_fill(~keep, -torch.inf)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _to_signed(value: int) -> int:
+    value &= _MASK64
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN = _to_signed(0x9E3779B97F4A7C15)
+_MIX1 = _to_signed(0xBF58476D1CE4E5B9)
+_MIX2 = _to_signed(0x94D049BB133111EB)
+
+
+def _logical_shift_right(x: Tensor, bits: int) -> Tensor:
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x: Tensor) -> Tensor:
+    """SplitMix64's finalizer on int64 tensors (wrapping multiplication, logical shifts)."""
+    x = x + _GOLDEN
+    x = (x ^ _logical_shift_right(x, 30)) * _MIX1
+    x = (x ^ _logical_shift_right(x, 27)) * _MIX2
+    return x ^ _logical_shift_right(x, 31)
+
+
+def gumbel_noise(seeds: Tensor, steps: Tensor, vocab: int) -> Tensor:
+    """Standard Gumbel noise [B, V], a pure function of (seed, step, token id)."""
+    token = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    key = _splitmix64(_splitmix64(seeds)[:, None] ^ steps[:, None])  # [B, 1]
+    bits = _logical_shift_right(_splitmix64(key ^ token[None, :]), 11)  # 53 random bits
+    uniform = (bits.double() + 0.5) / float(1 << 53)  # in (0, 1)
+    return (-torch.log(-torch.log(uniform))).float()
