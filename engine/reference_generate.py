@@ -1,0 +1,58 @@
+"""Generation on the reference model: one left-padded batch, a contiguous KV cache, a token per step.
+
+The plain loop users run on a CPU and the oracle the paged engine's outputs are compared with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
+from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.sampling import SamplingParams, SamplingState, sample_next_tokens
+from hayabusa.tokenizer import Tokenizer
+
+# (request index, text delta, the finished output or None)
+GenerationEvent = tuple[int, str, GenerationOutput | None]
+
+
+def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                       params: Sequence[SamplingParams]) -> Iterator[GenerationEvent]:
+    """Run all prompts as one batch; yield text deltas as tokens are sampled. Inputs are validated by the caller."""
+    eos = model.config.eos_token_id
+    builders = [OutputBuilder(tokenizer, prompt, p, eos) for prompt, p in zip(prompts, params, strict=True)]
+    states = [SamplingState(p) for p in params]
+    seen = [list(prompt) for prompt in prompts]
+    batch, longest = len(prompts), max(len(prompt) for prompt in prompts)
+    max_len = longest + max(p.max_new_tokens for p in params) - 1
+    device = model.device
+
+    # Left padding: every row's last prompt token sits in slot longest - 1, so one step serves all rows.
+    input_ids = torch.zeros(batch, longest, dtype=torch.long)
+    key_mask = torch.zeros(batch, max_len, dtype=torch.bool)
+    for b, prompt in enumerate(prompts):
+        input_ids[b, longest - len(prompt):] = torch.tensor(prompt)
+        key_mask[b, longest - len(prompt):] = True
+    input_ids, key_mask = input_ids.to(device), key_mask.to(device)
+    positions = (key_mask[:, :longest].long().cumsum(-1) - 1).clamp_min(0)  # [B, longest]
+    next_position = positions[:, -1:] + 1  # [B, 1]
+
+    cache = model.new_cache(batch, max_len)
+    logits = model(input_ids, positions, cache, key_mask[:, :longest], last_token_only=True)[:, 0]
+    while True:
+        tokens = sample_next_tokens(logits, params, seen, [s.seed for s in states], [s.step for s in states])
+        for b, token in enumerate(tokens.tolist()):
+            if builders[b].finished:
+                continue
+            states[b].step += 1
+            seen[b].append(token)
+            delta = builders[b].append(token)
+            yield b, delta, builders[b].result() if builders[b].finished else None
+        if all(builder.finished for builder in builders):
+            return
+        logits = model(tokens[:, None], next_position, cache, key_mask[:, :cache.length + 1],
+                       last_token_only=True)[:, 0]
+        # Finished rows keep riding along; clamping keeps their (ignored) positions inside the rotary table.
+        next_position = (next_position + 1).clamp_max(model.config.max_position_embeddings - 1)
