@@ -1,0 +1,256 @@
+"""Load a checkpoint's weights as a flat HF-named state dict: every tensor checked before use, then moved to the
+target device and dtype one by one; `embed_out` shares `embed_in` exactly when transformers ties them."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from .config import ModelConfig, load_config
+from .hub import resolve_model_dir
+
+EMBED_IN = "gpt_neox_japanese.embed_in.weight"
+EMBED_OUT = "embed_out.weight"
+# Buffers that older transformers versions saved with the weights; hayabusa recomputes them, so they are dropped.
+KNOWN_BUFFER = re.compile(r"^gpt_neox_japanese\.layers\.(\d+)\.attention\.(rotary_emb\.inv_freq|bias|masked_bias)$")
+FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# Checked in this order, as transformers does: safetensors before PyTorch pickles, a single file before an index.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
+_MAX_LISTED_PROBLEMS = 12
+
+
+class CheckpointError(ValueError):
+    """Weights that cannot be this model's: missing, unexpected, wrong-shaped, non-float or unreadable tensors."""
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for every parameter of GPTNeoXJapaneseForCausalLM, in the order HF stores them."""
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {EMBED_IN: (vocab, hidden)}
+    for i in range(config.num_hidden_layers):
+        layer = f"gpt_neox_japanese.layers.{i}"
+        shapes |= {
+            f"{layer}.input_layernorm.weight": (hidden,),
+            f"{layer}.input_layernorm.bias": (hidden,),
+            f"{layer}.post_attention_layernorm.weight": (hidden,),
+            f"{layer}.post_attention_layernorm.bias": (hidden,),
+            f"{layer}.attention.query_key_value.weight": (3 * hidden, hidden),  # rows per head: [q | k | v]
+            f"{layer}.attention.dense.weight": (hidden, hidden),
+        }
+        if i == config.num_hidden_layers - 1:  # only the last layer's attention output has a bias
+            shapes[f"{layer}.attention.dense_bias"] = (hidden,)
+        shapes[f"{layer}.mlp.dense_h_to_4h.weight"] = (inter, hidden)
+        shapes[f"{layer}.mlp.dense_4h_to_h.weight"] = (hidden, inter)
+    shapes["gpt_neox_japanese.final_layer_norm.weight"] = (hidden,)
+    shapes["gpt_neox_japanese.final_layer_norm.bias"] = (hidden,)
+    shapes[EMBED_OUT] = (vocab, hidden)
+    return shapes
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """What a checkpoint file says about one tensor, read before any data is."""
+
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str  # a str when safetensors holds a dtype torch has no float for (e.g. "I64")
+
+
+def load_model_files(name_or_path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
+                     revision: str | None = None) -> tuple[Path, ModelConfig, dict[str, Tensor]]:
+    """Resolve a local directory or Hub id, read its config.json, and load its validated weights."""
+    model_dir = resolve_model_dir(name_or_path, revision)
+    config = load_config(model_dir)
+    return model_dir, config, load_weights(model_dir, config, dtype=dtype, device=device)
+
+
+def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype,
+                 device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """HF name -> tensor on `device` in `dtype`, buffers dropped. Every name, shape and dtype is validated before a
+    tensor is loaded. When tied, `sd[EMBED_OUT] is sd[EMBED_IN]`."""
+    if dtype not in FLOATING_DTYPES:
+        raise CheckpointError(f"load dtype must be one of {FLOATING_DTYPES}, got {dtype!r}")
+    device = torch.device(device)
+    model_dir = Path(model_dir)
+    stored, read_tensor = _open_checkpoint(model_dir)
+    needed = _validate(stored, config)
+
+    state_dict: dict[str, Tensor] = {}
+    for name in needed:
+        tensor = read_tensor(name)
+        state_dict[name] = tensor.to(device=device, dtype=dtype).contiguous()
+        del tensor
+    return _tie_embeddings(state_dict, config)
+
+
+def _tie_embeddings(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """transformers 5 (checked in tests/test_weights.py): with `tie_word_embeddings` (default true) a missing
+    embed_out -- or a missing embed_in -- is shared with the other, a stored embed_out equal to embed_in (after
+    conversion to the load dtype) is shared too, and a different one stays untied."""
+    if config.tie_word_embeddings:
+        if EMBED_OUT not in state_dict:
+            state_dict[EMBED_OUT] = state_dict[EMBED_IN]
+        elif EMBED_IN not in state_dict:
+            state_dict[EMBED_IN] = state_dict[EMBED_OUT]
+        elif torch.equal(state_dict[EMBED_OUT], state_dict[EMBED_IN]):
+            state_dict[EMBED_OUT] = state_dict[EMBED_IN]
+    order = list(expected_shapes(config))
+    return {name: state_dict[name] for name in order}
+
+
+def _validate(stored: dict[str, StoredTensor], config: ModelConfig) -> list[str]:
+    """The stored names to load, or a CheckpointError listing every problem (tensor and file named)."""
+    shapes = expected_shapes(config)
+    problems: list[str] = []
+    needed: list[str] = []
+    for name, info in stored.items():
+        buffer = KNOWN_BUFFER.match(name)
+        if buffer and int(buffer.group(1)) < config.num_hidden_layers:
+            continue
+        if name not in shapes:
+            problems.append(f"unexpected tensor '{name}' in {info.file.name}")
+            continue
+        if info.shape != shapes[name]:
+            problems.append(f"tensor '{name}' in {info.file.name} has shape {list(info.shape)}, "
+                            f"expected {list(shapes[name])} from config.json")
+        if info.dtype not in FLOATING_DTYPES:
+            problems.append(f"tensor '{name}' in {info.file.name} has dtype {info.dtype}, expected a float dtype")
+        needed.append(name)
+    optional = set()
+    if config.tie_word_embeddings:  # either embedding may stand in for the other, not both
+        optional = {EMBED_OUT} if EMBED_IN in stored else {EMBED_IN} if EMBED_OUT in stored else set()
+    files = sorted({info.file.name for info in stored.values()})
+    for name in shapes:
+        if name not in stored and name not in optional:
+            tie_note = " (tie_word_embeddings is false, so embed_out must be stored)" if name == EMBED_OUT else ""
+            problems.append(f"missing tensor '{name}' (looked in {', '.join(files) or 'no tensors'}){tie_note}")
+    if problems:
+        listed = problems[:_MAX_LISTED_PROBLEMS]
+        more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
+        model_dir = next(iter(stored.values())).file.parent if stored else "?"
+        raise CheckpointError(f"checkpoint {model_dir} does not match its config.json "
+                              f"({len(problems)} problem(s)):\n  " + "\n  ".join(listed) + more)
+    return needed
+
+
+def _open_checkpoint(model_dir: Path):
+    """(name -> StoredTensor for every stored tensor, read_tensor(name) -> CPU tensor), reading headers only."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    present = [name for name in WEIGHT_FILES if (model_dir / name).is_file()]
+    if not present:
+        found = sorted(p.name for p in model_dir.iterdir())
+        raise CheckpointError(f"{model_dir} holds no weights: expected one of {', '.join(WEIGHT_FILES)} "
+                              f"(found: {', '.join(found) or 'nothing'})")
+    chosen = model_dir / present[0]
+    # file -> the tensor names the index places there (None for a single unindexed file)
+    files = _index_shards(chosen) if chosen.name.endswith(".index.json") else {chosen: None}
+    return _open_safetensors(files) if chosen.name.startswith("model.") else _open_bin(files)
+
+
+def _index_shards(index_path: Path) -> dict[Path, list[str] | None]:
+    """shard file -> tensor names the index says it holds; every shard must exist."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("'weight_map' is not a non-empty object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"index {index_path} is unreadable: {type(err).__name__}: {err}") from None
+    shards: dict[Path, list[str] | None] = {}
+    for name, shard_name in weight_map.items():
+        shard = index_path.parent / str(shard_name)
+        if not shard.is_file():
+            raise CheckpointError(f"index {index_path.name} puts tensor '{name}' in shard {shard_name}, "
+                                  f"which is missing from {index_path.parent}")
+        shards.setdefault(shard, []).append(name)
+    return shards
+
+
+def _open_safetensors(files: dict[Path, list[str] | None]):
+    stored: dict[str, StoredTensor] = {}
+    handles = {}
+    for path, names_from_index in files.items():
+        try:
+            handle = safe_open(str(path), framework="pt", device="cpu")
+            file_names = list(handle.keys())
+            infos = {}
+            for name in file_names:
+                header = handle.get_slice(name)
+                dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), header.get_dtype())
+                infos[name] = StoredTensor(path, tuple(header.get_shape()), dtype)
+        except Exception as err:  # safetensors raises its own SafetensorError for truncated or corrupt files
+            raise CheckpointError(f"cannot read {path}: truncated or not a safetensors file ({err})") from None
+        _check_against_index(path, file_names, names_from_index, stored)
+        stored |= infos
+        handles[path] = handle
+
+    def read_tensor(name: str) -> Tensor:
+        info = stored[name]
+        try:
+            return handles[info.file].get_tensor(name)
+        except Exception as err:
+            raise CheckpointError(f"cannot read tensor '{name}' from {info.file}: {err}") from None
+
+    return stored, read_tensor
+
+
+def _open_bin(files: dict[Path, list[str] | None]):
+    stored: dict[str, StoredTensor] = {}
+    tensors: dict[str, Tensor] = {}
+    for path, names_from_index in files.items():
+        file_tensors = _torch_load(path)
+        _check_against_index(path, list(file_tensors), names_from_index, stored)
+        stored |= {name: StoredTensor(path, tuple(t.shape), t.dtype) for name, t in file_tensors.items()}
+        tensors |= file_tensors
+    return stored, tensors.pop
+
+
+def _torch_load(path: Path) -> dict[str, Tensor]:
+    """A .bin state dict, memory-mapped; `weights_only` refuses any pickle that would run code."""
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # a pre-1.6 (non-zip) torch.save file cannot be memory-mapped
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} holds Python objects other than tensors; hayabusa never runs a checkpoint's "
+                              f"pickle code (weights_only load failed: {str(err).splitlines()[0]})") from None
+    except Exception as err:
+        raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
+                              f"({type(err).__name__}: {err})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path} holds a {type(loaded).__name__}, expected a state dict of tensors")
+    for name, value in loaded.items():
+        if not isinstance(value, Tensor):
+            raise CheckpointError(f"entry '{name}' in {path.name} is a {type(value).__name__}, expected a tensor")
+    return loaded
+
+
+def _check_against_index(path: Path, file_names: list[str], names_from_index: list[str] | None,
+                         stored_so_far: dict[str, StoredTensor]) -> None:
+    """Every tensor the index places in `path` is there, and `path` holds nothing the index does not know."""
+    for name in file_names:
+        if name in stored_so_far:
+            raise CheckpointError(f"tensor '{name}' is stored twice: in {stored_so_far[name].file.name} "
+                                  f"and {path.name}")
+    if names_from_index is None:
+        return
+    missing = sorted(set(names_from_index) - set(file_names))
+    if missing:
+        raise CheckpointError(f"the index places tensor '{missing[0]}' in {path.name}, but that shard does not hold "
+                              f"it ({len(missing)} such tensor(s))")
+    extra = sorted(set(file_names) - set(names_from_index))
+    if extra:
+        raise CheckpointError(f"shard {path.name} holds tensor '{extra[0]}', which the index does not list "
+                              f"({len(extra)} such tensor(s))")
