@@ -1,0 +1,248 @@
+"""Write a random-weight checkpoint that transformers and hayabusa both load: abeja's tensor names, shapes and
+config keys, the tokenizer files, values drawn tensor by tensor (a 2.7B checkpoint never sits in memory whole).
+
+Also the `hayabusa init-random` subcommand (`add_init_random_arguments`, `run_init_random`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import struct
+import sys
+import zlib
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .config import PRESETS, ModelConfig
+from .hub import BIN_FILES, SAFETENSORS_FILES
+from .weights import EMBED_IN, EMBED_OUT, expected_shapes
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_SAFETENSORS_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
+FORMATS = ("safetensors", "bin")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+INIT_STD = 0.02  # transformers' initializer_range for this model
+PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar from this size on (when progress is not forced)
+TOKENIZER_CONFIG = {  # transformers' GPTNeoXJapaneseTokenizer defaults, spelled out so AutoTokenizer finds the class
+    "tokenizer_class": "GPTNeoXJapaneseTokenizer", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "do_clean_text": False,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "2GB" (10**9), "500MiB" (2**20), "4096" ... as transformers' max_shard_size reads them."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = _SIZE.match(text)
+        if not match:
+            raise ValueError(f"shard size {text!r} is not a size such as 2GB, 500MB or 1GiB")
+        size = int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "B").lower()])
+    if size <= 0:
+        raise ValueError(f"shard size must be positive, got {text!r}")
+    return size
+
+
+def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, *, fmt: str = "safetensors",
+                            shard_size: int | str | None = None, dtype: torch.dtype = torch.float16, seed: int = 0,
+                            store_embed_out: bool = True, overwrite: bool = False,
+                            progress: bool | None = None) -> Path:
+    """Write config.json, the tokenizer files and random weights into `out_dir` (created if needed).
+
+    Like abeja/gpt-neox-japanese-2.7b, the weights hold embed_in and a different embed_out, so transformers keeps
+    them untied whatever the tie key says; config.json carries `tie_word_embeddings` only when it is false.
+    `store_embed_out=False` writes no embed_out: a tied model (needs `config.tie_word_embeddings`).
+    `shard_size` (bytes or "2GB"): split the weights into HF-named shards plus the index json; None: one file.
+    Values are drawn per tensor from `seed`, so they do not depend on the format or the sharding.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not store_embed_out and not config.tie_word_embeddings:
+        raise ValueError("store_embed_out=False needs config.tie_word_embeddings: an untied model must store embed_out")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _clear_old_weights(out_dir, overwrite)
+
+    shapes = expected_shapes(config)
+    if not store_embed_out:
+        del shapes[EMBED_OUT]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards = _plan_shards(shapes, itemsize, parse_size(shard_size) if shard_size is not None else None)
+    total_bytes = sum(_numel(shape) for shape in shapes.values()) * itemsize
+    show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
+    def draw(name: str) -> torch.Tensor:
+        return _random_tensor(name, shapes[name], dtype, seed)
+
+    file_names = _shard_file_names(fmt, len(shards))
+    write = _write_safetensors if fmt == "safetensors" else _write_bin
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {out_dir.name}", disable=not show) as bar:
+        for file_name, names in zip(file_names, shards, strict=True):
+            write(out_dir / file_name, {name: shapes[name] for name in names}, dtype, draw, bar)
+    if len(shards) > 1:
+        weight_map = {name: file_name for file_name, names in zip(file_names, shards, strict=True) for name in names}
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        index_name = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+        (out_dir / index_name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+    _write_config(out_dir, config, dtype)
+    write_tokenizer_files(out_dir, config)
+    return out_dir
+
+
+def write_tokenizer_files(out_dir: Path, config: ModelConfig) -> None:
+    """vocab.txt and emoji.json from hayabusa.tokenizer's vendored vocabulary, its licence, tokenizer_config.json."""
+    vocab = resources.files("hayabusa.tokenizer").joinpath("vocab")
+    for source, target in (("vocab.txt", "vocab.txt"), ("emoji.json", "emoji.json"), ("LICENSE", "VOCAB_LICENSE")):
+        with vocab.joinpath(source).open("rb") as src, open(out_dir / target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    tokenizer_config = {**TOKENIZER_CONFIG, "model_max_length": config.max_position_embeddings}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_config(out_dir: Path, config: ModelConfig, dtype: torch.dtype) -> None:
+    hf_config = config.to_hf_dict()
+    if config.tie_word_embeddings:  # abeja's config.json has no tie key; transformers' default is true
+        del hf_config["tie_word_embeddings"]
+    hf_config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+
+
+def _clear_old_weights(out_dir: Path, overwrite: bool) -> None:
+    """Old weight files would be read instead of (or mixed with) the new ones: refuse, or remove them."""
+    old = sorted({p.name for pattern in SAFETENSORS_FILES + BIN_FILES for p in out_dir.glob(pattern)})
+    if old and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds weights ({', '.join(old)}); choose an empty directory "
+                              "or overwrite (--overwrite)")
+    for name in old:
+        (out_dir / name).unlink()
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """N(0, 0.02) values (LayerNorm gains 1 + N(0, 0.02)) from a generator seeded by (seed, name), so they do not
+    depend on the format, the sharding or which other tensors are stored. Every bias, the last layer's dense_bias
+    included, is small but nonzero."""
+    generator = torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+    values = torch.randn(shape, generator=generator).mul_(INIT_STD)  # fp32, drawn then cast
+    if name.endswith("layernorm.weight") or name == "gpt_neox_japanese.final_layer_norm.weight":
+        values.add_(1.0)
+    return values.to(dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_size: int | None) -> list[list[str]]:
+    """Consecutive tensors per shard, each shard at most `shard_size` bytes unless one tensor alone is larger."""
+    shards: list[list[str]] = [[]]
+    shard_bytes = 0
+    for name, shape in shapes.items():
+        nbytes = _numel(shape) * itemsize
+        if shard_size is not None and shards[-1] and shard_bytes + nbytes > shard_size:
+            shards.append([])
+            shard_bytes = 0
+        shards[-1].append(name)
+        shard_bytes += nbytes
+    return shards
+
+
+def _shard_file_names(fmt: str, count: int) -> list[str]:
+    stem, suffix = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    if count == 1:
+        return [f"{stem}.{suffix}"]
+    return [f"{stem}-{i:05d}-of-{count:05d}.{suffix}" for i in range(1, count + 1)]
+
+
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+                       draw: Callable[[str], torch.Tensor], bar: tqdm) -> None:
+    """The safetensors layout written as a stream: u64 header length, JSON header (offsets into the data that
+    follows, padded with spaces to 8 bytes), then each tensor's little-endian bytes, drawn and written one by one."""
+    if sys.byteorder != "little":
+        raise RuntimeError("writing safetensors needs a little-endian machine")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = _numel(shape) * itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(header_bytes)))
+        file.write(header_bytes)
+        for name in shapes:  # the same order as the offsets above
+            tensor = draw(name)
+            file.write(tensor.contiguous().view(torch.uint8).numpy().data)
+            bar.update(tensor.numel() * itemsize)
+
+
+def _write_bin(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
+               draw: Callable[[str], torch.Tensor], bar: tqdm) -> None:
+    """A torch.save state dict (one shard in memory at a time)."""
+    shard = {}
+    for name in shapes:
+        shard[name] = draw(name)
+        bar.update(shard[name].numel() * shard[name].element_size())
+    torch.save(shard, path)
+
+
+def add_init_random_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Write a random-weight GPT-NeoX-Japanese checkpoint (real tensor names, shapes, config "
+                          "keys and tokenizer files) that transformers and hayabusa load. Its text is meaningless.")
+    parser.add_argument("out_dir", metavar="DIR", type=Path, help="directory to write (created if missing)")
+    parser.add_argument("--preset", required=True, choices=list(PRESETS), help="model shape")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="safetensors", help="weight file format")
+    parser.add_argument("--shard-size", type=_shard_size_arg, default=None, metavar="SIZE",
+                        help="split the weights into shards of at most SIZE (e.g. 2GB, 500MB) plus an index json; "
+                             "default: one file")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="stored dtype")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same values)")
+    ties = parser.add_mutually_exclusive_group()
+    ties.add_argument("--tied", action="store_true",
+                      help="store no embed_out: the output layer shares embed_in (default: a different embed_out "
+                           "and no tie key, like abeja/gpt-neox-japanese-2.7b)")
+    ties.add_argument("--untied", action="store_true",
+                      help="store a different embed_out and write tie_word_embeddings: false")
+    parser.add_argument("--overwrite", action="store_true", help="replace weight files already in DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _shard_size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def run_init_random(args: argparse.Namespace) -> int:
+    config = PRESETS[args.preset]
+    if args.untied:
+        config = config.with_overrides(tie_word_embeddings=False)
+    try:
+        out_dir = write_random_checkpoint(args.out_dir, config, fmt=args.fmt, shard_size=args.shard_size,
+                                          dtype=DTYPES[args.dtype], seed=args.seed, store_embed_out=not args.tied,
+                                          overwrite=args.overwrite, progress=False if args.quiet else None)
+    except OSError as err:  # FileExistsError from a directory that already holds weights, a full disk, ...
+        print(f"hayabusa init-random: error: {err}", file=sys.stderr)
+        return 1
+    params = sum(_numel(shape) for name, shape in expected_shapes(config).items()
+                 if not (args.tied and name == EMBED_OUT))
+    files = sorted(p.name for p in out_dir.iterdir())
+    print(f"wrote {out_dir}: preset {args.preset}, {params / 1e6:.1f}M parameters stored as {args.dtype} "
+          f"({'embed_out tied to ' + EMBED_IN if args.tied else 'untied embed_out'}); files: {', '.join(files)}")
+    return 0
