@@ -1,0 +1,184 @@
+"""GPT-NeoX-Japanese on the hayabusa kernels over a paged KV cache, for packed (varlen) batches.
+
+Per layer: layer_norm -> linear(qkv) -> prefill_attention | decode_attention (rotary and the cache write
+inside) -> linear(dense, + residual, + dense_bias on the last layer) -> layer_norm -> fused_mlp(+ residual).
+Then the final layer_norm and embed_out on the last token of each sequence only.
+
+The op set is pluggable: `load_ops("triton")` runs the Triton kernels, `load_ops("torch")` their plain-PyTorch
+`*_ref` twins (same signatures and cache writes), which lets CPU tests drive the whole paged engine at scale
+without the slow Triton interpreter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from hayabusa.engine.config import ModelConfig
+from hayabusa.kernels.rotary import rotary_tables
+
+PREFIX = "gpt_neox_japanese."
+OP_SETS = ("triton", "torch")
+
+
+@dataclass(frozen=True)
+class OpSet:
+    name: str
+    linear: Callable[..., Tensor]
+    fused_mlp: Callable[..., Tensor]
+    layer_norm: Callable[..., Tensor]
+    prefill_attention: Callable[..., Tensor]
+    decode_attention: Callable[..., Tensor]
+
+
+def load_ops(name: str) -> OpSet:
+    """"triton": the kernels; "torch": their *_ref references (CPU tests, debugging)."""
+    if name not in OP_SETS:
+        raise ValueError(f"op set must be one of {OP_SETS}, got {name!r}")
+    from hayabusa.kernels import decode_attention, layernorm, linear, mlp, prefill_attention
+
+    suffix = "" if name == "triton" else "_ref"
+    return OpSet(
+        name=name,
+        linear=getattr(linear, "linear" + suffix),
+        fused_mlp=getattr(mlp, "fused_mlp" + suffix),
+        layer_norm=getattr(layernorm, "layer_norm" + suffix),
+        prefill_attention=getattr(prefill_attention, "prefill_attention" + suffix),
+        decode_attention=getattr(decode_attention, "decode_attention" + suffix),
+    )
+
+
+@dataclass
+class PrefillInputs:
+    """A packed batch of new tokens (T in all, S sequences), laid out as prefill_attention expects."""
+
+    input_ids: Tensor  # int64 [T]
+    positions: Tensor  # int32 [T]
+    cu_seqlens: Tensor  # int32 [S + 1], new tokens of sequence i are rows cu_seqlens[i]:cu_seqlens[i + 1]
+    context_lens: Tensor  # int32 [S], cached prefix + new tokens
+    block_tables: Tensor  # int32 [S, max_blocks_per_seq]
+    last_token_rows: Tensor  # int64 [S], the row of each sequence's last new token
+
+
+@dataclass
+class DecodeInputs:
+    input_ids: Tensor  # int64 [B]
+    positions: Tensor  # int32 [B]; -1 marks a padding row (CUDA-graph batch padding)
+    block_tables: Tensor  # int32 [B, max_blocks_per_seq]
+
+
+@dataclass
+class Layer:
+    ln1_weight: Tensor  # [hidden]
+    ln1_bias: Tensor
+    qkv_weight: Tensor  # [3 * hidden, hidden]; per head [q | k | v], as the attention kernels read it
+    dense_weight: Tensor  # [hidden, hidden]
+    dense_bias: Tensor | None  # [hidden], last layer only
+    ln2_weight: Tensor
+    ln2_bias: Tensor
+    mlp_in_weight: Tensor  # [intermediate, hidden]
+    mlp_out_weight: Tensor  # [hidden, intermediate]
+
+
+KVCaches = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache): [num_blocks, block_size, heads, head_dim]
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (qkv, k_cache, v_cache) -> [tokens, hidden]
+
+
+class FastModel:
+    def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor], ops: OpSet) -> None:
+        self.config = config
+        self.ops = ops
+        if PREFIX + "embed_in.weight" not in state_dict:
+            raise ValueError(f"state dict has no tensor {PREFIX + 'embed_in.weight'!r}")
+        self.dtype = state_dict[PREFIX + "embed_in.weight"].dtype
+        self.device = state_dict[PREFIX + "embed_in.weight"].device
+        self.embed_in = self._weight(state_dict, PREFIX + "embed_in.weight", (config.vocab_size, config.hidden_size))
+        self.layers = [self._layer(state_dict, i) for i in range(config.num_hidden_layers)]
+        self.final_ln_weight = self._weight(state_dict, PREFIX + "final_layer_norm.weight", (config.hidden_size,))
+        self.final_ln_bias = self._weight(state_dict, PREFIX + "final_layer_norm.bias", (config.hidden_size,))
+        if state_dict.get("embed_out.weight") is state_dict[PREFIX + "embed_in.weight"]:
+            self.embed_out = self.embed_in  # tied: one copy
+        else:
+            self.embed_out = self._weight(state_dict, "embed_out.weight", (config.vocab_size, config.hidden_size))
+        self.cos, self.sin = rotary_tables(config.rotary_dims, config.max_position_embeddings, config.rope_theta,
+                                           self.device)  # float32 [max_positions, rotary_dims // 2]
+
+    def _weight(self, state_dict: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
+        if name not in state_dict:
+            raise ValueError(f"state dict has no tensor {name!r}")
+        tensor = state_dict[name]
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tensor.dtype != self.dtype or tensor.device != self.device:
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} on {tensor.device}; embed_in is {self.dtype} "
+                             f"on {self.device} (load every weight with one dtype and device)")
+        return tensor.contiguous()  # a no-op for loaded weights; the kernels need row-major
+
+    def _layer(self, state_dict: dict[str, Tensor], i: int) -> Layer:
+        cfg = self.config
+        hidden, inter, p = cfg.hidden_size, cfg.intermediate_size, f"{PREFIX}layers.{i}."
+        last = i == cfg.num_hidden_layers - 1
+        return Layer(
+            ln1_weight=self._weight(state_dict, p + "input_layernorm.weight", (hidden,)),
+            ln1_bias=self._weight(state_dict, p + "input_layernorm.bias", (hidden,)),
+            qkv_weight=self._weight(state_dict, p + "attention.query_key_value.weight", (3 * hidden, hidden)),
+            dense_weight=self._weight(state_dict, p + "attention.dense.weight", (hidden, hidden)),
+            dense_bias=self._weight(state_dict, p + "attention.dense_bias", (hidden,)) if last else None,
+            ln2_weight=self._weight(state_dict, p + "post_attention_layernorm.weight", (hidden,)),
+            ln2_bias=self._weight(state_dict, p + "post_attention_layernorm.bias", (hidden,)),
+            mlp_in_weight=self._weight(state_dict, p + "mlp.dense_h_to_4h.weight", (inter, hidden)),
+            mlp_out_weight=self._weight(state_dict, p + "mlp.dense_4h_to_h.weight", (hidden, inter)),
+        )
+
+    def prefill(self, inputs: PrefillInputs, kv_caches: KVCaches) -> Tensor:
+        """Logits of each sequence's last new token: [S, vocab] in the model dtype; writes the new tokens' KV."""
+        hidden = self._layers(inputs.input_ids, self._prefill_attend(inputs), kv_caches)
+        return self._logits(hidden[inputs.last_token_rows])
+
+    def decode(self, inputs: DecodeInputs, kv_caches: KVCaches) -> Tensor:
+        """Logits of the one new token per sequence: [B, vocab] in the model dtype; writes its KV."""
+        def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+            return self.ops.decode_attention(qkv, inputs.positions, inputs.block_tables, k_cache, v_cache,
+                                             self.cos, self.sin, self.config.rotary_dims)
+
+        return self._logits(self._layers(inputs.input_ids, attend, kv_caches))
+
+    def prefill_hidden_states(self, inputs: PrefillInputs, kv_caches: KVCaches) -> list[Tensor]:
+        """Like ReferenceModel.hidden_states: each layer's input, then the final LayerNorm output; [T, hidden]."""
+        states: list[Tensor] = []
+        hidden = self._layers(inputs.input_ids, self._prefill_attend(inputs), kv_caches, states)
+        states.append(self.ops.layer_norm(hidden, self.final_ln_weight, self.final_ln_bias,
+                                          self.config.layer_norm_eps))
+        return states
+
+    def _prefill_attend(self, inputs: PrefillInputs) -> Attend:
+        def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+            return self.ops.prefill_attention(qkv, inputs.positions, inputs.cu_seqlens, inputs.context_lens,
+                                              inputs.block_tables, k_cache, v_cache, self.cos, self.sin,
+                                              self.config.rotary_dims)
+
+        return attend
+
+    def _layers(self, input_ids: Tensor, attend: Attend, kv_caches: KVCaches,
+                states: list[Tensor] | None = None) -> Tensor:
+        eps = self.config.layer_norm_eps
+        h = F.embedding(input_ids, self.embed_in)  # [tokens, hidden]
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+            if states is not None:
+                states.append(h.clone())
+            x = self.ops.layer_norm(h, layer.ln1_weight, layer.ln1_bias, eps)
+            qkv = self.ops.linear(x, layer.qkv_weight)  # [tokens, heads * 3 * head_dim]
+            attn = attend(qkv, k_cache, v_cache)  # [tokens, hidden]
+            h = self.ops.linear(attn, layer.dense_weight, bias=layer.dense_bias, residual=h, out=h)
+            x = self.ops.layer_norm(h, layer.ln2_weight, layer.ln2_bias, eps)
+            h = self.ops.fused_mlp(x, layer.mlp_in_weight, layer.mlp_out_weight, h, out=h)
+        return h
+
+    def _logits(self, last_hidden: Tensor) -> Tensor:
+        """last_hidden: [S, hidden], the final layer's output of the tokens whose next token is sampled."""
+        x = self.ops.layer_norm(last_hidden.contiguous(), self.final_ln_weight, self.final_ln_bias,
+                                self.config.layer_norm_eps)
+        return self.ops.linear(x, self.embed_out)  # [S, vocab]
