@@ -13,8 +13,8 @@ row (CUDA-graph batch padding): it writes nothing to the cache and its output ro
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 
 import torch
 import triton
@@ -178,8 +178,9 @@ def decode_attention(
     out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0:
         return out
-    if num_splits is None:
-        num_splits = pick_num_splits(batch, num_heads, block_tables.shape[1] * page_size, qkv.device)
+    if num_splits is None:  # the interpreter runs programs one by one: splitting only adds work there
+        num_splits = 1 if qkv.device.type != "cuda" else pick_num_splits(
+            batch, num_heads, block_tables.shape[1] * page_size, _multiprocessor_count(qkv.device))
     block_d = triton.next_power_of_2(head_dim)
     block_n = max(16, min(64, 8192 // block_d))  # tile of at most 64 x 128 fp32 products per program
     if num_splits > 1:
@@ -206,20 +207,23 @@ def decode_attention(
     return out
 
 
-def pick_num_splits(batch: int, num_heads: int, max_context: int, device: torch.device) -> int:
+def pick_num_splits(batch: int, num_heads: int, max_context: int, num_sms: int) -> int:
     """Split the keys only when (sequence, head) programs are too few to fill the GPU and contexts are long.
 
     max_context is the block table's capacity (static, so the choice never reads device memory and stays
-    fixed under CUDA-graph capture); splits past a sequence's real length exit at once.
+    fixed under CUDA-graph capture); each split takes an equal share of its sequence's real length.
     """
-    if device.type != "cuda":
-        return 1
     programs = batch * num_heads
-    wanted_programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    wanted_programs = PROGRAMS_PER_SM * num_sms
     if programs >= wanted_programs:
         return 1
     splits = min(triton.cdiv(wanted_programs, programs), max_context // MIN_TOKENS_PER_SPLIT, MAX_SPLITS)
     return max(splits, 1)
+
+
+@functools.cache
+def _multiprocessor_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def decode_attention_ref(
@@ -327,5 +331,5 @@ def _check_positions_and_pages(
 
 
 def _check_triton_device(qkv: Tensor) -> None:
-    if qkv.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if qkv.device.type != "cuda" and not triton.knobs.runtime.interpret:
         raise ValueError(f"qkv is on {qkv.device}: the Triton kernel needs a CUDA device or TRITON_INTERPRET=1")
