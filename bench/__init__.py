@@ -1,1 +1,1 @@
-"""hayabusa.bench"""
+"""hayabusa.bench: hayabusa against transformers on the same weights, prompts and token counts (`hayabusa bench`)."""

@@ -1,0 +1,136 @@
+"""Roofline: what the model must move and compute per step, and what this device can move and compute.
+
+Decode is bound by memory: every step reads all weights once plus each sequence's KV cache, so its floor is
+`bytes_per_decode_step / copy_bandwidth`. Prefill is bound by matmul rate: its floor is `flops / matmul_rate`.
+Both device figures are measured in the same run (not taken from a spec sheet), so "% of roofline" compares the
+engine with what this device actually sustains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from hayabusa.bench.timing import median, time_ms
+from hayabusa.engine.config import ModelConfig
+
+
+def dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layer_weight_params(config: ModelConfig) -> int:
+    """Parameters of one layer: qkv [3h, h], dense [h, h], mlp [4h, h] + [h, 4h], two LayerNorms (w + b)."""
+    h, inter = config.hidden_size, config.intermediate_size
+    return 3 * h * h + h * h + 2 * h * inter + 4 * h
+
+
+def decode_weight_bytes(config: ModelConfig, batch: int, bytes_per_param: int) -> int:
+    """Weight bytes one decode step reads: all layers, final LN, the whole LM head and `batch` embedding rows."""
+    h, vocab = config.hidden_size, config.vocab_size
+    params = (config.num_hidden_layers * layer_weight_params(config)
+              + h  # dense_bias of the last layer
+              + 2 * h  # final LayerNorm
+              + vocab * h  # embed_out: every logit needs its whole row
+              + batch * h)  # embed_in: only the rows of this step's tokens
+    return params * bytes_per_param
+
+
+def kv_bytes_per_position(config: ModelConfig, bytes_per_value: int) -> int:
+    """K and V of one token over all layers: 2 * layers * hidden values."""
+    return 2 * config.num_hidden_layers * config.hidden_size * bytes_per_value
+
+
+def decode_kv_bytes(config: ModelConfig, context_lens: Sequence[int], bytes_per_value: int) -> int:
+    """KV bytes one decode step reads (every attended position, the new one included) and writes (one each)."""
+    per_position = kv_bytes_per_position(config, bytes_per_value)
+    return per_position * (sum(context_lens) + len(context_lens))
+
+
+def decode_step_bytes(config: ModelConfig, context_lens: Sequence[int], bytes_per_value: int) -> int:
+    """Bytes one batched decode step must move: weights once + each sequence's KV cache."""
+    return (decode_weight_bytes(config, len(context_lens), bytes_per_value)
+            + decode_kv_bytes(config, context_lens, bytes_per_value))
+
+
+def mean_decode_step_bytes(config: ModelConfig, batch: int, prompt_len: int, gen_len: int,
+                           bytes_per_value: int) -> float:
+    """Mean bytes per step over the gen_len - 1 decode steps after the first token of a forced-length run.
+
+    Decode step j (1 .. gen_len - 1) feeds the token at position prompt_len + j - 1, which attends to
+    prompt_len + j - 1 cached positions.
+    """
+    if gen_len < 2:
+        raise ValueError(f"gen_len must be >= 2 to have a decode step, got {gen_len}")
+    steps = [decode_step_bytes(config, [prompt_len + j - 1] * batch, bytes_per_value) for j in range(1, gen_len)]
+    return sum(steps) / len(steps)
+
+
+def prefill_flops(config: ModelConfig, batch: int, prompt_len: int) -> int:
+    """Matmul FLOPs of a prefill (2 per multiply-add): projections on every token, causal attention, and the
+    LM head on the last token only (the only logits a generation needs)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    tokens = batch * prompt_len
+    projections = 2 * tokens * layers * (3 * h * h + h * h + 2 * h * config.intermediate_size)
+    # QK^T and PV: query t attends t keys; sum_t t = T (T + 1) / 2 per sequence, h multiply-adds each.
+    attention = 2 * 2 * layers * h * batch * prompt_len * (prompt_len + 1) // 2
+    lm_head = 2 * batch * h * config.vocab_size
+    return projections + attention + lm_head
+
+
+@dataclass(frozen=True)
+class DeviceRoofline:
+    """Measured device limits: bytes/s of a device-to-device copy and FLOP/s of a large square matmul."""
+
+    device: str
+    dtype: str
+    copy_bytes_per_s: float
+    matmul_flops_per_s: float
+    copy_bytes: int  # size of the copied buffer
+    matmul_size: int  # n of the n x n x n matmul
+
+    def decode_floor_ms(self, step_bytes: float) -> float:
+        return step_bytes / self.copy_bytes_per_s * 1e3
+
+    def prefill_floor_ms(self, flops: float) -> float:
+        return flops / self.matmul_flops_per_s * 1e3
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "copy_gb_per_s": self.copy_bytes_per_s / 1e9,
+                "matmul_tflops": self.matmul_flops_per_s / 1e12}
+
+
+def pct_of_floor(floor_ms: float, measured_ms: float) -> float:
+    """100 means the engine ran at the device limit; lower is further from it."""
+    if measured_ms <= 0:
+        raise ValueError(f"measured time must be > 0 ms, got {measured_ms}")
+    return 100.0 * floor_ms / measured_ms
+
+
+def measure_copy_bandwidth(device: torch.device, num_bytes: int, repeats: int = 10) -> float:
+    """Bytes/s of dst.copy_(src): each copy reads and writes num_bytes."""
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_ms(lambda: dst.copy_(src), device, repeats=repeats, warmup=2)
+    return 2 * num_bytes / (median(timing.samples_ms) / 1e3)
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """FLOP/s of an n x n @ n x n matmul in `dtype` (2 n^3 FLOPs)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    timing = time_ms(lambda: torch.matmul(a, b, out=out), device, repeats=repeats, warmup=2)
+    return 2 * size**3 / (median(timing.samples_ms) / 1e3)
+
+
+def measure_roofline(device: torch.device, dtype: torch.dtype, copy_bytes: int, matmul_size: int) -> DeviceRoofline:
+    return DeviceRoofline(
+        device=str(device), dtype=str(dtype).removeprefix("torch."),
+        copy_bytes_per_s=measure_copy_bandwidth(device, copy_bytes),
+        matmul_flops_per_s=measure_matmul_rate(device, dtype, matmul_size),
+        copy_bytes=copy_bytes, matmul_size=matmul_size,
+    )
+

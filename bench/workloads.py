@@ -1,0 +1,98 @@
+"""What the suite runs: the scenario sizes per mode and the (seeded, engine-independent) prompts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Ids below this are ordinary vocabulary entries; the tail of the vocabulary holds <|byteN|>, emoji classes and
+# the special tokens, which a random prompt should not be made of.
+PROMPT_VOCAB_LIMIT = 31700
+
+
+@dataclass(frozen=True)
+class SuiteSizes:
+    name: str
+    decode_batches: tuple[int, ...]
+    decode_prompt_len: int
+    decode_gen_len: int
+    prefill_prompt_lens: tuple[int, ...]
+    throughput_requests: int
+    throughput_prompt_len: int
+    throughput_gen_len: int
+    mixed_prompt_lens: tuple[int, int]  # inclusive range, drawn uniformly per request
+    mixed_gen_lens: tuple[int, int]
+    static_batch: int  # most requests transformers' generate() gets at once in the throughput scenario
+    tokenizer_chars: int
+    repeats: int
+    warmup: int
+    roofline_copy_bytes: int
+    roofline_matmul_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SIZES: dict[str, SuiteSizes] = {
+    # The figures the issue asks for, meant for a GPU.
+    "full": SuiteSizes(
+        name="full", decode_batches=(1, 8, 32, 128), decode_prompt_len=128, decode_gen_len=128,
+        prefill_prompt_lens=(128, 512, 2048), throughput_requests=256, throughput_prompt_len=128,
+        throughput_gen_len=128, mixed_prompt_lens=(16, 1024), mixed_gen_lens=(16, 256), static_batch=128,
+        tokenizer_chars=200_000, repeats=5, warmup=1, roofline_copy_bytes=1 << 30, roofline_matmul_size=8192,
+    ),
+    # Scaled down so the whole suite runs in a few minutes on a 2-core CPU with the tiny preset.
+    "cpu": SuiteSizes(
+        name="cpu", decode_batches=(1, 8, 32), decode_prompt_len=64, decode_gen_len=16,
+        prefill_prompt_lens=(64, 128, 256), throughput_requests=32, throughput_prompt_len=64,
+        throughput_gen_len=16, mixed_prompt_lens=(8, 128), mixed_gen_lens=(4, 32), static_batch=32,
+        tokenizer_chars=20_000, repeats=3, warmup=1, roofline_copy_bytes=128 << 20, roofline_matmul_size=1024,
+    ),
+    # Smallest sizes that still exercise every code path: for tests and a quick look.
+    "smoke": SuiteSizes(
+        name="smoke", decode_batches=(1, 4), decode_prompt_len=16, decode_gen_len=4,
+        prefill_prompt_lens=(16, 32), throughput_requests=6, throughput_prompt_len=16,
+        throughput_gen_len=4, mixed_prompt_lens=(4, 24), mixed_gen_lens=(2, 6), static_batch=4,
+        tokenizer_chars=2_000, repeats=1, warmup=1, roofline_copy_bytes=8 << 20, roofline_matmul_size=256,
+    ),
+}
+
+
+def sizes_for(name: str, device: torch.device) -> SuiteSizes:
+    """`auto` picks `full` on a GPU and `cpu` on a CPU."""
+    if name == "auto":
+        name = "full" if device.type == "cuda" else "cpu"
+    try:
+        return SIZES[name]
+    except KeyError:
+        raise ValueError(f"unknown --sizes {name!r}; choose auto or one of {', '.join(SIZES)}") from None
+
+
+def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    """One prompt of random ordinary token ids per length; the same seed gives every engine the same prompts."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, PROMPT_VOCAB_LIMIT, (n,), generator=generator).tolist() for n in lengths]
+
+
+def mixed_lengths(count: int, length_range: tuple[int, int], seed: int) -> list[int]:
+    low, high = length_range
+    if not 1 <= low <= high:
+        raise ValueError(f"length range must satisfy 1 <= low <= high, got {length_range}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high + 1, (count,), generator=generator).tolist()
+
+
+def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
+    """Raise before anything runs if a decode / throughput workload needs more positions than the model has
+    (prefill cuts its longest prompt to fit instead: see scenarios.run_prefill)."""
+    for what, prompt_len, gen_len in (("decode", sizes.decode_prompt_len, sizes.decode_gen_len),
+                                      ("throughput", sizes.throughput_prompt_len, sizes.throughput_gen_len),
+                                      ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1])):
+        if prompt_len + gen_len > max_positions:
+            raise ValueError(
+                f"--sizes {sizes.name}: {what} needs prompt {prompt_len} + generated {gen_len} tokens, more than "
+                f"the model's max_position_embeddings {max_positions}; use smaller --sizes"
+            )
+    if sizes.decode_gen_len < 2:
+        raise ValueError(f"--sizes {sizes.name}: decode_gen_len must be >= 2 to time a decode step")
