@@ -1,0 +1,85 @@
+"""Launch helpers shared by the kernel modules: input validation, device facts, row-kernel block sizes."""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_triton_device(name: str, tensor: torch.Tensor) -> None:
+    """Triton compiles for CUDA; CPU tensors only work under Triton's interpreter (TRITON_INTERPRET=1)."""
+    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton.knobs.runtime.interpret):
+        return
+    raise ValueError(
+        f"{name} is on {tensor.device}: Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before "
+        f"hayabusa.kernels is imported to run on CPU"
+    )
+
+
+def check_tensor(name: str, tensor: torch.Tensor, *, ndim: int | None = None, shape: tuple[int, ...] | None = None,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 contiguous: bool = True) -> None:
+    """Raise ValueError naming `name` when `tensor` has the wrong type, rank/shape, dtype, device or layout.
+
+    dtype None accepts any of SUPPORTED_DTYPES.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if ndim is not None and tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    if dtype is None and tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has dtype {tensor.dtype}, expected one of float32, float16, bfloat16")
+    if dtype is not None and tensor.dtype != dtype:
+        raise ValueError(f"{name} has dtype {tensor.dtype}, expected {dtype}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device}, expected {device}")
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {tuple(tensor.stride())} for shape "
+                         f"{tuple(tensor.shape)}")
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors to fill; a small fixed number under the CPU interpreter."""
+    if device.type != "cuda":
+        return 8
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def shared_memory_bytes(device: torch.device) -> int:
+    """Opt-in shared memory per block, which bounds a GEMM's pipeline depth; unbounded under the interpreter."""
+    if device.type != "cuda":
+        return 1 << 30
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def row_block(n: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for a kernel that runs one program per row of length n.
+
+    Rows up to 16384 elements are held whole in registers; longer rows are walked in 16384-wide chunks.
+    """
+    block_n = min(triton.next_power_of_2(n), 16384)
+    num_warps = 4 if block_n <= 2048 else 8 if block_n <= 8192 else 16
+    return block_n, num_warps
+
+
+def interpreted_bf16(dtype: torch.dtype, device: torch.device) -> bool:
+    """True where Triton's CPU interpreter mishandles bf16: it multiplies bf16 tl.dot operands as their raw
+    uint16 bits and truncates fp32 -> bf16 casts instead of rounding to nearest even. Kernels then upcast dot
+    operands to fp32 (exact) and round with `round_bf16` before the cast, so CPU results match a GPU's."""
+    return dtype == torch.bfloat16 and device.type == "cpu"
+
+
+@triton.jit
+def round_bf16(x):
+    # fp32 -> the nearest bf16 value (ties to even), still held in fp32, so a truncating cast is exact
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
