@@ -131,8 +131,12 @@ def _split_k_reduce_kernel(partial_ptr, bias_ptr, residual_ptr, out_ptr, M, N,
 
 
 def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
-    """The tile shape for an [M, K] x [N, K]^T product: a small table keyed on M, then fitted to N, K and SMs."""
-    elem_bytes = dtype.itemsize
+    """The tile config `linear` uses for an [M, K] x [N, K]^T product on `device`."""
+    return choose_config(M, N, K, dtype.itemsize, num_sms(device), shared_memory_bytes(device))
+
+
+def choose_config(M: int, N: int, K: int, elem_bytes: int, sm_count: int, smem_bytes: int) -> GemmConfig:
+    """A small table keyed on M, fitted to N, K, the SM count and the shared memory a block may use."""
     if M <= 64:  # decode: a thin M-tile, long K-tiles so each program streams big contiguous weight rows
         block_m, block_n, block_k = max(16, triton.next_power_of_2(M)), 64, 256 // elem_bytes
         group_m, num_warps, num_stages = 1, 4, 4
@@ -150,11 +154,11 @@ def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
     if M <= 256:
         out_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
         k_tiles = triton.cdiv(K, block_k)
-        while out_tiles * split_k < num_sms(device) and k_tiles // (2 * split_k) >= 4 and split_k < 16:
+        while out_tiles * split_k < sm_count and k_tiles // (2 * split_k) >= 4 and split_k < 16:
             split_k *= 2
 
     stage_bytes = (block_m + block_n) * block_k * elem_bytes
-    num_stages = max(1, min(num_stages, shared_memory_bytes(device) // stage_bytes))
+    num_stages = max(1, min(num_stages, smem_bytes // stage_bytes))
     return GemmConfig(block_m, block_n, block_k, split_k, group_m, num_warps, num_stages)
 
 
