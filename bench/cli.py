@@ -1,0 +1,112 @@
+"""`hayabusa bench`: measure hayabusa against transformers and write results.json / results.md / results.png.
+
+    hayabusa bench --model tiny --out bench-out --device cpu          # a few minutes on a 2-core CPU
+    hayabusa bench --model 2.7b --out bench/results/h100 --device cuda
+
+Also runnable on its own: `python -m hayabusa.bench.cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from hayabusa.bench.records import ENGINES, SCENARIOS
+from hayabusa.bench.workloads import SIZES
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="a model directory, a Hub id, or a preset (tiny, small, 2.7b): random weights of that "
+                             "shape, written once under $HAYABUSA_CACHE (default ~/.cache/hayabusa) and reused")
+    parser.add_argument("--out", required=True, type=Path, help="directory for results.json, results.md, results.png")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
+                        help=f"any of {', '.join(SCENARIOS)} (space or comma separated; default: all)")
+    parser.add_argument("--engines", nargs="+", default=None, metavar="ENGINE",
+                        help=f"any of {', '.join(ENGINES)} (default: all that can run on the device; naming an "
+                             "engine runs it even where it is skipped by default)")
+    parser.add_argument("--sizes", choices=("auto", *SIZES), default="auto",
+                        help="scenario sizes: full (the GPU figures), cpu (scaled down for a CPU), smoke (tests); "
+                             "auto picks full on cuda and cpu on cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median reported)")
+
+
+def _choices(values: list[str] | None, allowed: tuple[str, ...], option: str) -> tuple[str, ...] | None:
+    if values is None:
+        return None
+    chosen = [v for value in values for v in value.split(",") if v]
+    unknown = [v for v in chosen if v not in allowed]
+    if unknown:
+        raise ValueError(f"{option}: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    return tuple(dict.fromkeys(chosen))
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except (ValueError, OSError) as err:  # bad option, unknown model, unreadable config: no traceback
+        print(f"hayabusa bench: {err}", file=sys.stderr)
+        return 2
+    from hayabusa.bench.report import write_results
+    from hayabusa.bench.suite import run_suite
+
+    result = run_suite(settings)
+    paths = write_results(result.as_dict(), args.out)
+    print(f"hayabusa bench: {len(result.records)} figures in {result.seconds:.0f} s -> "
+          + ", ".join(str(p) for p in paths.values()))
+    for skipped in result.skipped:
+        print(f"  skipped {skipped['engine']}: {skipped['reason']}")
+    for error in result.errors:
+        print(f"  FAILED {error['engine']} {error['scenario']}: {error['error']}", file=sys.stderr)
+    return 1 if result.errors else 0
+
+
+def _settings(args: argparse.Namespace):
+    from hayabusa.bench.suite import SuiteSettings
+    from hayabusa.bench.workloads import check_sizes_fit, sizes_for
+    from hayabusa.engine.config import ModelConfig
+    from hayabusa.engine.hub import resolve_model_dir
+    from hayabusa.engine.random_models import is_random_preset, random_preset_dir
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        # Triton kernels (only used when the hayabusa engine is forced on a CPU) need the interpreter.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    scenarios = _choices(args.scenarios, SCENARIOS, "--scenarios") or SCENARIOS
+    engines = _choices(args.engines, ENGINES, "--engines")
+    sizes = sizes_for(args.sizes, device)
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+        sizes = replace(sizes, repeats=args.repeats)
+    preset = args.model if is_random_preset(args.model) else None
+    model_dir = random_preset_dir(preset) if preset else resolve_model_dir(args.model)
+    config = ModelConfig.from_json(model_dir / "config.json")
+    check_sizes_fit(sizes, config.max_position_embeddings)
+    return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
+                         dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
+                         engines_requested=engines is not None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hayabusa bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Write a run's results: results.json (everything, every sample), results.md (tables), results.png (plots).
+
+The markdown and the plot are made from the JSON dict alone, so they can be redrawn from a saved run:
+`python -m hayabusa.bench.report results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hayabusa.bench.records import ENGINES
+
+BASELINE = "transformers-eager"  # the "x vs" columns compare with what users run today
+
+
+def write_results(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "results.png"}
+    paths["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths["md"].write_text(markdown_report(results), encoding="utf-8")
+    write_plot(results, paths["png"])
+    return paths
+
+
+def _records(results: dict[str, Any], scenario: str) -> list[dict[str, Any]]:
+    """The scenario's records grouped by case (in the order they were run), engines in ENGINES order."""
+    rows = [r for r in results["records"] if r["scenario"] == scenario]
+    case_order = {case: i for i, case in reversed(list(enumerate(r["case"] for r in rows)))}
+    return sorted(rows, key=lambda r: (case_order[r["case"]], ENGINES.index(r["engine"])))
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _speedup(rows: list[dict[str, Any]], row: dict[str, Any], key: str, higher_is_better: bool) -> str:
+    """row's figure relative to the baseline engine's on the same case ("1.00x" for the baseline itself)."""
+    base = next((r for r in rows if r["engine"] == BASELINE and r["case"] == row["case"]), None)
+    if base is None or not base[key] or not row[key]:
+        return "–"
+    ratio = row[key] / base[key] if higher_is_better else base[key] / row[key]
+    return f"{ratio:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown_report(results: dict[str, Any]) -> str:
+    sizes, model, roof = results["sizes"], results["model"], results["roofline"]
+    weights = f"random weights, preset `{model['preset']}`" if model["random_weights"] else f"`{model['source']}`"
+    lines = [
+        f"# hayabusa bench: {weights}, {results['dtype']}",
+        "",
+        f"- **Device**: {results['device']}" + (f"; {results['driver']}" if results.get("driver") else ""),
+        f"- **Date**: {results['created']} · **commit** `{results['commit']}` · torch {results['versions']['torch']}"
+        f" · triton {results['versions'].get('triton')} · transformers {results['versions'].get('transformers')}",
+        f"- **Sizes**: `{sizes['name']}`; median of {sizes['repeats']} timed runs after {sizes['warmup']} warm-up;"
+        " same prompts and forced token counts (end-of-sequence ignored) for every engine",
+        f"- **Roofline measured in this run**: copy {roof['copy_gb_per_s']:.1f} GB/s, {roof['dtype']} matmul "
+        f"{roof['matmul_tflops']:.2f} TFLOP/s (n = {roof['matmul_size']})",
+        "",
+    ]
+    sections: list[tuple[str, str, Callable[[list[dict[str, Any]]], list[str]]]] = [
+        ("decode", f"## Decode latency (prompt {sizes['decode_prompt_len']}, {sizes['decode_gen_len']} tokens)",
+         _decode_table),
+        ("prefill", "## Prefill: time to first token (one prompt)", _prefill_table),
+        ("throughput", "## Offline throughput (all requests at once)", _throughput_table),
+        ("load", "## Weight load (checkpoint dir to ready model, warm page cache)", _load_table),
+        ("tokenizer", "## Tokenizer", _tokenizer_table),
+    ]
+    for scenario, title, table in sections:
+        rows = _records(results, scenario)
+        if rows:
+            lines += [title, "", *table(rows), ""]
+    if results["skipped"]:
+        lines += ["## Not run here", ""]
+        lines += [f"- `{s['engine']}` ({s['scenario']}): {s['reason']}" for s in results["skipped"]] + [""]
+    if results["errors"]:
+        lines += ["## Failed measurements", ""]
+        lines += [f"- `{e['engine']}` {e['scenario']}: {e['error']}" for e in results["errors"]] + [""]
+    return "\n".join(lines)
+
+
+def _decode_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(["engine", "batch", "ms / token", "tokens / s", "% of bandwidth floor", "vs eager"],
+                  [[r["engine"], str(r["batch"]), _fmt(r["ms_per_token"]), _fmt(r["tokens_per_s"], 1),
+                    _fmt(r["pct_roofline"], 1), _speedup(rows, r, "ms_per_token", False)] for r in rows])
+
+
+def _prefill_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(["engine", "prompt", "ms", "tokens / s", "% of matmul peak", "vs eager"],
+                  [[r["engine"], str(r["prompt_len"]), _fmt(r["ms"]), _fmt(r["tokens_per_s"], 1),
+                    _fmt(r["pct_roofline"], 1), _speedup(rows, r, "ms", False)] for r in rows])
+
+
+def _throughput_table(rows: list[dict[str, Any]]) -> list[str]:
+    def lengths(r: dict[str, Any]) -> tuple[str, str]:
+        if r["case"] != "mixed":
+            return str(r["prompt_len"]), str(r["gen_len"])
+        (p0, p1), (g0, g1) = r["extra"]["prompt_len_range"], r["extra"]["gen_len_range"]
+        return f"{p0}–{p1}", f"{g0}–{g1}"
+
+    return _table(["engine", "set", "requests", "prompt", "generated", "s", "generated tokens / s", "vs eager"],
+                  [[r["engine"], r["case"], str(r["batch"]), *lengths(r), _fmt(r["ms"] / 1e3),
+                    _fmt(r["tokens_per_s"], 1), _speedup(rows, r, "tokens_per_s", True)] for r in rows])
+
+
+def _load_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(["engine", "ms", "GB / s"],
+                  [[r["engine"], _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"])] for r in rows])
+
+
+def _tokenizer_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(["tokenizer", "case", "texts", "ms", "tokens / s", "chars / s"],
+                  [[r["engine"], r["case"], str(r["batch"]), _fmt(r["ms"]), _fmt(r["tokens_per_s"], 0),
+                    _fmt(r["extra"]["chars_per_s"], 0)] for r in rows])
+
+
+def write_plot(results: dict[str, Any], path: Path) -> None:
+    """Three panels: decode latency vs batch, decode throughput vs concurrency, time to first token vs prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("decode", "batch", "ms_per_token", "decode latency", "ms / token"),
+              ("decode", "batch", "tokens_per_s", "decode throughput vs concurrency", "tokens / s"),
+              ("prefill", "prompt_len", "ms", "time to first token", "ms")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
+    for ax, (scenario, x_key, y_key, title, y_label) in zip(axes, panels, strict=True):
+        rows = _records(results, scenario)
+        for engine in ENGINES:
+            points = sorted((r[x_key], r[y_key]) for r in rows if r["engine"] == engine and r[y_key] is not None)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=engine)
+        ax.set_title(title)
+        ax.set_xlabel("sequences decoded together" if x_key == "batch" else "prompt tokens")
+        ax.set_ylabel(y_label)
+        if rows:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(f"hayabusa bench: {results['device']}, {results['dtype']}", fontsize="medium")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Redraw results.md and results.png beside a saved results.json."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m hayabusa.bench.report RESULTS_JSON", file=sys.stderr)
+        return 2
+    json_path = Path(args[0])
+    results = json.loads(json_path.read_text(encoding="utf-8"))
+    (json_path.parent / "results.md").write_text(markdown_report(results), encoding="utf-8")
+    write_plot(results, json_path.parent / "results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The measured scenarios: each times one runner on one workload and returns a BenchRecord.
+
+Every engine sees the same prompts (seeded by scenario and case, never by engine) and the same forced token
+counts; each figure is the median of `repeats` timed calls after `warmup` excluded ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from hayabusa.bench import roofline
+from hayabusa.bench.records import BenchRecord
+from hayabusa.bench.runners import BenchRunner
+from hayabusa.bench.timing import median, time_ms, time_once_ms
+from hayabusa.bench.workloads import SuiteSizes, mixed_lengths, random_prompts
+from hayabusa.engine.config import ModelConfig
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
+    """Checkpoint directory -> model ready on the device. The warm-up load fills the OS page cache, so the
+    figure is a warm-cache load (what a restarted server sees). Leaves the runner loaded."""
+    checkpoint_bytes = sum(f.stat().st_size for f in runner.model_dir.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
+    warmups, samples = [], []
+    for timed in [False] * sizes.warmup + [True] * sizes.repeats:
+        runner.unload()
+        (samples if timed else warmups).append(time_once_ms(runner.load, runner.device))
+    ms = median(samples)
+    return BenchRecord(runner.name, "load", "load", None, None, None, None, ms, None, None, None, sizes.repeats,
+                       samples, warmups[0] if warmups else None,
+                       {"checkpoint_bytes": checkpoint_bytes, "gb_per_s": checkpoint_bytes / ms / 1e6})
+
+
+def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, device_roofline: roofline.DeviceRoofline,
+               batch: int) -> BenchRecord:
+    """ms per decode step with `batch` sequences: (time for gen_len tokens - time for the first) / (gen_len - 1),
+    both timed back to back in each repeat so the prefill cancels out."""
+    prompt_len, gen_len = sizes.decode_prompt_len, sizes.decode_gen_len
+    prompts = random_prompts([prompt_len] * batch, seed=1000 + batch)
+
+    def first_token() -> None:
+        runner.generate(prompts, [1] * batch)
+
+    def all_tokens() -> None:
+        runner.generate(prompts, [gen_len] * batch)
+
+    warmup_ms = None
+    for _ in range(sizes.warmup):
+        first_token()
+        warmup_ms = time_once_ms(all_tokens, runner.device)
+    first_samples, full_samples = [], []
+    for _ in range(sizes.repeats):
+        first_samples.append(time_once_ms(first_token, runner.device))
+        full_samples.append(time_once_ms(all_tokens, runner.device))
+    step_samples = [(full - first) / (gen_len - 1) for full, first in zip(full_samples, first_samples, strict=True)]
+    ms_per_token = median(step_samples)
+    if ms_per_token <= 0:
+        raise RuntimeError(f"{runner.name} decode batch {batch}: timing noise exceeds the decode time (all tokens "
+                           f"{full_samples} ms, first token {first_samples} ms); use a longer gen length")
+    step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, roofline.dtype_bytes(runner.dtype))
+    floor_ms = device_roofline.decode_floor_ms(step_bytes)
+    return BenchRecord(
+        runner.name, "decode", f"batch{batch}", batch, prompt_len, gen_len, ms_per_token, median(full_samples),
+        batch * 1e3 / ms_per_token, roofline.pct_of_floor(floor_ms, ms_per_token), "bandwidth", sizes.repeats,
+        full_samples, warmup_ms,
+        {"first_token_samples_ms": first_samples, "step_samples_ms": step_samples, "bytes_per_step": step_bytes,
+         "floor_ms_per_step": floor_ms},
+    )
+
+
+def run_prefill(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig,
+                device_roofline: roofline.DeviceRoofline, prompt_len: int) -> BenchRecord:
+    """Time to first token of one prompt: the prefill plus sampling one token. A prompt as long as the model's
+    positions is cut by one to leave room for that token; the record holds the length actually run."""
+    run_len = min(prompt_len, config.max_position_embeddings - 1)
+    prompts = random_prompts([run_len], seed=2000 + run_len)
+    timing = time_ms(lambda: runner.generate(prompts, [1]), runner.device, sizes.repeats, sizes.warmup)
+    ms = median(timing.samples_ms)
+    flops = roofline.prefill_flops(config, 1, run_len)
+    floor_ms = device_roofline.prefill_floor_ms(flops)
+    return BenchRecord(runner.name, "prefill", f"prompt{prompt_len}", 1, run_len, 1, None, ms, run_len * 1e3 / ms,
+                       roofline.pct_of_floor(floor_ms, ms), "matmul", sizes.repeats, timing.samples_ms,
+                       timing.warmup_ms, {"flops": flops, "floor_ms": floor_ms, "requested_prompt_len": prompt_len})
+
+
+def throughput_workloads(sizes: SuiteSizes) -> Iterator[tuple[str, list[list[int]], list[int]]]:
+    """(case, prompts, gen_lens): "uniform" (n x prompt / gen) and "mixed" (lengths drawn per request)."""
+    n = sizes.throughput_requests
+    yield "uniform", random_prompts([sizes.throughput_prompt_len] * n, seed=3000), [sizes.throughput_gen_len] * n
+    prompt_lens = mixed_lengths(n, sizes.mixed_prompt_lens, seed=3001)
+    yield "mixed", random_prompts(prompt_lens, seed=3002), mixed_lengths(n, sizes.mixed_gen_lens, seed=3003)
+
+
+def run_throughput(runner: BenchRunner, sizes: SuiteSizes, case: str, prompts: list[list[int]],
+                   gen_lens: list[int]) -> BenchRecord:
+    """Offline: all requests submitted at once, wall time until the last token. tokens_per_s counts the
+    requested generated tokens; extra.computed_tokens shows what static batching spent beyond them."""
+    computed_tokens: list[int] = []
+    timing = time_ms(lambda: computed_tokens.append(runner.generate(prompts, gen_lens)), runner.device,
+                     sizes.repeats, sizes.warmup)
+    ms = median(timing.samples_ms)
+    generated, prompt_tokens = sum(gen_lens), sum(len(p) for p in prompts)
+    return BenchRecord(
+        runner.name, "throughput", case, len(prompts), round(prompt_tokens / len(prompts)),
+        round(generated / len(prompts)), None, ms, generated * 1e3 / ms, None, None, sizes.repeats,
+        timing.samples_ms, timing.warmup_ms,
+        {"prompt_tokens": prompt_tokens, "generated_tokens": generated, "computed_tokens": computed_tokens[-1],
+         "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))],
+         "gen_len_range": [min(gen_lens), max(gen_lens)], "static_batch": getattr(runner, "static_batch", None),
+         "total_tokens_per_s": (generated + prompt_tokens) * 1e3 / ms},
+    )
