@@ -149,7 +149,7 @@ def test_padding_rows_write_nothing_and_output_zero(num_splits, poisoned_allocat
     assert torch.equal(out[[0, 2]], torch.zeros_like(out[[0, 2]]))
 
 
-@pytest.mark.parametrize("head_dim, rotary_dims", [(64, 64), (36, 12), (256, 64)])
+@pytest.mark.parametrize("head_dim, rotary_dims", [(64, 64), (36, 12), (256, 64), (32, 0)])
 def test_other_head_dims(head_dim, rotary_dims, poisoned_allocations):
     inputs = make_inputs([0, 17, 40], block_size=16, dtype=torch.float32, num_heads=2, head_dim=head_dim,
                          rotary_dims=rotary_dims, seed=3)
