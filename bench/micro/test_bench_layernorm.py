@@ -1,0 +1,71 @@
+"""Microbenchmark: `layer_norm` / `add_layer_norm` vs torch's F.layer_norm (and a separate add) at the model's width.
+
+GPU only: `pytest bench/micro/test_bench_layernorm.py --benchmark-only -s`. Figures are the median of
+`triton.testing.do_bench` (CUDA events, L2 flushed between calls), printed and stored in each benchmark's
+extra_info with the achieved bandwidth next to the device-to-device copy bandwidth measured in the same session.
+"""
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from hayabusa.bench.roofline import measure_copy_bandwidth
+from hayabusa.kernels.layernorm import add_layer_norm, layer_norm
+
+ON_GPU = torch.cuda.is_available()
+DTYPE = torch.float16
+HIDDEN = 2560
+EPS = 1e-5
+ROWS = [1, 32, 256, 2048, 8192]
+
+pytestmark = pytest.mark.skipif(not ON_GPU, reason="kernel microbenchmarks need a CUDA GPU")
+
+
+@functools.cache
+def copy_bytes_per_s() -> float:
+    return measure_copy_bandwidth(torch.device("cuda"), 1 << 30)
+
+
+def report(benchmark, name: str, fn, baseline, num_bytes: int) -> None:
+    kernel_ms = triton.testing.do_bench(fn, return_mode="median")
+    torch_ms = triton.testing.do_bench(baseline, return_mode="median")
+    bytes_per_s = num_bytes / (kernel_ms / 1e3)
+    figures = {"triton_us": kernel_ms * 1e3, "torch_us": torch_ms * 1e3, "speedup": torch_ms / kernel_ms,
+               "GB_per_s": bytes_per_s / 1e9, "pct_copy_bandwidth": 100 * bytes_per_s / copy_bytes_per_s(),
+               "copy_GB_per_s": copy_bytes_per_s() / 1e9}
+    benchmark.extra_info.update(figures)
+    print(f"\n{name}: triton {figures['triton_us']:.1f} us vs torch {figures['torch_us']:.1f} us "
+          f"(x{figures['speedup']:.2f}); {figures['GB_per_s']:.0f} GB/s = {figures['pct_copy_bandwidth']:.0f}% of "
+          f"copy {figures['copy_GB_per_s']:.0f} GB/s")
+
+    def call_and_sync():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(call_and_sync, rounds=20, warmup_rounds=3)
+
+
+def make_inputs(M: int) -> tuple[torch.Tensor, ...]:
+    return (torch.randn(M, HIDDEN, device="cuda", dtype=DTYPE), torch.randn(M, HIDDEN, device="cuda", dtype=DTYPE),
+            torch.randn(HIDDEN, device="cuda", dtype=DTYPE), torch.randn(HIDDEN, device="cuda", dtype=DTYPE))
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_bench_layer_norm(benchmark, M):
+    x, _, weight, bias = make_inputs(M)
+    out = torch.empty_like(x)
+    report(benchmark, f"layer_norm M={M} N={HIDDEN}", lambda: layer_norm(x, weight, bias, EPS, out=out),
+           lambda: F.layer_norm(x, (HIDDEN,), weight, bias, EPS), (2 * M * HIDDEN + 2 * HIDDEN) * DTYPE.itemsize)
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_bench_add_layer_norm(benchmark, M):
+    x, residual, weight, bias = make_inputs(M)
+    out, summed = torch.empty_like(x), torch.empty_like(x)
+    report(benchmark, f"add_layer_norm M={M} N={HIDDEN}",
+           lambda: add_layer_norm(x, residual, weight, bias, EPS, out=out, summed_out=summed),
+           lambda: F.layer_norm(x + residual, (HIDDEN,), weight, bias, EPS),
+           (4 * M * HIDDEN + 2 * HIDDEN) * DTYPE.itemsize)
