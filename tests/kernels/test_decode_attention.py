@@ -49,13 +49,16 @@ def make_inputs(positions: list[int], *, block_size: int, dtype: torch.dtype, nu
     block_tables = torch.full((len(positions), max_blocks_per_seq), -1, dtype=torch.int32)
     k_cache = poisoned((num_blocks, block_size, num_heads, head_dim), dtype, "cpu")
     v_cache = poisoned((num_blocks, block_size, num_heads, head_dim), dtype, "cpu")
+    cached_slots = []  # flat slot ids of tokens 0..p-1 of every sequence: already in the cache
     for seq, (position, num_pages) in enumerate(zip(positions, pages_per_seq, strict=True)):
         block_tables[seq, :num_pages] = torch.tensor(block_ids[:num_pages], dtype=torch.int32)
         block_ids = block_ids[num_pages:]
-        for token in range(max(position, 0)):  # tokens already in the cache
-            page, offset = int(block_tables[seq, token // block_size]), token % block_size
-            k_cache[page, offset] = torch.randn(num_heads, head_dim, generator=gen).to(dtype)
-            v_cache[page, offset] = torch.randn(num_heads, head_dim, generator=gen).to(dtype)
+        tokens = torch.arange(max(position, 0))
+        cached_slots.append(block_tables[seq, tokens // block_size].long() * block_size + tokens % block_size)
+    cached_slots = torch.cat(cached_slots)
+    for cache in (k_cache, v_cache):
+        cache.view(-1, num_heads, head_dim)[cached_slots] = torch.randn(
+            len(cached_slots), num_heads, head_dim, generator=gen).to(dtype)
     qkv = torch.randn(len(positions), 3 * num_heads * head_dim, generator=gen).to(dtype)
     cos, sin = rotary_tables(rotary_dims, max(positions) + 5, ROTARY_BASE, DEVICE)
     return DecodeInputs(qkv.to(DEVICE), torch.tensor(positions, dtype=torch.int32, device=DEVICE),
