@@ -6,13 +6,14 @@ Also the `hayabusa init-random` subcommand (`add_init_random_arguments`, `run_in
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import re
 import shutil
 import struct
 import sys
 import zlib
-from collections.abc import Callable
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +31,9 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 INIT_STD = 0.02  # transformers' initializer_range for this model
+POOL_SIZE = 2**22  # normal draws shared by all tensors of one checkpoint (see RandomValues)
+CHUNK = 8192  # elements per window into the pool
+BLOCK_CHUNKS = 1024  # windows gathered per step: an 8M-element buffer, reused
 PROGRESS_MIN_BYTES = 256 * 2**20  # show a progress bar from this size on (when progress is not forced)
 TOKENIZER_CONFIG = {  # transformers' GPTNeoXJapaneseTokenizer defaults, spelled out so AutoTokenizer finds the class
     "tokenizer_class": "GPTNeoXJapaneseTokenizer", "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
@@ -80,14 +84,15 @@ def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, *, fmt: st
     shards = _plan_shards(shapes, itemsize, parse_size(shard_size) if shard_size is not None else None)
     total_bytes = sum(_numel(shape) for shape in shapes.values()) * itemsize
     show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
-    def draw(name: str) -> torch.Tensor:
-        return _random_tensor(name, shapes[name], dtype, seed)
-
+    # A small model needs no 4M-draw pool (the draws would dominate writing it), so the pool follows the model size.
+    model_numel = sum(_numel(shape) for shape in expected_shapes(config).values())
+    values = RandomValues(seed, dtype, pool_size=min(POOL_SIZE, model_numel))
     file_names = _shard_file_names(fmt, len(shards))
     write = _write_safetensors if fmt == "safetensors" else _write_bin
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {out_dir.name}", disable=not show) as bar:
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {out_dir.name}", disable=not show,
+              mininterval=0.5) as bar:
         for file_name, names in zip(file_names, shards, strict=True):
-            write(out_dir / file_name, {name: shapes[name] for name in names}, dtype, draw, bar)
+            write(out_dir / file_name, {name: shapes[name] for name in names}, values, bar)
     if len(shards) > 1:
         weight_map = {name: file_name for file_name, names in zip(file_names, shards, strict=True) for name in names}
         index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
@@ -127,15 +132,41 @@ def _clear_old_weights(out_dir: Path, overwrite: bool) -> None:
         (out_dir / name).unlink()
 
 
-def _random_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
-    """N(0, 0.02) values (LayerNorm gains 1 + N(0, 0.02)) from a generator seeded by (seed, name), so they do not
-    depend on the format, the sharding or which other tensors are stored. Every bias, the last layer's dense_bias
-    included, is small but nonzero."""
-    generator = torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
-    values = torch.randn(shape, generator=generator).mul_(INIT_STD)  # fp32, drawn then cast
-    if name.endswith("layernorm.weight") or name == "gpt_neox_japanese.final_layer_norm.weight":
-        values.add_(1.0)
-    return values.to(dtype)
+class RandomValues:
+    """Values for every tensor of a checkpoint: N(0, 0.02), LayerNorm gains 1 + N(0, 0.02), so every bias (the last
+    layer's dense_bias included) is small but nonzero.
+
+    Drawing 2.7B normals takes over a minute on a small CPU, so a tensor is instead a run of CHUNK-long windows, at
+    offsets drawn from (seed, tensor name), into one pool of POOL_SIZE normals drawn from `seed`: gathering windows
+    runs at memory speed. The values depend on nothing but (seed, name, pool_size) -- not on the format, the
+    sharding or the other tensors stored -- and differ between tensors, whose offsets come from different names."""
+
+    def __init__(self, seed: int, dtype: torch.dtype, pool_size: int = POOL_SIZE) -> None:
+        self.seed, self.dtype, self.pool_size = seed, dtype, pool_size
+        normals = torch.randn(pool_size + CHUNK, generator=torch.Generator().manual_seed(seed))
+        self.pools = {"weight": (normals * INIT_STD).to(dtype), "gain": (normals * INIT_STD + 1.0).to(dtype)}
+        self.buffer = torch.empty(BLOCK_CHUNKS, CHUNK, dtype=dtype)  # reused: fresh pages are slow to fault in
+
+    def blocks(self, name: str, numel: int) -> Iterator[torch.Tensor]:
+        """The tensor's values flattened, as consecutive 1-D views of a reused buffer (use each before the next)."""
+        generator = torch.Generator().manual_seed((self.seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+        num_chunks = -(-numel // CHUNK)
+        offsets = torch.randint(0, self.pool_size, (num_chunks,), generator=generator)
+        gain = name.endswith("layernorm.weight") or name == "gpt_neox_japanese.final_layer_norm.weight"
+        windows = self.pools["gain" if gain else "weight"].unfold(0, CHUNK, 1)  # [pool_size + 1, CHUNK], a view
+        for first in range(0, num_chunks, BLOCK_CHUNKS):
+            rows = offsets[first:first + BLOCK_CHUNKS]
+            block = self.buffer[: len(rows)]
+            torch.index_select(windows, 0, rows, out=block)
+            yield block.view(-1)[: numel - first * CHUNK]
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        flat = torch.empty(_numel(shape), dtype=self.dtype)
+        start = 0
+        for block in self.blocks(name, flat.numel()):
+            flat[start:start + block.numel()] = block
+            start += block.numel()
+        return flat.view(shape)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -166,12 +197,12 @@ def _shard_file_names(fmt: str, count: int) -> list[str]:
     return [f"{stem}-{i:05d}-of-{count:05d}.{suffix}" for i in range(1, count + 1)]
 
 
-def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-                       draw: Callable[[str], torch.Tensor], bar: tqdm) -> None:
+def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], values: RandomValues, bar: tqdm) -> None:
     """The safetensors layout written as a stream: u64 header length, JSON header (offsets into the data that
     follows, padded with spaces to 8 bytes), then each tensor's little-endian bytes, drawn and written one by one."""
     if sys.byteorder != "little":
         raise RuntimeError("writing safetensors needs a little-endian machine")
+    dtype = values.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -185,18 +216,23 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: to
     with open(path, "wb") as file:
         file.write(struct.pack("<Q", len(header_bytes)))
         file.write(header_bytes)
-        for name in shapes:  # the same order as the offsets above
-            tensor = draw(name)
-            file.write(tensor.contiguous().view(torch.uint8).numpy().data)
-            bar.update(tensor.numel() * itemsize)
+        for name, shape in shapes.items():  # the same order as the offsets above
+            for block in values.blocks(name, _numel(shape)):
+                file.write(_raw_bytes(block))
+                bar.update(block.numel() * itemsize)
 
 
-def _write_bin(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype,
-               draw: Callable[[str], torch.Tensor], bar: tqdm) -> None:
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    """The memory of a contiguous CPU tensor, without a copy (and without needing numpy)."""
+    assert tensor.is_contiguous() and tensor.device.type == "cpu"
+    return memoryview((ctypes.c_ubyte * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr()))
+
+
+def _write_bin(path: Path, shapes: dict[str, tuple[int, ...]], values: RandomValues, bar: tqdm) -> None:
     """A torch.save state dict (one shard in memory at a time)."""
     shard = {}
-    for name in shapes:
-        shard[name] = draw(name)
+    for name, shape in shapes.items():
+        shard[name] = values.tensor(name, shape)
         bar.update(shard[name].numel() * shard[name].element_size())
     torch.save(shard, path)
 

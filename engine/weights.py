@@ -224,8 +224,11 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        refused = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+        if refused is None:
+            raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint ({err})") from None
         raise CheckpointError(f"{path} holds Python objects other than tensors; hayabusa never runs a checkpoint's "
-                              f"pickle code (weights_only load failed: {str(err).splitlines()[0]})") from None
+                              f"pickle code ({refused[:200]})") from None
     except Exception as err:
         raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
                               f"({type(err).__name__}: {err})") from None
