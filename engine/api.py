@@ -1,0 +1,178 @@
+"""`Engine`: the public entry point. Loads a model once and generates with the chosen backend.
+
+backend="reference" runs the plain-PyTorch model (any device, the CPU fallback); backend="triton" runs the
+paged engine on the Triton kernels (a CUDA device, or the CPU under TRITON_INTERPRET=1 for tests).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.outputs import GenerationOutput
+from hayabusa.engine.random_models import is_random_preset, random_preset_dir
+from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.reference_generate import reference_generate
+from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.weights import load_model_files
+from hayabusa.tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+BACKENDS = ("reference", "triton")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Engine:
+    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
+                 backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
+                 model_dir: Path | None = None) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.device = device
+        self.model_dir = model_dir
+        self.reference = ReferenceModel(config, state_dict)
+        self._lock = threading.Lock()  # the reference loop runs one batch at a time
+        self._paged = None
+        if backend == "triton":
+            from hayabusa.engine.llm_engine import PagedEngine
+
+            self._paged = PagedEngine(config, state_dict, tokenizer, device=device,
+                                      kv_cache_blocks=kv_cache_blocks, block_size=block_size)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, backend: str | None = None,
+                        kv_cache_blocks: int | None = None, block_size: int = 16,
+                        revision: str | None = None) -> Engine:
+        """Load a local model directory, a hub id (e.g. "abeja/gpt-neox-japanese-2.7b") or a random preset.
+
+        A preset name (tiny, small, 2.7b) that is not a local directory loads a random-weight checkpoint of that
+        shape, written once into the cache ($HAYABUSA_CACHE or ~/.cache/hayabusa).
+
+        Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
+        cuda, reference on cpu.
+        """
+        device = torch.device(device or default_device())
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        if backend is None:
+            backend = "triton" if device.type == "cuda" else "reference"
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        name_or_path = str(name_or_path)
+        if is_random_preset(name_or_path):
+            name_or_path = str(random_preset_dir(name_or_path))
+        model_dir, config, state_dict = load_model_files(name_or_path, dtype=dtype, device=device,
+                                                         revision=revision)
+        tokenizer = Tokenizer.from_pretrained(str(model_dir))
+        return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
+                   block_size=block_size, model_dir=model_dir)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 **kwargs: Any) -> list[GenerationOutput]:
+        """Generate for one prompt or a list of prompts (strings or token-id lists); one output per prompt.
+
+        Sampling options come as a SamplingParams (one, or one per prompt) or as keyword arguments:
+        max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos.
+        """
+        prompt_ids = self._encode_prompts(prompts)
+        params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
+        for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
+            self._check_fits(i, ids, p)
+        if self._paged is not None:
+            return self._paged.generate(prompt_ids, params)
+        outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
+        with self._lock:
+            for index, _, finished in reference_generate(self.reference, self.tokenizer, prompt_ids, params):
+                if finished is not None:
+                    outputs[index] = finished
+        return outputs
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
+        """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text."""
+        (ids,) = self._encode_prompts([prompt])
+        (params,) = self._sampling_params(sampling_params, kwargs, 1)
+        self._check_fits(0, ids, params)
+        if self._paged is not None:
+            yield from self._paged.stream(ids, params)
+            return
+        with self._lock:
+            for _, delta, _ in reference_generate(self.reference, self.tokenizer, [ids], [params]):
+                if delta:
+                    yield delta
+
+    def logits(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
+        """Full forward of the reference model: LongTensor [batch, seq] -> float32 logits [batch, seq, vocab]."""
+        input_ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
+        self._check_ids("input_ids", input_ids.flatten().tolist())
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids hold {input_ids.shape[1]} tokens; max_position_embeddings is "
+                             f"{self.config.max_position_embeddings}")
+        return self.reference(input_ids.to(self.device))
+
+    def close(self) -> None:
+        if self._paged is not None:
+            self._paged.close()
+
+    def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
+                                        all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or not prompts:
+            raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+        encoded = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+            elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+                ids = list(prompt)
+                self._check_ids(f"prompt {i}", ids)
+            else:
+                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            encoded.append(ids)
+        return encoded
+
+    def _check_ids(self, what: str, ids: Sequence[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"{what} holds token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
+
+    @staticmethod
+    def _sampling_params(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                         kwargs: dict[str, Any], count: int) -> list[SamplingParams]:
+        unknown = sorted(set(kwargs) - {f.name for f in fields(SamplingParams)})
+        if unknown:
+            raise ValueError(f"unknown sampling parameter {unknown[0]!r}; known: "
+                             f"{', '.join(f.name for f in fields(SamplingParams))}")
+        if sampling_params is None:
+            return [SamplingParams(**kwargs)] * count
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * count
+        if len(sampling_params) != count:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
+        return [replace(p, **kwargs) if kwargs else p for p in sampling_params]
+
+    def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+        limit = self.config.max_position_embeddings
+        if len(prompt_ids) > limit:
+            raise ValueError(f"prompt {index} has {len(prompt_ids)} tokens; max_position_embeddings is {limit}")
+        if len(prompt_ids) + params.max_new_tokens > limit:
+            raise ValueError(f"prompt {index}: {len(prompt_ids)} prompt tokens + max_new_tokens "
+                             f"{params.max_new_tokens} exceed max_position_embeddings {limit}")
