@@ -1,5 +1,6 @@
 """Write a random-weight checkpoint that transformers and hayabusa both load: abeja's tensor names, shapes and
-config keys, the tokenizer files, values drawn tensor by tensor (a 2.7B checkpoint never sits in memory whole).
+config keys, the tokenizer files, random values made tensor by tensor (safetensors are streamed to disk block by
+block; a .bin shard is held in memory whole, so shard big .bin checkpoints).
 
 Also the `hayabusa init-random` subcommand (`add_init_random_arguments`, `run_init_random`)."""
 

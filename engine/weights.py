@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +83,8 @@ def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dty
     device = torch.device(device)
     model_dir = Path(model_dir)
     stored, read_tensor = _open_checkpoint(model_dir)
-    needed = _validate(stored, config)
-
-    state_dict: dict[str, Tensor] = {}
-    for name in needed:
-        tensor = read_tensor(name)
-        state_dict[name] = tensor.to(device=device, dtype=dtype).contiguous()
-        del tensor
+    needed = _validate(model_dir, stored, config)
+    state_dict = {name: read_tensor(name).to(device=device, dtype=dtype).contiguous() for name in needed}
     return _tie_embeddings(state_dict, config)
 
 
@@ -107,7 +103,7 @@ def _tie_embeddings(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[
     return {name: state_dict[name] for name in order}
 
 
-def _validate(stored: dict[str, StoredTensor], config: ModelConfig) -> list[str]:
+def _validate(model_dir: Path, stored: dict[str, StoredTensor], config: ModelConfig) -> list[str]:
     """The stored names to load, or a CheckpointError listing every problem (tensor and file named)."""
     shapes = expected_shapes(config)
     problems: list[str] = []
@@ -131,18 +127,18 @@ def _validate(stored: dict[str, StoredTensor], config: ModelConfig) -> list[str]
     files = sorted({info.file.name for info in stored.values()})
     for name in shapes:
         if name not in stored and name not in optional:
-            tie_note = " (tie_word_embeddings is false, so embed_out must be stored)" if name == EMBED_OUT else ""
+            untied_out = name == EMBED_OUT and not config.tie_word_embeddings
+            tie_note = " (tie_word_embeddings is false, so embed_out must be stored)" if untied_out else ""
             problems.append(f"missing tensor '{name}' (looked in {', '.join(files) or 'no tensors'}){tie_note}")
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
-        model_dir = next(iter(stored.values())).file.parent if stored else "?"
         raise CheckpointError(f"checkpoint {model_dir} does not match its config.json "
                               f"({len(problems)} problem(s)):\n  " + "\n  ".join(listed) + more)
     return needed
 
 
-def _open_checkpoint(model_dir: Path):
+def _open_checkpoint(model_dir: Path) -> tuple[dict[str, StoredTensor], Callable[[str], Tensor]]:
     """(name -> StoredTensor for every stored tensor, read_tensor(name) -> CPU tensor), reading headers only."""
     if not model_dir.is_dir():
         raise CheckpointError(f"model directory {model_dir} does not exist")
@@ -175,7 +171,7 @@ def _index_shards(index_path: Path) -> dict[Path, list[str] | None]:
     return shards
 
 
-def _open_safetensors(files: dict[Path, list[str] | None]):
+def _open_safetensors(files: dict[Path, list[str] | None]) -> tuple[dict[str, StoredTensor], Callable[[str], Tensor]]:
     stored: dict[str, StoredTensor] = {}
     handles = {}
     for path, names_from_index in files.items():
@@ -203,7 +199,7 @@ def _open_safetensors(files: dict[Path, list[str] | None]):
     return stored, read_tensor
 
 
-def _open_bin(files: dict[Path, list[str] | None]):
+def _open_bin(files: dict[Path, list[str] | None]) -> tuple[dict[str, StoredTensor], Callable[[str], Tensor]]:
     stored: dict[str, StoredTensor] = {}
     tensors: dict[str, Tensor] = {}
     for path, names_from_index in files.items():
