@@ -11,6 +11,7 @@ without the slow Triton interpreter.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,16 +39,18 @@ def load_ops(name: str) -> OpSet:
     """"triton": the kernels; "torch": their *_ref references (CPU tests, debugging)."""
     if name not in OP_SETS:
         raise ValueError(f"op set must be one of {OP_SETS}, got {name!r}")
-    from hayabusa.kernels import decode_attention, layernorm, linear, mlp, prefill_attention
-
     suffix = "" if name == "triton" else "_ref"
+
+    def op(module: str, function: str) -> Callable[..., Tensor]:
+        return getattr(importlib.import_module(f"hayabusa.kernels.{module}"), function + suffix)
+
     return OpSet(
         name=name,
-        linear=getattr(linear, "linear" + suffix),
-        fused_mlp=getattr(mlp, "fused_mlp" + suffix),
-        layer_norm=getattr(layernorm, "layer_norm" + suffix),
-        prefill_attention=getattr(prefill_attention, "prefill_attention" + suffix),
-        decode_attention=getattr(decode_attention, "decode_attention" + suffix),
+        linear=op("linear", "linear"),
+        fused_mlp=op("mlp", "fused_mlp"),
+        layer_norm=op("layernorm", "layer_norm"),
+        prefill_attention=op("prefill_attention", "prefill_attention"),
+        decode_attention=op("decode_attention", "decode_attention"),
     )
 
 

@@ -5,6 +5,7 @@ engine steps. Covers different prompt lengths in one batch, a request joining wh
 prefix-cache hit read back through the paged cache, and preemption with recompute.
 """
 
+import pytest
 import torch
 
 from hayabusa.engine.llm_engine import PagedEngine
@@ -18,6 +19,15 @@ from hf_oracle import random_hf_model
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as in tests/conftest.py
 TOKENIZER = Tokenizer.from_pretrained()
 MODEL_ARGS = dict(hidden=160, heads=2, layers=2, vocab=101)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The tensors here are tiny: one thread is much faster than two fighting over a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def reference_tokens(config, state_dict, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
