@@ -60,6 +60,7 @@ class Tokenizer:
         self.bos_token_id = vocab.require_id(BOS_TOKEN)
         self.eos_token_id = self.pad_token_id = self.unk_token_id = vocab.require_id(EOS_TOKEN)
         self.all_special_ids = sorted({self.bos_token_id, self.eos_token_id})
+        self._special_id_set = frozenset(self.all_special_ids)
         self._special_split = re.compile("(" + "|".join(re.escape(t) for t in (BOS_TOKEN, EOS_TOKEN)) + ")")
         self._replace_emoji = EmojiReplacer(vocab.emoji)
         self._segment = Segmenter(vocab)
@@ -80,6 +81,7 @@ class Tokenizer:
                 text = _CLASS_TOKEN_TEXT.get(piece, piece)
             self._texts.append(text)
             self._byte_values.append(byte_value)
+        self._byte_ids = frozenset(i for i, value in enumerate(self._byte_values) if value >= 0)
 
     @classmethod
     def from_pretrained(cls, dir_or_hub_id: str | os.PathLike | None = None, *, do_clean_text: bool = False,
@@ -180,13 +182,16 @@ class Tokenizer:
     # ---- decoding -------------------------------------------------------------------------------------------
     def decode(self, ids: int | Sequence[int], skip_special_tokens: bool = False, *, strip: bool = False) -> str:
         """Text of ids (list, tuple, 1-D tensor/array, or one int). strip=True strips it like transformers."""
-        skip = self.all_special_ids if skip_special_tokens else ()
+        ids = self._check_ids(ids)
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self._special_id_set]
         texts, byte_values = self._texts, self._byte_values
+        if self._byte_ids.isdisjoint(ids):
+            text = "".join(map(texts.__getitem__, ids))
+            return text.strip() if strip else text
         pieces: list[str] = []
         pending = bytearray()  # a run of <|byteN|> values, decoded together
-        for token_id in self._check_ids(ids):
-            if token_id in skip:
-                continue
+        for token_id in ids:
             byte_value = byte_values[token_id]
             if byte_value >= 0:
                 pending.append(byte_value)
@@ -236,12 +241,17 @@ class Tokenizer:
         if not isinstance(ids, (list, tuple)):
             raise TypeError(f"ids must be an int or a sequence of ints, got {type(ids).__name__}")
         size = len(self._spellings)
-        for position, token_id in enumerate(ids):
-            if type(token_id) is not int:
-                raise TypeError(f"ids[{position}] is {token_id!r} ({type(token_id).__name__}); ids must be ints")
-            if not 0 <= token_id < size:
-                raise ValueError(f"ids[{position}] = {token_id} is outside the vocabulary [0, {size})")
+        if ids and not (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < size):
+            _raise_for_first_bad_id(ids, size)
         return ids
+
+
+def _raise_for_first_bad_id(ids: Sequence[Any], size: int) -> None:
+    for position, token_id in enumerate(ids):
+        if type(token_id) is not int:
+            raise TypeError(f"ids[{position}] is {token_id!r} ({type(token_id).__name__}); ids must be ints")
+        if not 0 <= token_id < size:
+            raise ValueError(f"ids[{position}] = {token_id} is outside the vocabulary [0, {size})")
 
 
 def _check_texts(texts: Any) -> list[str]:
