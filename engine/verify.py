@@ -1,0 +1,199 @@
+"""`hayabusa verify`: check the kernel path against the plain-PyTorch reference on the same weights.
+
+The reference runs in float32 on the checkpoint's weights as loaded in --dtype (fp16 values upcast exactly),
+the kernel path in --dtype. Reported, and checked against the tolerance of --dtype (TOLERANCES):
+  - per layer: the hidden state entering each layer and the final LayerNorm output, over every prompt token;
+  - logits at every prompt position;
+  - error = max |kernel - reference| / max |reference| (relative to the tensor's scale);
+  - top-1 agreement at every prompt position; a disagreement passes only at a near-tie, i.e. when the
+    reference ranks the kernel's token within `tolerance * max |reference logits|` of its own top token;
+  - greedy decoding for --steps tokens through the paged engine (continuous batching, paged KV cache, CUDA
+    graphs on a GPU) vs the reference loop: identical tokens, or a first divergence at such a near-tie.
+Exit status 0 when every check passes, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.fast_model import OP_SETS, FastModel, PrefillInputs, load_ops
+from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.reference_generate import reference_generate
+from hayabusa.engine.sampling import SamplingParams
+from hayabusa.tokenizer import Tokenizer
+
+# Relative error bound per kernel-path dtype for hidden states and logits (reference: float32).
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_PROMPTS = (
+    "人とAIが協調するためには、",
+    "日本の首都は東京です。京都は",
+    "吾輩は猫である。名前はまだ無い。どこで生れたか",
+    "今日の天気は晴れのち曇り、",
+)
+VERIFY_BLOCK_SIZE = 16
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="model directory, hub id or random preset (tiny, small, 2.7b)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--ops", choices=OP_SETS, default="triton",
+                        help="triton: the kernels (default); torch: their plain-PyTorch references")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text (repeatable; default: four built-in Japanese prompts)")
+    parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt (default 32)")
+    parser.add_argument("--revision", default=None, help="hub revision")
+
+
+@dataclass
+class Check:
+    name: str
+    detail: str
+    passed: bool
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> tuple[float, float]:
+    """(max |actual - expected|, that / max |expected|), in float64; NaN or inf in actual counts as infinite."""
+    a, e = actual.double(), expected.double()
+    if not torch.isfinite(a).all():
+        return float("inf"), float("inf")
+    diff = (a - e).abs().max().item()
+    return diff, diff / max(e.abs().max().item(), 1e-30)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hayabusa.engine.api import default_device
+    from hayabusa.engine.random_models import is_random_preset, random_preset_dir
+    from hayabusa.engine.weights import load_model_files
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    device = torch.device(args.device or default_device())
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    name = random_preset_dir(args.model) if is_random_preset(args.model) else args.model
+    model_dir, config, state_dict = load_model_files(str(name), dtype=dtype, device=device, revision=args.revision)
+    tokenizer = Tokenizer.from_pretrained(str(model_dir))
+    prompts = [tokenizer.encode(text) for text in (args.prompt or DEFAULT_PROMPTS)]
+    for text, ids in zip(args.prompt or DEFAULT_PROMPTS, prompts, strict=True):
+        if not ids or len(ids) + args.steps > config.max_position_embeddings:
+            raise ValueError(f"prompt {text!r} has {len(ids)} tokens; with --steps {args.steps} it must fit "
+                             f"max_position_embeddings {config.max_position_embeddings}")
+
+    print(f"hayabusa verify: {model_dir}")
+    print(f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
+          f"{args.ops} ops in {str(dtype).removeprefix('torch.')} on {device} vs the float32 reference; "
+          f"prompts: {len(prompts)}, greedy steps: {args.steps}")
+    tolerance = TOLERANCES[dtype]
+    reference = ReferenceModel(config, upcast(state_dict))
+    fast = FastModel(config, state_dict, load_ops(args.ops))
+    checks = compare_prefill(config, reference, fast, prompts, tolerance)
+    engine = PagedEngine(config, state_dict, tokenizer, device=device, ops=args.ops,
+                         block_size=VERIFY_BLOCK_SIZE, max_num_seqs=len(prompts),
+                         kv_cache_blocks=sum(-(-(len(p) + args.steps) // VERIFY_BLOCK_SIZE) for p in prompts))
+    try:
+        checks += compare_greedy(reference, engine, tokenizer, prompts, args.steps, tolerance)
+    finally:
+        engine.close()
+
+    for check in checks:
+        print(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<16} {check.detail}")
+    failed = [check.name for check in checks if not check.passed]
+    print(f"verify: {'FAILED: ' + ', '.join(failed) if failed else 'passed'} (tolerance {tolerance:g} for "
+          f"{str(dtype).removeprefix('torch.')})")
+    return 1 if failed else 0
+
+
+def upcast(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """float32 copies, keeping tied tensors tied."""
+    copies: dict[int, Tensor] = {}
+    return {name: copies.setdefault(id(t), t.float()) for name, t in state_dict.items()}
+
+
+@torch.inference_mode()
+def compare_prefill(config: ModelConfig, reference: ReferenceModel, fast: FastModel, prompts: list[list[int]],
+                    tolerance: float) -> list[Check]:
+    """Per-layer hidden states and all-position logits of each prompt, one prompt at a time."""
+    num_states = config.num_hidden_layers + 1
+    state_errors = [(0.0, 0.0)] * num_states
+    logit_errors = (0.0, 0.0)
+    agree = positions = 0
+    worst_gap = 0.0
+    for ids in prompts:
+        input_ids = torch.tensor([ids], device=fast.device)
+        expected_states = [s[0] for s in reference.hidden_states(input_ids)]  # each [T, hidden]
+        actual_states = fast.prefill_hidden_states(single_prompt_inputs(ids, fast.device), scratch_cache(fast, ids))
+        for i, (a, e) in enumerate(zip(actual_states, expected_states, strict=True)):
+            state_errors[i] = max(state_errors[i], relative_error(a, e), key=lambda x: x[1])
+        expected_logits = torch.nn.functional.linear(expected_states[-1], reference.embed_out)  # [T, vocab]
+        actual_logits = fast.ops.linear(actual_states[-1], fast.embed_out).float()
+        logit_errors = max(logit_errors, relative_error(actual_logits, expected_logits), key=lambda x: x[1])
+        chosen = actual_logits.argmax(-1)
+        agree += int((chosen == expected_logits.argmax(-1)).sum())
+        positions += len(ids)
+        gap = expected_logits.max(-1).values - expected_logits.gather(1, chosen[:, None])[:, 0]  # >= 0
+        worst_gap = max(worst_gap, gap.max().item() / max(expected_logits.abs().max().item(), 1e-30))
+
+    labels = ["embedding"] + [f"layer {i} out" for i in range(config.num_hidden_layers - 1)] + ["final norm"]
+    checks = [Check(label, f"max |err| {err:.3e}  rel {rel:.3e}", rel <= tolerance)
+              for label, (err, rel) in zip(labels, state_errors, strict=True)]
+    checks.append(Check("logits", f"max |err| {logit_errors[0]:.3e}  rel {logit_errors[1]:.3e}",
+                        logit_errors[1] <= tolerance))
+    detail = f"{agree}/{positions} positions agree ({100 * agree / positions:.2f}%)"
+    if agree < positions:
+        detail += f"; the widest reference gap at a disagreement is {worst_gap:.2e} (relative)"
+    checks.append(Check("top-1", detail, worst_gap <= tolerance))
+    return checks
+
+
+def single_prompt_inputs(ids: list[int], device: torch.device) -> PrefillInputs:
+    n = len(ids)
+    num_blocks = -(-n // VERIFY_BLOCK_SIZE)
+    return PrefillInputs(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.arange(n, dtype=torch.int32, device=device),
+        cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=device),
+        context_lens=torch.tensor([n], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        last_token_rows=torch.tensor([n - 1], dtype=torch.int64, device=device),
+    )
+
+
+def scratch_cache(fast: FastModel, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
+    cfg = fast.config
+    shape = (-(-len(ids) // VERIFY_BLOCK_SIZE), VERIFY_BLOCK_SIZE, cfg.num_attention_heads, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=fast.dtype, device=fast.device),
+             torch.zeros(shape, dtype=fast.dtype, device=fast.device)) for _ in range(cfg.num_hidden_layers)]
+
+
+def compare_greedy(reference: ReferenceModel, engine: PagedEngine, tokenizer: Tokenizer, prompts: list[list[int]],
+                   steps: int, tolerance: float) -> list[Check]:
+    params = [SamplingParams(max_new_tokens=steps, ignore_eos=True)] * len(prompts)
+    expected: dict[int, list[int]] = {}
+    for index, _, out in reference_generate(reference, tokenizer, prompts, params):
+        if out is not None:
+            expected[index] = out.token_ids
+    actual = [out.token_ids for out in engine.generate(prompts, params)]
+    checks = []
+    for i, (prompt, got) in enumerate(zip(prompts, actual, strict=True)):
+        want = expected[i]
+        same = next((k for k, (a, e) in enumerate(zip(got, want, strict=True)) if a != e), steps)
+        if same == steps:
+            checks.append(Check(f"greedy {i}", f"{steps}/{steps} tokens identical", True))
+            continue
+        with torch.inference_mode():  # how close the reference found the two tokens at the divergence
+            logits = reference(torch.tensor([prompt + want[:same]], device=reference.device),
+                               last_token_only=True)[0, 0]
+        gap = (logits[want[same]] - logits[got[same]]).item() / logits.abs().max().item()
+        checks.append(Check(f"greedy {i}", f"first {same}/{steps} tokens identical, then {got[same]} for "
+                                           f"{want[same]} at a reference gap of {gap:.2e} (relative)",
+                            gap <= tolerance))
+    return checks

@@ -1,0 +1,50 @@
+"""`hayabusa verify` on a written random checkpoint: passes when the paths agree, fails when they do not."""
+
+import argparse
+import dataclasses
+
+import pytest
+import torch
+
+from hayabusa.engine import verify
+from hayabusa.engine.checkpoint_writer import write_random_checkpoint
+from hayabusa.engine.config import PRESETS
+from hayabusa.engine.fast_model import OpSet
+
+ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    config = PRESETS["tiny"].with_overrides(max_position_embeddings=64)
+    return write_random_checkpoint(tmp_path_factory.mktemp("tiny"), config, dtype=torch.float32, seed=3)
+
+
+def test_matching_paths_pass(model_dir, capsys) -> None:
+    status = verify.run(argparse.Namespace(model=str(model_dir), **ARGS))
+    report = capsys.readouterr().out
+    assert status == 0, report
+    assert "ok   layer 0 out" in report and "ok   final norm" in report and "ok   logits" in report
+    assert "4/4 tokens identical" in report and "verify: passed" in report
+
+
+def with_wrong_layer_norm(ops: OpSet) -> OpSet:
+    def layer_norm(x, weight, bias, eps, **kwargs):  # eps 1e-1 instead of 1e-5: a small but real error
+        return ops.layer_norm(x, weight, bias, 1e-1, **kwargs)
+
+    return dataclasses.replace(ops, layer_norm=layer_norm)
+
+
+def test_a_wrong_kernel_fails_with_a_nonzero_status(model_dir, capsys, monkeypatch) -> None:
+    load_ops = verify.load_ops
+    monkeypatch.setattr(verify, "load_ops", lambda name: with_wrong_layer_norm(load_ops(name)))
+    status = verify.run(argparse.Namespace(model=str(model_dir), **ARGS))
+    report = capsys.readouterr().out
+    assert status == 1
+    assert "ok   embedding" in report  # the embedding is no layer norm's business
+    assert "FAIL layer 0 out" in report and "FAIL logits" in report and "verify: FAILED" in report
+
+
+def test_too_many_steps_for_the_context_is_refused(model_dir) -> None:
+    with pytest.raises(ValueError, match="max_position_embeddings 64"):
+        verify.run(argparse.Namespace(model=str(model_dir), **{**ARGS, "steps": 60}))
