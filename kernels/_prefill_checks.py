@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 from torch import Tensor
@@ -80,7 +82,39 @@ def check_prefill_arguments(
     if cos.shape[1] != rotary_dims // 2 or sin.shape != cos.shape:
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be "
                          f"[max_positions, rotary_dims // 2 = {rotary_dims // 2}]")
-    return _check_indices(positions, cu_seqlens, context_lens, block_tables, num_blocks, page_size, cos.shape[0])
+    return _check_indices_once(positions, cu_seqlens, context_lens, block_tables, num_blocks, page_size, cos.shape[0])
+
+
+@dataclass
+class _CheckedIndices:
+    tensors: tuple[Tensor, ...]  # kept alive, so no other tensor can later sit at the same object identity
+    versions: tuple[int, ...]  # autograd version counters: any in-place write bumps them
+    limits: tuple[int, int, int]  # num_blocks, block_size, max_positions
+    max_new_tokens: int
+
+
+_last_checked: _CheckedIndices | None = None
+
+
+def _check_indices_once(positions: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor,
+                        num_blocks: int, page_size: int, max_positions: int) -> int:
+    """`_check_indices`, skipped when the same unmodified index tensors were checked against the same limits.
+
+    A forward pass hands one step's index tensors to every layer: they reach the host (a device sync) once per
+    step, not once per layer.
+    """
+    global _last_checked
+    tensors = (positions, cu_seqlens, context_lens, block_tables)
+    versions = tuple(t._version for t in tensors)
+    limits = (num_blocks, page_size, max_positions)
+    last = _last_checked
+    if last is not None and last.limits == limits and last.versions == versions \
+            and all(seen is tensor for seen, tensor in zip(last.tensors, tensors, strict=True)):
+        return last.max_new_tokens
+    max_new_tokens = _check_indices(positions, cu_seqlens, context_lens, block_tables,
+                                    num_blocks, page_size, max_positions)
+    _last_checked = _CheckedIndices(tensors, versions, limits, max_new_tokens)
+    return max_new_tokens
 
 
 def _check_indices(positions: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor,

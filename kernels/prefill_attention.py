@@ -247,7 +247,8 @@ def prefill_attention(
     qkv [T, 3*H*D] (per head [q|k|v]); positions int32/int64 [T]; cu_seqlens int32 [S+1]; context_lens int32 [S];
     block_tables int32 [S, max_blocks_per_seq]; k_cache, v_cache [num_blocks, block_size, H, D];
     cos, sin float32 [max_positions, rotary_dims // 2]. Writes the rotated k and the v of the new tokens into the
-    cache first. Checks every argument (one host sync for the index tensors) and raises ValueError before launch.
+    cache first. Checks every argument and raises ValueError before launch; the index tensors are copied to the
+    host for that (one sync) only the first time the same unmodified tensors are seen, i.e. once per step.
     """
     max_new_tokens = check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables,
                                              k_cache, v_cache, cos, sin, rotary_dims)

@@ -281,3 +281,20 @@ def test_attention_scale_is_one_over_sqrt_head_dim():
     weight1 = math.e / (1 + math.e)
     assert_close(out[1, :2].cpu(), torch.tensor([1 - weight1, weight1]), torch.float32, name="second query")
     assert_close(out[0, :2].cpu(), torch.tensor([1.0, 0.0]), torch.float32, name="first query (causal)")
+
+
+def test_index_checks_run_once_per_set_of_index_tensors(monkeypatch):
+    """Layers after the first reuse the check of the same index tensors; an in-place change is checked again."""
+    import hayabusa.kernels._prefill_checks as checks
+
+    calls = []
+    check_indices = checks._check_indices
+    monkeypatch.setattr(checks, "_check_indices", lambda *args: calls.append(1) or check_indices(*args))
+    case = make_case([(9, 9), (4, 21)], num_heads=1)
+    for _ in range(3):  # three "layers"
+        prefill_attention_ref(*case.args())
+    assert len(calls) == 1
+    case.block_tables[1, 0] = 10_000  # in place: the version counter moves, so the tensors are checked again
+    with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = 10000"):
+        prefill_attention_ref(*case.args())
+    assert len(calls) == 2
