@@ -132,6 +132,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     panels = [("decode", "batch", "ms_per_token", "decode latency", "ms / token"),
               ("decode", "batch", "tokens_per_s", "decode throughput vs concurrency", "tokens / s"),
@@ -147,8 +148,11 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("sequences decoded together" if x_key == "batch" else "prompt tokens")
         ax.set_ylabel(y_label)
         if rows:
+            ticks = sorted({r[x_key] for r in rows})
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.yaxis.set_major_formatter(ScalarFormatter())
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)

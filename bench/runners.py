@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +25,12 @@ class EngineUnavailable(RuntimeError):
 
 class ForcedLengthError(RuntimeError):
     """An engine stopped early or ran long: its timing would not be comparable."""
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    computed_tokens: int  # tokens the engine generated: more than requested when a static batch runs to its longest
+    decode_s: float | None  # one batch: wall time from its first generated token to its last (None: several batches)
 
 
 class BenchRunner(ABC):
@@ -40,9 +48,8 @@ class BenchRunner(ABC):
         """Drop the model and give its device memory back."""
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> int:
-        """Greedy-generate gen_lens[i] tokens after prompts[i]; return how many tokens the engine computed
-        (more than sum(gen_lens) when an engine must run a whole batch to its longest request)."""
+    def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
+        """Greedy-generate exactly gen_lens[i] tokens after prompts[i]."""
 
     def _free(self) -> None:
         gc.collect()
@@ -50,12 +57,21 @@ class BenchRunner(ABC):
             torch.cuda.empty_cache()
 
 
-class HayabusaRunner(BenchRunner):
-    """hayabusa's Engine with the Triton backend ("hayabusa") or the plain-PyTorch one ("hayabusa-reference")."""
+def static_batches(count: int, static_batch: int | None) -> list[slice]:
+    """Consecutive slices of at most static_batch requests (one slice of all when None)."""
+    size = static_batch or count
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
-    def __init__(self, name: str, backend: str, model_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
+
+class HayabusaRunner(BenchRunner):
+    """hayabusa's Engine with the Triton backend ("hayabusa": paged KV cache, its scheduler batches all requests
+    continuously) or the plain-PyTorch one ("hayabusa-reference": one contiguous batch per generate call, so it
+    gets requests in static batches like transformers does)."""
+
+    def __init__(self, name: str, backend: str, model_dir: Path, dtype: torch.dtype, device: torch.device,
+                 static_batch: int | None) -> None:
         super().__init__(model_dir, dtype, device)
-        self.name, self.backend = name, backend
+        self.name, self.backend, self.static_batch = name, backend, static_batch
         try:
             from hayabusa.engine.api import Engine
             from hayabusa.engine.sampling import SamplingParams
@@ -74,14 +90,23 @@ class HayabusaRunner(BenchRunner):
         self.engine = None
         self._free()
 
-    def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> int:
+    def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
         params = [self._params_cls(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in gen_lens]
-        outputs = self.engine.generate(prompts, sampling_params=params)
+        batches = static_batches(len(prompts), self.static_batch)
+        outputs = []
+        for batch in batches:
+            outputs += self.engine.generate(prompts[batch], sampling_params=params[batch])
         for i, (out, wanted) in enumerate(zip(outputs, gen_lens, strict=True)):
             if len(out.token_ids) != wanted:
                 raise ForcedLengthError(f"{self.name}: request {i} returned {len(out.token_ids)} tokens, "
                                         f"asked for exactly {wanted} (ignore_eos=True)")
-        return sum(gen_lens)
+        # The engine stamps each request's first and last token on the host, after the token reached it.
+        decode_s = (sum(o.timings.total_s - o.timings.time_to_first_token_s for o in outputs) / len(outputs)
+                    if len(batches) == 1 else None)
+        if self.static_batch is None:  # paged: each request stops at its own length
+            return GenerateResult(sum(gen_lens), decode_s)
+        # a contiguous batch steps until its longest request is done
+        return GenerateResult(sum((b.stop - b.start) * max(gen_lens[b]) for b in batches), decode_s)
 
 
 class TransformersRunner(BenchRunner):
@@ -97,6 +122,7 @@ class TransformersRunner(BenchRunner):
             raise EngineUnavailable(f"transformers is not installed ({err}); pip install 'hayabusa[test]'") from None
         self._transformers = transformers
         transformers.utils.logging.disable_progress_bar()  # its per-load bars would break the suite's own
+        transformers.utils.logging.set_verbosity_error()  # e.g. its note on each load that embeddings stay untied
         self.model = None
         if compiled:
             # Every (batch, cache length) is a new static shape; the default limit of 8 recompiles would make
@@ -131,20 +157,23 @@ class TransformersRunner(BenchRunner):
         return config
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> int:
-        computed = 0
-        # Static batching, in submission order: each chunk runs until its longest request is done.
-        for start in range(0, len(prompts), self.static_batch):
-            chunk = prompts[start:start + self.static_batch]
-            gen_len = max(gen_lens[start:start + self.static_batch])
+    def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
+        computed, decode_s = 0, 0.0
+        # Static batching, in submission order: each batch runs until its longest request is done.
+        batches = static_batches(len(prompts), self.static_batch)
+        for batch in batches:
+            chunk, gen_len = prompts[batch], max(gen_lens[batch])
             input_ids, attention_mask = self._left_padded(chunk)
+            first_token = FirstTokenClock(self.device)
             out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=self._generation_config(gen_len))
+                                      generation_config=self._generation_config(gen_len),
+                                      logits_processor=[first_token])
             if out.shape != (len(chunk), input_ids.shape[1] + gen_len):
                 raise ForcedLengthError(f"{self.name}: generate returned shape {tuple(out.shape)}, expected "
                                         f"{(len(chunk), input_ids.shape[1] + gen_len)}")
+            decode_s += first_token.seconds_since()
             computed += len(chunk) * gen_len
-        return computed
+        return GenerateResult(computed, decode_s if len(batches) == 1 else None)
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask: [batch, longest prompt], padding on the left as decoder-only generate needs."""
@@ -157,6 +186,32 @@ class TransformersRunner(BenchRunner):
         return input_ids.to(self.device), attention_mask.to(self.device)
 
 
+class FirstTokenClock:
+    """A logits processor that only notes when generate() first calls it: the prefill is done and the first
+    token is about to be chosen. One device synchronize per generate call, none per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.at: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.at is None:
+            self._sync()
+            self.at = time.perf_counter()
+        return scores
+
+    def seconds_since(self) -> float:
+        """Seconds from the first call to now, device work included."""
+        if self.at is None:
+            raise RuntimeError("generate() never called its logits processors")
+        self._sync()
+        return time.perf_counter() - self.at
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.device, static_batch: int,
                 explicitly_requested: bool) -> BenchRunner:
     """The runner for engine `name`, or EngineUnavailable with the reason it is skipped on this device."""
@@ -165,9 +220,9 @@ def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.de
         if not on_gpu and not explicitly_requested:
             raise EngineUnavailable("the Triton backend needs a CUDA GPU; on a CPU Triton runs in its interpreter, "
                                     "which checks correctness, not speed (pass --engines hayabusa to force it)")
-        return HayabusaRunner(name, "triton", model_dir, dtype, device)
+        return HayabusaRunner(name, "triton", model_dir, dtype, device, static_batch=None)
     if name == "hayabusa-reference":
-        return HayabusaRunner(name, "reference", model_dir, dtype, device)
+        return HayabusaRunner(name, "reference", model_dir, dtype, device, static_batch)
     if name == "transformers-eager":
         return TransformersRunner(name, False, model_dir, dtype, device, static_batch)
     if name == "transformers-compile":

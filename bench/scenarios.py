@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from hayabusa.bench import roofline
 from hayabusa.bench.records import BenchRecord
-from hayabusa.bench.runners import BenchRunner
+from hayabusa.bench.runners import BenchRunner, GenerateResult
 from hayabusa.bench.timing import median, time_ms, time_once_ms
 from hayabusa.bench.workloads import SuiteSizes, mixed_lengths, random_prompts
 from hayabusa.engine.config import ModelConfig
@@ -34,38 +34,24 @@ def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
 
 def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, device_roofline: roofline.DeviceRoofline,
                batch: int) -> BenchRecord:
-    """ms per decode step with `batch` sequences: (time for gen_len tokens - time for the first) / (gen_len - 1),
-    both timed back to back in each repeat so the prefill cancels out."""
+    """ms per decode step with `batch` sequences decoded together: in each timed run of gen_len tokens, the time
+    from the first generated token to the last, over gen_len - 1 steps (the prefill is not in it)."""
     prompt_len, gen_len = sizes.decode_prompt_len, sizes.decode_gen_len
     prompts = random_prompts([prompt_len] * batch, seed=1000 + batch)
-
-    def first_token() -> None:
-        runner.generate(prompts, [1] * batch)
-
-    def all_tokens() -> None:
-        runner.generate(prompts, [gen_len] * batch)
-
-    warmup_ms = None
-    for _ in range(sizes.warmup):
-        first_token()
-        warmup_ms = time_once_ms(all_tokens, runner.device)
-    first_samples, full_samples = [], []
-    for _ in range(sizes.repeats):
-        first_samples.append(time_once_ms(first_token, runner.device))
-        full_samples.append(time_once_ms(all_tokens, runner.device))
-    step_samples = [(full - first) / (gen_len - 1) for full, first in zip(full_samples, first_samples, strict=True)]
+    results: list[GenerateResult] = []
+    timing = time_ms(lambda: results.append(runner.generate(prompts, [gen_len] * batch)), runner.device,
+                     sizes.repeats, sizes.warmup)
+    if any(r.decode_s is None for r in results):
+        raise RuntimeError(f"{runner.name} split a decode batch of {batch}; its decode time is not one batch's")
+    step_samples = [r.decode_s * 1e3 / (gen_len - 1) for r in results[sizes.warmup:]]
     ms_per_token = median(step_samples)
-    if ms_per_token <= 0:
-        raise RuntimeError(f"{runner.name} decode batch {batch}: timing noise exceeds the decode time (all tokens "
-                           f"{full_samples} ms, first token {first_samples} ms); use a longer gen length")
     step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, roofline.dtype_bytes(runner.dtype))
     floor_ms = device_roofline.decode_floor_ms(step_bytes)
     return BenchRecord(
-        runner.name, "decode", f"batch{batch}", batch, prompt_len, gen_len, ms_per_token, median(full_samples),
+        runner.name, "decode", f"batch{batch}", batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),
         batch * 1e3 / ms_per_token, roofline.pct_of_floor(floor_ms, ms_per_token), "bandwidth", sizes.repeats,
-        full_samples, warmup_ms,
-        {"first_token_samples_ms": first_samples, "step_samples_ms": step_samples, "bytes_per_step": step_bytes,
-         "floor_ms_per_step": floor_ms},
+        timing.samples_ms, timing.warmup_ms,
+        {"step_samples_ms": step_samples, "bytes_per_step": step_bytes, "floor_ms_per_step": floor_ms},
     )
 
 
@@ -96,8 +82,8 @@ def run_throughput(runner: BenchRunner, sizes: SuiteSizes, case: str, prompts: l
                    gen_lens: list[int]) -> BenchRecord:
     """Offline: all requests submitted at once, wall time until the last token. tokens_per_s counts the
     requested generated tokens; extra.computed_tokens shows what static batching spent beyond them."""
-    computed_tokens: list[int] = []
-    timing = time_ms(lambda: computed_tokens.append(runner.generate(prompts, gen_lens)), runner.device,
+    results: list[GenerateResult] = []
+    timing = time_ms(lambda: results.append(runner.generate(prompts, gen_lens)), runner.device,
                      sizes.repeats, sizes.warmup)
     ms = median(timing.samples_ms)
     generated, prompt_tokens = sum(gen_lens), sum(len(p) for p in prompts)
@@ -105,7 +91,7 @@ def run_throughput(runner: BenchRunner, sizes: SuiteSizes, case: str, prompts: l
         runner.name, "throughput", case, len(prompts), round(prompt_tokens / len(prompts)),
         round(generated / len(prompts)), None, ms, generated * 1e3 / ms, None, None, sizes.repeats,
         timing.samples_ms, timing.warmup_ms,
-        {"prompt_tokens": prompt_tokens, "generated_tokens": generated, "computed_tokens": computed_tokens[-1],
+        {"prompt_tokens": prompt_tokens, "generated_tokens": generated, "computed_tokens": results[-1].computed_tokens,
          "prompt_len_range": [min(map(len, prompts)), max(map(len, prompts))],
          "gen_len_range": [min(gen_lens), max(gen_lens)], "static_batch": getattr(runner, "static_batch", None),
          "total_tokens_per_s": (generated + prompt_tokens) * 1e3 / ms},

@@ -23,7 +23,7 @@ class SuiteSizes:
     throughput_gen_len: int
     mixed_prompt_lens: tuple[int, int]  # inclusive range, drawn uniformly per request
     mixed_gen_lens: tuple[int, int]
-    static_batch: int  # most requests transformers' generate() gets at once in the throughput scenario
+    static_batch: int  # most requests a static-batching engine (transformers, reference) gets per generate call
     tokenizer_chars: int
     repeats: int
     warmup: int
@@ -39,21 +39,21 @@ SIZES: dict[str, SuiteSizes] = {
     "full": SuiteSizes(
         name="full", decode_batches=(1, 8, 32, 128), decode_prompt_len=128, decode_gen_len=128,
         prefill_prompt_lens=(128, 512, 2048), throughput_requests=256, throughput_prompt_len=128,
-        throughput_gen_len=128, mixed_prompt_lens=(16, 1024), mixed_gen_lens=(16, 256), static_batch=128,
+        throughput_gen_len=128, mixed_prompt_lens=(16, 512), mixed_gen_lens=(16, 256), static_batch=128,
         tokenizer_chars=200_000, repeats=5, warmup=1, roofline_copy_bytes=1 << 30, roofline_matmul_size=8192,
     ),
     # Scaled down so the whole suite runs in a few minutes on a 2-core CPU with the tiny preset.
     "cpu": SuiteSizes(
         name="cpu", decode_batches=(1, 8, 32), decode_prompt_len=64, decode_gen_len=16,
         prefill_prompt_lens=(64, 128, 256), throughput_requests=32, throughput_prompt_len=64,
-        throughput_gen_len=16, mixed_prompt_lens=(8, 128), mixed_gen_lens=(4, 32), static_batch=32,
+        throughput_gen_len=16, mixed_prompt_lens=(8, 96), mixed_gen_lens=(4, 24), static_batch=32,
         tokenizer_chars=20_000, repeats=3, warmup=1, roofline_copy_bytes=128 << 20, roofline_matmul_size=1024,
     ),
     # Smallest sizes that still exercise every code path: for tests and a quick look.
     "smoke": SuiteSizes(
         name="smoke", decode_batches=(1, 4), decode_prompt_len=16, decode_gen_len=4,
-        prefill_prompt_lens=(16, 32), throughput_requests=6, throughput_prompt_len=16,
-        throughput_gen_len=4, mixed_prompt_lens=(4, 24), mixed_gen_lens=(2, 6), static_batch=4,
+        prefill_prompt_lens=(16, 32), throughput_requests=4, throughput_prompt_len=16,
+        throughput_gen_len=4, mixed_prompt_lens=(4, 24), mixed_gen_lens=(2, 5), static_batch=4,
         tokenizer_chars=2_000, repeats=1, warmup=1, roofline_copy_bytes=8 << 20, roofline_matmul_size=256,
     ),
 }
@@ -94,5 +94,8 @@ def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
                 f"--sizes {sizes.name}: {what} needs prompt {prompt_len} + generated {gen_len} tokens, more than "
                 f"the model's max_position_embeddings {max_positions}; use smaller --sizes"
             )
+    if max(sizes.decode_batches) > sizes.static_batch:
+        raise ValueError(f"--sizes {sizes.name}: decode batch {max(sizes.decode_batches)} exceeds static_batch "
+                         f"{sizes.static_batch}, so it would not be decoded as one batch")
     if sizes.decode_gen_len < 2:
         raise ValueError(f"--sizes {sizes.name}: decode_gen_len must be >= 2 to time a decode step")

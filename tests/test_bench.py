@@ -1,15 +1,21 @@
 """The benchmark suite: roofline arithmetic, workloads, and `hayabusa bench` end to end on the tiny preset (CPU)."""
 
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from hayabusa.bench import roofline
+from hayabusa.bench import cli, report, roofline, scenarios
+from hayabusa.bench.records import ENGINES, RECORD_KEYS, SCENARIOS, BenchRecord
+from hayabusa.bench.runners import BenchRunner, GenerateResult, static_batches
 from hayabusa.bench.timing import median
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, random_prompts
 from hayabusa.engine.config import PRESETS
 
 BIG = PRESETS["2.7b"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_decode_weight_bytes_of_the_27b_shape_in_fp16():
@@ -100,3 +106,144 @@ def test_cpu_sizes_fit_the_tiny_preset_and_full_sizes_fit_27b():
     check_sizes_fit(SIZES["full"], BIG.max_position_embeddings)
     with pytest.raises(ValueError, match="max_position_embeddings 64"):
         check_sizes_fit(SIZES["cpu"], 64)
+
+
+class FakeRunner(BenchRunner):
+    """Records what it was asked to generate; its decode takes 3 ms per step after the first token."""
+
+    name = "hayabusa-reference"
+
+    def __init__(self) -> None:
+        super().__init__(Path("."), torch.float16, torch.device("cpu"))
+        self.calls: list[tuple[list[list[int]], list[int]]] = []
+
+    def load(self) -> None:
+        pass
+
+    def unload(self) -> None:
+        pass
+
+    def generate(self, prompts, gen_lens):
+        self.calls.append((prompts, gen_lens))
+        return GenerateResult(sum(gen_lens), decode_s=0.003 * (max(gen_lens) - 1))
+
+
+def test_decode_figure_is_the_time_per_step_after_the_first_token_against_the_bandwidth_floor():
+    runner = FakeRunner()
+    sizes = SIZES["smoke"]  # prompt 16, 4 tokens
+    device = roofline.DeviceRoofline("cpu", "float16", 1e9, 1e12, 1, 1)
+    record = scenarios.run_decode(runner, sizes, PRESETS["tiny"], device, batch=4)
+    assert record.ms_per_token == pytest.approx(3.0)
+    assert record.tokens_per_s == pytest.approx(4 * 1000 / 3.0)
+    floor = device.decode_floor_ms(roofline.mean_decode_step_bytes(PRESETS["tiny"], 4, 16, 4, 2))
+    assert record.pct_roofline == pytest.approx(100 * floor / 3.0)
+    assert len(record.samples_ms) == sizes.repeats and len(runner.calls) == sizes.warmup + sizes.repeats
+    # every call got the same 4 prompts of 16 tokens and asked for exactly 4 tokens each
+    assert {len(p) for prompts, _ in runner.calls for p in prompts} == {16}
+    assert {tuple(g) for _, g in runner.calls} == {(4,) * 4}
+    assert len({tuple(map(tuple, prompts)) for prompts, _ in runner.calls}) == 1
+
+
+def test_static_batches_cover_every_request_once():
+    assert static_batches(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert static_batches(3, None) == [slice(0, 3)]
+
+
+def test_cli_rejects_bad_options_without_a_traceback(capsys, tmp_path):
+    assert cli.main(["--model", "tiny", "--out", str(tmp_path), "--scenarios", "decode,warp"]) == 2
+    assert "unknown 'warp'" in capsys.readouterr().err
+    assert cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["--model", "tiny", "--out", str(tmp_path), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def _synthetic_results(records):
+    return {"created": "2026-01-01T00:00:00+00:00", "device": "test device", "driver": None, "commit": "abc",
+            "dtype": "float16", "versions": {"torch": "x", "triton": "y", "transformers": "z"},
+            "model": {"source": "2.7b", "preset": "2.7b", "random_weights": True},
+            "sizes": dict(SIZES["smoke"].as_dict()),
+            "roofline": {"copy_gb_per_s": 3000.0, "matmul_tflops": 700.0, "dtype": "float16", "matmul_size": 8192},
+            "skipped": [{"engine": "transformers-compile", "scenario": "all", "reason": "because"}],
+            "errors": [], "records": records}
+
+
+def _decode_record(engine, batch, ms_per_token):
+    return BenchRecord(engine, "decode", f"batch{batch}", batch, 128, 128, ms_per_token, 100.0,
+                       batch * 1e3 / ms_per_token, 50.0, "bandwidth", 1, [100.0], None).as_dict()
+
+
+def test_markdown_table_compares_each_engine_with_transformers_eager(tmp_path):
+    results = _synthetic_results([_decode_record("transformers-eager", 1, 20.0), _decode_record("hayabusa", 1, 4.0),
+                                  _decode_record("hayabusa", 8, 5.0)])
+    text = report.markdown_report(results)
+    assert "| engine | batch | ms / token | tokens / s | % of bandwidth floor | vs eager |" in text
+    assert "| hayabusa | 1 | 4.00 | 250.0 | 50.0 | 5.00x |" in text
+    assert "| transformers-eager | 1 | 20.00 | 50.0 | 50.0 | 1.00x |" in text
+    assert "| hayabusa | 8 | 5.00 | 1,600 | 50.0 | – |" in text  # no baseline at batch 8
+    assert "`transformers-compile` (all): because" in text
+    report.write_plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """`hayabusa bench` on the tiny preset, CPU, smoke sizes, default engines (a preset checkpoint written fresh)."""
+    out = tmp_path_factory.mktemp("bench-out")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HAYABUSA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        rc = cli.main(["--model", "tiny", "--out", str(out), "--device", "cpu", "--sizes", "smoke"])
+    return rc, out
+
+
+def test_cpu_run_writes_the_json_schema(cpu_run):
+    rc, out = cpu_run
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert results["errors"] == [] and rc == 0
+    assert results["device_type"] == "cpu" and results["device"]
+    assert results["commit"] is None or len(results["commit"]) >= 40
+    assert results["versions"]["torch"] == torch.__version__ and "triton" in results["versions"]
+    assert results["model"]["preset"] == "tiny" and results["sizes"]["name"] == "smoke"
+    assert results["roofline"]["copy_gb_per_s"] > 0 and results["roofline"]["matmul_tflops"] > 0
+    # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason
+    assert {s["engine"] for s in results["skipped"]} == {"hayabusa", "transformers-compile"}
+    assert all(s["reason"] for s in results["skipped"])
+    records = results["records"]
+    for record in records:
+        assert set(RECORD_KEYS) <= set(record), record
+        assert record["engine"] in ENGINES and record["scenario"] in SCENARIOS
+        assert len(record["samples_ms"]) == record["repeats"] and all(t > 0 for t in record["samples_ms"])
+    for engine in ("hayabusa-reference", "transformers-eager"):
+        mine = [r for r in records if r["engine"] == engine]
+        decode = sorted((r for r in mine if r["scenario"] == "decode"), key=lambda r: r["batch"])
+        assert [r["batch"] for r in decode] == list(SIZES["smoke"].decode_batches)
+        for r in decode:
+            assert r["prompt_len"] == SIZES["smoke"].decode_prompt_len and r["gen_len"] == SIZES["smoke"].decode_gen_len
+            assert r["ms_per_token"] > 0 and r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_token"])
+            assert 0 < r["pct_roofline"] < 100 and r["roofline_basis"] == "bandwidth"
+        prefill = [r for r in mine if r["scenario"] == "prefill"]
+        assert [r["prompt_len"] for r in prefill] == list(SIZES["smoke"].prefill_prompt_lens)
+        assert all(r["ms"] > 0 and 0 < r["pct_roofline"] < 100 for r in prefill)
+        throughput = {r["case"]: r for r in mine if r["scenario"] == "throughput"}
+        assert set(throughput) == {"uniform", "mixed"}
+        assert all(r["batch"] == SIZES["smoke"].throughput_requests and r["tokens_per_s"] > 0
+                   for r in throughput.values())
+        assert [r["ms"] > 0 for r in mine if r["scenario"] == "load"] == [True]
+    tokenizer = {(r["engine"], r["case"]): r for r in records if r["scenario"] == "tokenizer"}
+    assert set(tokenizer) == {(e, c) for e in ("hayabusa", "transformers-eager") for c in ("encode", "decode")}
+    # both tokenizers split the same text into the same number of tokens
+    encoded = tokenizer["hayabusa", "encode"], tokenizer["transformers-eager", "encode"]
+    assert encoded[0]["extra"]["tokens"] == encoded[1]["extra"]["tokens"]
+
+
+def test_cpu_run_writes_the_markdown_table_and_the_png(cpu_run):
+    _, out = cpu_run
+    text = (out / "results.md").read_text(encoding="utf-8")
+    assert "| engine | batch | ms / token | tokens / s | % of bandwidth floor | vs eager |" in text
+    for engine in ("hayabusa-reference", "transformers-eager"):
+        assert text.count(f"| {engine} | ") >= len(SIZES["smoke"].decode_batches)
+    assert "## Prefill" in text and "## Offline throughput" in text and "## Tokenizer" in text
+    assert "`hayabusa` (all):" in text
+    png = (out / "results.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
