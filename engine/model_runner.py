@@ -12,6 +12,8 @@ position -1, which the decode kernel skips (no cache write, zero output).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -62,7 +64,8 @@ class ModelRunner:
                           for _ in range(self.config.num_hidden_layers)]
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if use_cuda_graphs and self.device.type == "cuda":
-            self._capture_decode_graphs()
+            with torch.cuda.device(self.device):
+                self._capture_decode_graphs()
 
     def _blocks_that_fit(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         block_bytes = kv_block_bytes(self.config, self.block_size, self.model.dtype)
@@ -126,9 +129,14 @@ class ModelRunner:
 
     # ---- running ---------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: prefill_attention memoizes its index checks by tensor version counter
     def run(self, seqs: list[Sequence], is_prefill: bool) -> Tensor:
         """Logits for the next token of each sequence: float32 [len(seqs), vocab]."""
+        # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return self._run(seqs, is_prefill)
+
+    def _run(self, seqs: list[Sequence], is_prefill: bool) -> Tensor:
         if is_prefill:
             return self.model.prefill(self.prepare_prefill(seqs), self.kv_caches).float()
         inputs = self.prepare_decode(seqs)
@@ -148,7 +156,7 @@ class ModelRunner:
         graph.replay()
         return logits[:n].float()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _capture_decode_graphs(self) -> None:
         """One graph per batch size, largest first so the smaller ones reuse its memory pool."""
         max_bs = self.max_num_seqs

@@ -118,7 +118,7 @@ def upcast(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: copies.setdefault(id(t), t.float()) for name, t in state_dict.items()}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def compare_prefill(config: ModelConfig, reference: ReferenceModel, fast: FastModel, prompts: list[list[int]],
                     tolerance: float) -> list[Check]:
     """Per-layer hidden states and all-position logits of each prompt, one prompt at a time."""
@@ -189,7 +189,7 @@ def compare_greedy(reference: ReferenceModel, engine: PagedEngine, tokenizer: To
         if same == steps:
             checks.append(Check(f"greedy {i}", f"{steps}/{steps} tokens identical", True))
             continue
-        with torch.inference_mode():  # how close the reference found the two tokens at the divergence
+        with torch.no_grad():  # how close the reference found the two tokens at the divergence
             logits = reference(torch.tensor([prompt + want[:same]], device=reference.device),
                                last_token_only=True)[0, 0]
         gap = (logits[want[same]] - logits[got[same]]).item() / logits.abs().max().item()
