@@ -40,7 +40,7 @@ MIXED_TEXT = st.one_of(URL_TEXT, EMAIL_TEXT, TEL_TEXT, DATE_TEXT, PRICE_TEXT, BL
 @pytest.mark.parametrize("strategy", [URL_TEXT, EMAIL_TEXT, TEL_TEXT, DATE_TEXT, PRICE_TEXT, BLOCK_TEXT, MIXED_TEXT],
                          ids=["url", "email", "tel", "date", "price", "block", "mixed"])
 def test_clean_text_matches_transformers(oracle_clean_text, strategy):
-    @settings(max_examples=200, deadline=None)
+    @settings(max_examples=250, deadline=None)
     @given(text=strategy)
     def check(text):
         assert clean_text(text) == oracle_clean_text(text)

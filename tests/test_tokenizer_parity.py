@@ -148,13 +148,13 @@ def _fragments():
 TEXTS = st.lists(_fragments(), max_size=24).map("".join)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=TEXTS)
 def test_encode_matches_transformers_on_generated_text(tok, oracle, text):
     assert tok.encode(text) == oracle.encode(text)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=TEXTS)
 def test_clean_encode_matches_transformers_on_generated_text(tok, oracle_clean, text):
     assert tok.encode(text, clean=True) == oracle_clean.encode(text)
