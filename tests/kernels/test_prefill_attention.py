@@ -146,7 +146,7 @@ def test_chunked_prefill_equals_one_pass(dtype, poisoned_allocations):
     k_chunked, v_chunked = case.k_cache.clone(), case.v_cache.clone()
     outputs = []
     for start, end in ((0, first), (first, total)):
-        chunk = replace(case, qkv=case.qkv[start:end].contiguous(), positions=case.positions[start:end].contiguous(),
+        chunk = replace(case, qkv=case.qkv[start:end].contiguous(), positions=case.positions[start:end].long(),
                         cu_seqlens=torch.tensor([0, end - start], dtype=torch.int32, device=DEVICE),
                         context_lens=torch.tensor([end], dtype=torch.int32, device=DEVICE))
         outputs.append(prefill_attention(*chunk.args(k_chunked, v_chunked)))
