@@ -105,6 +105,9 @@ def _check_indices_once(positions: Tensor, cu_seqlens: Tensor, context_lens: Ten
     """
     global _last_checked
     tensors = (positions, cu_seqlens, context_lens, block_tables)
+    if any(t.is_inference() for t in tensors):  # inference-mode tensors keep no version counter: check every call
+        return _check_indices(positions, cu_seqlens, context_lens, block_tables, num_blocks, page_size,
+                              max_positions)
     versions = tuple(t._version for t in tensors)
     limits = (num_blocks, page_size, max_positions)
     last = _last_checked

@@ -298,3 +298,8 @@ def test_index_checks_run_once_per_set_of_index_tensors(monkeypatch):
     with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = 10000"):
         prefill_attention_ref(*case.args())
     assert len(calls) == 2
+    with torch.inference_mode():  # inference tensors keep no version counter: checked on every call
+        case = make_case([(9, 9)], num_heads=1)
+        prefill_attention_ref(*case.args())
+        prefill_attention_ref(*case.args())
+    assert len(calls) == 4
