@@ -218,6 +218,17 @@ def test_vocab_without_emoji_representative(vocab_dir):
         Tokenizer.from_pretrained(str(vocab_dir))
 
 
+def test_small_emoji_table(vocab_dir):
+    table = json.loads((vocab_dir / "emoji.json").read_text(encoding="utf-8"))
+    table["emoji"] = {"(^_^)": "<|emoji1|>", "^_^": "<|emoji2|>"}  # only common-character anchors
+    (vocab_dir / "emoji.json").write_text(json.dumps(table), encoding="utf-8")
+    tokenizer = Tokenizer.from_pretrained(str(vocab_dir))
+    emoji1, emoji2 = tokenizer.convert_tokens_to_ids(["<|emoji1|>", "<|emoji2|>"])
+    for text in ("(^_^) ^_^😀", "x" * 300 + "(^_^) ^_^😀"):  # short texts and long ones find anchors differently
+        ids = tokenizer.encode(text)
+        assert ids.count(emoji1) == ids.count(emoji2) == 1
+
+
 def test_vocab_with_an_unclosed_tag(vocab_dir):
     with open(vocab_dir / "vocab.txt", "a", encoding="utf-8") as vocab:
         vocab.write("\n<half")

@@ -57,9 +57,9 @@ class EmojiReplacer:
         # common ones (ASCII, kana, ...) would match all the time, so each is probed with `in` instead.
         # Astral characters go through one range: sre only has a fast bitmap class for the BMP.
         self._probed_anchors = sorted(ch for ch in self._by_anchor if _commonness(ch) > 0)
-        rare_bmp = sorted(ch for ch in self._by_anchor if _commonness(ch) == 0 and ord(ch) <= 0xFFFF)
-        self._rare_anchor_scan = re.compile(
-            "[" + "".join(re.escape(ch) for ch in rare_bmp) + "]|[\U00010000-\U0010FFFF]")
+        rare_bmp = "".join(re.escape(ch) for ch in sorted(self._by_anchor)
+                           if _commonness(ch) == 0 and ord(ch) <= 0xFFFF)
+        self._rare_anchor_scan = re.compile((f"[{rare_bmp}]|" if rare_bmp else "") + "[\U00010000-\U0010FFFF]")
 
     def __call__(self, text: str) -> str:
         if len(text) < _SHORT_TEXT:

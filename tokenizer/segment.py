@@ -32,7 +32,7 @@ class Segmenter:
         self._kigou_id = vocab.require_id("<KIGOU>")
         self._u2000_id = vocab.require_id("<U2000U2BFF>")
         unk_id = vocab.require_id("<|endoftext|>")
-        self._byte_ids = tuple(self._ids.get(f"<|byte{b}|>", unk_id) for b in range(256))
+        self._id_of_byte = tuple(self._ids.get(f"<|byte{b}|>", unk_id) for b in range(256))
         # window -> id * 4 + characters consumed, or -1 when the character falls back to several byte ids
         self._windows: dict[str, int] = {}
         self._byte_fallbacks: dict[str, list[int]] = {}
@@ -94,4 +94,4 @@ class Segmenter:
         except UnicodeEncodeError:
             raise ValueError(f"text holds the lone surrogate U+{code:04X}, which has no UTF-8 encoding; pass valid "
                              f"Unicode text") from None
-        return [self._byte_ids[b] for b in encoded]
+        return [self._id_of_byte[b] for b in encoded]
