@@ -10,13 +10,16 @@ import threading
 import pytest
 import torch
 
+from hayabusa.engine.fast_model import DecodeInputs
 from hayabusa.engine.llm_engine import FailedOutput, PagedEngine
+from hayabusa.engine.model_runner import graph_batch_sizes
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_generate
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model
+from tolerance import assert_close
 
 TOKENIZER = Tokenizer.from_pretrained()
 
@@ -171,3 +174,39 @@ def test_a_failing_step_fails_every_waiting_request(model) -> None:
     with pytest.raises(torch.cuda.OutOfMemoryError):
         engine.generate([[1, 2], [3, 4]], [SamplingParams(max_new_tokens=4)] * 2)
     assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == 8
+
+
+def test_padding_rows_of_a_graph_sized_decode_batch_change_nothing(model) -> None:
+    """CUDA graphs replay a bigger batch with rows at position -1; the real rows and the cache must not notice."""
+    engine = make_engine(model, kv_cache_blocks=8, block_size=4)
+    assert graph_batch_sizes(1) == [1] and graph_batch_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_batch_sizes(256)[-3:] == [224, 240, 256]
+    runner = engine.runner
+    prompts = [[1, 2, 3, 4, 5], [6, 7]]
+    for prompt in prompts:
+        engine.add_request(prompt, SamplingParams(max_new_tokens=4))
+    engine.step()  # prefill
+    seqs, is_prefill = engine.scheduler.schedule()
+    assert not is_prefill
+    inputs = runner.prepare_decode(seqs)
+    caches_before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    exact = runner.model.decode(inputs, runner.kv_caches)
+    caches_exact = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    for (k, v), (k0, v0) in zip(runner.kv_caches, caches_before, strict=True):
+        k.copy_(k0)
+        v.copy_(v0)
+    padded = DecodeInputs(
+        input_ids=torch.cat([inputs.input_ids, torch.zeros(2, dtype=torch.int64)]),
+        positions=torch.cat([inputs.positions, torch.full((2,), -1, dtype=torch.int32)]),
+        block_tables=torch.cat([inputs.block_tables, torch.zeros(2, inputs.block_tables.shape[1], dtype=torch.int32)]),
+    )
+    logits = runner.model.decode(padded, runner.kv_caches)
+    assert_close(logits[:2], exact, torch.float32, name="real rows")  # a GEMM of 4 rows may round unlike one of 2
+    written = torch.zeros(runner.kv_caches[0][0].shape[:2], dtype=torch.bool)  # [blocks, slots]
+    for seq in seqs:
+        position = len(seq) - 1
+        written[seq.block_table[position // 4], position % 4] = True
+    for (k, v), (k0, v0), (k1, v1) in zip(runner.kv_caches, caches_before, caches_exact, strict=True):
+        assert torch.equal(k[~written], k0[~written]) and torch.equal(v[~written], v0[~written])  # padding: no write
+        assert_close(k[written], k1[written], torch.float32, name="k of the real rows")
+        assert_close(v[written], v1[written], torch.float32, name="v of the real rows")
