@@ -130,7 +130,7 @@ class PagedEngine:
         return [(seq.seq_id, seq.output.result()) for seq in finished]
 
     def _fail_all(self, message: str) -> None:
-        """After a failed step no cache content can be trusted: fail every request so no caller waits forever."""
+        """A step raised (e.g. out of memory): fail every queued request so that no caller waits forever."""
         with self._cond:
             for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                 self.scheduler.abort(seq)
@@ -202,9 +202,9 @@ class PagedEngine:
             self._result(seq)  # raises if the request failed
         finally:
             if not seq.is_finished:
-                self.abort(seq)
+                self._abort(seq)
 
-    def abort(self, seq: Sequence) -> None:
+    def _abort(self, seq: Sequence) -> None:
         with self._cond:
             while self._driving:  # never pull a sequence out of a batch that is running
                 self._cond.wait()
