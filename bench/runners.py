@@ -135,6 +135,8 @@ class TransformersRunner(BenchRunner):
         placement = {"device_map": str(self.device)} if importlib.util.find_spec("accelerate") else {}
         model = self._transformers.AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype,
                                                                         **placement)
+        # Forced length: a None eos in each call's config would be filled in from these defaults, so clear it here.
+        model.generation_config.eos_token_id = None
         self.model = model.to(self.device).eval()
 
     def unload(self) -> None:
@@ -144,12 +146,12 @@ class TransformersRunner(BenchRunner):
         self._free()
 
     def _generation_config(self, gen_len: int):
-        # eos_token_id=None: no stopping criterion, exactly max_new_tokens tokens (the others force it the same way).
+        # eos_token_id=None: no stopping criterion, exactly max_new_tokens tokens (hayabusa runs with ignore_eos).
         config = self._transformers.GenerationConfig(max_new_tokens=gen_len, do_sample=False, eos_token_id=None,
                                                      pad_token_id=PAD_TOKEN_ID, use_cache=True)
         if self.compiled:
             config.cache_implementation = "static"
-            compile_config = self._transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
+            compile_config = self._transformers.CompileConfig()  # transformers' defaults: mode reduce-overhead
             # transformers auto-compiles only on accelerators unless told otherwise; on a CPU the engine only
             # runs when asked for by name, and then it should compile there too.
             compile_config._compile_all_devices = self.device.type != "cuda"

@@ -9,7 +9,7 @@ import torch
 
 from hayabusa.bench import cli, report, roofline, scenarios
 from hayabusa.bench.records import ENGINES, RECORD_KEYS, SCENARIOS, BenchRecord
-from hayabusa.bench.runners import BenchRunner, GenerateResult, static_batches
+from hayabusa.bench.runners import BenchRunner, GenerateResult, make_runner, static_batches
 from hayabusa.bench.timing import median
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, random_prompts
 from hayabusa.engine.config import PRESETS
@@ -235,6 +235,23 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     # both tokenizers split the same text into the same number of tokens
     encoded = tokenizer["hayabusa", "encode"], tokenizer["transformers-eager", "encode"]
     assert encoded[0]["extra"]["tokens"] == encoded[1]["extra"]["tokens"]
+
+
+def test_transformers_runner_does_not_stop_at_eos(cpu_run):
+    _, out = cpu_run
+    model_dir = Path(json.loads((out / "results.json").read_text(encoding="utf-8"))["model"]["dir"])
+    runner = make_runner("transformers-eager", model_dir, torch.float32, torch.device("cpu"), static_batch=2,
+                         explicitly_requested=False)
+    runner.load()
+
+    def always_eos(input_ids, scores):
+        scores[:, PRESETS["tiny"].eos_token_id] = 1e9
+        return scores
+
+    prompt = torch.tensor(random_prompts([8], seed=0))
+    ids = runner.model.generate(input_ids=prompt, generation_config=runner._generation_config(5),
+                                logits_processor=[always_eos])
+    assert ids[0, 8:].tolist() == [PRESETS["tiny"].eos_token_id] * 5
 
 
 def test_cpu_run_writes_the_markdown_table_and_the_png(cpu_run):
