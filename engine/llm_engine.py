@@ -15,7 +15,6 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,13 +31,6 @@ from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
-
-
-@dataclass(frozen=True)
-class FailedOutput(GenerationOutput):
-    """The output of a request that was refused on its own (the others in the call still ran)."""
-
-    error: str = ""
 
 
 class PagedEngine:
@@ -166,11 +158,11 @@ class PagedEngine:
     # ---- public generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[GenerationOutput]:
-        """One output per prompt, in order. A request that can never run gets a FailedOutput (finish_reason
-        "error", the reason in .error) while the others run; a failing engine step raises RuntimeError."""
+        """One output per prompt, in order. A request that can never run gets an output with finish_reason
+        "error" and the reason in .error while the others run; a failing engine step raises RuntimeError."""
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        seqs: list[Sequence | FailedOutput] = []
+        seqs: list[Sequence | GenerationOutput] = []
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
                 seqs.append(self._new_sequence(prompt, p))
@@ -181,7 +173,7 @@ class PagedEngine:
             for seq in live:
                 self.scheduler.add(seq)
         self._drive_until(lambda: all(seq.is_finished for seq in live))
-        return [seq if isinstance(seq, FailedOutput) else self._result(seq) for seq in seqs]
+        return [seq if isinstance(seq, GenerationOutput) else self._result(seq) for seq in seqs]
 
     def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[str]:
         """Yield text deltas as tokens are sampled; they join to generate()'s text. Closing the iterator early
@@ -225,7 +217,7 @@ class PagedEngine:
             self.runner.kv_caches.clear()
 
 
-def _failed_output(prompt_ids: list[int], message: str) -> FailedOutput:
-    return FailedOutput(text="", token_ids=[], finish_reason="error", prompt_token_ids=prompt_ids,
+def _failed_output(prompt_ids: list[int], message: str) -> GenerationOutput:
+    return GenerationOutput(text="", token_ids=[], finish_reason="error", prompt_token_ids=prompt_ids,
                         timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=0,
                                         time_to_first_token_s=0.0, total_s=0.0), error=message)

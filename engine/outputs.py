@@ -31,9 +31,10 @@ class Timings:
 class GenerationOutput:
     text: str  # generated text only; eos and a matched stop string are not part of it
     token_ids: list[int]  # generated ids, including the eos or the token that completed a stop string
-    finish_reason: str  # "stop" (eos or stop string) | "length" (max_new_tokens)
+    finish_reason: str  # "stop" (eos or stop string) | "length" (max_new_tokens) | "error" (see `error`)
     prompt_token_ids: list[int]
     timings: Timings
+    error: str | None = None  # why a request failed on its own (the others in the call still ran)
 
 
 class OutputBuilder:

@@ -2,11 +2,8 @@
 
 import os
 
-import torch
+from devices import ON_GPU
 
-ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     # Must be set before any @triton.jit function is defined (i.e. before hayabusa.kernels is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DEVICE = "cuda" if ON_GPU else "cpu"

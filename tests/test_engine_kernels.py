@@ -14,9 +14,9 @@ from hayabusa.engine.reference_generate import reference_generate
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
+from devices import DEVICE
 from hf_oracle import random_hf_model
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # as in tests/conftest.py
 TOKENIZER = Tokenizer.from_pretrained()
 MODEL_ARGS = dict(hidden=160, heads=2, layers=2, vocab=101)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hayabusa.engine.fast_model import DecodeInputs
-from hayabusa.engine.llm_engine import FailedOutput, PagedEngine
+from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.model_runner import graph_batch_sizes
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_generate
@@ -107,7 +107,7 @@ def test_bad_requests_fail_alone_while_the_rest_proceed(model) -> None:
         ([7, 8], good),
     ]
     outputs = engine.generate([r[0] for r in requests], [r[1] for r in requests])
-    failed = {i: out.error for i, out in enumerate(outputs) if isinstance(out, FailedOutput)}
+    failed = {i: out.error for i, out in enumerate(outputs) if out.finish_reason == "error"}
     assert sorted(failed) == [1, 2, 3, 4, 5, 6]
     assert "request 1: 70 prompt tokens + max_new_tokens 4 = 74 exceed the context length 64" in failed[1]
     assert "max_new_tokens 60 = 70 exceed the context length 64" in failed[2]

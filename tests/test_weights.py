@@ -8,7 +8,6 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import torch
-from conftest import DEVICE
 from safetensors.torch import load_file, save_file
 from transformers import GPTNeoXJapaneseForCausalLM
 from transformers.utils import logging as hf_logging
@@ -24,6 +23,8 @@ from hayabusa.engine.weights import (
     load_model_files,
     load_weights,
 )
+
+from devices import DEVICE
 
 hf_logging.set_verbosity_error()  # transformers warns (by design) about the untied and missing tensors below
 

@@ -11,10 +11,9 @@ import torch
 from hayabusa.kernels.decode_attention import decode_attention, decode_attention_ref, pick_num_splits
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 
+from devices import DEVICE, ON_GPU
 from tolerance import assert_close, poisoned
 
-ON_GPU = torch.cuda.is_available()  # as in tests/conftest.py, which set TRITON_INTERPRET=1 otherwise
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NUM_HEADS = 32 if ON_GPU else 2
 HEAD_DIM = 80

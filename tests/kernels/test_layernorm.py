@@ -5,10 +5,9 @@ import torch
 
 from hayabusa.kernels.layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
 
+from devices import DEVICE, ON_GPU
 from tolerance import assert_close, poisoned
 
-ON_GPU = torch.cuda.is_available()  # as in tests/conftest.py, which set TRITON_INTERPRET=1 otherwise
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
 # (M, N): odd widths, the model's hidden 2560, and 16411 > 16384, which walks the row in chunks.

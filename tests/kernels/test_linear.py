@@ -6,10 +6,9 @@ import triton
 
 from hayabusa.kernels.linear import GemmConfig, choose_config, launch_linear, linear, linear_ref
 
+from devices import DEVICE, ON_GPU
 from tolerance import assert_close, poisoned
 
-ON_GPU = torch.cuda.is_available()  # as in tests/conftest.py, which set TRITON_INTERPRET=1 otherwise
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, N, K): primes and non-powers of two on CPU; the model's projections at decode and prefill sizes on a GPU.
 SHAPES = [(1, 97, 80), (3, 160, 97), (17, 80, 160)]

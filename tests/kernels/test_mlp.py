@@ -5,10 +5,9 @@ import torch
 
 from hayabusa.kernels.mlp import fused_mlp, fused_mlp_ref
 
+from devices import DEVICE, ON_GPU
 from tolerance import assert_close, poisoned
 
-ON_GPU = torch.cuda.is_available()  # as in tests/conftest.py, which set TRITON_INTERPRET=1 otherwise
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, hidden, intermediate): odd sizes on CPU; the 2.7B model's 2560 -> 10240 -> 2560 at decode and prefill on a GPU.
 SHAPES = [(1, 80, 320), (3, 97, 160), (17, 80, 97)]

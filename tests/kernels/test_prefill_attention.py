@@ -10,10 +10,9 @@ import triton
 from hayabusa.kernels.prefill_attention import prefill_attention, prefill_attention_ref, split_head_dim
 from hayabusa.kernels.rotary import rotary_tables
 
+from devices import DEVICE, ON_GPU
 from tolerance import assert_close, poisoned
 
-ON_GPU = torch.cuda.is_available()  # as tests/conftest.py decides (it set TRITON_INTERPRET=1 otherwise)
-DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MAX_POSITIONS = 4096
 

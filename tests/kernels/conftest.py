@@ -1,6 +1,0 @@
-"""Kernel tests import the shared comparison helper from tests/."""
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
