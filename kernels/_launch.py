@@ -20,11 +20,11 @@ def check_triton_device(name: str, tensor: torch.Tensor) -> None:
 
 
 def check_tensor(name: str, tensor: torch.Tensor, *, ndim: int | None = None, shape: tuple[int, ...] | None = None,
-                 dtype: torch.dtype | None = None, device: torch.device | None = None,
+                 dtype: torch.dtype | tuple[torch.dtype, ...] = SUPPORTED_DTYPES, device: torch.device | None = None,
                  contiguous: bool = True) -> None:
     """Raise ValueError naming `name` when `tensor` has the wrong type, rank/shape, dtype, device or layout.
 
-    dtype None accepts any of SUPPORTED_DTYPES.
+    dtype: the one accepted dtype, or a tuple of them (by default the float dtypes the kernels support).
     """
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -32,10 +32,9 @@ def check_tensor(name: str, tensor: torch.Tensor, *, ndim: int | None = None, sh
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
     if shape is not None and tuple(tensor.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-    if dtype is None and tensor.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} has dtype {tensor.dtype}, expected one of float32, float16, bfloat16")
-    if dtype is not None and tensor.dtype != dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype}, expected {dtype}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if tensor.dtype not in dtypes:
+        raise ValueError(f"{name} has dtype {tensor.dtype}, expected {' or '.join(map(str, dtypes))}")
     if device is not None and tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device}, expected {device}")
     if contiguous and not tensor.is_contiguous():

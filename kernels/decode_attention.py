@@ -13,7 +13,6 @@ row (CUDA-graph batch padding): it writes nothing to the cache and its output ro
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -21,11 +20,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from hayabusa.kernels._attention_checks import MAX_SPLITS, check_decode_arguments
+from hayabusa.kernels._launch import check_triton_device, num_sms
 from hayabusa.kernels.rotary import apply_rotary_ref
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_HEAD_DIM = 256
-MAX_SPLITS = 16
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost outweighs the parallelism it adds
 PROGRAMS_PER_SM = 4  # (sequence, head) programs per SM that keep enough loads in flight without splitting
 LOG2E = 1.4426950408889634
@@ -164,16 +162,20 @@ def _merge_splits_kernel(
 
 def decode_attention(
     qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None = None,
+    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None = None, check_indices: bool = True,
 ) -> Tensor:
     """out [B, H*D]: rotary + cache append + attention over keys 0..positions[b] (see the module docstring).
 
     qkv [B, 3*H*D]; positions int32/int64 [B]; block_tables int32 [B, max_blocks_per_seq];
     k_cache, v_cache [num_blocks, block_size, H, D]; cos, sin float32 [max_positions, rotary_dims // 2].
     num_splits: None picks by heuristic, 1 forces the single-pass kernel, > 1 the split-K kernel + reduction.
+    check_indices: read positions and block_tables back (one device sync) to check every position and needed block
+    id; skipped during CUDA-graph capture. False only for a caller whose indices are valid by construction: a bad
+    one then reads or writes out of bounds.
     """
-    _check_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits)
-    _check_triton_device(qkv)
+    check_decode_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits,
+                           check_indices)
+    check_triton_device("qkv", qkv)
     batch = qkv.shape[0]
     _, page_size, num_heads, head_dim = k_cache.shape
     out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
@@ -181,7 +183,7 @@ def decode_attention(
         return out
     if num_splits is None:  # the interpreter runs programs one by one: splitting only adds work there
         num_splits = 1 if qkv.device.type != "cuda" else pick_num_splits(
-            batch, num_heads, block_tables.shape[1] * page_size, _multiprocessor_count(qkv.device))
+            batch, num_heads, block_tables.shape[1] * page_size, num_sms(qkv.device))
     block_d = triton.next_power_of_2(head_dim)
     # 4096 loaded elements per K or V tile: ~64 registers/thread at 4 warps (sm_90, no spills), so 8 programs
     # fit on an SM and batch 32 x 32 heads runs in one wave on 132 SMs, with ~80 KB of loads in flight per SM.
@@ -224,17 +226,13 @@ def pick_num_splits(batch: int, num_heads: int, max_context: int, num_sms: int) 
     return max(splits, 1)
 
 
-@functools.cache
-def _multiprocessor_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def decode_attention_ref(
     qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None = None,
+    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None = None, check_indices: bool = True,
 ) -> Tensor:
     """Plain-PyTorch decode_attention: same arguments, output and cache writes (num_splits changes nothing)."""
-    _check_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits)
+    check_decode_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits,
+                           check_indices)
     batch = qkv.shape[0]
     _, page_size, num_heads, head_dim = k_cache.shape
     out = torch.zeros(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
@@ -255,84 +253,3 @@ def decode_attention_ref(
         out[b] = torch.einsum("ht,thd->hd", scores.softmax(dim=-1), values).to(qkv.dtype)
     return out.view(batch, num_heads * head_dim)
 
-
-def _check_arguments(
-    qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int | None,
-) -> None:
-    """Raise ValueError naming the argument for anything the kernel would read or write out of bounds."""
-    tensors = {"qkv": qkv, "positions": positions, "block_tables": block_tables, "k_cache": k_cache,
-               "v_cache": v_cache, "cos": cos, "sin": sin}
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if tensor.device != qkv.device:
-            raise ValueError(f"{name} is on {tensor.device}, expected qkv's device {qkv.device}")
-        if not tensor.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
-    if k_cache.dim() != 4:
-        raise ValueError(f"k_cache must be [num_blocks, block_size, num_heads, head_dim], got {tuple(k_cache.shape)}")
-    num_blocks, page_size, num_heads, head_dim = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
-    if qkv.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"qkv dtype {qkv.dtype} unsupported; expected one of {SUPPORTED_DTYPES}")
-    for name in ("k_cache", "v_cache"):
-        if tensors[name].dtype != qkv.dtype:
-            raise ValueError(f"{name} dtype {tensors[name].dtype} must equal qkv dtype {qkv.dtype}")
-    if not 0 < head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"k_cache head_dim {head_dim} must be in [1, {MAX_HEAD_DIM}]")
-    if qkv.dim() != 2 or qkv.shape[1] != 3 * num_heads * head_dim:
-        raise ValueError(f"qkv must be [batch, 3 * num_heads * head_dim = {3 * num_heads * head_dim}] "
-                         f"(num_heads {num_heads}, head_dim {head_dim} from k_cache), got {tuple(qkv.shape)}")
-    batch = qkv.shape[0]
-    if positions.dtype not in (torch.int32, torch.int64) or positions.shape != (batch,):
-        raise ValueError(f"positions must be int32 or int64 [batch = {batch}], "
-                         f"got {positions.dtype} {tuple(positions.shape)}")
-    if block_tables.dtype != torch.int32 or block_tables.dim() != 2 or block_tables.shape[0] != batch:
-        raise ValueError(f"block_tables must be int32 [batch = {batch}, max_blocks_per_seq], "
-                         f"got {block_tables.dtype} {tuple(block_tables.shape)}")
-    if isinstance(rotary_dims, bool) or not isinstance(rotary_dims, int) or rotary_dims % 2 \
-            or not 0 <= rotary_dims <= head_dim:
-        raise ValueError(f"rotary_dims must be an even integer in [0, head_dim = {head_dim}], got {rotary_dims!r}")
-    for name in ("cos", "sin"):
-        table = tensors[name]
-        if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != rotary_dims // 2:
-            raise ValueError(f"{name} must be float32 [max_positions, rotary_dims // 2 = {rotary_dims // 2}], "
-                             f"got {table.dtype} {tuple(table.shape)}")
-    if sin.shape != cos.shape:
-        raise ValueError(f"sin shape {tuple(sin.shape)} must equal cos shape {tuple(cos.shape)}")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be None or an integer in [1, {MAX_SPLITS}], got {num_splits!r}")
-    if batch == 0 or (qkv.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # value checks read device memory, which a CUDA-graph capture forbids
-    _check_positions_and_pages(positions, block_tables, num_blocks, page_size, cos.shape[0])
-
-
-def _check_positions_and_pages(
-    positions: Tensor, block_tables: Tensor, num_blocks: int, page_size: int, max_positions: int
-) -> None:
-    """Every position fits the rotary table and the block table; every page a sequence needs is a real block."""
-    max_blocks_per_seq = block_tables.shape[1]
-    pages_needed = positions.long() // page_size + 1  # [B]; 0 for padding rows (position -1 // p + 1 = 0)
-    needed = torch.arange(max_blocks_per_seq, device=positions.device)[None, :] < pages_needed[:, None]
-    bad_entry = needed & ((block_tables < 0) | (block_tables >= num_blocks))
-    # One device-to-host transfer for all three checks.
-    max_position, any_bad_entry = torch.stack((positions.max().long(), bad_entry.any().long())).tolist()
-    capacity = max_blocks_per_seq * page_size
-    if max_position >= max_positions:
-        raise ValueError(f"positions holds {max_position}, beyond the rotary tables cos/sin "
-                         f"({max_positions} positions)")
-    if max_position >= capacity:
-        raise ValueError(f"positions holds {max_position}, beyond block_tables capacity "
-                         f"{max_blocks_per_seq} blocks x block_size {page_size} = {capacity} tokens")
-    if any_bad_entry:
-        seq, column = bad_entry.nonzero()[0].tolist()
-        raise ValueError(f"block_tables[{seq}, {column}] = {int(block_tables[seq, column])} is needed by "
-                         f"positions[{seq}] = {int(positions[seq])} but is outside [0, num_blocks = {num_blocks})")
-
-
-def _check_triton_device(qkv: Tensor) -> None:
-    if qkv.device.type != "cuda" and not triton.knobs.runtime.interpret:
-        raise ValueError(f"qkv is on {qkv.device}: the Triton kernel needs a CUDA device or TRITON_INTERPRET=1")

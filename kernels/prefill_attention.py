@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hayabusa.kernels._prefill_checks import check_prefill_arguments, check_triton_device
+from hayabusa.kernels._attention_checks import check_prefill_arguments
+from hayabusa.kernels._launch import check_triton_device
 from hayabusa.kernels.rotary import apply_rotary_ref
 
 LOG2E = 1.4426950408889634
@@ -241,18 +242,22 @@ def attention_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
 def prefill_attention(
     qkv: Tensor, positions: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor,
     k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, rotary_dims: int,
+    max_seqlen_q: int | None = None, check_indices: bool = True,
 ) -> Tensor:
     """out [T, H*D]: causal attention of the T packed new tokens over their sequences' whole contexts.
 
     qkv [T, 3*H*D] (per head [q|k|v]); positions int32/int64 [T]; cu_seqlens int32 [S+1]; context_lens int32 [S];
     block_tables int32 [S, max_blocks_per_seq]; k_cache, v_cache [num_blocks, block_size, H, D];
     cos, sin float32 [max_positions, rotary_dims // 2]. Writes the rotated k and the v of the new tokens into the
-    cache first. Checks every argument and raises ValueError before launch; the index tensors are copied to the
-    host for that (one sync) only the first time the same unmodified tensors are seen, i.e. once per step.
+    cache first. Raises ValueError before launch on any bad argument.
+    max_seqlen_q: the longest sequence's new-token count (an upper bound works too), known to a caller that built
+    cu_seqlens on the host; None reads it from cu_seqlens (a device sync). check_indices=False skips the check of
+    every index value (another sync): only for a caller whose indices are valid by construction, since a bad one
+    then reads or writes out of bounds. With both given, the launch reads nothing back from the device.
     """
-    max_new_tokens = check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables,
-                                             k_cache, v_cache, cos, sin, rotary_dims)
-    check_triton_device(qkv)
+    max_new_tokens = check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables, k_cache,
+                                             v_cache, cos, sin, rotary_dims, max_seqlen_q, check_indices)
+    check_triton_device("qkv", qkv)
     num_tokens = qkv.shape[0]
     num_seqs = cu_seqlens.shape[0] - 1
     _, page_size, num_heads, head_dim = k_cache.shape
@@ -283,10 +288,11 @@ def prefill_attention(
 def prefill_attention_ref(
     qkv: Tensor, positions: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor,
     k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, rotary_dims: int,
+    max_seqlen_q: int | None = None, check_indices: bool = True,
 ) -> Tensor:
     """Plain-PyTorch `prefill_attention`: same arguments, output and cache writes; one sequence at a time."""
-    check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables,
-                            k_cache, v_cache, cos, sin, rotary_dims)
+    check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin,
+                            rotary_dims, max_seqlen_q, check_indices)
     _, page_size, num_heads, head_dim = k_cache.shape
     k_slots = k_cache.view(-1, num_heads, head_dim)  # [num_blocks * block_size, H, D]
     v_slots = v_cache.view(-1, num_heads, head_dim)

@@ -282,23 +282,45 @@ def test_attention_scale_is_one_over_sqrt_head_dim():
     assert_close(out[0, :2].cpu(), torch.tensor([1.0, 0.0]), torch.float32, name="first query (causal)")
 
 
-def test_index_checks_run_once_per_set_of_index_tensors(monkeypatch):
-    """Layers after the first reuse the check of the same index tensors; an in-place change is checked again."""
-    import hayabusa.kernels._prefill_checks as checks
+def count_index_checks(monkeypatch) -> list[int]:
+    """One entry per host-side check of the index values (each a device-to-host copy)."""
+    import hayabusa.kernels._attention_checks as checks
 
-    calls = []
-    check_indices = checks._check_indices
-    monkeypatch.setattr(checks, "_check_indices", lambda *args: calls.append(1) or check_indices(*args))
-    case = make_case([(9, 9), (4, 21)], num_heads=1)
-    for _ in range(3):  # three "layers"
-        prefill_attention_ref(*case.args())
+    calls: list[int] = []
+    check = checks._check_prefill_indices
+    monkeypatch.setattr(checks, "_check_prefill_indices", lambda *args: calls.append(1) or check(*args))
+    return calls
+
+
+@pytest.mark.parametrize("op", [prefill_attention, prefill_attention_ref], ids=lambda op: op.__name__)
+def test_trusted_indices_give_the_same_result(op, monkeypatch):
+    """max_seqlen_q from the host and check_indices=False: the same output and cache writes, and no index check."""
+    case = make_case([(9, 9), (4, 21), (0, 5)], num_heads=1, dtype=torch.float16)
+    calls = count_index_checks(monkeypatch)
+    k_checked, v_checked = case.k_cache.clone(), case.v_cache.clone()
+    checked = op(*case.args(k_checked, v_checked))
     assert len(calls) == 1
-    case.block_tables[1, 0] = 10_000  # in place: the version counter moves, so the tensors are checked again
-    with pytest.raises(ValueError, match=r"block_tables\[1, 0\] = 10000"):
-        prefill_attention_ref(*case.args())
-    assert len(calls) == 2
-    with torch.inference_mode():  # inference tensors keep no version counter: checked on every call
-        case = make_case([(9, 9)], num_heads=1)
-        prefill_attention_ref(*case.args())
-        prefill_attention_ref(*case.args())
-    assert len(calls) == 4
+    for max_seqlen_q in (9, 13, None):  # exact, an upper bound, read from cu_seqlens
+        k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+        out = op(*case.args(k_cache, v_cache), max_seqlen_q=max_seqlen_q, check_indices=False)
+        assert torch.equal(bits(out), bits(checked)), f"out differs with max_seqlen_q={max_seqlen_q}"
+        assert torch.equal(bits(k_cache), bits(k_checked)) and torch.equal(bits(v_cache), bits(v_checked))
+    assert len(calls) == 1  # no call with check_indices=False checked the indices
+
+
+@pytest.mark.parametrize("op", [prefill_attention, prefill_attention_ref], ids=lambda op: op.__name__)
+@pytest.mark.parametrize("max_seqlen_q, bad_block, match", [
+    (11, False, r"max_seqlen_q = 11 is less than the longest sequence's 12 new tokens"),
+    (-1, False, "max_seqlen_q must be None or an integer in"),
+    (19, False, r"max_seqlen_q must be None or an integer in \[0, qkv rows 18\], got 19"),
+    (12.0, False, "max_seqlen_q must be None or an integer"),
+    (12, True, r"block_tables\[1, 2\] = 10000"),  # a given max_seqlen_q leaves the index checks on
+])
+def test_bad_max_seqlen_q_and_checked_indices_raise(op, max_seqlen_q, bad_block, match):
+    case = make_case([(12, 12), (6, 40), (0, 4)], num_heads=1, dtype=torch.float16)
+    if bad_block:
+        case.block_tables[1, 2] = 10_000
+    k_before, v_before = case.k_cache.clone(), case.v_cache.clone()
+    with pytest.raises(ValueError, match=match):
+        op(*case.args(), max_seqlen_q=max_seqlen_q)
+    assert torch.equal(bits(case.k_cache), bits(k_before)) and torch.equal(bits(case.v_cache), bits(v_before))
