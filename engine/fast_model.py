@@ -64,6 +64,10 @@ class PrefillInputs:
     context_lens: Tensor  # int32 [S], cached prefix + new tokens
     block_tables: Tensor  # int32 [S, max_blocks_per_seq]
     last_token_rows: Tensor  # int64 [S], the row of each sequence's last new token
+    # Set by a builder that knows these on the host (ModelRunner); the defaults make every layer's attention read
+    # the index tensors back from the device to size its grid and check every index.
+    max_seqlen_q: int | None = None  # most new tokens of any sequence
+    check_indices: bool = True  # False: valid by construction (block ids from the pool, positions < max length)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class DecodeInputs:
     input_ids: Tensor  # int64 [B]
     positions: Tensor  # int32 [B]; -1 marks a padding row (CUDA-graph batch padding)
     block_tables: Tensor  # int32 [B, max_blocks_per_seq]
+    check_indices: bool = True  # False: valid by construction, no device->host copy per layer (see PrefillInputs)
 
 
 @dataclass
@@ -145,7 +150,8 @@ class FastModel:
         """Logits of the one new token per sequence: [B, vocab] in the model dtype; writes its KV."""
         def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
             return self.ops.decode_attention(qkv, inputs.positions, inputs.block_tables, k_cache, v_cache,
-                                             self.cos, self.sin, self.config.rotary_dims)
+                                             self.cos, self.sin, self.config.rotary_dims,
+                                             check_indices=inputs.check_indices)
 
         return self._logits(self._layers(inputs.input_ids, attend, kv_caches))
 
@@ -161,7 +167,8 @@ class FastModel:
         def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
             return self.ops.prefill_attention(qkv, inputs.positions, inputs.cu_seqlens, inputs.context_lens,
                                               inputs.block_tables, k_cache, v_cache, self.cos, self.sin,
-                                              self.config.rotary_dims)
+                                              self.config.rotary_dims, max_seqlen_q=inputs.max_seqlen_q,
+                                              check_indices=inputs.check_indices)
 
         return attend
 

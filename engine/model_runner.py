@@ -117,6 +117,8 @@ class ModelRunner:
             context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
             block_tables=self._block_tables(seqs, max(len(seq.block_table) for seq in seqs)),
             last_token_rows=self._to_device([end - 1 for end in cu_seqlens[1:]], torch.int64),
+            max_seqlen_q=max(len(seq) - seq.num_cached_tokens for seq in seqs),
+            check_indices=False,  # block ids come from the pool, lengths are capped at max_position_embeddings
         )
 
     def prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
@@ -125,11 +127,12 @@ class ModelRunner:
             input_ids=self._to_device([seq.token_ids[-1] for seq in seqs], torch.int64),
             positions=self._to_device([len(seq) - 1 for seq in seqs], torch.int32),
             block_tables=self._block_tables(seqs, max(len(seq.block_table) for seq in seqs)),
+            check_indices=False,
         )
 
     # ---- running ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()  # not inference_mode: prefill_attention memoizes its index checks by tensor version counter
+    @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> Tensor:
         """Logits for the next token of each sequence: float32 [len(seqs), vocab]."""
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
@@ -164,11 +167,12 @@ class ModelRunner:
             input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
             positions=torch.full((max_bs,), -1, dtype=torch.int32, device=self.device),
             block_tables=torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
+            check_indices=False,  # a capture reads nothing back anyway; the warm-up runs need not either
         )
         pool = None
         for bs in reversed(graph_batch_sizes(max_bs)):
             inputs = DecodeInputs(self.graph_inputs.input_ids[:bs], self.graph_inputs.positions[:bs],
-                                  self.graph_inputs.block_tables[:bs])
+                                  self.graph_inputs.block_tables[:bs], check_indices=False)
             self.model.decode(inputs, self.kv_caches)  # warm-up: compiles the kernels for this shape outside capture
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
