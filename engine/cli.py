@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -102,6 +103,10 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Callable[[ar
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not torch.cuda.is_available():
+        # No GPU: Triton kernels (verify, --backend triton) can still run, slowly, under Triton's CPU
+        # interpreter, which must be chosen before any kernel module is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     parser, run = build_parser(argv)
     args = parser.parse_args(argv)
     if run is None:

@@ -2,8 +2,19 @@
 
 import os
 
+import pytest
+
 from devices import ON_GPU
 
 if not ON_GPU:
     # Must be set before any @triton.jit function is defined (i.e. before hayabusa.kernels is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _random_preset_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Random preset checkpoints (`--model tiny`) go to a temporary cache, not the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HAYABUSA_CACHE", str(tmp_path_factory.mktemp("hayabusa-cache")))
+    yield
+    mp.undo()
