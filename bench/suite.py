@@ -154,8 +154,9 @@ def _guarded(result: SuiteResult, engine: str, scenario: str, fn: Callable[[], o
         return True
     except EngineUnavailable as err:
         result.skipped.append({"engine": engine, "scenario": scenario, "reason": str(err)})
-        return False
     except Exception as err:  # noqa: BLE001 - any engine failure must be reported, not hide the other engines
         result.errors.append({"engine": engine, "scenario": scenario, "error": f"{type(err).__name__}: {err}"})
         tqdm.write(f"[{engine} {scenario}] failed:\n{traceback.format_exc()}")
-        return False
+    if torch.cuda.is_available():  # e.g. after an out-of-memory error, before the next case allocates
+        torch.cuda.empty_cache()
+    return False

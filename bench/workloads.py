@@ -44,9 +44,9 @@ SIZES: dict[str, SuiteSizes] = {
     ),
     # Scaled down so the whole suite runs in a few minutes on a 2-core CPU with the tiny preset.
     "cpu": SuiteSizes(
-        name="cpu", decode_batches=(1, 8, 32), decode_prompt_len=64, decode_gen_len=16,
-        prefill_prompt_lens=(64, 128, 256), throughput_requests=32, throughput_prompt_len=64,
-        throughput_gen_len=16, mixed_prompt_lens=(8, 96), mixed_gen_lens=(4, 24), static_batch=32,
+        name="cpu", decode_batches=(1, 8, 32), decode_prompt_len=128, decode_gen_len=16,
+        prefill_prompt_lens=(128, 256, 512), throughput_requests=32, throughput_prompt_len=128,
+        throughput_gen_len=16, mixed_prompt_lens=(16, 256), mixed_gen_lens=(4, 32), static_batch=32,
         tokenizer_chars=20_000, repeats=3, warmup=1, roofline_copy_bytes=128 << 20, roofline_matmul_size=1024,
     ),
     # Smallest sizes that still exercise every code path: for tests and a quick look.

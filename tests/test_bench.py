@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hayabusa.bench import cli, report, roofline, scenarios
+from hayabusa.bench import cli, report, roofline, scenarios, suite
 from hayabusa.bench.records import ENGINES, RECORD_KEYS, SCENARIOS, BenchRecord
 from hayabusa.bench.runners import BenchRunner, GenerateResult, make_runner, static_batches
 from hayabusa.bench.timing import median
@@ -264,3 +264,21 @@ def test_cpu_run_writes_the_markdown_table_and_the_png(cpu_run):
     assert "`hayabusa` (all):" in text
     png = (out / "results.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_a_failing_engine_is_recorded_and_the_others_still_run(monkeypatch):
+    class BrokenRunner(FakeRunner):
+        def generate(self, prompts, gen_lens):
+            raise RuntimeError("kernel exploded")
+
+    runners = {"hayabusa-reference": BrokenRunner(), "transformers-eager": FakeRunner()}
+    runners["transformers-eager"].name = "transformers-eager"
+    monkeypatch.setattr(suite, "make_runner", lambda name, *args: runners[name])
+    settings = suite.SuiteSettings(
+        model="tiny", model_dir=Path("."), preset="tiny", config=PRESETS["tiny"], device=torch.device("cpu"),
+        dtype=torch.float32, sizes=SIZES["smoke"], scenarios=("decode",), engines=tuple(runners),
+        engines_requested=True)
+    result = suite.run_suite(settings)
+    assert [(e["engine"], e["scenario"]) for e in result.errors] == [("hayabusa-reference", "decode")] * 2
+    assert "kernel exploded" in result.errors[0]["error"]
+    assert [(r.engine, r.batch) for r in result.records] == [("transformers-eager", 1), ("transformers-eager", 4)]
