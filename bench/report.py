@@ -132,7 +132,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     panels = [("decode", "batch", "ms_per_token", "decode latency", "ms / token"),
               ("decode", "batch", "tokens_per_s", "decode throughput vs concurrency", "tokens / s"),
@@ -152,7 +152,9 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xticks(ticks, [str(t) for t in ticks])
-            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
