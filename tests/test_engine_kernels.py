@@ -101,3 +101,24 @@ def test_preemption_recomputes_to_the_same_tokens() -> None:
     assert [out.token_ids for out in outputs] == expected
     assert expected == [hf_tokens(hf, p, 4) for p in prompts]
     assert engine.block_manager.num_free_blocks == 4
+
+
+def test_engine_api_on_the_triton_backend_matches_the_reference_backend() -> None:
+    """Engine(backend="triton") wires generate and stream through the paged engine; same tokens and text."""
+    from hayabusa.engine.api import Engine
+
+    _, config, state_dict = random_hf_model(31, **MODEL_ARGS)
+    state_dict = {name: tensor.to(DEVICE) for name, tensor in state_dict.items()}
+    if "embed_out.weight" in state_dict:
+        state_dict["embed_out.weight"] = state_dict["gpt_neox_japanese.embed_in.weight"]  # keep the tie
+    prompts = [[3, 1, 4, 1, 5, 9, 2], [6, 5]]
+    reference = Engine(config, state_dict, TOKENIZER, backend="reference", device=torch.device(DEVICE))
+    triton = Engine(config, state_dict, TOKENIZER, backend="triton", device=torch.device(DEVICE), kv_cache_blocks=8)
+    try:
+        params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        expected = reference.generate(prompts, params)
+        actual = triton.generate(prompts, params)
+        assert [o.token_ids for o in actual] == [o.token_ids for o in expected]
+        assert "".join(triton.stream(prompts[0], params)) == expected[0].text
+    finally:
+        triton.close()
