@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.reference import PREFIX, layer_weights
+from hayabusa.engine.weights import EMBED_IN, EMBED_OUT, expected_shapes
 from hayabusa.kernels.rotary import rotary_tables
 
-PREFIX = "gpt_neox_japanese."
 OP_SETS = ("triton", "torch")
 
 
@@ -78,19 +79,6 @@ class DecodeInputs:
     check_indices: bool = True  # False: valid by construction, no device->host copy per layer (see PrefillInputs)
 
 
-@dataclass
-class Layer:
-    ln1_weight: Tensor  # [hidden]
-    ln1_bias: Tensor
-    qkv_weight: Tensor  # [3 * hidden, hidden]; per head [q | k | v], as the attention kernels read it
-    dense_weight: Tensor  # [hidden, hidden]
-    dense_bias: Tensor | None  # [hidden], last layer only
-    ln2_weight: Tensor
-    ln2_bias: Tensor
-    mlp_in_weight: Tensor  # [intermediate, hidden]
-    mlp_out_weight: Tensor  # [hidden, intermediate]
-
-
 KVCaches = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache): [num_blocks, block_size, heads, head_dim]
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (qkv, k_cache, v_cache) -> [tokens, hidden]
 
@@ -99,47 +87,33 @@ class FastModel:
     def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor], ops: OpSet) -> None:
         self.config = config
         self.ops = ops
-        if PREFIX + "embed_in.weight" not in state_dict:
-            raise ValueError(f"state dict has no tensor {PREFIX + 'embed_in.weight'!r}")
-        self.dtype = state_dict[PREFIX + "embed_in.weight"].dtype
-        self.device = state_dict[PREFIX + "embed_in.weight"].device
-        self.embed_in = self._weight(state_dict, PREFIX + "embed_in.weight", (config.vocab_size, config.hidden_size))
-        self.layers = [self._layer(state_dict, i) for i in range(config.num_hidden_layers)]
-        self.final_ln_weight = self._weight(state_dict, PREFIX + "final_layer_norm.weight", (config.hidden_size,))
-        self.final_ln_bias = self._weight(state_dict, PREFIX + "final_layer_norm.bias", (config.hidden_size,))
-        if state_dict.get("embed_out.weight") is state_dict[PREFIX + "embed_in.weight"]:
-            self.embed_out = self.embed_in  # tied: one copy
-        else:
-            self.embed_out = self._weight(state_dict, "embed_out.weight", (config.vocab_size, config.hidden_size))
+        self.shapes = expected_shapes(config)
+        if EMBED_IN not in state_dict:
+            raise ValueError(f"state dict has no tensor {EMBED_IN!r}")
+        self.dtype = state_dict[EMBED_IN].dtype
+        self.device = state_dict[EMBED_IN].device
+        weights = {name: self._checked(name, state_dict) for name in self.shapes if name != EMBED_OUT}
+        # Tied: one copy, as the loader hands it over.
+        weights[EMBED_OUT] = weights[EMBED_IN] if state_dict.get(EMBED_OUT) is state_dict[EMBED_IN] \
+            else self._checked(EMBED_OUT, state_dict)
+        self.embed_in = weights[EMBED_IN]
+        self.layers = [layer_weights(config, weights, i) for i in range(config.num_hidden_layers)]
+        self.final_ln_weight = weights[PREFIX + "final_layer_norm.weight"]
+        self.final_ln_bias = weights[PREFIX + "final_layer_norm.bias"]
+        self.embed_out = weights[EMBED_OUT]
         self.cos, self.sin = rotary_tables(config.rotary_dims, config.max_position_embeddings, config.rope_theta,
                                            self.device)  # float32 [max_positions, rotary_dims // 2]
 
-    def _weight(self, state_dict: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> Tensor:
+    def _checked(self, name: str, state_dict: dict[str, Tensor]) -> Tensor:
         if name not in state_dict:
             raise ValueError(f"state dict has no tensor {name!r}")
         tensor = state_dict[name]
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape}")
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {self.shapes[name]}")
         if tensor.dtype != self.dtype or tensor.device != self.device:
             raise ValueError(f"tensor {name!r} is {tensor.dtype} on {tensor.device}; embed_in is {self.dtype} "
                              f"on {self.device} (load every weight with one dtype and device)")
         return tensor.contiguous()  # a no-op for loaded weights; the kernels need row-major
-
-    def _layer(self, state_dict: dict[str, Tensor], i: int) -> Layer:
-        cfg = self.config
-        hidden, inter, p = cfg.hidden_size, cfg.intermediate_size, f"{PREFIX}layers.{i}."
-        last = i == cfg.num_hidden_layers - 1
-        return Layer(
-            ln1_weight=self._weight(state_dict, p + "input_layernorm.weight", (hidden,)),
-            ln1_bias=self._weight(state_dict, p + "input_layernorm.bias", (hidden,)),
-            qkv_weight=self._weight(state_dict, p + "attention.query_key_value.weight", (3 * hidden, hidden)),
-            dense_weight=self._weight(state_dict, p + "attention.dense.weight", (hidden, hidden)),
-            dense_bias=self._weight(state_dict, p + "attention.dense_bias", (hidden,)) if last else None,
-            ln2_weight=self._weight(state_dict, p + "post_attention_layernorm.weight", (hidden,)),
-            ln2_bias=self._weight(state_dict, p + "post_attention_layernorm.bias", (hidden,)),
-            mlp_in_weight=self._weight(state_dict, p + "mlp.dense_h_to_4h.weight", (inter, hidden)),
-            mlp_out_weight=self._weight(state_dict, p + "mlp.dense_4h_to_h.weight", (hidden, inter)),
-        )
 
     def prefill(self, inputs: PrefillInputs, kv_caches: KVCaches) -> Tensor:
         """Logits of each sequence's last new token: [S, vocab] in the model dtype; writes the new tokens' KV."""
