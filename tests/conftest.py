@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 
 from devices import ON_GPU
 
@@ -18,3 +19,12 @@ def _random_preset_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("HAYABUSA_CACHE", str(tmp_path_factory.mktemp("hayabusa-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny tensor ops: one thread beats two fighting over a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

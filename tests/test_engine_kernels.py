@@ -21,13 +21,7 @@ TOKENIZER = Tokenizer.from_pretrained()
 MODEL_ARGS = dict(hidden=160, heads=2, layers=2, vocab=101)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are tiny: one thread is much faster than two fighting over a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_tokens(config, state_dict, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
