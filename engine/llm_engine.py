@@ -219,5 +219,5 @@ class PagedEngine:
 
 def _failed_output(prompt_ids: list[int], message: str) -> GenerationOutput:
     return GenerationOutput(text="", token_ids=[], finish_reason="error", prompt_token_ids=prompt_ids,
-                        timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=0,
-                                        time_to_first_token_s=0.0, total_s=0.0), error=message)
+                            timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=0,
+                                            time_to_first_token_s=0.0, total_s=0.0), error=message)
