@@ -176,14 +176,23 @@ def decode_attention(
     check_decode_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits,
                            check_indices)
     check_triton_device("qkv", qkv)
+    if num_splits is None:  # the interpreter runs programs one by one: splitting only adds work there
+        _, page_size, num_heads, _ = k_cache.shape
+        num_splits = 1 if qkv.device.type != "cuda" or qkv.shape[0] == 0 else pick_num_splits(
+            qkv.shape[0], num_heads, block_tables.shape[1] * page_size, num_sms(qkv.device))
+    return launch_decode_attention(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits)
+
+
+def launch_decode_attention(
+    qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cos: Tensor, sin: Tensor, rotary_dims: int, num_splits: int,
+) -> Tensor:
+    """Launch the kernels on already-validated arguments with an explicit split count (1: single pass)."""
     batch = qkv.shape[0]
     _, page_size, num_heads, head_dim = k_cache.shape
     out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0:
         return out
-    if num_splits is None:  # the interpreter runs programs one by one: splitting only adds work there
-        num_splits = 1 if qkv.device.type != "cuda" else pick_num_splits(
-            batch, num_heads, block_tables.shape[1] * page_size, num_sms(qkv.device))
     block_d = triton.next_power_of_2(head_dim)
     # 4096 loaded elements per K or V tile: ~64 registers/thread at 4 warps (sm_90, no spills), so 8 programs
     # fit on an SM and batch 32 x 32 heads runs in one wave on 132 SMs, with ~80 KB of loads in flight per SM.

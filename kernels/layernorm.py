@@ -82,8 +82,9 @@ def _check_layer_norm_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=x.device)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            out: torch.Tensor, summed: torch.Tensor | None) -> None:
+def launch_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float, out: torch.Tensor, summed: torch.Tensor | None) -> None:
+    """Launch on already-validated arguments: out = LN(x + residual), summed = x + residual (residual optional)."""
     M, N = x.shape
     if M == 0:
         return
@@ -102,7 +103,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     check_triton_device("x", x)
     if out is None:
         out = torch.empty_like(x)
-    _launch(x, None, weight, bias, eps, out, None)
+    launch_layer_norm(x, None, weight, bias, eps, out, None)
     return out
 
 
@@ -132,7 +133,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
     check_triton_device("x", x)
     out = torch.empty_like(x) if out is None else out
     summed_out = torch.empty_like(x) if summed_out is None else summed_out
-    _launch(x, residual, weight, bias, eps, out, summed_out)
+    launch_layer_norm(x, residual, weight, bias, eps, out, summed_out)
     return out, summed_out
 
 

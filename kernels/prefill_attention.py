@@ -258,6 +258,15 @@ def prefill_attention(
     max_new_tokens = check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables, k_cache,
                                              v_cache, cos, sin, rotary_dims, max_seqlen_q, check_indices)
     check_triton_device("qkv", qkv)
+    return launch_prefill_attention(qkv, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin,
+                                    rotary_dims, max_new_tokens)
+
+
+def launch_prefill_attention(
+    qkv: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+    cos: Tensor, sin: Tensor, rotary_dims: int, max_new_tokens: int,
+) -> Tensor:
+    """Launch the cache write and the attention on already-validated arguments; max_new_tokens sizes the grid."""
     num_tokens = qkv.shape[0]
     num_seqs = cu_seqlens.shape[0] - 1
     _, page_size, num_heads, head_dim = k_cache.shape
