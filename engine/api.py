@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.random_models import is_random_preset, random_preset_dir
 from hayabusa.engine.reference import ReferenceModel
@@ -170,9 +170,7 @@ class Engine:
         return [replace(p, **kwargs) if kwargs else p for p in sampling_params]
 
     def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
-        limit = self.config.max_position_embeddings
-        if len(prompt_ids) > limit:
-            raise ValueError(f"prompt {index} has {len(prompt_ids)} tokens; max_position_embeddings is {limit}")
-        if len(prompt_ids) + params.max_new_tokens > limit:
-            raise ValueError(f"prompt {index}: {len(prompt_ids)} prompt tokens + max_new_tokens "
-                             f"{params.max_new_tokens} exceed max_position_embeddings {limit}")
+        try:
+            check_context_fits(len(prompt_ids), params.max_new_tokens, self.config.max_position_embeddings)
+        except ValueError as err:
+            raise ValueError(f"prompt {index}: {err}") from None

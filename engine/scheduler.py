@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 
 from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.config import check_context_fits
 from hayabusa.engine.sequence import Sequence, SequenceStatus
 
 
@@ -36,9 +37,7 @@ class Scheduler:
         """Raise ValueError for a request that could never run: past the context, or bigger than the KV pool."""
         if num_prompt_tokens < 1:
             raise ValueError("the prompt is empty; at least one token is needed")
-        if num_prompt_tokens + max_new_tokens > self.max_model_len:
-            raise ValueError(f"{num_prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} = "
-                             f"{num_prompt_tokens + max_new_tokens} exceed the context length {self.max_model_len}")
+        check_context_fits(num_prompt_tokens, max_new_tokens, self.max_model_len)
         # The last sampled token is never written to the cache.
         blocks = self.block_manager.blocks_needed(num_prompt_tokens + max_new_tokens - 1)
         if blocks > self.block_manager.num_blocks:

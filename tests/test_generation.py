@@ -92,8 +92,10 @@ def test_logits_equal_the_reference_forward() -> None:
     ([[]], {}, "prompt 0 is empty"),
     ([], {}, "prompts must be"),
     ([[1, 2], [1, 999999]], {}, "prompt 1 holds token id 999999 outside the vocabulary"),
-    ([[1] * 129], {}, "prompt 0 has 129 tokens; max_position_embeddings is 128"),
-    ([[1, 2, 3]], {"max_new_tokens": 126}, "exceed max_position_embeddings 128"),
+    ([[1] * 129], {}, r"prompt 0: 129 prompt tokens \+ max_new_tokens 64 = 193 exceed the context length 128 "
+                      r"\(max_position_embeddings\); the prompt alone is longer than that$"),
+    ([[1, 2, 3]], {"max_new_tokens": 126}, r"prompt 0: 3 prompt tokens \+ max_new_tokens 126 = 129 exceed the "
+                                           r"context length 128 \(max_position_embeddings\)$"),
     ([[1, 2, 3]], {"temperature": -1.0}, "temperature must be >= 0"),
     ([[1, 2, 3]], {"top_p": 0.0}, "top_p must be in"),
     ([[1, 2, 3]], {"beam_width": 3}, "unknown sampling parameter 'beam_width'"),
