@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from hayabusa.kernels.decode_attention import decode_attention
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 
-ON_GPU = torch.cuda.is_available()
+from devices import ON_GPU
+
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="decode attention is benchmarked on a GPU only")
 
 NUM_HEADS, HEAD_DIM, CONTEXT, BLOCK_SIZE, DTYPE = 32, 80, 2048, 16, torch.float16

@@ -15,7 +15,8 @@ import triton.testing
 from hayabusa.bench.roofline import measure_copy_bandwidth
 from hayabusa.kernels.layernorm import add_layer_norm, layer_norm
 
-ON_GPU = torch.cuda.is_available()
+from devices import ON_GPU
+
 DTYPE = torch.float16
 HIDDEN = 2560
 EPS = 1e-5

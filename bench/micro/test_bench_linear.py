@@ -17,7 +17,8 @@ from hayabusa.bench.roofline import measure_copy_bandwidth, measure_matmul_rate
 from hayabusa.kernels.linear import linear
 from hayabusa.kernels.mlp import fused_mlp
 
-ON_GPU = torch.cuda.is_available()
+from devices import ON_GPU
+
 DTYPE = torch.float16
 HIDDEN, INTER = 2560, 10240
 BATCHES = [1, 32, 256, 2048]

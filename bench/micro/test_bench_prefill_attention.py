@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from hayabusa.kernels.prefill_attention import prefill_attention
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 
-ON_GPU = torch.cuda.is_available()
+from devices import ON_GPU
+
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="prefill attention is benchmarked on a GPU only")
 
 NUM_HEADS, HEAD_DIM, BLOCK_SIZE, DTYPE = 32, 80, 16, torch.float16
