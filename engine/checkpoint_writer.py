@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import re
 import shutil
 import struct
@@ -83,10 +84,10 @@ def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, *, fmt: st
         del shapes[EMBED_OUT]
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _plan_shards(shapes, itemsize, parse_size(shard_size) if shard_size is not None else None)
-    total_bytes = sum(_numel(shape) for shape in shapes.values()) * itemsize
+    total_bytes = sum(math.prod(shape) for shape in shapes.values()) * itemsize
     show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
     # A small model needs no 4M-draw pool (the draws would dominate writing it), so the pool follows the model size.
-    model_numel = sum(_numel(shape) for shape in expected_shapes(config).values())
+    model_numel = sum(math.prod(shape) for shape in expected_shapes(config).values())
     values = RandomValues(seed, dtype, pool_size=min(POOL_SIZE, model_numel))
     file_names = _shard_file_names(fmt, len(shards))
     write = _write_safetensors if fmt == "safetensors" else _write_bin
@@ -162,7 +163,7 @@ class RandomValues:
             yield block.view(-1)[: numel - first * CHUNK]
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        flat = torch.empty(_numel(shape), dtype=self.dtype)
+        flat = torch.empty(math.prod(shape), dtype=self.dtype)
         start = 0
         for block in self.blocks(name, flat.numel()):
             flat[start:start + block.numel()] = block
@@ -170,19 +171,12 @@ class RandomValues:
         return flat.view(shape)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def _plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_size: int | None) -> list[list[str]]:
     """Consecutive tensors per shard, each shard at most `shard_size` bytes unless one tensor alone is larger."""
     shards: list[list[str]] = [[]]
     shard_bytes = 0
     for name, shape in shapes.items():
-        nbytes = _numel(shape) * itemsize
+        nbytes = math.prod(shape) * itemsize
         if shard_size is not None and shards[-1] and shard_bytes + nbytes > shard_size:
             shards.append([])
             shard_bytes = 0
@@ -208,7 +202,7 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], values: R
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
-        nbytes = _numel(shape) * itemsize
+        nbytes = math.prod(shape) * itemsize
         header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
@@ -218,7 +212,7 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], values: R
         file.write(struct.pack("<Q", len(header_bytes)))
         file.write(header_bytes)
         for name, shape in shapes.items():  # the same order as the offsets above
-            for block in values.blocks(name, _numel(shape)):
+            for block in values.blocks(name, math.prod(shape)):
                 file.write(_raw_bytes(block))
                 bar.update(block.numel() * itemsize)
 
@@ -277,7 +271,7 @@ def run_init_random(args: argparse.Namespace) -> int:
     except OSError as err:  # FileExistsError from a directory that already holds weights, a full disk, ...
         print(f"hayabusa init-random: error: {err}", file=sys.stderr)
         return 1
-    params = sum(_numel(shape) for name, shape in expected_shapes(config).items()
+    params = sum(math.prod(shape) for name, shape in expected_shapes(config).items()
                  if not (args.tied and name == EMBED_OUT))
     files = sorted(p.name for p in out_dir.iterdir())
     print(f"wrote {out_dir}: preset {args.preset}, {params / 1e6:.1f}M parameters stored as {args.dtype} "
