@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from hayabusa.engine.checkpoint_writer import write_random_checkpoint
-from hayabusa.engine.config import PRESETS
+from hayabusa.engine.config import PRESETS, preset
 
 CACHE_VERSION = 1  # bump when the writer's output changes
 
@@ -29,18 +29,17 @@ def is_random_preset(name_or_path: str) -> bool:
     return name_or_path in PRESETS and not Path(name_or_path).is_dir()
 
 
-def random_preset_dir(preset: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
-    """The cached checkpoint of `preset`, written on first use (atomically: a crash leaves no half directory)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+def random_preset_dir(name: str, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """The cached checkpoint of preset `name`, written on first use (atomically: a crash leaves no half directory)."""
+    config = preset(name)
     dtype_name = str(dtype).removeprefix("torch.")
-    target = cache_root() / f"random-{preset}-{dtype_name}-seed{seed}-v{CACHE_VERSION}"
+    target = cache_root() / f"random-{name}-{dtype_name}-seed{seed}-v{CACHE_VERSION}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_random_checkpoint(staging, PRESETS[preset], dtype=dtype, seed=seed)
+        write_random_checkpoint(staging, config, dtype=dtype, seed=seed)
         staging.rename(target)
     except OSError:
         if not (target / "config.json").is_file():  # not a lost race with another writer

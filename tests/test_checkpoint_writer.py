@@ -213,3 +213,17 @@ def test_cli_errors(tmp_path, capsys):
     assert run_cli([str(tmp_path), "--preset", "tiny"]) == 1
     assert "already holds weights" in capsys.readouterr().err
     assert run_cli([str(tmp_path), "--preset", "tiny", "--overwrite"]) == 0
+
+
+def test_random_preset_is_written_once_into_the_cache(tmp_path, monkeypatch):
+    from hayabusa.engine.random_models import random_preset_dir
+
+    monkeypatch.setenv("HAYABUSA_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of 2\.7b, small, tiny"):
+        random_preset_dir("huge")
+    model_dir = random_preset_dir("tiny", dtype=torch.float32, seed=1)
+    assert model_dir.parent == tmp_path / "hayabusa" and load_config(model_dir) == PRESETS["tiny"]
+    written = (model_dir / "model.safetensors").stat().st_mtime_ns
+    assert random_preset_dir("tiny", dtype=torch.float32, seed=1) == model_dir
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == written
+    assert sorted(p.name for p in tmp_path.joinpath("hayabusa").iterdir()) == [model_dir.name]  # no staging left
