@@ -17,6 +17,7 @@ import contextlib
 import torch
 from torch import Tensor
 
+from hayabusa.engine.block_manager import PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
 from hayabusa.engine.sequence import Sequence
@@ -96,28 +97,31 @@ class ModelRunner:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _block_tables(self, seqs: list[Sequence], width: int) -> Tensor:
+    def _block_tables(self, seqs: list[PagedSequence], width: int) -> Tensor:
         """int32 [len(seqs), width]; unused entries -1."""
         return self._to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
                                torch.int32)
 
-    def prepare_prefill(self, seqs: list[Sequence]) -> PrefillInputs:
-        """Pack every sequence's tokens past its prefix-cache hit; the cached prefix is read from the pool."""
+    def prepare_prefill(self, seqs: list[PagedSequence]) -> PrefillInputs:
+        """Pack every sequence's tokens past its prefix-cache hit; the cached prefix is read from the pool.
+
+        seqs need block tables from this pool's BlockManager (`hayabusa verify` packs its prompts here too).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         cu_seqlens = [0]
         for seq in seqs:
             input_ids += seq.token_ids[seq.num_cached_tokens:]
-            positions += range(seq.num_cached_tokens, len(seq))
+            positions += range(seq.num_cached_tokens, len(seq.token_ids))
             cu_seqlens.append(len(input_ids))
         return PrefillInputs(
             input_ids=self._to_device(input_ids, torch.int64),
             positions=self._to_device(positions, torch.int32),
             cu_seqlens=self._to_device(cu_seqlens, torch.int32),
-            context_lens=self._to_device([len(seq) for seq in seqs], torch.int32),
+            context_lens=self._to_device([len(seq.token_ids) for seq in seqs], torch.int32),
             block_tables=self._block_tables(seqs, max(len(seq.block_table) for seq in seqs)),
             last_token_rows=self._to_device([end - 1 for end in cu_seqlens[1:]], torch.int64),
-            max_seqlen_q=max(len(seq) - seq.num_cached_tokens for seq in seqs),
+            max_seqlen_q=max(len(seq.token_ids) - seq.num_cached_tokens for seq in seqs),
             check_indices=False,  # block ids come from the pool, lengths are capped at max_position_embeddings
         )
 

@@ -15,13 +15,13 @@ Exit status 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from hayabusa.engine.config import ModelConfig
-from hayabusa.engine.fast_model import OP_SETS, FastModel, PrefillInputs, load_ops
+from hayabusa.engine.fast_model import OP_SETS
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_generate
@@ -94,12 +94,11 @@ def run(args: argparse.Namespace) -> int:
           f"prompts: {len(prompts)}, greedy steps: {args.steps}")
     tolerance = TOLERANCES[dtype]
     reference = ReferenceModel(config, upcast(state_dict))
-    fast = FastModel(config, state_dict, load_ops(args.ops))
-    checks = compare_prefill(config, reference, fast, prompts, tolerance)
     engine = PagedEngine(config, state_dict, tokenizer, device=device, ops=args.ops,
                          block_size=VERIFY_BLOCK_SIZE, max_num_seqs=len(prompts),
                          kv_cache_blocks=sum(-(-(len(p) + args.steps) // VERIFY_BLOCK_SIZE) for p in prompts))
     try:
+        checks = compare_prefill(config, reference, engine, prompts, tolerance)
         checks += compare_greedy(reference, engine, tokenizer, prompts, args.steps, tolerance)
     finally:
         engine.close()
@@ -118,10 +117,21 @@ def upcast(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: copies.setdefault(id(t), t.float()) for name, t in state_dict.items()}
 
 
+@dataclass
+class PromptBlocks:
+    """A prompt as the engine's BlockManager and ModelRunner.prepare_prefill see a sequence (PagedSequence)."""
+
+    token_ids: list[int]
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+
+
 @torch.no_grad()
-def compare_prefill(config: ModelConfig, reference: ReferenceModel, fast: FastModel, prompts: list[list[int]],
+def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: PagedEngine, prompts: list[list[int]],
                     tolerance: float) -> list[Check]:
-    """Per-layer hidden states and all-position logits of each prompt, one prompt at a time."""
+    """Per-layer hidden states and all-position logits of each prompt, one prompt at a time, packed into the
+    engine's KV pool exactly as its prefill steps are (the blocks are handed back before generation)."""
+    fast, runner = engine.model, engine.runner
     num_states = config.num_hidden_layers + 1
     state_errors = [(0.0, 0.0)] * num_states
     logit_errors = (0.0, 0.0)
@@ -130,7 +140,12 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, fast: FastMo
     for ids in prompts:
         input_ids = torch.tensor([ids], device=fast.device)
         expected_states = [s[0] for s in reference.hidden_states(input_ids)]  # each [T, hidden]
-        actual_states = fast.prefill_hidden_states(single_prompt_inputs(ids, fast.device), scratch_cache(fast, ids))
+        prompt = PromptBlocks(ids)
+        engine.block_manager.allocate(prompt)
+        try:
+            actual_states = fast.prefill_hidden_states(runner.prepare_prefill([prompt]), runner.kv_caches)
+        finally:
+            engine.block_manager.deallocate(prompt)
         for i, (a, e) in enumerate(zip(actual_states, expected_states, strict=True)):
             state_errors[i] = max(state_errors[i], relative_error(a, e), key=lambda x: x[1])
         expected_logits = torch.nn.functional.linear(expected_states[-1], reference.embed_out)  # [T, vocab]
@@ -152,26 +167,6 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, fast: FastMo
         detail += f"; the widest reference gap at a disagreement is {worst_gap:.2e} (relative)"
     checks.append(Check("top-1", detail, worst_gap <= tolerance))
     return checks
-
-
-def single_prompt_inputs(ids: list[int], device: torch.device) -> PrefillInputs:
-    n = len(ids)
-    num_blocks = -(-n // VERIFY_BLOCK_SIZE)
-    return PrefillInputs(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.arange(n, dtype=torch.int32, device=device),
-        cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=device),
-        context_lens=torch.tensor([n], dtype=torch.int32, device=device),
-        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
-        last_token_rows=torch.tensor([n - 1], dtype=torch.int64, device=device),
-    )
-
-
-def scratch_cache(fast: FastModel, ids: list[int]) -> list[tuple[Tensor, Tensor]]:
-    cfg = fast.config
-    shape = (-(-len(ids) // VERIFY_BLOCK_SIZE), VERIFY_BLOCK_SIZE, cfg.num_attention_heads, cfg.head_dim)
-    return [(torch.zeros(shape, dtype=fast.dtype, device=fast.device),
-             torch.zeros(shape, dtype=fast.dtype, device=fast.device)) for _ in range(cfg.num_hidden_layers)]
 
 
 def compare_greedy(reference: ReferenceModel, engine: PagedEngine, tokenizer: Tokenizer, prompts: list[list[int]],

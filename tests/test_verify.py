@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from hayabusa.engine import verify
+from hayabusa.engine import llm_engine, verify
 from hayabusa.engine.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.config import PRESETS
 from hayabusa.engine.fast_model import OpSet
@@ -36,8 +36,8 @@ def with_wrong_layer_norm(ops: OpSet) -> OpSet:
 
 
 def test_a_wrong_kernel_fails_with_a_nonzero_status(model_dir, capsys, monkeypatch) -> None:
-    load_ops = verify.load_ops
-    monkeypatch.setattr(verify, "load_ops", lambda name: with_wrong_layer_norm(load_ops(name)))
+    load_ops = llm_engine.load_ops  # the engine's model serves both the prefill and the greedy checks
+    monkeypatch.setattr(llm_engine, "load_ops", lambda name: with_wrong_layer_norm(load_ops(name)))
     status = verify.run(argparse.Namespace(model=str(model_dir), **ARGS))
     report = capsys.readouterr().out
     assert status == 1
