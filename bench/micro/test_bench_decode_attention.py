@@ -10,11 +10,10 @@ memory, so decode_attention skips them while a graph is being captured).
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_bench import copy_bytes_per_s, time_synced
 
 from hayabusa.kernels.decode_attention import decode_attention
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
@@ -65,16 +64,6 @@ def bytes_moved(batch: int) -> int:
     return (kv_read + qkv_in + kv_written_and_out) * element
 
 
-@functools.cache
-def copy_bandwidth_gbs() -> float:
-    """Measured device-to-device copy rate (read + write) of 1 GiB: the HBM ceiling in practice."""
-    from triton.testing import do_bench
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (do_bench(lambda: dst.copy_(src), return_mode="median") * 1e-3) / 1e9
-
-
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("batch", [1, 8, 32])
 def test_bench_decode_attention(benchmark, batch, impl):
@@ -90,14 +79,9 @@ def test_bench_decode_attention(benchmark, batch, impl):
         op(*args)
     median_ms = do_bench(graph.replay, return_mode="median")
     gbs = bytes_moved(batch) / (median_ms * 1e-3) / 1e9
-    ceiling = copy_bandwidth_gbs()
+    ceiling = copy_bytes_per_s() / 1e9
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), median_ms=median_ms, achieved_gbs=gbs,
                                 copy_bandwidth_gbs=ceiling, fraction_of_copy_bandwidth=gbs / ceiling)
     print(f"\ndecode_attention {impl:6s} batch {batch:2d} ctx {CONTEXT} heads {NUM_HEADS} head_dim {HEAD_DIM} "
           f"{DTYPE}: {median_ms * 1e3:8.1f} us  {gbs:7.0f} GB/s  = {gbs / ceiling:5.1%} of copy {ceiling:.0f} GB/s")
-
-    def synced_replay():
-        graph.replay()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced_replay, rounds=20, warmup_rounds=3)
+    time_synced(benchmark, graph.replay)

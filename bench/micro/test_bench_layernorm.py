@@ -5,14 +5,11 @@ GPU only: `pytest bench/micro/test_bench_layernorm.py --benchmark-only -s`. Figu
 extra_info with the achieved bandwidth next to the device-to-device copy bandwidth measured in the same session.
 """
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.testing
+from gpu_bench import report
 
-from hayabusa.bench.roofline import measure_copy_bandwidth
 from hayabusa.kernels.layernorm import add_layer_norm, layer_norm
 
 from devices import ON_GPU
@@ -23,30 +20,6 @@ EPS = 1e-5
 ROWS = [1, 32, 256, 2048, 8192]
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="kernel microbenchmarks need a CUDA GPU")
-
-
-@functools.cache
-def copy_bytes_per_s() -> float:
-    return measure_copy_bandwidth(torch.device("cuda"), 1 << 30)
-
-
-def report(benchmark, name: str, fn, baseline, num_bytes: int) -> None:
-    kernel_ms = triton.testing.do_bench(fn, return_mode="median")
-    torch_ms = triton.testing.do_bench(baseline, return_mode="median")
-    bytes_per_s = num_bytes / (kernel_ms / 1e3)
-    figures = {"triton_us": kernel_ms * 1e3, "torch_us": torch_ms * 1e3, "speedup": torch_ms / kernel_ms,
-               "GB_per_s": bytes_per_s / 1e9, "pct_copy_bandwidth": 100 * bytes_per_s / copy_bytes_per_s(),
-               "copy_GB_per_s": copy_bytes_per_s() / 1e9}
-    benchmark.extra_info.update(figures)
-    print(f"\n{name}: triton {figures['triton_us']:.1f} us vs torch {figures['torch_us']:.1f} us "
-          f"(x{figures['speedup']:.2f}); {figures['GB_per_s']:.0f} GB/s = {figures['pct_copy_bandwidth']:.0f}% of "
-          f"copy {figures['copy_GB_per_s']:.0f} GB/s")
-
-    def call_and_sync():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call_and_sync, rounds=20, warmup_rounds=3)
 
 
 def make_inputs(M: int) -> tuple[torch.Tensor, ...]:

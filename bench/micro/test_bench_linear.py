@@ -6,14 +6,11 @@ each benchmark's extra_info next to the device ceilings measured in the same ses
 bandwidth, cuBLAS square-matmul rate). pytest-benchmark's own column also counts launch + synchronize per call.
 """
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
-import triton.testing
+from gpu_bench import report
 
-from hayabusa.bench.roofline import measure_copy_bandwidth, measure_matmul_rate
 from hayabusa.kernels.linear import linear
 from hayabusa.kernels.mlp import fused_mlp
 
@@ -31,37 +28,6 @@ PROJECTIONS = {
 }
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="kernel microbenchmarks need a CUDA GPU")
-
-
-@functools.cache
-def ceilings() -> tuple[float, float]:
-    """(bytes/s of a 1 GiB device copy, FLOP/s of an fp16 8192^3 cuBLAS matmul) on this device."""
-    device = torch.device("cuda")
-    return measure_copy_bandwidth(device, 1 << 30), measure_matmul_rate(device, DTYPE, 8192)
-
-
-def report(benchmark, name: str, fn, baseline, num_bytes: int, flops: int) -> None:
-    kernel_ms = triton.testing.do_bench(fn, return_mode="median")
-    torch_ms = triton.testing.do_bench(baseline, return_mode="median")
-    copy_bytes_per_s, matmul_flops_per_s = ceilings()
-    bytes_per_s, flops_per_s = num_bytes / (kernel_ms / 1e3), flops / (kernel_ms / 1e3)
-    figures = {
-        "triton_us": kernel_ms * 1e3, "torch_us": torch_ms * 1e3, "speedup": torch_ms / kernel_ms,
-        "GB_per_s": bytes_per_s / 1e9, "pct_copy_bandwidth": 100 * bytes_per_s / copy_bytes_per_s,
-        "TFLOP_per_s": flops_per_s / 1e12, "pct_matmul_rate": 100 * flops_per_s / matmul_flops_per_s,
-        "copy_GB_per_s": copy_bytes_per_s / 1e9, "matmul_TFLOP_per_s": matmul_flops_per_s / 1e12,
-    }
-    benchmark.extra_info.update(figures)
-    print(f"\n{name}: triton {figures['triton_us']:.1f} us vs torch {figures['torch_us']:.1f} us "
-          f"(x{figures['speedup']:.2f}); {figures['GB_per_s']:.0f} GB/s = {figures['pct_copy_bandwidth']:.0f}% of "
-          f"copy {figures['copy_GB_per_s']:.0f} GB/s; {figures['TFLOP_per_s']:.1f} TFLOP/s = "
-          f"{figures['pct_matmul_rate']:.0f}% of cuBLAS {figures['matmul_TFLOP_per_s']:.0f} TFLOP/s")
-
-    def call_and_sync():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(call_and_sync, rounds=20, warmup_rounds=3)
 
 
 @pytest.mark.parametrize("projection", list(PROJECTIONS))
@@ -87,7 +53,8 @@ def test_bench_linear(benchmark, M, projection):
 
     elem = DTYPE.itemsize
     num_bytes = (N * K + M * K + M * N * (2 if has_residual else 1) + (N if has_bias else 0)) * elem
-    report(benchmark, f"linear {projection} M={M} N={N} K={K}", kernel, baseline, num_bytes, 2 * M * N * K)
+    report(benchmark, f"linear {projection} M={M} N={N} K={K}", kernel, baseline, num_bytes, 2 * M * N * K,
+           dtype=DTYPE)
 
 
 @pytest.mark.parametrize("M", BATCHES)
@@ -108,4 +75,4 @@ def test_bench_fused_mlp(benchmark, M):
     # weights once, x and residual in, the activated intermediate written and read back, the output out
     num_bytes = (2 * INTER * HIDDEN + 3 * M * HIDDEN + 2 * M * INTER) * elem
     report(benchmark, f"fused_mlp M={M} hidden={HIDDEN} inter={INTER}", kernel, baseline, num_bytes,
-           4 * M * HIDDEN * INTER)
+           4 * M * HIDDEN * INTER, dtype=DTYPE)

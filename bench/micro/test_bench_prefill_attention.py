@@ -14,11 +14,10 @@ dense fp16 matmul rate. Forms timed:
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
+from gpu_bench import matmul_flops_per_s, time_synced
 
 from hayabusa.kernels.prefill_attention import prefill_attention
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
@@ -75,16 +74,6 @@ def causal_flops(seq_lens: list[int]) -> int:
     return 4 * NUM_HEADS * HEAD_DIM * pairs
 
 
-@functools.cache
-def matmul_tflops() -> float:
-    """Measured dense fp16 matmul rate (8192^3, cuBLAS): the tensor-core ceiling in practice."""
-    from triton.testing import do_bench
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
-    return 2 * 8192**3 / (do_bench(lambda: a @ b, return_mode="median") * 1e-3) / 1e12
-
-
 @pytest.mark.parametrize("impl", ["triton", "torch", "sdpa"])
 @pytest.mark.parametrize("seq_lens", [[2048], [512] * 4, [1024, 512, 300, 212]], ids=["1x2048", "4x512", "mixed"])
 def test_bench_prefill_attention(benchmark, seq_lens, impl):
@@ -110,15 +99,10 @@ def test_bench_prefill_attention(benchmark, seq_lens, impl):
 
     median_ms = do_bench(op, return_mode="median")
     tflops = causal_flops(seq_lens) / (median_ms * 1e-3) / 1e12
-    ceiling = matmul_tflops()
+    ceiling = matmul_flops_per_s(DTYPE) / 1e12
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), median_ms=median_ms, tflops=tflops,
                                 matmul_tflops=ceiling, fraction_of_matmul=tflops / ceiling)
     print(f"\nprefill_attention {impl:6s} seqs {'+'.join(map(str, seq_lens)):>16s} heads {NUM_HEADS} head_dim "
           f"{HEAD_DIM} {DTYPE}: {median_ms * 1e3:8.1f} us  {tflops:6.1f} TFLOP/s = {tflops / ceiling:5.1%} of "
           f"matmul {ceiling:.0f} TFLOP/s")
-
-    def synced():
-        op()
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
+    time_synced(benchmark, op)
