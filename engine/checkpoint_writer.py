@@ -24,10 +24,9 @@ from tqdm import tqdm
 
 from .config import PRESETS, ModelConfig
 from .hub import BIN_FILES, SAFETENSORS_FILES
-from .weights import EMBED_IN, EMBED_OUT, expected_shapes
+from .weights import EMBED_IN, EMBED_OUT, SAFETENSORS_DTYPES, expected_shapes
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-_SAFETENSORS_DTYPE_NAMES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 FORMATS = ("safetensors", "bin")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -199,12 +198,12 @@ def _write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], values: R
         raise RuntimeError("writing safetensors needs a little-endian machine")
     dtype = values.dtype
     itemsize = torch.empty((), dtype=dtype).element_size()
+    dtype_code = next(code for code, code_dtype in SAFETENSORS_DTYPES.items() if code_dtype == dtype)
     header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape in shapes.items():
         nbytes = math.prod(shape) * itemsize
-        header[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": dtype_code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)

@@ -22,7 +22,8 @@ EMBED_OUT = "embed_out.weight"
 # Buffers that older transformers versions saved with the weights; hayabusa recomputes them, so they are dropped.
 KNOWN_BUFFER = re.compile(r"^gpt_neox_japanese\.layers\.(\d+)\.attention\.(rotary_emb\.inv_freq|bias|masked_bias)$")
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# safetensors header dtype code -> torch dtype, for the float dtypes hayabusa loads (also what init-random writes)
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 # Checked in this order, as transformers does: safetensors before PyTorch pickles, a single file before an index.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -181,7 +182,7 @@ def _open_safetensors(files: dict[Path, list[str] | None]) -> tuple[dict[str, St
             infos = {}
             for name in file_names:
                 header = handle.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(header.get_dtype(), header.get_dtype())
+                dtype = SAFETENSORS_DTYPES.get(header.get_dtype(), header.get_dtype())
                 infos[name] = StoredTensor(path, tuple(header.get_shape()), dtype)
         except Exception as err:  # safetensors raises its own SafetensorError for truncated or corrupt files
             raise CheckpointError(f"cannot read {path}: truncated or not a safetensors file ({err})") from None
