@@ -11,7 +11,7 @@ import torch
 
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams, SamplingState, sample_next_tokens
+from hayabusa.engine.sampling import SamplingParams, request_seed, sample_next_tokens
 from hayabusa.tokenizer import Tokenizer
 
 # (request index, text delta, the finished output or None)
@@ -23,7 +23,7 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     """Run all prompts as one batch; yield text deltas as tokens are sampled. Inputs are validated by the caller."""
     eos = model.config.eos_token_id
     builders = [OutputBuilder(tokenizer, prompt, p, eos) for prompt, p in zip(prompts, params, strict=True)]
-    states = [SamplingState(p) for p in params]
+    seeds = [request_seed(p) for p in params]
     seen = [list(prompt) for prompt in prompts]
     batch, longest = len(prompts), max(len(prompt) for prompt in prompts)
     max_len = longest + max(p.max_new_tokens for p in params) - 1
@@ -42,11 +42,10 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     cache = model.new_cache(batch, max_len)
     logits = model(input_ids, positions, cache, key_mask[:, :longest], last_token_only=True)[:, 0]
     while True:
-        tokens = sample_next_tokens(logits, params, seen, [s.seed for s in states], [s.step for s in states])
+        tokens = sample_next_tokens(logits, params, seen, seeds, [len(b.token_ids) for b in builders])
         for b, token in enumerate(tokens.tolist()):
             if builders[b].finished:
                 continue
-            states[b].step += 1
             seen[b].append(token)
             delta = builders[b].append(token)
             yield b, delta, builders[b].result() if builders[b].finished else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -52,16 +52,9 @@ class SamplingParams:
         return not self.do_sample or self.temperature == 0
 
 
-@dataclass
-class SamplingState:
-    """Per-request sampling state: the resolved seed and how many tokens were drawn so far."""
-
-    params: SamplingParams
-    seed: int = field(init=False)
-    step: int = 0
-
-    def __post_init__(self) -> None:
-        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(62)
+def request_seed(params: SamplingParams) -> int:
+    """The seed that keys a request's sampling noise: params.seed, or a fresh random one when it is None."""
+    return params.seed if params.seed is not None else random.getrandbits(62)
 
 
 def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import random
 import threading
 from typing import TYPE_CHECKING
 
+from hayabusa.engine.sampling import SamplingParams, request_seed
+
 if TYPE_CHECKING:
     from hayabusa.engine.outputs import OutputBuilder
-    from hayabusa.engine.sampling import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -24,7 +24,7 @@ class Sequence:
         self.token_ids = list(prompt_ids)  # prompt then completion; the last one is not in the KV cache yet
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
-        self.seed = params.seed if params.seed is not None else random.getrandbits(62)  # keys the sampling noise
+        self.seed = request_seed(params)
         self.output = output
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
