@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError) as err:  # bad input, missing or unreadable files (FileNotFoundError too)
         print(f"hayabusa {args.command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
