@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import threading
 from typing import TYPE_CHECKING
 
 from hayabusa.engine.sampling import SamplingParams, request_seed
@@ -32,7 +31,6 @@ class Sequence:
         self.num_preemptions = 0
         self.error: str | None = None  # set when the request failed alone (e.g. can never fit the KV pool)
         self.text_deltas: list[str] = []  # produced but not yet taken by a stream() reader
-        self.done = threading.Event()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -60,4 +58,3 @@ class Sequence:
 
     def finish(self) -> None:
         self.status = SequenceStatus.FINISHED
-        self.done.set()
