@@ -49,6 +49,8 @@ def transformers_tokenizer():
 
 
 def _record(benchmark, text: str, ids: list[int]) -> None:
+    if benchmark.stats is None:  # --benchmark-disable: the call ran once as a test, untimed
+        return
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(chars=len(text), tokens=len(ids), chars_per_s=len(text) / seconds,
                                 tokens_per_s=len(ids) / seconds)
