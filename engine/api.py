@@ -31,6 +31,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 class Engine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
@@ -66,7 +70,7 @@ class Engine:
         """
         device = torch.device(device or default_device())
         if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
+            dtype = default_dtype(device)
         if backend is None:
             backend = "triton" if device.type == "cuda" else "reference"
         if backend not in BACKENDS:
