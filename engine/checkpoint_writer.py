@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .cli import DTYPES
 from .config import PRESETS, ModelConfig
 from .hub import BIN_FILES, SAFETENSORS_FILES
 from .weights import EMBED_IN, EMBED_OUT, SAFETENSORS_DTYPES, expected_shapes
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMATS = ("safetensors", "bin")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+# dtype names every subcommand accepts (--dtype)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
