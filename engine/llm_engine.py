@@ -86,10 +86,13 @@ class PagedEngine:
 
     def _submit(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[Sequence]:
         seqs = [self._new_sequence(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+        self._enqueue(seqs)
+        return seqs
+
+    def _enqueue(self, seqs: list[Sequence]) -> None:
         with self._cond:  # all at once: they can share the first prefill batch
             for seq in seqs:
                 self.scheduler.add(seq)
-        return seqs
 
     # ---- stepping --------------------------------------------------------------------------------------------
 
@@ -169,9 +172,7 @@ class PagedEngine:
             except ValueError as err:
                 seqs.append(_failed_output(list(prompt), f"request {index}: {err}"))
         live = [seq for seq in seqs if isinstance(seq, Sequence)]
-        with self._cond:
-            for seq in live:
-                self.scheduler.add(seq)
+        self._enqueue(live)
         self._drive_until(lambda: all(seq.is_finished for seq in live))
         return [seq if isinstance(seq, GenerationOutput) else self._result(seq) for seq in seqs]
 
