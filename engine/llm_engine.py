@@ -27,6 +27,7 @@ from hayabusa.engine.outputs import GenerationOutput, OutputBuilder, Timings
 from hayabusa.engine.sampling import SamplingParams, sample_next_tokens
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Sequence
+from hayabusa.engine.weights import EMBED_IN
 from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
@@ -48,7 +49,7 @@ class PagedEngine:
         self.config = config
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        embed = state_dict.get("gpt_neox_japanese.embed_in.weight")
+        embed = state_dict.get(EMBED_IN)
         if embed is not None and embed.device.type != self.device.type:
             raise ValueError(f"the weights are on {embed.device}, but device={self.device} was asked for")
         max_model_len = config.max_position_embeddings

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.weights import EMBED_IN, EMBED_OUT
 
 PREFIX = "gpt_neox_japanese."
 
@@ -88,11 +89,11 @@ class KVCache:
 class ReferenceModel:
     def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor]) -> None:
         self.config = config
-        self.embed_in = state_dict[PREFIX + "embed_in.weight"]  # [vocab, hidden]
+        self.embed_in = state_dict[EMBED_IN]  # [vocab, hidden]
         self.layers = [layer_weights(config, state_dict, i) for i in range(config.num_hidden_layers)]
         self.final_ln_weight = state_dict[PREFIX + "final_layer_norm.weight"]
         self.final_ln_bias = state_dict[PREFIX + "final_layer_norm.bias"]
-        self.embed_out = state_dict["embed_out.weight"]  # [vocab, hidden]; may be the same tensor as embed_in
+        self.embed_out = state_dict[EMBED_OUT]  # [vocab, hidden]; may be the same tensor as embed_in
         self.inv_freq = rotary_inv_freq(config, self.embed_in.device)
 
     @property
