@@ -17,10 +17,6 @@ from hayabusa.bench.timing import median, time_ms
 from hayabusa.engine.config import ModelConfig
 
 
-def dtype_bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def layer_weight_params(config: ModelConfig) -> int:
     """Parameters of one layer: qkv [3h, h], dense [h, h], mlp [4h, h] + [h, 4h], two LayerNorms (w + b)."""
     h, inter = config.hidden_size, config.intermediate_size

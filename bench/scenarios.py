@@ -45,7 +45,7 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
         raise RuntimeError(f"{runner.name} split a decode batch of {batch}; its decode time is not one batch's")
     step_samples = [r.decode_s * 1e3 / (gen_len - 1) for r in results[sizes.warmup:]]
     ms_per_token = median(step_samples)
-    step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, roofline.dtype_bytes(runner.dtype))
+    step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, runner.dtype.itemsize)
     floor_ms = device_roofline.decode_floor_ms(step_bytes)
     return BenchRecord(
         runner.name, "decode", f"batch{batch}", batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),

@@ -57,11 +57,10 @@ def make_inputs(batch: int) -> tuple:
 
 
 def bytes_moved(batch: int) -> int:
-    element = torch.empty((), dtype=DTYPE).element_size()
     kv_read = batch * (CONTEXT - 1) * 2 * NUM_HEADS * HEAD_DIM  # cached K and V of every earlier position
     qkv_in = batch * 3 * NUM_HEADS * HEAD_DIM
     kv_written_and_out = batch * 3 * NUM_HEADS * HEAD_DIM  # new K, new V, output row
-    return (kv_read + qkv_in + kv_written_and_out) * element
+    return (kv_read + qkv_in + kv_written_and_out) * DTYPE.itemsize
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
