@@ -71,8 +71,8 @@ def row_block(n: int) -> tuple[int, int]:
 
 def interpreted_bf16(dtype: torch.dtype, device: torch.device) -> bool:
     """True where Triton's CPU interpreter mishandles bf16: it multiplies bf16 tl.dot operands as their raw
-    uint16 bits and truncates fp32 -> bf16 casts instead of rounding to nearest even. Kernels then upcast dot
-    operands to fp32 (exact) and round with `round_bf16` before the cast, so CPU results match a GPU's."""
+    uint16 bits and truncates fp32 -> bf16 casts instead of rounding to nearest even. Kernels pass it as their
+    INTERPRETED_BF16 constexpr to `dot` and `cast_rounded`, which steer around both, so CPU results match a GPU's."""
     return dtype == torch.bfloat16 and device.type == "cpu"
 
 
@@ -82,3 +82,19 @@ def round_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_rounded(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """fp32 x cast to dtype, rounding to nearest even (as a GPU's cast does) under the interpreter too."""
+    if INTERPRETED_BF16:
+        x = round_bf16(x)
+    return x.to(dtype)
+
+
+@triton.jit
+def dot(a, b, acc, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """acc + a @ b; under the interpreter bf16 operands are upcast (products of bf16 values are exact in fp32)."""
+    if INTERPRETED_BF16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)

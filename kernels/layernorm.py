@@ -4,14 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_tensor, check_triton_device, interpreted_bf16, round_bf16, row_block
-
-
-@triton.jit
-def _to_dtype(x, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
-    if INTERPRETED_BF16:
-        x = round_bf16(x)
-    return x.to(dtype)
+from ._launch import cast_rounded, check_tensor, check_triton_device, interpreted_bf16, row_block
 
 
 @triton.jit
@@ -26,7 +19,7 @@ def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, summe
         row = tl.load(x_ptr + row_start + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             row = row.to(tl.float32) + tl.load(residual_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
-            row = _to_dtype(row, summed_ptr.dtype.element_ty, INTERPRETED_BF16)
+            row = cast_rounded(row, summed_ptr.dtype.element_ty, INTERPRETED_BF16)
             tl.store(summed_ptr + row_start + cols, row, mask=mask)
         row = row.to(tl.float32)
         mean = tl.sum(row, axis=0) / N
@@ -34,7 +27,7 @@ def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, summe
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        normalized = _to_dtype(centered * rstd * weight + bias, out_ptr.dtype.element_ty, INTERPRETED_BF16)
+        normalized = cast_rounded(centered * rstd * weight + bias, out_ptr.dtype.element_ty, INTERPRETED_BF16)
         tl.store(out_ptr + row_start + cols, normalized, mask=mask)
     else:  # long rows: walk the row in BLOCK_N chunks (sum, then centered squares, then normalize)
         source_ptr = x_ptr
@@ -47,7 +40,7 @@ def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, summe
             if HAS_RESIDUAL:
                 chunk = chunk.to(tl.float32) + tl.load(residual_ptr + row_start + start + cols, mask=mask,
                                                        other=0.0).to(tl.float32)
-                chunk = _to_dtype(chunk, summed_ptr.dtype.element_ty, INTERPRETED_BF16)
+                chunk = cast_rounded(chunk, summed_ptr.dtype.element_ty, INTERPRETED_BF16)
                 tl.store(summed_ptr + row_start + start + cols, chunk, mask=mask)
             total += chunk.to(tl.float32)
         tl.debug_barrier()  # the passes below re-read `summed` that this program just wrote
@@ -64,7 +57,7 @@ def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, summe
             chunk = tl.load(source_ptr + row_start + start + cols, mask=mask, other=0.0).to(tl.float32)
             weight = tl.load(weight_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
             bias = tl.load(bias_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
-            normalized = _to_dtype((chunk - mean) * rstd * weight + bias, out_ptr.dtype.element_ty, INTERPRETED_BF16)
+            normalized = cast_rounded((chunk - mean) * rstd * weight + bias, out_ptr.dtype.element_ty, INTERPRETED_BF16)
             tl.store(out_ptr + row_start + start + cols, normalized, mask=mask)
 
 

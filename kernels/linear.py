@@ -16,7 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import check_tensor, check_triton_device, interpreted_bf16, num_sms, round_bf16, shared_memory_bytes
+from ._launch import (
+    cast_rounded,
+    check_tensor,
+    check_triton_device,
+    dot,
+    interpreted_bf16,
+    num_sms,
+    shared_memory_bytes,
+)
 
 ACTIVATIONS = (None, "gelu")
 
@@ -51,9 +59,7 @@ def _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr,
     offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     if HAS_RESIDUAL:
         acc += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if INTERPRETED_BF16:
-        acc = round_bf16(acc)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_rounded(acc, out_ptr.dtype.element_ty, INTERPRETED_BF16), mask=mask)
 
 
 @triton.jit
@@ -97,10 +103,7 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
             x_tile = tl.load(x_ptrs, mask=k_mask, other=0.0)
             w_tile = tl.load(w_ptrs, mask=k_mask, other=0.0)
         # x_tile: [BLOCK_M, BLOCK_K], w_tile: [BLOCK_N, BLOCK_K]
-        if INTERPRETED_BF16:
-            x_tile = x_tile.to(tl.float32)
-            w_tile = w_tile.to(tl.float32)
-        acc = tl.dot(x_tile, tl.trans(w_tile), acc, input_precision=INPUT_PRECISION)
+        acc = dot(x_tile, tl.trans(w_tile), acc, INPUT_PRECISION, INTERPRETED_BF16)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -190,9 +193,8 @@ def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bia
     if M == 0:
         return out
     dummy = out  # pointer for absent bias / residual / workspace; never read when its flag is off
-    interpreted = interpreted_bf16(x.dtype, x.device)
     flags = dict(HAS_BIAS=bias is not None, GELU=activation == "gelu", HAS_RESIDUAL=residual is not None,
-                 INTERPRETED_BF16=interpreted)
+                 INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device))
     partial = dummy
     if config.split_k > 1:
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
@@ -202,7 +204,7 @@ def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bia
         M, N, K,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
         GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 or interpreted else "tf32",
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config.num_warps, num_stages=config.num_stages, **flags,
     )
     if config.split_k > 1:

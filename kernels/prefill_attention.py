@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hayabusa.kernels._attention_checks import check_prefill_arguments
-from hayabusa.kernels._launch import check_triton_device
+from hayabusa.kernels._launch import cast_rounded, check_triton_device, dot, interpreted_bf16
 from hayabusa.kernels.rotary import apply_rotary_ref
 
 LOG2E = 1.4426950408889634
@@ -51,33 +51,12 @@ def _load_rotated(row_ptrs, row_mask, positions, offs_d, cos_ptr, sin_ptr,
     return x * cos + sign[None, :] * x_partner * sin
 
 
-# Triton's CPU interpreter mishandles bf16 in two ways that the kernels steer around when CPU_BF16 is set:
-# tl.dot multiplies bf16 tiles as raw uint16 bits, and fp32 -> bf16 casts truncate instead of rounding to
-# nearest even as the GPU does. The workarounds reproduce the GPU's results exactly.
-@triton.jit
-def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, CPU_BF16: tl.constexpr):
-    """acc + a @ b (products of bf16 values are exact in fp32, so upcasting changes nothing)."""
-    if CPU_BF16:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, CPU_BF16: tl.constexpr):
-    """fp32 x cast to dtype, rounding to nearest even."""
-    if CPU_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round at bit 16: exact in bf16 afterwards
-        return bits.to(tl.float32, bitcast=True).to(dtype)
-    return x.to(dtype)
-
-
 @triton.jit
 def _write_kv_kernel(
     qkv_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
     block_table_stride,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROT_HALF: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, CPU_BF16: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -102,7 +81,7 @@ def _write_kv_kernel(
     slots = pages.to(tl.int64) * PAGE_SIZE + positions % PAGE_SIZE
     cache_offsets = (slots * NUM_HEADS + head) * HEAD_DIM  # cache: [num_blocks, PAGE_SIZE, NUM_HEADS, HEAD_DIM]
     cache_offsets = cache_offsets[:, None] + offs_d[None, :]
-    tl.store(k_cache_ptr + cache_offsets, _round_to(k, k_cache_ptr.dtype.element_ty, CPU_BF16), mask=mask)
+    tl.store(k_cache_ptr + cache_offsets, cast_rounded(k, k_cache_ptr.dtype.element_ty, INTERPRETED_BF16), mask=mask)
     tl.store(v_cache_ptr + cache_offsets, v, mask=mask)
 
 
@@ -112,7 +91,7 @@ def _attend_keys(
     k_cache_ptr, v_cache_ptr, block_table_row, head, query_positions, key_start, key_end, scale_log2,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CPU_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     """Fold keys key_start..key_end-1 into the running softmax; CAUSAL_MASK for tiles crossing the diagonal."""
     dtype = k_cache_ptr.dtype.element_ty
@@ -125,12 +104,12 @@ def _attend_keys(
         rows = ((pages * PAGE_SIZE + keys % PAGE_SIZE) * NUM_HEADS + head) * HEAD_DIM  # [BLOCK_N]
         # K loaded transposed ([D, BLOCK_N]) for q @ k^T; V as [BLOCK_N, D].
         k_main = tl.load(k_cache_ptr + rows[None, :] + offs_main[:, None], mask=in_range[None, :], other=0.0)
-        scores = _dot(q_main, k_main, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), DOT_PRECISION, CPU_BF16)
+        scores = dot(q_main, k_main, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INPUT_PRECISION, INTERPRETED_BF16)
         if D_TAIL > 0:
             offs_tail = D_MAIN + tl.arange(0, D_TAIL)
             tail_mask = in_range[None, :] & (offs_tail < HEAD_DIM)[:, None]
             k_tail = tl.load(k_cache_ptr + rows[None, :] + offs_tail[:, None], mask=tail_mask, other=0.0)
-            scores = _dot(q_tail, k_tail, scores, DOT_PRECISION, CPU_BF16)
+            scores = dot(q_tail, k_tail, scores, INPUT_PRECISION, INTERPRETED_BF16)
         scores = scores * scale_log2  # log2 units: exp2 replaces exp
         if CAUSAL_MASK:
             visible = (keys[None, :] <= query_positions[:, None]) & in_range[None, :]
@@ -139,14 +118,14 @@ def _attend_keys(
         correction = tl.exp2(running_max - new_max)
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
-        probs = _round_to(probs, dtype, CPU_BF16)
+        probs = cast_rounded(probs, dtype, INTERPRETED_BF16)
         v_main = tl.load(v_cache_ptr + rows[:, None] + offs_main[None, :], mask=in_range[:, None], other=0.0)
-        acc_main = _dot(probs, v_main, acc_main * correction[:, None], DOT_PRECISION, CPU_BF16)
+        acc_main = dot(probs, v_main, acc_main * correction[:, None], INPUT_PRECISION, INTERPRETED_BF16)
         if D_TAIL > 0:
             offs_tail = D_MAIN + tl.arange(0, D_TAIL)
             tail_mask = in_range[:, None] & (offs_tail < HEAD_DIM)[None, :]
             v_tail = tl.load(v_cache_ptr + rows[:, None] + offs_tail[None, :], mask=tail_mask, other=0.0)
-            acc_tail = _dot(probs, v_tail, acc_tail * correction[:, None], DOT_PRECISION, CPU_BF16)
+            acc_tail = dot(probs, v_tail, acc_tail * correction[:, None], INPUT_PRECISION, INTERPRETED_BF16)
         running_max = new_max
     return acc_main, acc_tail, running_max, running_sum
 
@@ -157,7 +136,7 @@ def _prefill_attention_kernel(
     cos_ptr, sin_ptr, block_table_stride, scale_log2,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr, D_TAIL: tl.constexpr,
     ROT_HALF: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, CPU_BF16: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     # Query blocks in reverse: the longest (last, causal) blocks start first, which evens out the tail.
     q_block = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -177,13 +156,13 @@ def _prefill_attention_kernel(
     head_ptrs = qkv_ptr + (seq_start + offs_m).to(tl.int64) * (3 * NUM_HEADS * HEAD_DIM) + head * 3 * HEAD_DIM
     offs_main = tl.arange(0, D_MAIN)
     # q rotated in fp32 and rounded to the model dtype once, like the rotated k in the cache.
-    q_main = _round_to(_load_rotated(head_ptrs, in_seq, query_positions, offs_main, cos_ptr, sin_ptr,
-                                     HEAD_DIM, ROT_HALF), dtype, CPU_BF16)
+    q_main = cast_rounded(_load_rotated(head_ptrs, in_seq, query_positions, offs_main, cos_ptr, sin_ptr,
+                                         HEAD_DIM, ROT_HALF), dtype, INTERPRETED_BF16)
     acc_main = tl.zeros([BLOCK_M, D_MAIN], dtype=tl.float32)
     if D_TAIL > 0:
         offs_tail = D_MAIN + tl.arange(0, D_TAIL)
-        q_tail = _round_to(_load_rotated(head_ptrs, in_seq, query_positions, offs_tail, cos_ptr, sin_ptr,
-                                         HEAD_DIM, ROT_HALF), dtype, CPU_BF16)
+        q_tail = cast_rounded(_load_rotated(head_ptrs, in_seq, query_positions, offs_tail, cos_ptr, sin_ptr,
+                                             HEAD_DIM, ROT_HALF), dtype, INTERPRETED_BF16)
         acc_tail = tl.zeros([BLOCK_M, D_TAIL], dtype=tl.float32)
     else:
         q_tail = 0.0
@@ -199,20 +178,21 @@ def _prefill_attention_kernel(
     acc_main, acc_tail, running_max, running_sum = _attend_keys(
         q_main, q_tail, acc_main, acc_tail, running_max, running_sum,
         k_cache_ptr, v_cache_ptr, block_table_row, head, query_positions, 0, unmasked_end, scale_log2,
-        NUM_HEADS, HEAD_DIM, D_MAIN, D_TAIL, PAGE_SIZE, BLOCK_M, BLOCK_N, False, DOT_PRECISION, CPU_BF16)
+        NUM_HEADS, HEAD_DIM, D_MAIN, D_TAIL, PAGE_SIZE, BLOCK_M, BLOCK_N, False, INPUT_PRECISION, INTERPRETED_BF16)
     acc_main, acc_tail, running_max, running_sum = _attend_keys(
         q_main, q_tail, acc_main, acc_tail, running_max, running_sum,
         k_cache_ptr, v_cache_ptr, block_table_row, head, query_positions, unmasked_end, key_end, scale_log2,
-        NUM_HEADS, HEAD_DIM, D_MAIN, D_TAIL, PAGE_SIZE, BLOCK_M, BLOCK_N, True, DOT_PRECISION, CPU_BF16)
+        NUM_HEADS, HEAD_DIM, D_MAIN, D_TAIL, PAGE_SIZE, BLOCK_M, BLOCK_N, True, INPUT_PRECISION, INTERPRETED_BF16)
 
     # out: [T, NUM_HEADS * HEAD_DIM]
     out_rows = out_ptr + (seq_start + offs_m).to(tl.int64) * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
     out_main = acc_main / running_sum[:, None]
-    tl.store(out_rows[:, None] + offs_main[None, :], _round_to(out_main, dtype, CPU_BF16), mask=in_seq[:, None])
+    tl.store(out_rows[:, None] + offs_main[None, :], cast_rounded(out_main, dtype, INTERPRETED_BF16),
+             mask=in_seq[:, None])
     if D_TAIL > 0:
         offs_tail = D_MAIN + tl.arange(0, D_TAIL)
         out_tail = acc_tail / running_sum[:, None]
-        tl.store(out_rows[:, None] + offs_tail[None, :], _round_to(out_tail, dtype, CPU_BF16),
+        tl.store(out_rows[:, None] + offs_tail[None, :], cast_rounded(out_tail, dtype, INTERPRETED_BF16),
                  mask=in_seq[:, None] & (offs_tail < HEAD_DIM)[None, :])
 
 
@@ -274,7 +254,7 @@ def launch_prefill_attention(
     if num_tokens == 0:
         return out
     common = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, ROT_HALF=rotary_dims // 2, PAGE_SIZE=page_size,
-                  CPU_BF16=qkv.dtype == torch.bfloat16 and qkv.device.type == "cpu")
+                  INTERPRETED_BF16=interpreted_bf16(qkv.dtype, qkv.device))
 
     grid = (triton.cdiv(max_new_tokens, WRITE_BLOCK_T), num_heads, num_seqs)
     _write_kv_kernel[grid](
@@ -288,7 +268,7 @@ def launch_prefill_attention(
     _prefill_attention_kernel[grid](
         qkv, out, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin,
         block_tables.stride(0), LOG2E / math.sqrt(head_dim),
-        D_MAIN=d_main, D_TAIL=d_tail, DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        D_MAIN=d_main, D_TAIL=d_tail, INPUT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
         **config, **common,
     )
     return out
