@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hayabusa.kernels._attention_checks import MAX_SPLITS, check_decode_arguments
-from hayabusa.kernels._launch import check_triton_device, num_sms
+from hayabusa.kernels._launch import cast_rounded, check_triton_device, interpreted_bf16, num_sms
 from hayabusa.kernels.rotary import apply_rotary_ref
 
 MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed cost outweighs the parallelism it adds
@@ -52,7 +52,7 @@ def _decode_attention_kernel(
     out_ptr, partial_max_ptr, partial_sum_ptr, partial_acc_ptr,
     qkv_row_stride, block_table_row_stride, rotary_row_stride, scale_log2,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROT_HALF: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -76,8 +76,10 @@ def _decode_attention_kernel(
     head_row = qkv_ptr + seq * qkv_row_stride + head * 3 * HEAD_DIM
     cos_row = cos_ptr + position * rotary_row_stride
     sin_row = sin_ptr + position * rotary_row_stride
-    q = _rotated_head_vector(head_row, cos_row, sin_row, offs_d, HEAD_DIM, ROT_HALF).to(dtype)
-    k_new = _rotated_head_vector(head_row + HEAD_DIM, cos_row, sin_row, offs_d, HEAD_DIM, ROT_HALF).to(dtype)
+    q = cast_rounded(_rotated_head_vector(head_row, cos_row, sin_row, offs_d, HEAD_DIM, ROT_HALF), dtype,
+                     INTERPRETED_BF16)
+    k_new = cast_rounded(_rotated_head_vector(head_row + HEAD_DIM, cos_row, sin_row, offs_d, HEAD_DIM, ROT_HALF),
+                         dtype, INTERPRETED_BF16)
     v_new = tl.load(head_row + 2 * HEAD_DIM + offs_d, mask=in_head, other=0.0)
     q = q.to(tl.float32) * scale_log2  # scores in log2 units: exp2 replaces exp
 
@@ -120,8 +122,8 @@ def _decode_attention_kernel(
 
     if NUM_SPLITS == 1:
         out = acc / running_sum
-        tl.store(out_ptr + seq * token_stride + head * HEAD_DIM + offs_d, out.to(out_ptr.dtype.element_ty),
-                 mask=in_head)
+        tl.store(out_ptr + seq * token_stride + head * HEAD_DIM + offs_d,
+                 cast_rounded(out, out_ptr.dtype.element_ty, INTERPRETED_BF16), mask=in_head)
     else:
         # partials: max/sum [B, H, NUM_SPLITS], acc [B, H, NUM_SPLITS, BLOCK_D]; an empty split leaves (-inf, 0, 0).
         partial = (seq * NUM_HEADS + head) * NUM_SPLITS + split
@@ -134,7 +136,7 @@ def _decode_attention_kernel(
 def _merge_splits_kernel(
     positions_ptr, partial_max_ptr, partial_sum_ptr, partial_acc_ptr, out_ptr,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -157,7 +159,8 @@ def _merge_splits_kernel(
     weights = tl.exp2(split_max - overall_max)
     total = tl.sum(weights * split_sum, axis=0)
     out = tl.sum(weights[:, None] * split_acc, axis=0) / total
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(out_ptr + out_offsets, cast_rounded(out, out_ptr.dtype.element_ty, INTERPRETED_BF16),
+             mask=offs_d < HEAD_DIM)
 
 
 def decode_attention(
@@ -197,6 +200,7 @@ def launch_decode_attention(
     # 4096 loaded elements per K or V tile: ~64 registers/thread at 4 warps (sm_90, no spills), so 8 programs
     # fit on an SM and batch 32 x 32 heads runs in one wave on 132 SMs, with ~80 KB of loads in flight per SM.
     block_n = max(16, 4096 // block_d)
+    interpreted = interpreted_bf16(qkv.dtype, qkv.device)
     if num_splits > 1:
         partial_max = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=qkv.device)
         partial_sum = torch.empty_like(partial_max)
@@ -208,14 +212,14 @@ def launch_decode_attention(
         out, partial_max, partial_sum, partial_acc,
         qkv.stride(0), block_tables.stride(0), cos.stride(0), LOG2E / math.sqrt(head_dim),
         NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROT_HALF=rotary_dims // 2,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits,
+        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, INTERPRETED_BF16=interpreted,
         num_warps=4, num_stages=2,
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             positions, partial_max, partial_sum, partial_acc, out,
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), INTERPRETED_BF16=interpreted,
             num_warps=4,
         )
     return out
