@@ -18,8 +18,8 @@ MAX_SPLITS = 16  # decode's split-K: partial results per (sequence, head)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def check_cache_and_rotary(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor,
-                           rotary_dims: int) -> tuple[int, int, int, int]:
+def check_shared_arguments(qkv: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, cos: Tensor,
+                           sin: Tensor, rotary_dims: int) -> tuple[int, int, int, int]:
     """The operands prefill and decode share; returns k_cache's (num_blocks, block_size, num_heads, head_dim)."""
     check_tensor("qkv", qkv, ndim=2)
     device = qkv.device
@@ -41,6 +41,9 @@ def check_cache_and_rotary(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, cos: T
     if cos.shape[1] != rotary_dims // 2 or sin.shape != cos.shape:
         raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be "
                          f"[max_positions, rotary_dims // 2 = {rotary_dims // 2}]")
+    check_tensor("positions", positions, ndim=1, dtype=INDEX_DTYPES, device=device)
+    if positions.shape[0] != qkv.shape[0]:
+        raise ValueError(f"positions has {positions.shape[0]} entries, expected one per qkv row ({qkv.shape[0]})")
     return num_blocks, page_size, num_heads, head_dim
 
 
@@ -54,12 +57,9 @@ def check_prefill_arguments(
     That is max_seqlen_q when given, else the longest sequence's new tokens, read from cu_seqlens. With
     check_indices the index tensors come to the host in one copy (one device sync) and every value is checked.
     """
-    num_blocks, page_size, _, _ = check_cache_and_rotary(qkv, k_cache, v_cache, cos, sin, rotary_dims)
+    num_blocks, page_size, _, _ = check_shared_arguments(qkv, positions, k_cache, v_cache, cos, sin, rotary_dims)
     device = qkv.device
     num_tokens = qkv.shape[0]
-    check_tensor("positions", positions, ndim=1, dtype=INDEX_DTYPES, device=device)
-    if positions.shape[0] != num_tokens:
-        raise ValueError(f"positions has {positions.shape[0]} entries, expected one per qkv row ({num_tokens})")
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtype=torch.int32, device=device)
     num_seqs = cu_seqlens.shape[0] - 1
     if num_seqs < 0:
@@ -95,13 +95,9 @@ def check_decode_arguments(
 
     The index values are never read during a CUDA-graph capture, which forbids device-to-host copies.
     """
-    num_blocks, page_size, _, _ = check_cache_and_rotary(qkv, k_cache, v_cache, cos, sin, rotary_dims)
-    device = qkv.device
+    num_blocks, page_size, _, _ = check_shared_arguments(qkv, positions, k_cache, v_cache, cos, sin, rotary_dims)
     batch = qkv.shape[0]
-    check_tensor("positions", positions, ndim=1, dtype=INDEX_DTYPES, device=device)
-    if positions.shape[0] != batch:
-        raise ValueError(f"positions has {positions.shape[0]} entries, expected one per qkv row ({batch})")
-    check_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32, device=device)
+    check_tensor("block_tables", block_tables, ndim=2, dtype=torch.int32, device=qkv.device)
     if block_tables.shape[0] != batch:
         raise ValueError(f"block_tables has {block_tables.shape[0]} rows, expected one per qkv row ({batch})")
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
