@@ -216,7 +216,7 @@ class Tokenizer:
         checked = self._check_ids(ids)
         if isinstance(ids, int):
             return self._spellings[checked[0]][0]
-        skip = self.all_special_ids if skip_special_tokens else ()
+        skip = self._special_id_set if skip_special_tokens else frozenset()
         return [self._spellings[i][0] for i in checked if i not in skip]
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> int | list[int]:
