@@ -29,7 +29,7 @@ def write_results(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 def _records(results: dict[str, Any], scenario: str) -> list[dict[str, Any]]:
     """The scenario's records grouped by case (in the order they were run), engines in ENGINES order."""
     rows = [r for r in results["records"] if r["scenario"] == scenario]
-    case_order = {case: i for i, case in reversed(list(enumerate(r["case"] for r in rows)))}
+    case_order = {case: i for i, case in enumerate(dict.fromkeys(r["case"] for r in rows))}  # first-seen order
     return sorted(rows, key=lambda r: (case_order[r["case"]], ENGINES.index(r["engine"])))
 
 
