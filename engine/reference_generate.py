@@ -55,3 +55,13 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
                        last_token_only=True)[:, 0]
         # Finished rows keep riding along; clamping keeps their (ignored) positions inside the rotary table.
         next_position = (next_position + 1).clamp_max(model.config.max_position_embeddings - 1)
+
+
+def reference_outputs(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                      params: Sequence[SamplingParams]) -> list[GenerationOutput]:
+    """reference_generate run to the end: every request's output, in prompt order."""
+    outputs: dict[int, GenerationOutput] = {}
+    for index, _, finished in reference_generate(model, tokenizer, prompts, params):
+        if finished is not None:
+            outputs[index] = finished
+    return [outputs[i] for i in range(len(prompts))]

@@ -24,7 +24,7 @@ from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import OP_SETS
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_generate
+from hayabusa.engine.reference_generate import reference_outputs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
@@ -172,14 +172,10 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: Page
 def compare_greedy(reference: ReferenceModel, engine: PagedEngine, tokenizer: Tokenizer, prompts: list[list[int]],
                    steps: int, tolerance: float) -> list[Check]:
     params = [SamplingParams(max_new_tokens=steps, ignore_eos=True)] * len(prompts)
-    expected: dict[int, list[int]] = {}
-    for index, _, out in reference_generate(reference, tokenizer, prompts, params):
-        if out is not None:
-            expected[index] = out.token_ids
+    expected = [out.token_ids for out in reference_outputs(reference, tokenizer, prompts, params)]
     actual = [out.token_ids for out in engine.generate(prompts, params)]
     checks = []
-    for i, (prompt, got) in enumerate(zip(prompts, actual, strict=True)):
-        want = expected[i]
+    for i, (prompt, got, want) in enumerate(zip(prompts, actual, expected, strict=True)):
         same = next((k for k, (a, e) in enumerate(zip(got, want, strict=True)) if a != e), steps)
         if same == steps:
             checks.append(Check(f"greedy {i}", f"{steps}/{steps} tokens identical", True))

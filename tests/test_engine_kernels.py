@@ -10,7 +10,7 @@ import torch
 
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_generate
+from hayabusa.engine.reference_generate import reference_outputs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
@@ -26,11 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def reference_tokens(config, state_dict, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     params = [SamplingParams(max_new_tokens=max_new_tokens)] * len(prompts)
-    outputs = {}
-    for index, _, finished in reference_generate(ReferenceModel(config, state_dict), TOKENIZER, prompts, params):
-        if finished is not None:
-            outputs[index] = finished.token_ids
-    return [outputs[i] for i in range(len(prompts))]
+    return [out.token_ids for out in reference_outputs(ReferenceModel(config, state_dict), TOKENIZER, prompts, params)]
 
 
 def hf_tokens(hf, prompt: list[int], max_new_tokens: int) -> list[int]:

@@ -14,7 +14,7 @@ from hayabusa.engine.fast_model import DecodeInputs
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.model_runner import graph_batch_sizes
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_generate
+from hayabusa.engine.reference_generate import reference_outputs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
@@ -79,12 +79,9 @@ def test_greedy_tokens_equal_the_reference_loop(model) -> None:
     config, state_dict = model
     prompts = [[7] * n + [1, 2, 3][: n % 3 + 1] for n in (1, 5, 9, 14, 22)]
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True)] * len(prompts)
-    expected = {}
-    for index, _, out in reference_generate(ReferenceModel(config, state_dict), TOKENIZER, prompts, params):
-        if out is not None:
-            expected[index] = out.token_ids
+    expected = reference_outputs(ReferenceModel(config, state_dict), TOKENIZER, prompts, params)
     actual = make_engine(model, kv_cache_blocks=10, block_size=4).generate(prompts, params)
-    assert [out.token_ids for out in actual] == [expected[i] for i in range(len(prompts))]
+    assert [out.token_ids for out in actual] == [out.token_ids for out in expected]
 
 
 def test_bad_requests_fail_alone_while_the_rest_proceed(model) -> None:
