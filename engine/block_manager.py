@@ -79,21 +79,24 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def _fits(self, num_tokens: int, hits: list[int]) -> bool:
+        """Whether the free list covers the new blocks plus the cache hits that sit on it (revived hits)."""
+        revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
+        return self.blocks_needed(num_tokens) - len(hits) + revived <= self.num_free_blocks
+
     def can_allocate(self, seq: PagedSequence) -> bool:
         """Whether every block of seq's tokens can be had now (cache hits on free blocks still take one)."""
-        hits = self._cache_hits(seq.token_ids)
-        revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
-        return self.blocks_needed(len(seq.token_ids)) - len(hits) + revived <= self.num_free_blocks
+        return self._fits(len(seq.token_ids), self._cache_hits(seq.token_ids))
 
     def allocate(self, seq: PagedSequence) -> None:
         """Give seq a block table covering all its tokens; sets seq.num_cached_tokens to the prefix-cache hit."""
         if seq.block_table:
             raise ValueError(f"sequence already holds blocks {seq.block_table}; deallocate it first")
-        if not self.can_allocate(seq):
+        hits = self._cache_hits(seq.token_ids)
+        if not self._fits(len(seq.token_ids), hits):
             raise ValueError(
                 f"cannot allocate {self.blocks_needed(len(seq.token_ids))} blocks: {self.num_free_blocks} free"
             )
-        hits = self._cache_hits(seq.token_ids)
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
