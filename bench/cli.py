@@ -18,8 +18,8 @@ import torch
 
 from hayabusa.bench.records import ENGINES, SCENARIOS
 from hayabusa.bench.workloads import SIZES
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from hayabusa.engine.api import default_dtype
+from hayabusa.engine.config import DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +85,7 @@ def _settings(args: argparse.Namespace):
     if device.type == "cpu":
         # Triton kernels (only used when the hayabusa engine is forced on a CPU) need the interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     scenarios = _choices(args.scenarios, SCENARIOS, "--scenarios") or SCENARIOS
     engines = _choices(args.engines, ENGINES, "--engines")
     sizes = sizes_for(args.sizes, device)

@@ -18,7 +18,7 @@ from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.random_models import is_random_preset, random_preset_dir
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_generate
+from hayabusa.engine.reference_generate import reference_generate, reference_outputs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.weights import load_model_files
 from hayabusa.tokenizer import Tokenizer
@@ -98,12 +98,8 @@ class Engine:
             self._check_fits(i, ids, p)
         if self._paged is not None:
             return self._paged.generate(prompt_ids, params)
-        outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
         with self._lock:
-            for index, _, finished in reference_generate(self.reference, self.tokenizer, prompt_ids, params):
-                if finished is not None:
-                    outputs[index] = finished
-        return outputs
+            return reference_outputs(self.reference, self.tokenizer, prompt_ids, params)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text."""

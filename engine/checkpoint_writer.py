@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .cli import DTYPES
-from .config import PRESETS, ModelConfig
+from .config import DTYPES, PRESETS, ModelConfig
 from .hub import BIN_FILES, SAFETENSORS_FILES
 from .weights import EMBED_IN, EMBED_OUT, SAFETENSORS_DTYPES, expected_shapes
 

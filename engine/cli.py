@@ -9,8 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-# dtype names every subcommand accepts (--dtype)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from hayabusa.engine.config import DTYPES
 
 
 def parse_dtype(name: str) -> torch.dtype:

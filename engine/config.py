@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+# Model dtypes by name, as the CLI and config files spell them.
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
 SUPPORTED_ACTIVATIONS = ("gelu",)  # transformers' "gelu" is the exact erf form
 
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.api import default_dtype
+from hayabusa.engine.config import DTYPES, ModelConfig
 from hayabusa.engine.fast_model import OP_SETS
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
@@ -30,7 +31,6 @@ from hayabusa.tokenizer import Tokenizer
 
 # Relative error bound per kernel-path dtype for hidden states and logits (reference: float32).
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_PROMPTS = (
     "人とAIが協調するためには、",
     "日本の首都は東京です。京都は",
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     device = torch.device(args.device or default_device())
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     name = random_preset_dir(args.model) if is_random_preset(args.model) else args.model
     model_dir, config, state_dict = load_model_files(str(name), dtype=dtype, device=device, revision=args.revision)
     tokenizer = Tokenizer.from_pretrained(str(model_dir))
