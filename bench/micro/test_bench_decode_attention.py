@@ -13,12 +13,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_bench import copy_bytes_per_s, time_synced
 
 from hayabusa.kernels.decode_attention import decode_attention
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 
 from devices import ON_GPU
+from gpu_bench import copy_bytes_per_s, time_synced
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="decode attention is benchmarked on a GPU only")
 

@@ -8,11 +8,11 @@ extra_info with the achieved bandwidth next to the device-to-device copy bandwid
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_bench import report
 
 from hayabusa.kernels.layernorm import add_layer_norm, layer_norm
 
 from devices import ON_GPU
+from gpu_bench import report
 
 DTYPE = torch.float16
 HIDDEN = 2560

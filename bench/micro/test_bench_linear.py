@@ -9,12 +9,12 @@ bandwidth, cuBLAS square-matmul rate). pytest-benchmark's own column also counts
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_bench import report
 
 from hayabusa.kernels.linear import linear
 from hayabusa.kernels.mlp import fused_mlp
 
 from devices import ON_GPU
+from gpu_bench import report
 
 DTYPE = torch.float16
 HIDDEN, INTER = 2560, 10240

@@ -17,12 +17,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_bench import matmul_flops_per_s, time_synced
 
 from hayabusa.kernels.prefill_attention import prefill_attention
 from hayabusa.kernels.rotary import apply_rotary_ref, rotary_tables
 
 from devices import ON_GPU
+from gpu_bench import matmul_flops_per_s, time_synced
 
 pytestmark = pytest.mark.skipif(not ON_GPU, reason="prefill attention is benchmarked on a GPU only")
 
