@@ -147,7 +147,7 @@ class ModelRunner:
         if is_prefill:
             return self.model.prefill(self.prepare_prefill(seqs), self.kv_caches).float()
         inputs = self.prepare_decode(seqs)
-        graph_size = next((b for b in sorted(self.graphs) if b >= len(seqs)), None)
+        graph_size = next((b for b in self.graphs if b >= len(seqs)), None)
         if graph_size is None:
             return self.model.decode(inputs, self.kv_caches).float()
         return self._replay(graph_size, inputs)
@@ -184,4 +184,5 @@ class ModelRunner:
                 logits = self.model.decode(inputs, self.kv_caches)  # [bs, vocab]
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = (graph, logits)
+        self.graphs = dict(sorted(self.graphs.items()))  # ascending, so a decode step takes the first that fits
         torch.cuda.synchronize(self.device)
