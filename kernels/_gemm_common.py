@@ -1,5 +1,5 @@
-"""Device helpers the two linear kernels (gemv.py, linear.py) share: LayerNorm prologue, fused epilogue, and the
-split-K finish that reduces partial sums inside the GEMM launch (no second kernel, no float atomics).
+"""Device helpers the two linear kernels (gemv.py, linear.py) share: the fused epilogue, and the split-K finish that
+reduces partial sums inside the GEMM launch (no second kernel, no float atomics).
 """
 
 import triton
@@ -12,42 +12,6 @@ from ._launch import cast_rounded
 def gelu(x):
     # exact GELU: 0.5 * x * (1 + erf(x / sqrt(2)))
     return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-
-
-@triton.jit
-def row_stats(x_ptr, rows, row_mask, K, eps, STATS_BLOCK: tl.constexpr):
-    """(mean, rstd) of rows `rows` ([R] row indices) of the row-major [*, K] matrix at x_ptr, in fp32.
-
-    One pass in STATS_BLOCK-wide chunks: each chunk's mean and centered sum of squares are exact two-pass figures
-    from registers, merged with Chan's parallel formula (stable for rows with a large mean, unlike E[x^2] - mean^2).
-    Rows with row_mask False read as zeros.
-    """
-    cols = tl.arange(0, STATS_BLOCK)
-    row_offsets = rows.to(tl.int64)[:, None] * K
-    count = 0.0
-    mean = rows.to(tl.float32) * 0.0  # [R]
-    m2 = mean
-    for start in range(0, K, STATS_BLOCK):
-        in_row = start + cols < K
-        chunk = tl.load(x_ptr + row_offsets + (start + cols)[None, :], mask=row_mask[:, None] & in_row[None, :],
-                        other=0.0).to(tl.float32)  # [R, STATS_BLOCK]
-        chunk_count = tl.minimum(K - start, STATS_BLOCK).to(tl.float32)
-        chunk_mean = tl.sum(chunk, axis=1) / chunk_count
-        centered = tl.where(in_row[None, :], chunk - chunk_mean[:, None], 0.0)
-        total = count + chunk_count
-        delta = chunk_mean - mean
-        mean += delta * (chunk_count / total)
-        m2 += tl.sum(centered * centered, axis=1) + delta * delta * (count * chunk_count / total)
-        count = total
-    return mean, 1.0 / tl.sqrt(m2 / K + eps)
-
-
-@triton.jit
-def normalized(x, mean, rstd, ln_weight, ln_bias, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
-    """LayerNorm of an x tile (fp32, stats broadcast to it) rounded to the model dtype, as the unfused layer_norm
-    writes it: the GEMM then sees exactly the operand a separate LayerNorm launch would have given it."""
-    y = (x - mean) * rstd * ln_weight.to(tl.float32) + ln_bias.to(tl.float32)
-    return cast_rounded(y, dtype, INTERPRETED_BF16)
 
 
 @triton.jit

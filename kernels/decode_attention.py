@@ -58,7 +58,8 @@ def _rotated_head_vector(row_ptr, cos_row_ptr, sin_row_ptr, offs_d, HEAD_DIM: tl
     return x * cos + sign * x_partner * sin
 
 
-@triton.jit
+# Block tables are as wide as the longest sequence outside CUDA graphs: their stride must not pick a variant.
+@triton.jit(do_not_specialize=["block_table_row_stride"])
 def _decode_attention_kernel(
     qkv_ptr, positions_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
     out_ptr, partial_max_ptr, partial_sum_ptr, partial_acc_ptr, tickets_ptr,

@@ -10,11 +10,13 @@ registers.
 Crossover (GEMV_MAX_M = 4), H200 fp16 figures: streaming weights at the measured ~4.3 TB/s delivers 2.15e12
 weight elements/s, each needing M fp32 FMAs plus one conversion. The FP32 pipes issue ~33e12 FMA/s (67 TFLOP/s),
 so M = 4 keeps them ~26% busy (room for the conversions, x loads and address math), M = 8 ~52% and M = 16 ~103%:
-compute-bound. The accumulator also holds M x 16 fp32 registers per thread (M = 4: 64; M = 8 would spill or halve
-occupancy). From M = 5 the tensor-core tile kernel (linear.py, 16-row tiles) reads the same bytes with its
-arithmetic free, so it takes over there.
+compute-bound. Registers agree: the accumulator holds M x 16 fp32 per thread, and with the LayerNorm prologue
+M = 4 already needs more than the 128 registers a 16-warp program may use (ptxas spilled 184 bytes), so M = 4
+takes half-width K-steps (8 per lane). From M = 5 the tensor-core tile kernel (linear.py, 16-row tiles) reads the same
+bytes with its arithmetic free, so it takes over there.
 
-LayerNorm prologue (HAS_LN): every program recomputes its rows' statistics over K (one pass, from L2) and
+LayerNorm prologue (HAS_LN): every program recomputes its rows' statistics over K in one pass from L2 (one chunk
+of at most 32 values per thread at the 2.7B width, while the first weight step is already in flight) and
 normalizes each x tile as it streams: BLOCK_M / BLOCK_N extra bytes per weight byte (1/16 at M = 1), far cheaper
 than a separate LayerNorm launch and the gap before it.
 
@@ -28,14 +30,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm_common import finish_tile, normalized, row_stats
-from ._launch import DeviceLimits, cdiv, interpreted_bf16, next_power_of_2, ticket_counters
+from ._gemm_common import finish_tile
+from ._launch import DeviceLimits, cast_rounded, cdiv, interpreted_bf16, next_power_of_2, ticket_counters
 
 GEMV_MAX_M = 4
 GEMV_BLOCK_N = 16  # weight rows per program, one per warp
 INTERPRETED_BLOCK_N = 64  # the CPU interpreter pays per program: fewer, larger ones
-GEMV_BLOCK_K = 512  # K columns per step: 16 per lane
-MAX_STATS_BLOCK = 4096  # LayerNorm statistics read rows in chunks of at most this many columns
+GEMV_BLOCK_K = {1: 512, 2: 512, 4: 256}  # K columns per step by BLOCK_M: 16 (8 at M = 4) per lane
+STATS_VALUES_PER_THREAD = 32  # LayerNorm statistics read [BLOCK_M, STATS_BLOCK] chunks of this many per thread
 PROGRAMS_PER_SM = 2  # split K until the programs reach this many per SM
 
 
@@ -52,13 +54,49 @@ def choose_gemv_config(M: int, N: int, K: int, limits: DeviceLimits) -> GemvConf
     """M <= GEMV_MAX_M. The config depends on M only through its bucket (1, 2, 4), so few specializations exist."""
     block_m = next_power_of_2(M)
     block_n = INTERPRETED_BLOCK_N if limits.interpreted else GEMV_BLOCK_N
-    block_k = min(GEMV_BLOCK_K, max(16, next_power_of_2(K)))
+    block_k = min(GEMV_BLOCK_K[block_m], max(16, next_power_of_2(K)))
     n_tiles, k_tiles = cdiv(N, block_n), cdiv(K, block_k)
     split_k = 1
     while not limits.interpreted and n_tiles * split_k < PROGRAMS_PER_SM * limits.num_sms and k_tiles >= 4 * split_k:
         split_k *= 2
     split_k = cdiv(k_tiles, cdiv(k_tiles, split_k))  # no split left without K-tiles
     return GemvConfig(block_m, block_n, block_k, split_k, num_warps=min(block_n, GEMV_BLOCK_N))
+
+
+@triton.jit
+def _row_stats(x_ptr, rows, row_mask, K, eps, STATS_BLOCK: tl.constexpr):
+    """(mean, rstd) of rows `rows` ([R] row indices) of the row-major [*, K] matrix at x_ptr, in fp32.
+
+    One pass in STATS_BLOCK-wide chunks: each chunk's mean and centered sum of squares are exact two-pass figures
+    from registers, merged with Chan's parallel formula (stable for rows with a large mean, unlike E[x^2] - mean^2).
+    Rows with row_mask False read as zeros.
+    """
+    cols = tl.arange(0, STATS_BLOCK)
+    row_offsets = rows.to(tl.int64)[:, None] * K
+    count = 0.0
+    mean = rows.to(tl.float32) * 0.0  # [R]
+    m2 = mean
+    for start in range(0, K, STATS_BLOCK):
+        in_row = start + cols < K
+        chunk = tl.load(x_ptr + row_offsets + (start + cols)[None, :], mask=row_mask[:, None] & in_row[None, :],
+                        other=0.0).to(tl.float32)  # [R, STATS_BLOCK]
+        chunk_count = tl.minimum(K - start, STATS_BLOCK).to(tl.float32)
+        chunk_mean = tl.sum(chunk, axis=1) / chunk_count
+        centered = tl.where(in_row[None, :], chunk - chunk_mean[:, None], 0.0)
+        total = count + chunk_count
+        delta = chunk_mean - mean
+        mean += delta * (chunk_count / total)
+        m2 += tl.sum(centered * centered, axis=1) + delta * delta * (count * chunk_count / total)
+        count = total
+    return mean, 1.0 / tl.sqrt(m2 / K + eps)
+
+
+@triton.jit
+def _normalized(x, mean, rstd, ln_weight, ln_bias, dtype: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """LayerNorm of an x tile (fp32, stats broadcast to it) rounded to the model dtype, as the unfused layer_norm
+    writes it: the GEMM then sees exactly the operand a separate LayerNorm launch would have given it."""
+    y = (x - mean) * rstd * ln_weight.to(tl.float32) + ln_bias.to(tl.float32)
+    return cast_rounded(y, dtype, INTERPRETED_BF16)
 
 
 @triton.jit
@@ -99,7 +137,7 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr
     # The first weight step is in flight while the LayerNorm statistics are computed.
     w_next = _load_k_step(w_ptrs, w_mask, offs_k, tl.minimum(first, k_tiles - 1), K, BLOCK_K, EVEN_K)
     if HAS_LN:
-        mean, rstd = row_stats(x_ptr, offs_m, m_mask, K, eps, STATS_BLOCK)
+        mean, rstd = _row_stats(x_ptr, offs_m, m_mask, K, eps, STATS_BLOCK)
         mean = mean[:, None, None]
         rstd = rstd[:, None, None]
         ln_w_ptrs = ln_weight_ptr + offs_k[None, None, :] + along_n
@@ -115,7 +153,7 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr
             # past K the parameters read as 0, so the normalized x is 0 there too
             ln_w = _load_k_step(ln_w_ptrs, w_mask, offs_k, k_tile, K, BLOCK_K, EVEN_K)
             ln_b = _load_k_step(ln_b_ptrs, w_mask, offs_k, k_tile, K, BLOCK_K, EVEN_K)
-            x = normalized(x, mean, rstd, ln_w, ln_b, x_ptr.dtype.element_ty, INTERPRETED_BF16).to(tl.float32)
+            x = _normalized(x, mean, rstd, ln_w, ln_b, x_ptr.dtype.element_ty, INTERPRETED_BF16).to(tl.float32)
         acc += x * w.to(tl.float32)
 
     y = tl.sum(acc, axis=2)  # [BLOCK_M, BLOCK_N]
@@ -143,7 +181,8 @@ def launch_gemv(config: GemvConfig, x: torch.Tensor, weight: torch.Tensor, bias:
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, partial,
         tickets, ln_weight, ln_bias, eps, M, N, K, cdiv(k_tiles, split_k),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STATS_BLOCK=min(next_power_of_2(K), MAX_STATS_BLOCK), SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
+        STATS_BLOCK=min(next_power_of_2(K), STATS_VALUES_PER_THREAD * 32 * config.num_warps // config.block_m),
+        SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         HAS_LN=ln is not None, HAS_BIAS=bias is not None, GELU=activation == "gelu",
         HAS_RESIDUAL=residual is not None, INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device),
         num_warps=config.num_warps, num_stages=1,

@@ -1,19 +1,20 @@
 """The model's linear layers: `act(x @ weight.T + bias) + residual` (`linear`) and the same after a LayerNorm of x
 (`ln_linear`), epilogues fused, dispatched on the number of rows M (configs are per M bucket, cached per shape):
 
-- M <= GEMV_MAX_M (4): the CUDA-core GEMV of gemv.py (see there for why 4), LayerNorm in its prologue.
+- M <= GEMV_MAX_M (4): the CUDA-core GEMV of gemv.py (see there for why 4), LayerNorm fused in its prologue.
 - M <= 256 (decode batches): tensor-core tiles with a thin M (16, 32 or 64 rows), wide K-tiles, and K split across
   programs while the output tiles alone leave SMs idle; the splits' fp32 partials are reduced inside the launch in
-  split order (`finish_tile`), deterministic and without a second kernel. LayerNorm fused into the prologue up to
-  LN_FUSE_MAX_M rows.
+  split order (`finish_tile`), deterministic and without a second kernel.
 - M > 256 (prefill): compute-bound, 128x128 tiles on tensor cores with a deep load pipeline and grouped tile order
-  (neighbouring programs share weight tiles in L2); a separate LayerNorm launch before it.
+  (neighbouring programs share weight tiles in L2).
 
-LayerNorm fusion crossover (LN_FUSE_MAX_M = 64): a fused prologue makes every program recompute its rows'
-statistics, reading BLOCK_M x K more activations per BLOCK_N x K weights: M / BLOCK_N extra bytes per weight byte,
-served from L2 (~3x HBM bandwidth). At M = 64 with BLOCK_N = 64 that is 1.0 (~30% more time on qkv) against a
-separate launch (~2 us of gap and a tiny kernel, ~25-30% of qkv's ~9 us); at M = 2048 it would be 16x. So fused
-up to 64 rows, separate above, where the LayerNorm kernel reads each row once.
+LayerNorm fusion crossover (fused up to GEMV_MAX_M rows, a separate LayerNorm launch above): a fused prologue makes
+every program recompute its rows' statistics over all of K, BLOCK_M * SPLIT_K / BLOCK_N extra bytes per weight
+byte (from L2), and its latency comes before the first weight load. In the GEMV that is 1/16 to 1/2 and one chunk
+per thread. In a 16 x 64 tile with split-K 2 (qkv at M = 16) it is 1/2, the tile would need [16, K] values in
+flight for the statistics (at 4 warps: dozens of dependent L2 round trips, or registers it does not have: ptxas
+spilled 1.5-33 KB trying at M = 16..64), while a separate launch costs ~2 us of gap plus a kernel that reads each
+row once; at prefill sizes the fused reads would be 16x the weights. So the tile path keeps LayerNorm separate.
 
 Prefill tile (M > 256): 128x128x64, 8 warps: M = 2048 on N = 2560 makes 16 x 20 = 320 tiles, 2.4 waves on an
 H200's 132 SMs (128x256 made 160, 1.2 waves, and spilled registers with the GELU and residual epilogues).
@@ -26,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm_common import finish_tile, normalized, row_stats
+from ._gemm_common import finish_tile
 from ._launch import (
     DeviceLimits,
     cdiv,
@@ -38,11 +39,10 @@ from ._launch import (
     next_power_of_2,
     ticket_counters,
 )
-from .gemv import GEMV_MAX_M, MAX_STATS_BLOCK, GemvConfig, choose_gemv_config, launch_gemv
+from .gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
 from .layernorm import launch_layer_norm, layer_norm_ref
 
 ACTIVATIONS = (None, "gelu")
-LN_FUSE_MAX_M = 64
 M_BUCKETS = (1, 2, 4, 16, 32, 64, 256)  # decode buckets (configs are fixed within one); above 256, one prefill bucket
 PREFILL_BUCKET = M_BUCKETS[-1] + 1
 
@@ -60,11 +60,10 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class LinearPlan:
-    """How `linear` / `ln_linear` run one shape: exactly one of gemv / gemm, and whether the LayerNorm is fused."""
+    """How `linear` / `ln_linear` run one shape: the GEMV (LayerNorm fused) or the tile GEMM (LayerNorm apart)."""
 
     gemv: GemvConfig | None
     gemm: GemmConfig | None
-    fuse_ln: bool
 
 
 def m_bucket(M: int) -> int:
@@ -76,13 +75,11 @@ def m_bucket(M: int) -> int:
 
 
 @triton.jit(do_not_specialize=["M"])
-def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, tickets_ptr,
-                   ln_weight_ptr, ln_bias_ptr, eps, M, N, K,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK: tl.constexpr,
-                   SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_LN: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
-    # x: [M, K], weight: [N, K], out/residual: [M, N], ln_weight/ln_bias: [K], partial: [SPLIT_K, M, N] fp32
+def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, tickets_ptr, M, N, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    # x: [M, K], weight: [N, K], out/residual: [M, N], partial: [SPLIT_K, M, N] fp32 (used when SPLIT_K > 1)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -99,8 +96,6 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     # Rows/columns past the edge wrap onto valid ones, so loads need no M/N mask; the store is masked.
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
-    if HAS_LN:
-        mean, rstd = row_stats(x_ptr, rows, rows >= 0, K, eps, STATS_BLOCK)
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -111,18 +106,13 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_start, k_tile_end):
-        k_cols = k_tile * BLOCK_K + offs_k
         if EVEN_K:
             x_tile = tl.load(x_ptrs)
             w_tile = tl.load(w_ptrs)
         else:
-            x_tile = tl.load(x_ptrs, mask=(k_cols < K)[None, :], other=0.0)
-            w_tile = tl.load(w_ptrs, mask=(k_cols < K)[None, :], other=0.0)
-        if HAS_LN:  # past K the parameters read as 0, so the normalized x is 0 there too
-            ln_w = tl.load(ln_weight_ptr + k_cols, mask=k_cols < K, other=0.0)
-            ln_b = tl.load(ln_bias_ptr + k_cols, mask=k_cols < K, other=0.0)
-            x_tile = normalized(x_tile.to(tl.float32), mean[:, None], rstd[:, None], ln_w[None, :], ln_b[None, :],
-                                x_ptr.dtype.element_ty, INTERPRETED_BF16)
+            k_mask = offs_k[None, :] < K - k_tile * BLOCK_K
+            x_tile = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            w_tile = tl.load(w_ptrs, mask=k_mask, other=0.0)
         # x_tile: [BLOCK_M, BLOCK_K], w_tile: [BLOCK_N, BLOCK_K]
         acc = dot(x_tile, tl.trans(w_tile), acc, INPUT_PRECISION, INTERPRETED_BF16)
         x_ptrs += BLOCK_K
@@ -167,16 +157,15 @@ def _bucket_config(bucket: int, N: int, K: int, elem_bytes: int, sm_count: int, 
 
 
 @functools.cache
-def _cached_plan(bucket: int, N: int, K: int, elem_bytes: int, limits: DeviceLimits, has_ln: bool) -> LinearPlan:
+def _cached_plan(bucket: int, N: int, K: int, elem_bytes: int, limits: DeviceLimits) -> LinearPlan:
     if bucket <= GEMV_MAX_M:
-        return LinearPlan(choose_gemv_config(bucket, N, K, limits), None, has_ln)
-    gemm = _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes)
-    return LinearPlan(None, gemm, has_ln and bucket <= LN_FUSE_MAX_M)
+        return LinearPlan(choose_gemv_config(bucket, N, K, limits), None)
+    return LinearPlan(None, _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes))
 
 
-def plan_linear(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, has_ln: bool) -> LinearPlan:
-    """The kernel and config `linear` (has_ln False) or `ln_linear` (True) runs for this shape on `device`."""
-    return _cached_plan(m_bucket(M), N, K, dtype.itemsize, device_limits(device), has_ln)
+def plan_linear(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearPlan:
+    """The kernel and config `linear` and `ln_linear` run for this shape on `device`."""
+    return _cached_plan(m_bucket(M), N, K, dtype.itemsize, device_limits(device))
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -208,10 +197,8 @@ def _check_ln_args(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tens
 
 
 def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  residual: torch.Tensor | None, activation: str | None, out: torch.Tensor,
-                  ln: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-    """Run the tile GEMM with an explicit config on validated arguments (tests force every path here);
-    ln = (ln_weight, ln_bias, eps) fuses the LayerNorm of x into the prologue."""
+                  residual: torch.Tensor | None, activation: str | None, out: torch.Tensor) -> torch.Tensor:
+    """Run the tile GEMM with an explicit config on validated arguments (tests force every path here)."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0:
@@ -221,13 +208,11 @@ def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bia
     if config.split_k > 1:
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
         tickets = ticket_counters(x.device, out_tiles)
-    ln_weight, ln_bias, eps = ln if ln is not None else (out, out, 0.0)
     _linear_kernel[(out_tiles, config.split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, partial,
-        tickets, ln_weight, ln_bias, eps, M, N, K,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        STATS_BLOCK=min(next_power_of_2(K), MAX_STATS_BLOCK), SPLIT_K=config.split_k, GROUP_M=config.group_m,
-        EVEN_K=K % config.block_k == 0, HAS_LN=ln is not None, HAS_BIAS=bias is not None,
+        tickets, M, N, K,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+        GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, HAS_BIAS=bias is not None,
         GELU=activation == "gelu", HAS_RESIDUAL=residual is not None,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device),
@@ -243,14 +228,14 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resid
     N = weight.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    plan = plan_linear(M, N, K, x.dtype, x.device, ln is not None)
-    if ln is not None and not plan.fuse_ln:  # prefill: normalize each row once, in its own launch
-        normed = torch.empty_like(x)
-        launch_layer_norm(x, None, ln[0], ln[1], ln[2], normed, None)
-        x, ln = normed, None
+    plan = plan_linear(M, N, K, x.dtype, x.device)
     if plan.gemv is not None:
         return launch_gemv(plan.gemv, x, weight, bias, residual, activation, out, ln)
-    return launch_linear(plan.gemm, x, weight, bias, residual, activation, out, ln)
+    if ln is not None:  # the tile GEMM normalizes nothing itself: a LayerNorm launch first, each row read once
+        normed = torch.empty_like(x)
+        launch_layer_norm(x, None, ln[0], ln[1], ln[2], normed, None)
+        x = normed
+    return launch_linear(plan.gemm, x, weight, bias, residual, activation, out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
@@ -273,8 +258,8 @@ def ln_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, e
               out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
     """linear(layer_norm(x, ln_weight, ln_bias, eps), weight, ...): x: [M, K], ln_weight/ln_bias: [K].
 
-    The normalized x is rounded to x's dtype as layer_norm writes it; up to LN_FUSE_MAX_M rows the GEMM computes
-    it in its prologue (one launch), above that a LayerNorm launch comes first. `out` may be `residual`, never x.
+    The normalized x is rounded to x's dtype as layer_norm writes it; up to GEMV_MAX_M rows the GEMV computes it
+    in its prologue (one launch), above that a LayerNorm launch comes first. `out` may be `residual`, never x.
     """
     if checked:
         _check_linear_args(x, weight, bias, residual, activation, out)

@@ -52,7 +52,7 @@ def _load_rotated(row_ptrs, row_mask, positions, offs_d, cos_ptr, sin_ptr,
     return x * cos + sign[None, :] * x_partner * sin
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_table_stride"])  # the widest sequence sets it: no variant per width
 def _write_kv_kernel(
     qkv_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
     block_table_stride,
@@ -131,7 +131,7 @@ def _attend_keys(
     return acc_main, acc_tail, running_max, running_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_table_stride"])
 def _prefill_attention_kernel(
     qkv_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr,
     cos_ptr, sin_ptr, block_table_stride, scale_log2,
