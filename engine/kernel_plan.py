@@ -25,28 +25,36 @@ META = torch.device("meta")
 BLOCK_SIZE = 16  # the engine's default KV-cache page
 
 
-def meta_model(config: ModelConfig, dtype: torch.dtype) -> FastModel:
-    """FastModel on the Triton op set with every weight on the meta device (no memory, nothing can run)."""
-    state = {name: torch.empty(shape, dtype=dtype, device=META) for name, shape in expected_shapes(config).items()}
+def placeholder_model(config: ModelConfig, dtype: torch.dtype, device: torch.device = META) -> FastModel:
+    """FastModel on the Triton op set with weights that are never written: on the meta device (the default: no
+    memory, nothing can run) or allocated uninitialized on `device`, for recording or stubbing launches."""
+    state = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in expected_shapes(config).items()}
     if config.tie_word_embeddings:
         state[EMBED_OUT] = state[EMBED_IN]
     return FastModel(config, state, load_ops("triton"))
 
 
-def _kv_caches(model: FastModel, num_blocks: int) -> KVCaches:
+def placeholder_kv_caches(model: FastModel, num_blocks: int) -> KVCaches:
+    """Per layer (k_cache, v_cache) [num_blocks, BLOCK_SIZE, heads, head_dim] on the model's device, unwritten."""
     cfg = model.config
     shape = (num_blocks, BLOCK_SIZE, cfg.num_attention_heads, cfg.head_dim)
-    return [(torch.empty(shape, dtype=model.dtype, device=META),) * 2 for _ in range(cfg.num_hidden_layers)]
+    return [(torch.empty(shape, dtype=model.dtype, device=model.device),) * 2 for _ in range(cfg.num_hidden_layers)]
+
+
+def placeholder_decode_inputs(batch: int, blocks_per_seq: int, device: torch.device = META) -> DecodeInputs:
+    """A decode step's inputs, unwritten, as the runner builds them (indices valid by construction)."""
+    return DecodeInputs(input_ids=torch.zeros(batch, dtype=torch.int64, device=device),
+                        positions=torch.empty(batch, dtype=torch.int32, device=device),
+                        block_tables=torch.empty(batch, blocks_per_seq, dtype=torch.int32, device=device),
+                        check_indices=False)
 
 
 def _record_decode(model: FastModel, batch: int, blocks_per_seq: int) -> LaunchLog:
     """The launches of one decode step of `batch` sequences whose block tables hold blocks_per_seq entries."""
-    inputs = DecodeInputs(input_ids=torch.empty(batch, dtype=torch.int64, device=META),
-                          positions=torch.empty(batch, dtype=torch.int32, device=META),
-                          block_tables=torch.empty(batch, blocks_per_seq, dtype=torch.int32, device=META),
-                          check_indices=False)
+    inputs = placeholder_decode_inputs(batch, blocks_per_seq)
+    kv_caches = placeholder_kv_caches(model, batch * blocks_per_seq)
     with recorded_launches() as log:
-        model.decode(inputs, _kv_caches(model, batch * blocks_per_seq))
+        model.decode(inputs, kv_caches)
     return log
 
 
@@ -63,7 +71,7 @@ def _record_prefill(model: FastModel, num_tokens: int) -> LaunchLog:
                            last_token_rows=torch.empty(num_seqs, dtype=torch.int64, device=META),
                            max_seqlen_q=min(num_tokens, max_len), check_indices=False)
     with recorded_launches() as log:
-        model.prefill(inputs, _kv_caches(model, num_seqs * blocks_per_seq))
+        model.prefill(inputs, placeholder_kv_caches(model, num_seqs * blocks_per_seq))
     return log
 
 
@@ -97,7 +105,7 @@ def decode_step_launches(config: ModelConfig, batch: int = 1, *, dtype: torch.dt
     """Count one decode step's launches with `limits`' configs; per layer from one more layer's difference."""
     logs = []
     for num_layers in (config.num_hidden_layers, config.num_hidden_layers + 1):
-        model = meta_model(config.with_overrides(num_hidden_layers=num_layers), dtype)
+        model = placeholder_model(config.with_overrides(num_hidden_layers=num_layers), dtype)
         blocks_per_seq = cdiv(config.max_position_embeddings, BLOCK_SIZE)
         with simulated_device(limits):
             _record_decode(model, batch, blocks_per_seq)  # first use allocates (split-K tickets): not a step's cost
@@ -118,15 +126,22 @@ class Specialization:
     launch: RecordedLaunch = field(compare=False, repr=False)  # its recorded launch, to compile it from
 
 
+def bucket_representatives(limit: int) -> list[int]:
+    """One row count per linear-config bucket up to `limit` (batch sizes or token counts), `limit` included."""
+    return sorted({m for m in M_BUCKETS if m < limit} | {limit})
+
+
 def engine_specializations(config: ModelConfig, dtype: torch.dtype, *, limits: DeviceLimits = H200,
-                           max_num_seqs: int = 256, max_num_batched_tokens: int = 8192) -> list[Specialization]:
-    """Every kernel specialization the engine can launch: decode at every batch bucket and every block-table width
-    that changes decode attention's split count, and prefill at every token-count bucket."""
-    model = meta_model(config.with_overrides(num_hidden_layers=min(2, config.num_hidden_layers)), dtype)
+                           max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                           token_counts: list[int] | None = None) -> list[Specialization]:
+    """Every kernel specialization the engine can launch: decode at every batch bucket up to max_num_seqs and
+    every block-table width that changes decode attention's split count, and prefill at every token-count bucket
+    up to max_num_batched_tokens (or at `token_counts` only)."""
+    model = placeholder_model(config.with_overrides(num_hidden_layers=min(2, config.num_hidden_layers)), dtype)
     max_blocks = cdiv(config.max_position_embeddings, BLOCK_SIZE)
-    batches = sorted({b for b in M_BUCKETS if b < max_num_seqs} | {max_num_seqs})
+    batches = bucket_representatives(max_num_seqs)
     widths = sorted({1 << i for i in range(max_blocks.bit_length()) if 1 << i < max_blocks} | {max_blocks})
-    token_counts = sorted({m for m in M_BUCKETS if m < max_num_batched_tokens} | {max_num_batched_tokens})
+    token_counts = token_counts or bucket_representatives(max_num_batched_tokens)
     found: dict[Specialization, None] = {}
     with simulated_device(limits):
         runs = [(f"decode batch {b} blocks {w}", _record_decode(model, b, w)) for b in batches for w in widths]
