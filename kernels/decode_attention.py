@@ -62,7 +62,7 @@ def _rotated_head_vector(row_ptr, cos_row_ptr, sin_row_ptr, offs_d, HEAD_DIM: tl
 @triton.jit(do_not_specialize=["block_table_row_stride"])
 def _decode_attention_kernel(
     qkv_ptr, positions_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
-    out_ptr, partial_max_ptr, partial_sum_ptr, partial_acc_ptr, tickets_ptr,
+    out_ptr, partials_ptr, tickets_ptr,
     qkv_row_stride, block_table_row_stride, rotary_row_stride, scale_log2,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROT_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -139,7 +139,12 @@ def _decode_attention_kernel(
         tl.store(out_ptr + out_offsets, cast_rounded(acc / running_sum, out_ptr.dtype.element_ty, INTERPRETED_BF16),
                  mask=in_head)
     else:
-        # partials: max/sum [B, H, NUM_SPLITS], acc [B, H, NUM_SPLITS, BLOCK_D]; an empty split leaves (-inf, 0, 0).
+        # partials, one fp32 buffer: max [B, H, NUM_SPLITS], then sum [B, H, NUM_SPLITS], then acc
+        # [B, H, NUM_SPLITS, BLOCK_D]; an empty split leaves (-inf, 0, 0).
+        num_partials = tl.num_programs(0) * NUM_HEADS * NUM_SPLITS
+        partial_max_ptr = partials_ptr
+        partial_sum_ptr = partials_ptr + num_partials
+        partial_acc_ptr = partials_ptr + 2 * num_partials
         first = (seq * NUM_HEADS + head) * NUM_SPLITS
         tl.store(partial_max_ptr + first + split, running_max)
         tl.store(partial_sum_ptr + first + split, running_sum)
@@ -209,26 +214,33 @@ def launch_decode_attention(
     out = torch.empty(batch, num_heads * head_dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0:
         return out
+    scale_log2, block_d, meta = _launch_params(num_heads, head_dim, rotary_dims, page_size, num_splits,
+                                               interpreted_bf16(qkv.dtype, qkv.device))
+    if num_splits > 1:  # max, sum and acc partials in one allocation (the kernel finds each part)
+        partials = torch.empty(batch * num_heads * num_splits * (block_d + 2), dtype=torch.float32, device=qkv.device)
+        tickets = ticket_counters(qkv.device, batch * num_heads)
+    else:
+        partials = tickets = out  # unused by the single-pass kernel
+    _decode_attention_kernel[(batch, num_heads, num_splits)](
+        qkv, positions, block_tables, k_cache, v_cache, cos, sin,
+        out, partials, tickets,
+        qkv.stride(0), block_tables.stride(0), cos.stride(0), scale_log2, **meta,
+    )
+    return out
+
+
+@functools.cache
+def _launch_params(num_heads: int, head_dim: int, rotary_dims: int, page_size: int, num_splits: int,
+                   interpreted: bool) -> tuple[float, int, dict]:
+    """(softmax scale in log2 units, BLOCK_D, constexprs + launch options) of one shape, computed once."""
     block_d = next_power_of_2(head_dim)
     # 4096 loaded elements per K or V tile: ~64 registers/thread at 4 warps (sm_90, no spills), so 8 programs
     # fit on an SM and batch 32 x 32 heads runs in one wave on 132 SMs, with ~80 KB of loads in flight per SM.
     block_n = max(16, 4096 // block_d)
-    if num_splits > 1:
-        partial_max = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=qkv.device)
-        partial_sum = torch.empty_like(partial_max)
-        partial_acc = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=qkv.device)
-        tickets = ticket_counters(qkv.device, batch * num_heads)
-    else:
-        partial_max = partial_sum = partial_acc = tickets = out  # unused by the single-pass kernel
-    _decode_attention_kernel[(batch, num_heads, num_splits)](
-        qkv, positions, block_tables, k_cache, v_cache, cos, sin,
-        out, partial_max, partial_sum, partial_acc, tickets,
-        qkv.stride(0), block_tables.stride(0), cos.stride(0), LOG2E / math.sqrt(head_dim),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROT_HALF=rotary_dims // 2,
-        PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
-        INTERPRETED_BF16=interpreted_bf16(qkv.dtype, qkv.device), num_warps=4, num_stages=2,
-    )
-    return out
+    meta = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROT_HALF=rotary_dims // 2,
+                PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
+                INTERPRETED_BF16=interpreted, num_warps=4, num_stages=2)
+    return LOG2E / math.sqrt(head_dim), block_d, meta
 
 
 @functools.cache

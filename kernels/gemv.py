@@ -23,6 +23,7 @@ Split-K: when the weight rows alone give fewer than 2 programs per SM (N = 2560 
 and the partial sums are reduced inside the launch in a fixed order (see `finish_tile`): deterministic.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -160,6 +161,20 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr
                 SPLIT_K, HAS_BIAS, GELU, HAS_RESIDUAL, INTERPRETED_BF16)
 
 
+@functools.cache
+def _launch_params(config: GemvConfig, N: int, K: int, flags: tuple[bool, bool, bool, bool, bool]) -> tuple:
+    """(grid, tiles per split, constexprs + launch options) of one shape and epilogue, computed once."""
+    has_ln, has_bias, gelu, has_residual, interpreted = flags
+    n_tiles, k_tiles = cdiv(N, config.block_n), cdiv(K, config.block_k)
+    # LayerNorm statistics: [BLOCK_M, STATS_BLOCK] chunks of STATS_VALUES_PER_THREAD per thread (unused without ln)
+    stats_block = min(next_power_of_2(K), STATS_VALUES_PER_THREAD * 32 * config.num_warps // config.block_m) \
+        if has_ln else 16
+    meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STATS_BLOCK=stats_block,
+                SPLIT_K=config.split_k, EVEN_K=K % config.block_k == 0, HAS_LN=has_ln, HAS_BIAS=has_bias, GELU=gelu,
+                HAS_RESIDUAL=has_residual, INTERPRETED_BF16=interpreted, num_warps=config.num_warps, num_stages=1)
+    return (n_tiles, config.split_k), cdiv(k_tiles, config.split_k), meta
+
+
 def launch_gemv(config: GemvConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 residual: torch.Tensor | None, activation: str | None, out: torch.Tensor,
                 ln: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
@@ -168,24 +183,14 @@ def launch_gemv(config: GemvConfig, x: torch.Tensor, weight: torch.Tensor, bias:
     N = weight.shape[0]
     if M == 0:
         return out
-    n_tiles = cdiv(N, config.block_n)
-    k_tiles = cdiv(K, config.block_k)
-    split_k = config.split_k
+    flags = (ln is not None, bias is not None, activation == "gelu", residual is not None,
+             interpreted_bf16(x.dtype, x.device))
+    grid, tiles_per_split, meta = _launch_params(config, N, K, flags)
     partial = tickets = out  # placeholders for pointers the kernel never reads when split_k == 1
-    if split_k > 1:
-        partial = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-        tickets = ticket_counters(x.device, n_tiles)
+    if config.split_k > 1:
+        partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
+        tickets = ticket_counters(x.device, grid[0])
     ln_weight, ln_bias, eps = ln if ln is not None else (out, out, 0.0)
-    # LayerNorm statistics: [BLOCK_M, STATS_BLOCK] chunks of STATS_VALUES_PER_THREAD per thread (unused without ln)
-    stats_block = min(next_power_of_2(K), STATS_VALUES_PER_THREAD * 32 * config.num_warps // config.block_m) \
-        if ln is not None else 16
-    _gemv_kernel[(n_tiles, split_k)](
-        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, partial,
-        tickets, ln_weight, ln_bias, eps, M, N, K, cdiv(k_tiles, split_k),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STATS_BLOCK=stats_block,
-        SPLIT_K=split_k, EVEN_K=K % config.block_k == 0, HAS_LN=ln is not None, HAS_BIAS=bias is not None,
-        GELU=activation == "gelu", HAS_RESIDUAL=residual is not None,
-        INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device),
-        num_warps=config.num_warps, num_stages=1,
-    )
+    _gemv_kernel[grid](x, weight, bias if bias is not None else out, residual if residual is not None else out, out,
+                       partial, tickets, ln_weight, ln_bias, eps, M, N, K, tiles_per_split, **meta)
     return out

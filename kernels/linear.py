@@ -196,6 +196,17 @@ def _check_ln_args(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tens
         raise ValueError(f"eps must be a positive float, got {eps!r}")
 
 
+@functools.cache
+def _launch_params(config: GemmConfig, N: int, K: int, flags: tuple[bool, bool, bool, bool, bool]) -> tuple:
+    """(output-tile columns, constexprs + launch options) of one shape and epilogue, computed once."""
+    has_bias, gelu, has_residual, fp32, interpreted = flags
+    meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+                GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, HAS_BIAS=has_bias, GELU=gelu,
+                HAS_RESIDUAL=has_residual, INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=interpreted,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    return cdiv(N, config.block_n), meta
+
+
 def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   residual: torch.Tensor | None, activation: str | None, out: torch.Tensor) -> torch.Tensor:
     """Run the tile GEMM with an explicit config on validated arguments (tests force every path here)."""
@@ -203,21 +214,17 @@ def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bia
     N = weight.shape[0]
     if M == 0:
         return out
-    out_tiles = cdiv(M, config.block_m) * cdiv(N, config.block_n)
+    flags = (bias is not None, activation == "gelu", residual is not None, x.dtype == torch.float32,
+             interpreted_bf16(x.dtype, x.device))
+    n_tiles, meta = _launch_params(config, N, K, flags)
+    out_tiles = cdiv(M, config.block_m) * n_tiles
     partial = tickets = out  # placeholders for pointers the kernel never reads when split_k == 1
     if config.split_k > 1:
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
         tickets = ticket_counters(x.device, out_tiles)
     _linear_kernel[(out_tiles, config.split_k)](
         x, weight, bias if bias is not None else out, residual if residual is not None else out, out, partial,
-        tickets, M, N, K,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, HAS_BIAS=bias is not None,
-        GELU=activation == "gelu", HAS_RESIDUAL=residual is not None,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+        tickets, M, N, K, **meta)
     return out
 
 
