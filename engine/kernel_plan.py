@@ -148,5 +148,5 @@ def engine_specializations(config: ModelConfig, dtype: torch.dtype, *, limits: D
         runs += [(f"prefill {t} tokens", _record_prefill(model, t)) for t in token_counts]
     for example, log in runs:
         for launch in log.triton:
-            found.setdefault(Specialization(launch.name, launch.specialization()[1], example, launch))
+            found.setdefault(Specialization(launch.name, launch.config, example, launch))
     return list(found)

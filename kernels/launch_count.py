@@ -41,9 +41,11 @@ class RecordedLaunch:
     def constexprs(self) -> dict:
         return {name: value for name, value in self.kwargs.items() if name not in LAUNCH_OPTIONS}
 
-    def specialization(self) -> tuple:
-        """What selects the compiled variant (beyond argument alignment): kernel, constexprs, warps, stages."""
-        return (self.name, tuple(sorted((k, str(v)) for k, v in self.kwargs.items())))
+    @property
+    def config(self) -> tuple[tuple[str, str], ...]:
+        """With the kernel, what selects the compiled variant (beyond argument alignment): constexprs, num_warps and
+        num_stages, as (name, value) sorted by name."""
+        return tuple(sorted((k, str(v)) for k, v in self.kwargs.items()))
 
 
 @dataclass
