@@ -76,7 +76,7 @@ def _settings(args: argparse.Namespace):
     from hayabusa.bench.suite import SuiteSettings
     from hayabusa.bench.workloads import check_sizes_fit, sizes_for
     from hayabusa.engine.config import ModelConfig
-    from hayabusa.engine.hub import resolve_model_dir
+    from hayabusa.engine.model_spec import resolve_model_dir
     from hayabusa.engine.random_models import is_random_preset, random_preset_dir
 
     if args.device == "cuda" and not torch.cuda.is_available():

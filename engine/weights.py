@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .config import ModelConfig, describe_defaults, load_config
-from .hub import resolve_model_dir
+from .model_spec import resolve_model_dir
 from .pickle_scan import pickle_code_globals, refused_global
 
 EMBED_IN = "gpt_neox_japanese.embed_in.weight"
@@ -72,7 +72,7 @@ class StoredTensor:
 
 def load_model_files(name_or_path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
                      revision: str | None = None) -> tuple[Path, ModelConfig, dict[str, Tensor]]:
-    """Resolve a local directory or Hub id, read its config.json, and load its validated weights."""
+    """Resolve a model spec (directory, random preset or Hub id), read its config.json, load its validated weights."""
     model_dir = resolve_model_dir(name_or_path, revision)
     config = load_config(model_dir)
     return model_dir, config, load_weights(model_dir, config, dtype=dtype, device=device)

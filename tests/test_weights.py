@@ -6,7 +6,6 @@ import shutil
 import time
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +14,6 @@ from transformers.utils import logging as hf_logging
 
 from hayabusa.engine.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.config import PRESETS, ModelConfig, load_config
-from hayabusa.engine.hub import ModelNotFoundError, resolve_model_dir
 from hayabusa.engine.weights import (
     EMBED_IN,
     EMBED_OUT,
@@ -421,45 +419,6 @@ def test_bad_load_dtype(tmp_path):
     model_dir = micro_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="load dtype"):
         load_weights(model_dir, MICRO, dtype=torch.int8)
-
-
-# --- model resolution (no network: the Hub is offline in these tests) --------------------------------------------
-
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return tmp_path / "hf-cache"
-
-
-def test_resolve_local_directory(tmp_path):
-    assert resolve_model_dir(str(tmp_path)) == tmp_path
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ModelNotFoundError, match="is a file"):
-        resolve_model_dir(str(tmp_path / "file"))
-    with pytest.raises(ModelNotFoundError, match="not a local directory and not a Hub repo id"):
-        resolve_model_dir(str(tmp_path / "missing" / "dir" / "x"))
-
-
-def test_uncached_hub_id_offline_says_what_to_download(offline_hub):
-    with pytest.raises(ModelNotFoundError) as error:
-        resolve_model_dir("abeja/gpt-neox-japanese-2.7b", cache_dir=offline_hub)
-    message = str(error.value)
-    assert "could not fetch Hub repo 'abeja/gpt-neox-japanese-2.7b'" in message
-    assert 'hf download abeja/gpt-neox-japanese-2.7b --include "config.json"' in message
-    assert "pytorch_model.bin" in message and "vocab.txt" in message and "emoji.json" in message
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_cached_hub_snapshot_is_found_offline(offline_hub, tmp_path, fmt):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = offline_hub / "models--abeja--gpt-neox-japanese-2.7b"
-    micro_checkpoint(repo / "snapshots" / commit, fmt=fmt)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    resolved = resolve_model_dir("abeja/gpt-neox-japanese-2.7b", cache_dir=offline_hub)
-    assert resolved == repo / "snapshots" / commit
-    assert load_ours(resolved)[LAYER0_QKV].shape == (96, 32)
 
 
 # --- the full 2.7B shape ------------------------------------------------------------------------------------------
