@@ -1,4 +1,5 @@
-"""`hayabusa serve` flags become the replica's settings; the core CLI never imports the server's dependencies."""
+"""`hayabusa serve` flags become the replica's settings and engine; the core CLI never imports the server's
+dependencies."""
 
 import subprocess
 import sys
@@ -6,7 +7,9 @@ import sys
 import pytest
 
 from hayabusa.engine.cli import build_parser
+from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.server.cli import Scaling, settings_from_args
+from hayabusa.engine.server.replica import ServerSettings, load_paged_engine
 
 
 def parse(argv: list[str]):
@@ -43,3 +46,10 @@ def test_the_core_cli_loads_no_server_dependency() -> None:
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("backend", "op_set"), [("reference", "torch"), ("triton", "triton")])
+def test_both_backends_serve_the_paged_engine(backend, op_set) -> None:
+    engine = load_paged_engine(ServerSettings(model="tiny", backend=backend, device="cpu", kv_cache_blocks=8))
+    assert isinstance(engine, PagedEngine) and engine.model.ops.name == op_set
+    assert engine.stats().num_blocks == 8
