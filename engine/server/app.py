@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -32,7 +32,11 @@ def build_app(serving: CompletionServing, loop: EngineLoop, metrics: ServerMetri
                 pass
 
         try:
-            result = await serving.create_completion(await request.body(), wait_disconnect)
+            body = await request.body()
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            return Response(status_code=499)
+        try:
+            result = await serving.create_completion(body, wait_disconnect)
         except Exception as err:
             return error_response(err)
         if isinstance(result, CompletionResponse):

@@ -151,8 +151,9 @@ class CompletionServing:
         """Abort the submission when the client goes away while it runs, or when the caller leaves early."""
 
         async def watch() -> None:
-            await wait_disconnect()
-            self.loop.abort(submission)
+            with contextlib.suppress(Exception):  # a broken receive channel is not proof of a disconnect
+                await wait_disconnect()
+                self.loop.abort(submission)
 
         watcher = asyncio.ensure_future(watch())
         try:
