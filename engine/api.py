@@ -31,6 +31,19 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
 
 
+def default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, device: torch.device,
+                    revision: str | None = None) -> tuple[Path, ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """(model directory, config, weights on `device` in `dtype` (default: default_dtype), tokenizer) of a local
+    directory, a hub id or a random preset name."""
+    model_dir, config, state_dict = load_model_files(str(name_or_path), dtype=dtype or default_dtype(device),
+                                                     device=device, revision=revision)
+    return model_dir, config, state_dict, Tokenizer.from_pretrained(str(model_dir))
+
+
 class Engine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
@@ -66,15 +79,12 @@ class Engine:
         cuda, reference on cpu.
         """
         device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
-        if dtype is None:
-            dtype = default_dtype(device)
         if backend is None:
-            backend = "triton" if device.type == "cuda" else "reference"
+            backend = default_backend(device)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        model_dir, config, state_dict = load_model_files(str(name_or_path), dtype=dtype, device=device,
-                                                         revision=revision)
-        tokenizer = Tokenizer.from_pretrained(str(model_dir))
+        model_dir, config, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device,
+                                                                   revision=revision)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
                    block_size=block_size, model_dir=model_dir)
 

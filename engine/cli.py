@@ -1,4 +1,4 @@
-"""The `hayabusa` command (also `python -m hayabusa`): generate, tokenize, init-random, verify, bench.
+"""The `hayabusa` command (also `python -m hayabusa`): generate, tokenize, init-random, verify, bench, serve, batch.
 
 Every command reports a problem the same way, `hayabusa COMMAND: error: ...` on stderr and exit status 1 (2 for a
 usage error, with that command's usage), checks --device before anything loads, and exits quietly when its reader
@@ -102,12 +102,22 @@ def _hooks() -> dict[str, tuple[str, Callable[[], tuple[Callable, Callable]]]]:
         from hayabusa.bench import cli
         return cli.add_arguments, cli.run
 
+    def serve():
+        from hayabusa.engine.server import cli
+        return cli.add_arguments, cli.run
+
+    def batch():
+        from hayabusa.engine.server import batch
+        return batch.add_arguments, batch.run
+
     return {
         "generate": ("generate text, streamed to stdout", lambda: (add_generate_arguments, run_generate)),
         "tokenize": ("print the token ids and pieces of a text", tokenize),
         "init-random": ("write a random-weight checkpoint with the real tensor names and shapes", init_random),
         "verify": ("compare the kernel path with the reference on the same weights", verify),
         "bench": ("benchmark hayabusa side by side with transformers", bench),
+        "serve": ("serve an OpenAI-compatible HTTP API (/v1/completions)", serve),
+        "batch": ("generate for every line of a jsonl file, on one engine or Ray Data", batch),
     }
 
 
