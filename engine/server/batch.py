@@ -119,7 +119,7 @@ def run_ray(spec: EngineSpec, lines: Numbered, batch_size: int, replicas: int, w
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False  # ours counts lines
-    on_gpu = (spec.device or ("cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")).startswith("cuda")
+    on_gpu = str(spec.device or ("cuda" if ray.cluster_resources().get("GPU", 0) >= 1 else "cpu")).startswith("cuda")
     spec = replace(spec, device="cuda" if on_gpu else "cpu")
     dataset = ray.data.from_items([{"line_number": number, "line": text} for number, text in lines],
                                   override_num_blocks=max(1, min(len(lines) // batch_size, 8 * replicas)))

@@ -13,7 +13,7 @@ from hayabusa.engine.server.replica import ServerSettings, load_paged_engine
 
 
 def parse(argv: list[str]):
-    parser, _ = build_parser(argv)
+    parser, _, _ = build_parser(argv)
     return parser.parse_args(argv)
 
 
