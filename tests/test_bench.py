@@ -206,6 +206,9 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     assert results["versions"]["torch"] == torch.__version__ and "triton" in results["versions"]
     assert results["model"]["preset"] == "tiny" and results["sizes"]["name"] == "smoke"
     assert results["roofline"]["copy_gb_per_s"] > 0 and results["roofline"]["matmul_tflops"] > 0
+    launches = results["launches_per_decode_step"]  # counted with an H200's configs on a CPU
+    assert launches["num_sms"] == 132 and [c["batch"] for c in launches["by_batch"]] == [1, 4]
+    assert [c["per_layer"] for c in launches["by_batch"]] == [5, 5]
     # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason
     assert {s["engine"] for s in results["skipped"]} == {"hayabusa", "transformers-compile"}
     assert all(s["reason"] for s in results["skipped"])

@@ -38,7 +38,10 @@ def with_wrong_layer_norm(ops: OpSet) -> OpSet:
     def layer_norm(x, weight, bias, eps, **kwargs):  # eps 1e-1 instead of 1e-5: a small but real error
         return ops.layer_norm(x, weight, bias, 1e-1, **kwargs)
 
-    return dataclasses.replace(ops, layer_norm=layer_norm)
+    def ln_linear(x, ln_weight, ln_bias, eps, weight, **kwargs):  # the same error where the LayerNorm is fused
+        return ops.ln_linear(x, ln_weight, ln_bias, 1e-1, weight, **kwargs)
+
+    return dataclasses.replace(ops, layer_norm=layer_norm, ln_linear=ln_linear)
 
 
 def test_a_wrong_kernel_fails_with_a_nonzero_status(model_dir, capsys, monkeypatch) -> None:
