@@ -133,13 +133,13 @@ class PagedEngine:
         """Run one engine step (after any step another thread is running). Returns the updates, in order, of the
         requests submitted with add_request that became known since the last call, whichever thread's step
         produced them: new tokens and text, and the final output on a request's last update."""
-        self._claim_driver(lambda: False)
+        self._claim_driver(_never)
         try:
             self._step()
         finally:
-            self._release_driver()
-        with self._cond:
-            updates, self._updates = self._updates, []
+            with self._cond:
+                updates, self._updates = self._updates, []
+                self._release_driver()
         return updates
 
     def _step(self) -> None:
@@ -153,7 +153,8 @@ class PagedEngine:
     def _launch_and_read_back(self) -> None:
         previous = self._in_flight
         with self._cond:
-            self._apply_aborts()
+            if self._aborts:
+                self._apply_aborts()
             plan = self.scheduler.schedule(results_in_flight=previous is not None)
             if plan is None:  # blocks are short: know every token first, as an engine without the lag would
                 self._process(previous, *self.runner.collect(previous))
@@ -208,7 +209,8 @@ class PagedEngine:
     def _release_driver(self) -> None:
         with self._cond:
             self._driving = False
-            self._apply_aborts()
+            if self._aborts:
+                self._apply_aborts()
             self._cond.notify_all()  # waiters re-check their requests; one of them may take over
 
     def _drive_until(self, done: Callable[[], bool]) -> None:
@@ -277,6 +279,10 @@ class PagedEngine:
         with self._cond:
             self.runner.graphs.clear()
             self.runner.kv_caches.clear()
+
+
+def _never() -> bool:
+    return False
 
 
 def _failed_output(prompt_ids: list[int], message: str) -> GenerationOutput:

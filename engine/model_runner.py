@@ -129,9 +129,11 @@ class ModelRunner:
                                             max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
                                             max_num_seqs * config.max_position_embeddings, True))), self.device)
         self.move_uploads = PackedUpload(2 * max_num_seqs * 8, self.device)
-        self.results = ResultRing(max_num_seqs, model.dtype, self.device)
+        self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
         self._decode_layouts: dict[int, Layout] = {}
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
+            else contextlib.nullcontext
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, greedy only) -> graph
 
     def _blocks_that_fit(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
@@ -197,7 +199,7 @@ class ModelRunner:
     def launch(self, plan: StepPlan) -> InFlight:
         """Start one planned step on the device; its sampled ids are read with `collect`."""
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._on_device():
             self._apply_moves(plan.slot_moves)
             readback = self._launch_prefill(plan) if plan.is_prefill else self._launch_decode(plan)
         return InFlight(plan, readback)
@@ -205,7 +207,7 @@ class ModelRunner:
     def collect(self, step: InFlight) -> tuple[list[int], frozenset[int]]:
         """(sampled id per row, rows whose logits were not finite); waits for the step if it is still running."""
         ResultRing.wait(step.readback)
-        return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max)
+        return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max_bits)
 
     def _apply_moves(self, moves: tuple[list[int], list[int]]) -> None:
         """Copy moved sequences' rows of every per-slot tensor (all sources read before any row is written)."""
@@ -237,7 +239,7 @@ class ModelRunner:
             graph.replay()
         else:
             self._decode_body(batch, plan.greedy_only, views)
-        return self.results.copy_out(self.sampler.last_token[:rows], self.sampler.row_max[:rows])
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows))
 
     def _decode_body(self, batch: int, greedy_only: bool, views: dict[str, Tensor]) -> None:
         """What a decode graph holds: reads only static device buffers."""
@@ -254,7 +256,7 @@ class ModelRunner:
                           views["seen_index"] if views["seen_index"].numel() else None)
         logits = self.model.prefill(inputs, self.kv_caches)[:num_seqs]  # [num_seqs, vocab]
         self.sampler.sample(logits, rows, plan.greedy_only)
-        return self.results.copy_out(self.sampler.last_token[rows], self.sampler.row_max[rows])
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
         """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is
@@ -316,7 +318,7 @@ class ModelRunner:
         if prefill:
             shapes += [("prefill", tokens) for tokens in prefill_buckets(self.max_prefill_tokens)]
         pool = None
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+        with self._on_device():
             for kind, size in tqdm(shapes, desc="hayabusa warm-up", unit="shape", disable=not progress):
                 if kind == "decode":
                     pool = self._warm_decode(size, pool)

@@ -89,20 +89,28 @@ class OutputBuilder:
         """Record one sampled token; return the text that became final (may be "")."""
         if self.finish_reason is not None:
             raise RuntimeError("append() after the request finished")
-        now = time.perf_counter()
         if self._first_token_at is None:
-            self._first_token_at = now
+            self._first_token_at = time.perf_counter()
         self.token_ids.append(token_id)
         if token_id == self._stop_id:
-            return self._finish("stop", now, self._held + self._decoder.flush())
-        text = self._held + self._decoder.push(token_id)
+            return self._finish("stop", self._held + self._decoder.flush())
+        text = self._decoder.push(token_id)
         if self._stops:
-            hits = [i for s in self._stops if (i := text.find(s)) >= 0]
-            if hits:
-                return self._finish("stop", now, text[: min(hits)])
+            return self._append_checking_stops(self._held + text)
         if len(self.token_ids) >= self._max_new_tokens:
-            return self._finish("length", now, text + self._decoder.flush())
-        held = self._held_back(text) if self._stops else 0
+            return self._finish("length", text + self._decoder.flush())
+        if text:
+            self._final.append(text)
+        return text
+
+    def _append_checking_stops(self, text: str) -> str:
+        """append() for a request with stop strings: text is everything decoded since the last delta."""
+        hits = [i for s in self._stops if (i := text.find(s)) >= 0]
+        if hits:
+            return self._finish("stop", text[: min(hits)])
+        if len(self.token_ids) >= self._max_new_tokens:
+            return self._finish("length", text + self._decoder.flush())
+        held = self._held_back(text)
         self._held = text[len(text) - held:] if held else ""
         delta = text[: len(text) - held]
         if delta:
@@ -118,9 +126,9 @@ class OutputBuilder:
                 return size
         return 0
 
-    def _finish(self, reason: str, now: float, delta: str) -> str:
+    def _finish(self, reason: str, delta: str) -> str:
         self.finish_reason = reason
-        self._finished_at = now
+        self._finished_at = time.perf_counter()
         self._held = ""
         if delta:
             self._final.append(delta)
@@ -130,7 +138,7 @@ class OutputBuilder:
         """Finish early ("abort" or "error"): the output keeps the tokens and the text released so far."""
         if self.finish_reason is None:
             self.error = error
-            self._finish(reason, time.perf_counter(), "")
+            self._finish(reason, "")
 
     def result(self) -> GenerationOutput:
         if not self.finished:

@@ -73,8 +73,13 @@ class SlotSampler:
         ints[:, STEP] += 1
         seen.scatter_(1, ids[:, None], True)
 
-    def nonfinite_rows(self, row_max: Tensor) -> frozenset[int]:
-        """Rows (of a host copy of row_max) whose largest logit is NaN or inf."""
-        int_dtype, mask = _EXPONENT_MASKS[self.logits_dtype]
-        bits = row_max.view(int_dtype).numpy()
-        return frozenset(np.flatnonzero((bits & mask) == mask).tolist())
+    @property
+    def row_max_bits_dtype(self) -> torch.dtype:
+        """The integer dtype whose view of row_max the host tests for non-finite values."""
+        return _EXPONENT_MASKS[self.logits_dtype][0]
+
+    def nonfinite_rows(self, row_max_bits: np.ndarray) -> frozenset[int]:
+        """Rows whose largest logit is NaN or inf, from a host copy of row_max viewed as row_max_bits_dtype."""
+        mask = _EXPONENT_MASKS[self.logits_dtype][1]
+        bad = (row_max_bits & mask) == mask
+        return frozenset(np.flatnonzero(bad).tolist()) if bad.any() else frozenset()

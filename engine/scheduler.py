@@ -28,7 +28,7 @@ import numpy as np
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
 from hayabusa.engine.sequence import Sequence, SequenceStatus
-from hayabusa.engine.slots import SlotTable, needs_general_sampler
+from hayabusa.engine.slots import NO_MOVES, SlotTable, needs_general_sampler
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
 
@@ -40,21 +40,18 @@ class StepPlan:
     is_prefill: bool
     seqs: list[Sequence]  # one per row; prefill: the newly admitted sequences; decode: every running slot in order
     first_slot: int
-    # Tokens each row samples this step (0 or 1 today; more with speculation, 0 for a prefill chunk).
-    tokens_per_row: np.ndarray  # int64 [rows]
-    positions: np.ndarray | None  # decode: int32 [rows], the position each row writes, -1 for a row with none
+    # Tokens each row samples this step: bool [rows] today (0 or 1); a count with speculation, 0 for a prefill chunk.
+    tokens_per_row: np.ndarray
+    positions: np.ndarray | None  # decode: int64 [rows], the position each row writes, -1 for a row with none
     new_blocks: list[tuple[int, int, int]]  # decode: (slot, column, block id) entries the block table gains
     greedy_only: bool  # every row is served by the greedy fast path
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
-    slot_moves: tuple[list[int], list[int]] = ([], [])
+    slot_moves: tuple[list[int], list[int]] = NO_MOVES
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.tokens_per_row.any())
+    def __post_init__(self) -> None:
+        self.num_rows = len(self.seqs)
+        self.num_sampling_rows = int(np.count_nonzero(self.tokens_per_row))
+        self.has_work = self.num_sampling_rows > 0  # else nothing is launched
 
 
 class Scheduler:
@@ -72,7 +69,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}  # admission order, oldest first (an ordered set)
-        self.slots = SlotTable(max_num_seqs)
+        self.slots = SlotTable(max_num_seqs, block_manager.block_size)
 
     def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
         """Raise ValueError for a request that could never run: past the context, or bigger than the KV pool."""
@@ -102,7 +99,7 @@ class Scheduler:
         if prefill:
             first_slot = prefill[0].slot
             self.slots.num_tokens[first_slot:first_slot + len(prefill)] += 1
-            plan = StepPlan(True, prefill, first_slot, np.ones(len(prefill), dtype=np.int64), None, [],
+            plan = StepPlan(True, prefill, first_slot, np.ones(len(prefill), dtype=bool), None, [],
                             greedy_only=not any(needs_general_sampler(seq.params) for seq in prefill))
         else:
             plan = self._schedule_decode(results_in_flight)
@@ -127,30 +124,28 @@ class Scheduler:
         return prefill
 
     def _schedule_decode(self, results_in_flight: bool) -> StepPlan | None:
-        slots, block_size = self.slots, self.block_manager.block_size
+        slots = self.slots
         num_tokens = slots.num_tokens[: slots.count]
         active = num_tokens < slots.max_tokens[: slots.count]
-        # A row's block table covers positions < num_tokens - 1; writing position num_tokens - 1 opens a new block
-        # exactly when that position is a multiple of block_size.
-        rows = np.flatnonzero(active & ((num_tokens - 1) % block_size == 0)).tolist()
+        # Writing position num_tokens - 1 needs a new block when it lies past the row's block table.
+        rows = (active & (num_tokens > slots.capacity[: slots.count])).nonzero()[0].tolist()
         grown: list[tuple[Sequence, int]] = []
         if len(rows) <= self.block_manager.num_free_blocks:
             for row in rows:
                 seq = slots.seqs[row]
                 grown.append((seq, len(seq.block_table)))
                 self.block_manager.append_block(seq)
+                slots.capacity[row] += self.block_manager.block_size
         elif results_in_flight:
             return None
         else:
             grown = self._grow_or_preempt()
             num_tokens = slots.num_tokens[: slots.count]
             active = num_tokens < slots.max_tokens[: slots.count]
-        tokens_per_row = active.astype(np.int64)
-        positions = np.where(active, num_tokens - 1, -1).astype(np.int32)
-        num_tokens += tokens_per_row  # a view: updates the slot table
+        positions = num_tokens * active - 1  # num_tokens - 1, or -1 for a row with nothing to compute
+        num_tokens += active  # a view: updates the slot table
         new_blocks = [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
-        return StepPlan(False, slots.running(), 0, tokens_per_row, positions, new_blocks,
-                        greedy_only=slots.num_general == 0)
+        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, greedy_only=slots.num_general == 0)
 
     def _grow_or_preempt(self) -> list[tuple[Sequence, int]]:
         """Blocks are short and every token is known: give each running sequence, oldest first, the block its next
@@ -170,6 +165,7 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 if len(seq.block_table) > column:
                     grown.append((seq, column))
+                    self.slots.capacity[seq.slot] = len(seq.block_table) * self.block_manager.block_size
         return grown
 
     # ---- leaving ---------------------------------------------------------------------------------------------
@@ -213,23 +209,27 @@ class Scheduler:
         not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped."""
         results = []
         block_size = self.block_manager.block_size
-        rows = range(plan.num_rows) if plan.tokens_per_row.all() else np.flatnonzero(plan.tokens_per_row).tolist()
-        for row in rows:
-            seq = plan.seqs[row]
-            if seq.status is not SequenceStatus.RUNNING:
+        if plan.num_sampling_rows == plan.num_rows:
+            rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
+        else:
+            rows = ((plan.seqs[row], token_ids[row], row) for row in plan.tokens_per_row.nonzero()[0].tolist())
+        running, finished = SequenceStatus.RUNNING, SequenceStatus.FINISHED
+        for seq, token, row in rows:  # once per sequence per step: kept lean
+            if seq.status is not running:
                 continue  # finished (eos, stop string, abort) after this step was planned: its row is stale
             if bad_rows and row in bad_rows:
                 seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
                 self._release(seq)
                 results.append((seq, None, ""))
                 continue
-            token = token_ids[row]
-            delta = seq.append_token(token)
+            seq.token_ids.append(token)
+            delta = seq.output.append(token)
             # Every token but the one just sampled now has its KV in the cache; a prefill's were published at launch.
             computed = len(seq.token_ids) - 1
             if computed % block_size == 0:
                 self.block_manager.cache_computed_blocks(seq, computed)
-            if seq.status is SequenceStatus.FINISHED:
+            if seq.output.finish_reason is not None:
+                seq.status = finished
                 self._release(seq)
             results.append((seq, token, delta))
         return results

@@ -59,14 +59,6 @@ class Sequence:
     def error(self) -> str | None:
         return self.output.error
 
-    def append_token(self, token_id: int) -> str:
-        """Record a sampled token; the output builder decides whether the request is done (eos, stop, length)."""
-        self.token_ids.append(token_id)
-        delta = self.output.append(token_id)
-        if self.output.finish_reason is not None:
-            self.status = SequenceStatus.FINISHED
-        return delta
-
     def fail(self, reason: str, message: str) -> None:
         """Finish early: reason "abort" or "error", with message in the output's .error."""
         self.output.abort(reason, message)

@@ -7,8 +7,9 @@ for such moves are batched: `take_moves` gives them to the runner, which applies
 they land in stream order after any step still in flight.
 
 Host mirrors per row (numpy, updated in place, never rebuilt): `num_tokens`, the tokens including a sampled token
-still in flight (the next decode writes position num_tokens - 1), and `max_tokens`, prompt + max_new_tokens (a
-row whose num_tokens reached it has nothing left to compute: its last token is never written to the cache).
+still in flight (the next decode writes position num_tokens - 1); `max_tokens`, prompt + max_new_tokens (a row
+whose num_tokens reached it has nothing left to compute: its last token is never written to the cache); and
+`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import numpy as np
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.sequence import Sequence
 
+NO_MOVES: tuple[list[int], list[int]] = ([], [])
+
 
 def needs_general_sampler(params: SamplingParams) -> bool:
     """Rows that the greedy fast path (one argmax) cannot serve: sampling, or a repetition penalty."""
@@ -25,25 +28,28 @@ def needs_general_sampler(params: SamplingParams) -> bool:
 
 
 class SlotTable:
-    def __init__(self, max_num_seqs: int) -> None:
-        self.capacity = max_num_seqs
+    def __init__(self, max_num_seqs: int, block_size: int) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.block_size = block_size
         self.count = 0
         self.seqs: list[Sequence | None] = [None] * max_num_seqs
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
+        self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
         self.num_general = 0  # rows that need the general sampler
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
     def assign(self, seq: Sequence) -> int:
         """Give seq the next free row; its host counters start from the tokens it has now."""
-        if self.count == self.capacity:
-            raise RuntimeError(f"all {self.capacity} slots are taken")
+        if self.count == self.max_num_seqs:
+            raise RuntimeError(f"all {self.max_num_seqs} slots are taken")
         slot = self.count
         self.count += 1
         self.seqs[slot] = seq
         seq.slot = slot
         self.num_tokens[slot] = len(seq.token_ids)
         self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
+        self.capacity[slot] = len(seq.block_table) * self.block_size
         self.num_general += needs_general_sampler(seq.params)
         return slot
 
@@ -59,6 +65,7 @@ class SlotTable:
             self.seqs[slot], moved.slot = moved, slot
             self.num_tokens[slot] = self.num_tokens[last]
             self.max_tokens[slot] = self.max_tokens[last]
+            self.capacity[slot] = self.capacity[last]
             # Chained moves compose: the row takes whatever the last row was itself still waiting to receive.
             self._moves[slot] = self._moves.pop(last, last)
         else:
@@ -68,6 +75,8 @@ class SlotTable:
 
     def take_moves(self) -> tuple[list[int], list[int]]:
         """(destination rows, source rows) to copy on the device, each source read before any is written."""
+        if not self._moves:
+            return NO_MOVES
         moves, self._moves = self._moves, {}
         return list(moves), list(moves.values())
 
