@@ -174,18 +174,20 @@ class PagedEngine:
 
     def _process(self, step: InFlight, token_ids: list[int], bad_rows: frozenset[int]) -> None:
         """Hand one read-back step's tokens to their requests (under the lock)."""
-        for seq, token, delta in self.scheduler.postprocess(step.plan, token_ids, bad_rows):
-            self._deliver(seq, token, delta)
+        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver)
 
     def _deliver(self, seq: Sequence, token: int | None, delta: str) -> None:
-        finished = seq.status is SequenceStatus.FINISHED
-        if seq.delivery is Delivery.UPDATES:
-            self._updates.append(RequestUpdate(seq.seq_id, [] if token is None else [token], delta,
-                                               seq.output.result() if finished else None))
-        elif delta and seq.delivery is Delivery.STREAM:
-            seq.text_deltas.append(delta)
-        if finished:
+        """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
+        (generate() reads the final output)."""
+        if seq.status is SequenceStatus.FINISHED:
             del self._requests[seq.seq_id]
+            if seq.delivery is Delivery.UPDATES:
+                self._updates.append(RequestUpdate(seq.seq_id, [] if token is None else [token], delta,
+                                                   seq.output.result()))
+        elif seq.delivery is Delivery.UPDATES:
+            self._updates.append(RequestUpdate(seq.seq_id, [token], delta, None))
+        if delta and seq.delivery is Delivery.STREAM:
+            seq.text_deltas.append(delta)
 
     def _fail_all(self, message: str) -> None:
         """A step raised (e.g. out of memory): fail every request, so that no caller waits forever."""

@@ -21,6 +21,7 @@ tokens are still in flight (`SlotTable.num_tokens` counts them):
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,11 @@ from hayabusa.engine.sequence import Sequence, SequenceStatus
 from hayabusa.engine.slots import NO_MOVES, SlotTable, needs_general_sampler
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
+Deliver = Callable[[Sequence, "int | None", str], None]  # (sequence, its new token or None, its text delta)
+
+
+def _ignore(seq: Sequence, token: int | None, delta: str) -> None:
+    pass
 
 
 @dataclass
@@ -202,12 +208,12 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_computed_blocks(seq, len(seq.token_ids))
 
-    def postprocess(self, plan: StepPlan, token_ids: list[int], bad_rows: frozenset[int] = frozenset()
-                    ) -> list[tuple[Sequence, int | None, str]]:
-        """Apply a launched step's sampled tokens: (sequence, token or None, text delta) per sequence that got a
-        token or failed. Publishes newly full blocks; frees finished sequences. bad_rows: rows whose logits were
-        not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped."""
-        results = []
+    def postprocess(self, plan: StepPlan, token_ids: list[int], bad_rows: frozenset[int] = frozenset(),
+                    deliver: Deliver = _ignore) -> None:
+        """Apply a launched step's sampled tokens, calling deliver(sequence, token or None, text delta) for each
+        sequence that got a token or failed. Publishes newly full blocks; frees finished sequences. bad_rows: rows
+        whose logits were not finite; their requests fail alone. Rows of sequences that finished meanwhile are
+        dropped."""
         block_size = self.block_manager.block_size
         if plan.num_sampling_rows == plan.num_rows:
             rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
@@ -220,7 +226,7 @@ class Scheduler:
             if bad_rows and row in bad_rows:
                 seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
                 self._release(seq)
-                results.append((seq, None, ""))
+                deliver(seq, None, "")
                 continue
             seq.token_ids.append(token)
             delta = seq.output.append(token)
@@ -231,5 +237,4 @@ class Scheduler:
             if seq.output.finish_reason is not None:
                 seq.status = finished
                 self._release(seq)
-            results.append((seq, token, delta))
-        return results
+            deliver(seq, token, delta)

@@ -6,6 +6,9 @@ step's ids, appending them to their requests, detokenizing, stop checks and buil
 (the server's path). The stub stands where a GPU replays the captured decode graph: it writes the step's sampled
 ids into the next step's input buffer, as the graph's sampler does, and computes nothing. Cases: batch 1, and
 batch 256 with 2048-token contexts. Targets (issue 9.3): <= 50 us at batch 1, <= 1 ms at batch 256.
+
+On a shared machine add `--benchmark-timer=time.process_time`: the CPU time of this process is the host work
+itself, without the time the process spends descheduled while other jobs run.
 """
 
 from __future__ import annotations
