@@ -64,8 +64,8 @@ class Engine:
         shape, written once into the cache ($HAYABUSA_CACHE or ~/.cache/hayabusa).
 
         Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
-        cuda, reference on cpu. warmup (default: on cuda) runs every kernel shape the engine can launch before
-        returning, with a progress bar, so that no request waits for a compile.
+        cuda, reference on cpu. warmup (default: with the triton backend on cuda) runs every kernel shape the engine
+        can launch before returning, with a progress bar, so that no request waits for a compile.
         """
         device = torch.device(device or default_device())
         if dtype is None:
@@ -81,7 +81,7 @@ class Engine:
                                                          revision=revision)
         tokenizer = Tokenizer.from_pretrained(str(model_dir))
         if warmup is None:
-            warmup = device.type == "cuda"
+            warmup = device.type == "cuda" and backend == "triton"
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
                    block_size=block_size, model_dir=model_dir, warmup=warmup)
 

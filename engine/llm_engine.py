@@ -50,9 +50,9 @@ class PagedEngine:
         """state_dict: the loader's HF-named weights, all in one dtype on `device` (they are used in place).
 
         ops: "triton" (the kernels) or "torch" (their plain-PyTorch references). kv_cache_blocks: the pool size in
-        blocks of block_size tokens; None sizes it from free memory. cuda_graphs: capture the decode step (CUDA
-        devices only; capturing runs every decode batch size once). warmup: also run every prefill shape up front
-        (ModelRunner.warm_up), so no request waits for a kernel compile.
+        blocks of block_size tokens; None sizes it from free memory. cuda_graphs: capture the decode step (the
+        triton op set on CUDA; capturing runs every decode batch size once). warmup: also run every prefill shape
+        up front (ModelRunner.warm_up), so no request waits for a kernel compile.
         """
         self.config = config
         self.tokenizer = tokenizer

@@ -131,7 +131,8 @@ class ModelRunner:
         self.move_uploads = PackedUpload(2 * max_num_seqs * 8, self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
         self._decode_layouts: dict[int, Layout] = {}
-        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda"
+        # The torch op set reads indices back to the host (a sync no graph capture allows); it runs eagerly.
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and self.bucketed
         self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
             else contextlib.nullcontext
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, greedy only) -> graph
