@@ -35,6 +35,10 @@ def hf_tokens(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def finished_outputs(updates) -> dict:
+    return {update.request_id: update.finished for update in updates if update.finished is not None}
+
+
 def spy_prefills(engine: PagedEngine) -> list[list[tuple[int, int]]]:
     """Record (tokens, prefix-cache hit) of every sequence in every prefill batch the engine runs."""
     prefills: list[list[tuple[int, int]]] = []
@@ -47,10 +51,6 @@ def spy_prefills(engine: PagedEngine) -> list[list[tuple[int, int]]]:
 
     engine.runner.launch = recording_launch
     return prefills
-
-
-def finished_outputs(updates) -> dict:
-    return {update.request_id: update.finished for update in updates if update.finished is not None}
 
 
 def test_batched_prompts_and_a_late_joiner_with_a_cached_prefix() -> None:
