@@ -17,7 +17,6 @@ import torch
 
 from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams
@@ -65,6 +64,8 @@ class Engine:
         self.reference = ReferenceModel(config, state_dict)  # shares the weights; serves logits()
         if backend == "triton":
             warn_if_interpreted(torch.device(device), "the reference backend generates on a CPU at full speed")
+        from hayabusa.engine.llm_engine import PagedEngine  # here: importing the API stays light (no kernels)
+
         # add_request / abort / step / stats for a serving loop (see PagedEngine)
         self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
                                  kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup)

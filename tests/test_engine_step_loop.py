@@ -280,6 +280,7 @@ def test_warm_up_runs_every_shape_the_engine_can_launch(model) -> None:
     assert_same(engine.generate(PROMPTS, [SAMPLED] * 5), reference(config, state_dict, PROMPTS, [SAMPLED] * 5))
 
 
+@pytest.mark.filterwarnings("ignore::hayabusa.engine.devices.InterpreterWarning")  # nothing is interpreted here
 def test_backends_run_the_paged_engine_and_the_cpu_pool_fits_the_ram(model, monkeypatch) -> None:
     config, state_dict = model
     assert Engine(config, state_dict, TOKENIZER, backend="reference", device=torch.device("cpu")).paged.model.ops.name \
