@@ -51,6 +51,10 @@ class BenchRunner(ABC):
     def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
         """Greedy-generate exactly gen_lens[i] tokens after prompts[i]."""
 
+    def start_times(self) -> tuple[float, float] | None:
+        """(cold, warm) ms of a start in a fresh process, for engines that compile kernels; None otherwise."""
+        return None
+
     def _free(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -64,9 +68,9 @@ def static_batches(count: int, static_batch: int | None) -> list[slice]:
 
 
 class HayabusaRunner(BenchRunner):
-    """hayabusa's Engine with the Triton backend ("hayabusa": paged KV cache, its scheduler batches all requests
-    continuously) or the plain-PyTorch one ("hayabusa-reference": one contiguous batch per generate call, so it
-    gets requests in static batches like transformers does)."""
+    """hayabusa's Engine with the Triton backend ("hayabusa": its scheduler batches all requests continuously) or
+    the reference one ("hayabusa-reference": the same paged engine on the kernels' PyTorch twins, given requests
+    in static batches, one generate call each, like transformers)."""
 
     def __init__(self, name: str, backend: str, model_dir: Path, dtype: torch.dtype, device: torch.device,
                  static_batch: int | None) -> None:
@@ -89,6 +93,13 @@ class HayabusaRunner(BenchRunner):
             self.engine.close()
         self.engine = None
         self._free()
+
+    def start_times(self) -> tuple[float, float] | None:
+        if self.backend != "triton":
+            return None
+        from hayabusa.bench.start_time import measure_starts
+
+        return measure_starts(self.model_dir, self.dtype, self.device, self.backend)
 
     def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
         params = [self._params_cls(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in gen_lens]

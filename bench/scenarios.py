@@ -19,17 +19,23 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
-    """Checkpoint directory -> model ready on the device. The warm-up load fills the OS page cache, so the
-    figure is a warm-cache load (what a restarted server sees). Leaves the runner loaded."""
+    """Checkpoint directory -> model ready on the device (hayabusa's Triton engine: every kernel shape warmed up).
+    The warm-up load fills the OS page cache, so the figure is a warm-cache load (what a restarted server sees).
+    Engines that compile kernels also report a start in a fresh process with an empty Triton cache (cold) and
+    with the cache it filled (warm). Leaves the runner loaded."""
     checkpoint_bytes = sum(f.stat().st_size for f in runner.model_dir.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
+    extra = {"checkpoint_bytes": checkpoint_bytes}
+    runner.unload()  # its device memory must be free for the fresh processes
+    starts = runner.start_times()
+    if starts is not None:
+        extra.update(cold_start_ms=starts[0], warm_start_ms=starts[1])
     warmups, samples = [], []
     for timed in [False] * sizes.warmup + [True] * sizes.repeats:
         runner.unload()
         (samples if timed else warmups).append(time_once_ms(runner.load, runner.device))
     ms = median(samples)
     return BenchRecord(runner.name, "load", "load", None, None, None, None, ms, None, None, None, sizes.repeats,
-                       samples, warmups[0] if warmups else None,
-                       {"checkpoint_bytes": checkpoint_bytes, "gb_per_s": checkpoint_bytes / ms / 1e6})
+                       samples, warmups[0] if warmups else None, {**extra, "gb_per_s": checkpoint_bytes / ms / 1e6})
 
 
 def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, device_roofline: roofline.DeviceRoofline,
