@@ -19,7 +19,7 @@ from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.devices import resolve_device, warn_if_interpreted
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling import SamplingParams, check_option_ids
 from hayabusa.engine.weights import load_model_files
 from hayabusa.tokenizer import Tokenizer
 
@@ -101,8 +101,10 @@ class Engine:
                  **kwargs: Any) -> list[GenerationOutput]:
         """Generate for one prompt or a list of prompts (strings or token-id lists); one output per prompt.
 
-        Sampling options come as a SamplingParams (one, or one per prompt) or as keyword arguments:
-        max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos.
+        Sampling options come as a SamplingParams (one, or one per prompt) or as keyword arguments with its field
+        names, which are transformers' generate options (README: generate options): max_new_tokens, do_sample,
+        temperature, top_k, top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+        min_new_tokens, eos_token_id, seed, stop, ignore_eos.
         """
         prompt_ids = self._encode_prompts(prompts)
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
@@ -176,6 +178,7 @@ class Engine:
     def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
         try:
             check_context_fits(len(prompt_ids), params.max_new_tokens, self.config.max_position_embeddings)
+            check_option_ids(params, self.config.vocab_size)
         except ValueError as err:
             raise ValueError(f"prompt {index}: {err}") from None
 

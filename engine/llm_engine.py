@@ -31,7 +31,7 @@ from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
 from hayabusa.engine.model_runner import InFlight, ModelRunner
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, Timings
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling import SamplingParams, check_option_ids
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.weights import EMBED_IN
@@ -91,6 +91,7 @@ class PagedEngine:
                or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        check_option_ids(params, self.config.vocab_size)
         self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
         return Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)

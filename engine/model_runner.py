@@ -12,7 +12,7 @@ next input ids `last_token`, sampling settings, seen-token masks). Rows move wit
 
 A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
 then the block-table scatter, FastModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
-last_token[:B] (on CUDA one graph replay, captured per batch size B, greedy-only or general); then the read-back
+last_token[:B] (on CUDA one graph replay, captured per batch size B and sampler mode); then the read-back
 copy. Nothing in it waits for the host.
 
 Shapes (the triton op set): a decode of n rows runs as the smallest graph batch size B >= n, the extra rows at
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
-from hayabusa.engine.sampler import SlotSampler, settings_row
+from hayabusa.engine.sampler import NUM_FLOAT_SETTINGS, NUM_INT_SETTINGS, SamplerMode, SlotSampler
 from hayabusa.engine.scheduler import StepPlan
 from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
 
@@ -122,7 +122,8 @@ class ModelRunner:
         self.block_tables = torch.zeros(max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self._trash_entry = max_num_seqs * self.max_blocks_per_seq  # flat index into the extra last row
-        self.sampler = SlotSampler(max_num_seqs, config.vocab_size, model.dtype, self.device)
+        self.sampler = SlotSampler(max_num_seqs, config.vocab_size, model.dtype, self.device,
+                                   max_model_len=config.max_position_embeddings, eos_token_id=config.eos_token_id)
         self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
         self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
                                         PackedUpload.nbytes(self._prefill_fields(
@@ -135,7 +136,7 @@ class ModelRunner:
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and self.bucketed
         self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
             else contextlib.nullcontext
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, greedy only) -> graph
+        self.graphs: dict[tuple[int, SamplerMode], torch.cuda.CUDAGraph] = {}  # (batch size, sampler mode) -> graph
 
     def _blocks_that_fit(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         block_bytes = kv_block_bytes(self.config, self.block_size, self.model.dtype)
@@ -185,7 +186,8 @@ class ModelRunner:
                   ("last_token_rows", torch.int64, (self.decode_batch_size(num_seqs),)),
                   ("block_rows", torch.int32, (num_seqs, self.max_blocks_per_seq))]
         if settings:
-            fields += [("float_settings", torch.float32, (num_seqs, 3)), ("int_settings", torch.int64, (num_seqs, 3)),
+            fields += [("float_settings", torch.float32, (num_seqs, NUM_FLOAT_SETTINGS)),
+                       ("int_settings", torch.int64, (num_seqs, NUM_INT_SETTINGS)),
                        ("seen_index", torch.int64, (num_seen,))]
         return fields
 
@@ -235,28 +237,30 @@ class ModelRunner:
             table_block[i] = block_id
         table_index[len(plan.new_blocks):] = self._trash_entry
         views = self.uploads.upload(layout)
-        graph = self.graphs.get((batch, plan.greedy_only))
+        graph = self.graphs.get((batch, plan.sampler_mode))
         if graph is not None:
             graph.replay()
         else:
-            self._decode_body(batch, plan.greedy_only, views)
+            self._decode_body(batch, plan.sampler_mode, views)
         return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows))
 
-    def _decode_body(self, batch: int, greedy_only: bool, views: dict[str, Tensor]) -> None:
+    def _decode_body(self, batch: int, mode: SamplerMode, views: dict[str, Tensor]) -> None:
         """What a decode graph holds: reads only static device buffers."""
         self.block_tables.view(-1).index_copy_(0, views["table_index"], views["table_block"])
         inputs = DecodeInputs(input_ids=self.sampler.last_token[:batch], positions=views["positions"],
                               block_tables=self.block_tables[:batch], check_indices=False)
         logits = self.model.decode(inputs, self.kv_caches)  # [batch, vocab]
-        self.sampler.sample(logits, slice(0, batch), greedy_only)
+        self.sampler.sample(logits, slice(0, batch), mode)
 
     def _launch_prefill(self, plan: StepPlan) -> Readback:
         num_seqs, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
         inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True)
         self.sampler.load(rows, views["float_settings"], views["int_settings"],
                           views["seen_index"] if views["seen_index"].numel() else None)
+        self.sampler.load_processors(range(rows.start, rows.stop), [seq.params for seq in plan.seqs],
+                                     [seq.token_ids for seq in plan.seqs])
         logits = self.model.prefill(inputs, self.kv_caches)[:num_seqs]  # [num_seqs, vocab]
-        self.sampler.sample(logits, rows, plan.greedy_only)
+        self.sampler.sample(logits, rows, plan.sampler_mode)
         return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
@@ -285,8 +289,8 @@ class ModelRunner:
             block_rows[i, : len(seq.block_table)] = seq.block_table
             block_rows[i, len(seq.block_table):] = -1
             if settings:
-                host["float_settings"][i], host["int_settings"][i] = settings_row(seq.params, seq.seed,
-                                                                                  seq.num_completion_tokens)
+                host["float_settings"][i], host["int_settings"][i] = self.sampler.settings_row(
+                    seq.params, seq.seed, seq.num_completion_tokens, seq.num_prompt_tokens)
         host["input_ids"][num_tokens:] = 0  # bucket padding: computed, never attended or read
         host["positions"][num_tokens:] = 0
         last_rows = host["last_token_rows"]
@@ -312,7 +316,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def warm_up(self, *, prefill: bool, progress: bool = True) -> None:
-        """Run every decode batch size (capturing its greedy and general graphs on CUDA) and, with prefill, every
+        """Run every decode batch size (capturing a graph per sampler mode on CUDA) and, with prefill, every
         prefill bucket, so that no request waits for a kernel compile. Only while no request runs: it writes
         through idle slots and KV blocks."""
         shapes = [("decode", batch) for batch in reversed(self.batch_sizes)]  # largest first: graphs share its pool
@@ -334,15 +338,15 @@ class ModelRunner:
         host["positions"][:] = -1  # every row padding: no cache writes
         host["table_index"][:] = self._trash_entry
         views = self.uploads.upload(layout)
-        for greedy_only in (True, False):
-            self._decode_body(batch, greedy_only, views)  # compiles outside any capture
+        for mode in SamplerMode:
+            self._decode_body(batch, mode, views)  # compiles outside any capture
             if self.use_cuda_graphs:
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._decode_body(batch, greedy_only, views)
+                    self._decode_body(batch, mode, views)
                 pool = graph.pool() if pool is None else pool
-                self.graphs[(batch, greedy_only)] = graph
+                self.graphs[(batch, mode)] = graph
         return pool
 
     def _warm_prefill(self, num_tokens: int) -> None:

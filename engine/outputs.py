@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -71,7 +71,7 @@ class OutputBuilder:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self._stop_id = None if params.ignore_eos else eos_token_id
+        self._stop_ids = frozenset() if params.ignore_eos else frozenset(eos_token_ids(params, eos_token_id))
         self._stops = params.stop
         self._max_new_tokens = params.max_new_tokens
         self._decoder = StreamDecoder(tokenizer)
@@ -92,7 +92,7 @@ class OutputBuilder:
         if self._first_token_at is None:
             self._first_token_at = time.perf_counter()
         self.token_ids.append(token_id)
-        if token_id == self._stop_id:
+        if token_id in self._stop_ids:
             return self._finish("stop", self._held + self._decoder.flush())
         text = self._decoder.push(token_id)
         if self._stops:

@@ -42,7 +42,7 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     cache = model.new_cache(batch, max_len)
     logits = model(input_ids, positions, cache, key_mask[:, :longest], last_token_only=True)[:, 0]
     while True:
-        tokens = sample_next_tokens(logits, params, seen, seeds, [len(b.token_ids) for b in builders])
+        tokens = sample_next_tokens(logits, params, seen, seeds, [len(b.token_ids) for b in builders], eos)
         for b, token in enumerate(tokens.tolist()):
             if builders[b].finished:
                 continue

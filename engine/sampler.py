@@ -1,55 +1,114 @@
 """Per-slot sampling state on the device, and the sampling step that feeds the next decode without the host.
 
 Row `slot` of each tensor belongs to the running sequence in that slot (engine.slots): its settings, its noise
-step counter and, for the repetition penalty, its seen-token mask. `sample` reads a batch's logits and writes the
-chosen ids straight into `last_token[rows]` (the next decode step's input ids) and each row's largest raw logit
-into `row_max[rows]`; the host reads both back one step later. A non-finite row max flags a row whose logits hold
-NaN or +inf, or no finite value at all: that request fails with an error instead of a silent token.
+step counter, for the repetition penalty its seen-token mask, and for the processors (logits_processors) its eos and
+banned-token masks, bad-word patterns and token history. `sample` reads a batch's logits and writes the chosen ids
+straight into `last_token[rows]` (the next decode step's input ids) and each row's largest raw logit into
+`row_max[rows]`; the host reads both back one step later. A non-finite row max flags a row whose logits hold NaN or
++inf, or no finite value at all: that request fails with an error instead of a silent token.
 
-Launches per call: the greedy path (every row greedy, no penalty) is one `max` reduction that writes the ids and
-row maxima together; the general path runs `sampling.sample_rows` plus the bookkeeping (about 90 small kernels,
-half of them the counter-based noise hash: a fused sampling kernel is the obvious next step).
+A step samples in one of three modes, the cheapest that serves all its rows (`row_mode`):
+- GREEDY: every row greedy with no penalty or processor: one `max` reduction writes the ids and row maxima together.
+- SAMPLE: `sampling.sample_rows` with the penalty, temperature, top-k, top-p and seeded draws (about 90 small
+  kernels, half of them the counter-based noise hash: a fused sampling kernel is the obvious next step).
+- PROCESS: SAMPLE plus the processors (no_repeat_ngram_size, bad_words_ids, min_new_tokens, min_p, typical_p) and
+  the token history they read, appended to on the device as tokens are sampled.
+Rows whose option is off come out of a richer mode exactly as the cheaper one would give them. Per-row state that
+only a richer mode reads (masks, patterns, history) is loaded only for the rows that use it, and read only where the
+row's settings say it was loaded, so stale rows left by earlier occupants never matter.
 """
 
 from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hayabusa.engine.sampling import SamplingParams, effective_temperature, sample_rows
+from hayabusa.engine.logits_processors import (
+    HISTORY_MARGIN,
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    SENTINEL,
+    WILDCARD,
+    bad_word_patterns,
+    banned_tokens,
+    split_bad_words,
+)
+from hayabusa.engine.sampling import SamplingParams, effective_temperature, eos_token_ids, sample_rows
+from hayabusa.engine.staging import PackedUpload
 
 # Columns of the settings tensors.
-TEMPERATURE, TOP_P, PENALTY = 0, 1, 2  # float_settings; temperature 0 marks a greedy row
-TOP_K, SEED, STEP = 0, 1, 2  # int_settings; STEP counts the row's sampled tokens (it keys the noise)
+TEMPERATURE, TOP_P, PENALTY, MIN_P, TYPICAL_P = range(5)  # float_settings; temperature 0 marks a greedy row
+NUM_FLOAT_SETTINGS = 5
+# int_settings: STEP counts the row's sampled tokens (it keys the noise; PROMPT_LEN + STEP tokens are in the history);
+# NUM_PATTERNS and HAS_BANS say whether the row's patterns and static bans were loaded.
+TOP_K, SEED, STEP, MIN_NEW_TOKENS, NGRAM, NUM_PATTERNS, HAS_BANS, PROMPT_LEN = range(8)
+NUM_INT_SETTINGS = 8
 
 # Exponent bits of each dtype: all ones means inf or NaN.
 _EXPONENT_MASKS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
                    torch.bfloat16: (torch.int16, 0x7F80)}
 
 
-def settings_row(params: SamplingParams, seed: int, step: int) -> tuple[tuple[float, float, float],
-                                                                         tuple[int, int, int]]:
-    """(float_settings, int_settings) of one sequence's slot row."""
-    return ((effective_temperature(params), params.top_p, params.repetition_penalty), (params.top_k, seed, step))
+class SamplerMode(enum.IntEnum):
+    GREEDY = 0
+    SAMPLE = 1
+    PROCESS = 2
+
+
+def row_mode(params: SamplingParams) -> SamplerMode:
+    """The cheapest mode that serves a request."""
+    if params.needs_processors:
+        return SamplerMode.PROCESS
+    if not params.greedy or params.repetition_penalty != 1.0:
+        return SamplerMode.SAMPLE
+    return SamplerMode.GREEDY
 
 
 class SlotSampler:
-    def __init__(self, max_num_seqs: int, vocab_size: int, logits_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, max_num_seqs: int, vocab_size: int, logits_dtype: torch.dtype, device: torch.device, *,
+                 max_model_len: int, eos_token_id: int | None) -> None:
         if logits_dtype not in _EXPONENT_MASKS:
             raise ValueError(f"logits dtype must be one of {tuple(_EXPONENT_MASKS)}, got {logits_dtype}")
         self.logits_dtype = logits_dtype
+        self.vocab_size = vocab_size
+        self.device = device
+        self.eos_token_id = eos_token_id  # the model's, for requests that name none
         self.last_token = torch.zeros(max_num_seqs, dtype=torch.int64, device=device)  # next decode's input ids
         self.row_max = torch.zeros(max_num_seqs, dtype=logits_dtype, device=device)
-        self.float_settings = torch.ones(max_num_seqs, 3, dtype=torch.float32, device=device)
-        self.int_settings = torch.zeros(max_num_seqs, 3, dtype=torch.int64, device=device)
-        # Read only where a penalty is set (a penalty of 1 leaves a logit exactly as it is), so only the rows of
-        # sequences with a penalty are ever initialised; max_num_seqs x vocab bytes (8 MB for 256 x 32k).
-        self.seen = torch.zeros(max_num_seqs, vocab_size, dtype=torch.bool, device=device)
+        self.float_settings = torch.ones(max_num_seqs, NUM_FLOAT_SETTINGS, dtype=torch.float32, device=device)
+        self.int_settings = torch.zeros(max_num_seqs, NUM_INT_SETTINGS, dtype=torch.int64, device=device)
+        # Each max_num_seqs x vocab bytes (8 MB for 256 x 32k); only rows of sequences that use them are initialised.
+        self.seen = torch.zeros(max_num_seqs, vocab_size, dtype=torch.bool, device=device)  # repetition penalty
+        self.eos_mask = torch.zeros(max_num_seqs, vocab_size, dtype=torch.bool, device=device)  # min_new_tokens
+        self.static_bans = torch.zeros(max_num_seqs, vocab_size, dtype=torch.bool, device=device)  # 1-token bad words
+        self.patterns = torch.full((max_num_seqs, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS), WILDCARD, dtype=torch.int64,
+                                   device=device)  # multi-token bad words (logits_processors.bad_word_patterns)
+        # The layout of logits_processors; one spare column past max_model_len absorbs the writes of rows that ride
+        # along after their last token.
+        self.history = torch.full((max_num_seqs, HISTORY_MARGIN + max_model_len + 1), SENTINEL, dtype=torch.int64,
+                                  device=device)
+        self._processor_uploads = PackedUpload(1 << 16, device)
 
     def per_slot_tensors(self) -> list[Tensor]:
         """The tensors whose rows move with a sequence when it changes slot."""
-        return [self.last_token, self.float_settings, self.int_settings, self.seen]
+        return [self.last_token, self.float_settings, self.int_settings, self.seen, self.eos_mask, self.static_bans,
+                self.patterns, self.history]
+
+    # ---- loading newly admitted rows -------------------------------------------------------------------------
+
+    def settings_row(self, params: SamplingParams, seed: int, step: int, num_prompt_tokens: int
+                     ) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """(float_settings, int_settings) of one sequence's slot row; step: tokens it has generated so far."""
+        single, multi = split_bad_words(params.bad_words_ids, eos_token_ids(params, self.eos_token_id))
+        floats = (effective_temperature(params), params.top_p, params.repetition_penalty, params.min_p,
+                  params.typical_p)
+        ints = (params.top_k, seed, step, params.min_new_tokens, params.no_repeat_ngram_size, len(multi),
+                int(bool(single)), num_prompt_tokens)
+        return floats, ints
 
     def load(self, rows: slice, float_settings: Tensor, int_settings: Tensor, seen_index: Tensor | None) -> None:
         """Settings of newly admitted rows; seen_index: flat indices (row * vocab + token) of every token the
@@ -60,17 +119,76 @@ class SlotSampler:
             self.seen[rows] = False
             self.seen.view(-1).index_fill_(0, seen_index, True)
 
-    def sample(self, logits: Tensor, rows: slice, greedy_only: bool) -> None:
+    def load_processors(self, slots: Sequence[int], params: Sequence[SamplingParams],
+                        token_lists: Sequence[Sequence[int]]) -> None:
+        """The processor state (eos and ban masks, patterns, history) of newly admitted rows that need it, in one
+        upload. token_lists: each row's tokens so far (prompt and any completion)."""
+        vocab = self.vocab_size
+        eos_index, ban_index, mask_rows, pattern_rows, patterns, history_index, history_values = ([] for _ in range(7))
+        width = self.history.shape[1]
+        for slot, p, tokens in zip(slots, params, token_lists, strict=True):
+            if not p.needs_processors:
+                continue
+            eos = eos_token_ids(p, self.eos_token_id)
+            single, multi = split_bad_words(p.bad_words_ids, eos)
+            mask_rows.append(slot)
+            eos_index += [slot * vocab + t for t in eos] if p.min_new_tokens else []
+            ban_index += [slot * vocab + t for t in single]
+            if multi:
+                pattern_rows.append(slot)
+                patterns.append(bad_word_patterns(multi))
+            if p.needs_history:
+                history_index += range(slot * width + HISTORY_MARGIN, slot * width + HISTORY_MARGIN + len(tokens))
+                history_values += tokens
+        if not mask_rows:
+            return
+        pattern_shape = (len(pattern_rows), MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS)
+        host_values = {"mask_rows": mask_rows, "eos_index": eos_index, "ban_index": ban_index,
+                       "pattern_rows": pattern_rows, "patterns": np.asarray(patterns).reshape(pattern_shape),
+                       "history_index": history_index, "history_values": history_values}
+        fields = [(name, torch.int64, np.shape(values) if name == "patterns" else (len(values),))
+                  for name, values in host_values.items()]
+        nbytes = PackedUpload.nbytes(fields)
+        if nbytes > self._processor_uploads.capacity:  # rare and eager (an admission step): grow
+            self._processor_uploads = PackedUpload(2 * nbytes, self.device)
+        layout = self._processor_uploads.layout(fields)
+        host = self._processor_uploads.host_views(layout)
+        for name, values in host_values.items():
+            host[name][...] = values
+        up = self._processor_uploads.upload(layout)
+        for mask, index in ((self.eos_mask, up["eos_index"]), (self.static_bans, up["ban_index"])):
+            mask.index_fill_(0, up["mask_rows"], False)
+            mask.view(-1).index_fill_(0, index, True)
+        self.patterns.index_copy_(0, up["pattern_rows"], up["patterns"])
+        self.history.view(-1).index_copy_(0, up["history_index"], up["history_values"])
+
+    # ---- sampling --------------------------------------------------------------------------------------------
+
+    def sample(self, logits: Tensor, rows: slice, mode: SamplerMode) -> None:
         """logits [rows, vocab] of slots rows.start.. -> last_token[rows], row_max[rows]; no host sync."""
-        if greedy_only:
+        if mode is SamplerMode.GREEDY:
             torch.max(logits, dim=-1, out=(self.row_max[rows], self.last_token[rows]))
             return
         torch.amax(logits, dim=-1, out=self.row_max[rows])
         floats, ints = self.float_settings[rows], self.int_settings[rows]
         seen = self.seen[rows]
+        processed = mode is SamplerMode.PROCESS
+        if processed:
+            lengths = ints[:, PROMPT_LEN] + ints[:, STEP]  # [rows]: tokens in the history
+            history = self.history[rows]
+            banned = banned_tokens(history=history, lengths=lengths, ngram_sizes=ints[:, NGRAM],
+                                   patterns=self.patterns[rows], num_patterns=ints[:, NUM_PATTERNS],
+                                   static_bans=self.static_bans[rows], has_static_bans=ints[:, HAS_BANS] > 0,
+                                   eos_mask=self.eos_mask[rows], completion_lengths=ints[:, STEP],
+                                   min_new_tokens=ints[:, MIN_NEW_TOKENS])
         ids = sample_rows(logits, temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
-                          penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=ints[:, STEP], seen=seen)
+                          penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=ints[:, STEP], seen=seen,
+                          banned=banned if processed else None, min_p=floats[:, MIN_P] if processed else None,
+                          typical_p=floats[:, TYPICAL_P] if processed else None)
         self.last_token[rows] = ids
+        if processed:
+            column = (HISTORY_MARGIN + lengths).clamp_(max=history.shape[1] - 1)
+            history.scatter_(1, column[:, None], ids[:, None])
         ints[:, STEP] += 1
         seen.scatter_(1, ids[:, None], True)
 

@@ -28,8 +28,9 @@ import numpy as np
 
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
+from hayabusa.engine.sampler import SamplerMode, row_mode
 from hayabusa.engine.sequence import Sequence, SequenceStatus
-from hayabusa.engine.slots import NO_MOVES, SlotTable, needs_general_sampler
+from hayabusa.engine.slots import NO_MOVES, SlotTable
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
 Deliver = Callable[[Sequence, "int | None", str], None]  # (sequence, its new token or None, its text delta)
@@ -50,7 +51,7 @@ class StepPlan:
     tokens_per_row: np.ndarray
     positions: np.ndarray | None  # decode: int64 [rows], the position each row writes, -1 for a row with none
     new_blocks: list[tuple[int, int, int]]  # decode: (slot, column, block id) entries the block table gains
-    greedy_only: bool  # every row is served by the greedy fast path
+    sampler_mode: SamplerMode  # the cheapest that serves every row (engine.sampler)
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
 
@@ -106,7 +107,7 @@ class Scheduler:
             first_slot = prefill[0].slot
             self.slots.num_tokens[first_slot:first_slot + len(prefill)] += 1
             plan = StepPlan(True, prefill, first_slot, np.ones(len(prefill), dtype=bool), None, [],
-                            greedy_only=not any(needs_general_sampler(seq.params) for seq in prefill))
+                            max(row_mode(seq.params) for seq in prefill))
         else:
             plan = self._schedule_decode(results_in_flight)
         if plan is not None and plan.has_work:  # an idle plan is not launched: its moves wait for the next one
@@ -151,7 +152,7 @@ class Scheduler:
         positions = num_tokens * active - 1  # num_tokens - 1, or -1 for a row with nothing to compute
         num_tokens += active  # a view: updates the slot table
         new_blocks = [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
-        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, greedy_only=slots.num_general == 0)
+        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, slots.sampler_mode)
 
     def _grow_or_preempt(self) -> list[tuple[Sequence, int]]:
         """Blocks are short and every token is known: give each running sequence, oldest first, the block its next

@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampler import SamplerMode, row_mode
 from hayabusa.engine.sequence import Sequence
 
 NO_MOVES: tuple[list[int], list[int]] = ([], [])
-
-
-def needs_general_sampler(params: SamplingParams) -> bool:
-    """Rows that the greedy fast path (one argmax) cannot serve: sampling, or a repetition penalty."""
-    return not params.greedy or params.repetition_penalty != 1.0
 
 
 class SlotTable:
@@ -36,7 +31,7 @@ class SlotTable:
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
-        self.num_general = 0  # rows that need the general sampler
+        self.mode_counts = [0] * len(SamplerMode)  # running rows per sampler mode they need
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
     def assign(self, seq: Sequence) -> int:
@@ -50,7 +45,7 @@ class SlotTable:
         self.num_tokens[slot] = len(seq.token_ids)
         self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
         self.capacity[slot] = len(seq.block_table) * self.block_size
-        self.num_general += needs_general_sampler(seq.params)
+        self.mode_counts[row_mode(seq.params)] += 1
         return slot
 
     def release(self, seq: Sequence) -> None:
@@ -59,7 +54,7 @@ class SlotTable:
         if not 0 <= slot <= last or self.seqs[slot] is not seq:
             raise RuntimeError(f"sequence {seq.seq_id} does not hold slot {slot}")
         seq.slot = -1
-        self.num_general -= needs_general_sampler(seq.params)
+        self.mode_counts[row_mode(seq.params)] -= 1
         if slot != last:
             moved = self.seqs[last]
             self.seqs[slot], moved.slot = moved, slot
@@ -79,6 +74,11 @@ class SlotTable:
             return NO_MOVES
         moves, self._moves = self._moves, {}
         return list(moves), list(moves.values())
+
+    @property
+    def sampler_mode(self) -> SamplerMode:
+        """The cheapest sampler mode that serves every running row."""
+        return next(mode for mode in reversed(SamplerMode) if self.mode_counts[mode] or mode is SamplerMode.GREEDY)
 
     def running(self) -> list[Sequence]:
         return self.seqs[: self.count]

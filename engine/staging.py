@@ -45,6 +45,11 @@ class PackedUpload:
         self._device = torch.zeros(capacity_bytes, dtype=torch.uint8, device=device)
         self._next = 0
 
+    @property
+    def capacity(self) -> int:
+        """Bytes one upload can hold."""
+        return self._device.numel()
+
     @staticmethod
     def nbytes(fields: Sequence[Field]) -> int:
         return sum(_aligned(_field_bytes(f)) for f in fields)

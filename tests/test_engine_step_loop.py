@@ -19,6 +19,7 @@ from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.model_runner import graph_batch_sizes, prefill_bucket, prefill_buckets
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_outputs
+from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.weights import EMBED_IN
 from hayabusa.tokenizer import Tokenizer
@@ -274,8 +275,8 @@ def test_warm_up_runs_every_shape_the_engine_can_launch(model) -> None:
     shapes = []
     spy_shapes(engine, shapes)
     engine.runner.warm_up(prefill=True, progress=False)
-    # Each decode batch size twice (greedy-only and general sampling); prefill buckets capped at the token budget.
-    assert sorted(shapes) == sorted([("decode", b) for b in graph_batch_sizes(20)] * 2
+    # Each decode batch size once per sampler mode; prefill buckets capped at the token budget.
+    assert sorted(shapes) == sorted([("decode", b) for b in graph_batch_sizes(20)] * len(SamplerMode)
                                     + [("prefill", min(t, 300)) for t in prefill_buckets(300)])
     assert_same(engine.generate(PROMPTS, [SAMPLED] * 5), reference(config, state_dict, PROMPTS, [SAMPLED] * 5))
 
