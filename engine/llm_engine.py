@@ -38,7 +38,10 @@ from hayabusa.engine.weights import EMBED_IN
 from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# Tokens per step: with chunked prefill a step's prompt chunks fill what the decode rows leave of it, so it bounds how
+# long a running request can wait for its next token; without, whole prompts of up to this many tokens run at once.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED = 8192
 
 
 class PagedEngine:
@@ -46,13 +49,16 @@ class PagedEngine:
                  device: torch.device | str, kv_cache_blocks: int | None = None, block_size: int = 16,
                  ops: str = "triton", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cuda_graphs: bool = True, warmup: bool = False) -> None:
+                 cuda_graphs: bool = True, warmup: bool = False, chunked_prefill: bool = True) -> None:
         """state_dict: the loader's HF-named weights, all in one dtype on `device` (they are used in place).
 
         ops: "triton" (the kernels) or "torch" (their plain-PyTorch references). kv_cache_blocks: the pool size in
         blocks of block_size tokens; None sizes it from free memory. cuda_graphs: capture the decode step (the
         triton op set on CUDA; capturing runs every decode batch size once). warmup: also run every prefill shape
-        up front (ModelRunner.warm_up), so no request waits for a kernel compile.
+        up front (ModelRunner.warm_up), so no request waits for a kernel compile. max_num_batched_tokens: tokens
+        per step (default 512 with chunked prefill, else max(8192, the context length)). chunked_prefill: split
+        prompts into chunks that run in the same step as the decodes (engine.scheduler); False: a prompt runs
+        whole, in a step of prefills only.
         """
         self.config = config
         self.tokenizer = tokenizer
@@ -62,7 +68,8 @@ class PagedEngine:
             raise ValueError(f"the weights are on {embed.device}, but device={self.device} was asked for")
         max_model_len = config.max_position_embeddings
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len)
+            max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS if chunked_prefill \
+                else max(DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED, max_model_len)
         self.model = FastModel(config, state_dict, load_ops(ops))
         self.runner = ModelRunner(self.model, block_size=block_size, num_kv_blocks=kv_cache_blocks,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -71,7 +78,8 @@ class PagedEngine:
             self.runner.warm_up(prefill=warmup)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                   chunked_prefill=chunked_prefill)
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()  # guards the scheduler and every Sequence; notified after each step
         self._driving = False  # a thread is inside _step()
@@ -168,7 +176,7 @@ class PagedEngine:
         self._in_flight = self.runner.launch(plan) if plan.has_work else None
         results = self.runner.collect(previous) if previous is not None else None  # the device runs step N meanwhile
         with self._cond:
-            if plan.is_prefill:
+            if plan.chunks:
                 self.scheduler.publish_prefilled(plan)
             if previous is not None:
                 self._process(previous, *results)

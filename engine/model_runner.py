@@ -37,9 +37,10 @@ from tqdm.auto import tqdm
 from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
-from hayabusa.engine.sampler import NUM_FLOAT_SETTINGS, NUM_INT_SETTINGS, SamplerMode, SlotSampler
+from hayabusa.engine.sampler import SamplerMode, SlotSampler
 from hayabusa.engine.scheduler import StepPlan
 from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
+from hayabusa.engine.varlen import VarlenBatch, fill_varlen, varlen_fields
 
 CPU_DEFAULT_SEQUENCES = 4
 CPU_KV_MEMORY_FRACTION = 0.5  # of the RAM available once the weights are loaded
@@ -126,9 +127,7 @@ class ModelRunner:
                                    max_model_len=config.max_position_embeddings, eos_token_id=config.eos_token_id)
         self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
         self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
-                                        PackedUpload.nbytes(self._prefill_fields(
-                                            max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
-                                            max_num_seqs * config.max_position_embeddings, True))), self.device)
+                                        self._largest_varlen_upload()), self.device)
         self.move_uploads = PackedUpload(2 * max_num_seqs * 8, self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
         self._decode_layouts: dict[int, Layout] = {}
@@ -180,16 +179,19 @@ class ModelRunner:
         return [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
                 ("table_index", torch.int64, (batch,))]
 
-    def _prefill_fields(self, num_seqs: int, num_tokens: int, num_seen: int, settings: bool) -> list[Field]:
-        fields = [("input_ids", torch.int64, (num_tokens,)), ("positions", torch.int32, (num_tokens,)),
-                  ("cu_seqlens", torch.int32, (num_seqs + 1,)), ("context_lens", torch.int32, (num_seqs,)),
-                  ("last_token_rows", torch.int64, (self.decode_batch_size(num_seqs),)),
-                  ("block_rows", torch.int32, (num_seqs, self.max_blocks_per_seq))]
-        if settings:
-            fields += [("float_settings", torch.float32, (num_seqs, NUM_FLOAT_SETTINGS)),
-                       ("int_settings", torch.int64, (num_seqs, NUM_INT_SETTINGS)),
-                       ("seen_index", torch.int64, (num_seen,))]
-        return fields
+    def _table_fields(self, num_entries: int) -> list[Field]:
+        """Block-table entries a step adds: flat index slot * max_blocks_per_seq + column, and the block id."""
+        return [("table_index", torch.int64, (num_entries,)), ("table_block", torch.int32, (num_entries,))]
+
+    def _largest_varlen_upload(self) -> int:
+        """Bytes of the largest varlen step: max_prefill_tokens over max_num_seqs rows, every block-table entry of
+        every slot, and the sampler settings of max_num_seqs admitted rows with all their tokens seen."""
+        rows, length = self.max_num_seqs, self.config.max_position_embeddings
+        largest = VarlenBatch(np.arange(rows), np.zeros(rows, np.int64), np.ones(rows, np.int64), {},
+                              np.arange(rows))
+        fields = varlen_fields(largest, self._padded_tokens(self.max_prefill_tokens), self.decode_batch_size(rows))
+        fields += self._table_fields(rows * (self.max_blocks_per_seq + 1))
+        return PackedUpload.nbytes(fields + self.sampler.settings_fields(rows, rows * length))
 
     def _decode_layout(self, batch: int) -> Layout:
         layout = self._decode_layouts.get(batch)
@@ -204,7 +206,7 @@ class ModelRunner:
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
         with self._on_device():
             self._apply_moves(plan.slot_moves)
-            readback = self._launch_prefill(plan) if plan.is_prefill else self._launch_decode(plan)
+            readback = self._launch_mixed(plan) if plan.is_mixed else self._launch_decode(plan)
         return InFlight(plan, readback)
 
     def collect(self, step: InFlight) -> tuple[list[int], frozenset[int]]:
@@ -252,64 +254,66 @@ class ModelRunner:
         logits = self.model.decode(inputs, self.kv_caches)  # [batch, vocab]
         self.sampler.sample(logits, slice(0, batch), mode)
 
-    def _launch_prefill(self, plan: StepPlan) -> Readback:
-        num_seqs, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
-        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True)
-        self.sampler.load(rows, views["float_settings"], views["int_settings"],
-                          views["seen_index"] if views["seen_index"].numel() else None)
-        self.sampler.load_processors(range(rows.start, rows.stop), [seq.params for seq in plan.seqs],
-                                     [seq.token_ids for seq in plan.seqs])
-        logits = self.model.prefill(inputs, self.kv_caches)[:num_seqs]  # [num_seqs, vocab]
-        self.sampler.sample(logits, rows, plan.sampler_mode)
-        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
+    def _launch_mixed(self, plan: StepPlan) -> Readback:
+        """One varlen forward over every row that computes tokens: decode rows (input from last_token) and prompt
+        chunks (input from the host); then the rows that reached the end of their prompt, and the decode rows,
+        sample. Runs eagerly (its shapes vary); decode-only steps keep their graphs."""
+        rows = np.flatnonzero(plan.num_new_tokens)
+        counts = plan.num_new_tokens[rows]
+        chunk_index = np.searchsorted(rows, plan.chunks)  # where each chunk row sits among `rows`
+        host_tokens = {int(i): plan.seqs[row].token_ids[plan.positions[row]:plan.positions[row] + counts[i]]
+                       for i, row in zip(chunk_index, plan.chunks, strict=True)}
+        batch = VarlenBatch(rows, plan.positions[rows], counts, host_tokens, np.flatnonzero(plan.tokens_per_row[rows]))
+        admitted = [plan.seqs[row] for row in plan.admitted]
+        inputs, views = self._pack_varlen(batch, plan.new_blocks, plan.admitted, admitted)
+        if admitted:
+            self.sampler.load(views)
+            self.sampler.load_processors(plan.admitted, admitted)
+        if len(batch.logit_seqs):
+            logits = self.model.prefill(inputs, self.kv_caches)[:len(batch.logit_seqs)]  # [sampling rows, vocab]
+            self.sampler.sample(logits, views["logit_slots"], plan.sampler_mode)
+        else:  # only prompt chunks short of their end: their KV is all this step makes
+            self.model.prefill(inputs, self.kv_caches)
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, plan.num_rows))
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
         """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is
         read from the pool. seqs need block tables from this pool's BlockManager (`hayabusa verify` packs its
         prompts here, into idle slots). Rows past the real tokens pad a bucket (see the module docstring)."""
-        return self._pack_prefill(seqs, first_slot, settings=False)[0]
+        slots = np.arange(first_slot, first_slot + len(seqs))
+        batch = VarlenBatch(slots, np.array([seq.num_cached_tokens for seq in seqs], dtype=np.int64),
+                            np.array([len(seq.token_ids) - seq.num_cached_tokens for seq in seqs], dtype=np.int64),
+                            {i: seq.token_ids[seq.num_cached_tokens:] for i, seq in enumerate(seqs)},
+                            np.arange(len(seqs)))
+        entries = [(slot, column, block_id) for slot, seq in zip(slots.tolist(), seqs, strict=True)
+                   for column, block_id in enumerate(seq.block_table)]
+        return self._pack_varlen(batch, entries, [], [])[0]
 
-    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool) -> tuple[PrefillInputs, dict[str, Tensor]]:
-        num_seqs = len(seqs)
-        new_tokens = [len(seq.token_ids) - seq.num_cached_tokens for seq in seqs]
-        num_tokens = sum(new_tokens)
-        penalized = [i for i, seq in enumerate(seqs) if settings and seq.params.repetition_penalty != 1.0]
-        num_seen = sum(len(seqs[i].token_ids) for i in penalized)
-        layout = self.uploads.layout(self._prefill_fields(num_seqs, self._padded_tokens(num_tokens), num_seen,
-                                                          settings))
+    def _pack_varlen(self, batch: VarlenBatch, table_entries: list[tuple[int, int, int]], loaded_slots: list[int],
+                     loaded: list) -> tuple[PrefillInputs, dict[str, Tensor]]:
+        """Upload a varlen batch with the block-table entries it adds and the sampler settings of the sequences it
+        loads, in one copy; scatter the entries and bring in the decode rows' input ids (both on the device)."""
+        num_tokens = batch.num_tokens
+        fields = varlen_fields(batch, self._padded_tokens(num_tokens), self.decode_batch_size(len(batch.logit_seqs)))
+        fields += self._table_fields(len(table_entries))
+        fields += self.sampler.settings_fields(len(loaded), self.sampler.num_seen_tokens(loaded))
+        layout = self.uploads.layout(fields)
         host = self.uploads.host_views(layout)
-        cu_seqlens, block_rows = host["cu_seqlens"], host["block_rows"]
-        cu_seqlens[0] = 0
-        for i, seq in enumerate(seqs):
-            start, end = cu_seqlens[i], cu_seqlens[i] + new_tokens[i]
-            host["input_ids"][start:end] = seq.token_ids[seq.num_cached_tokens:]
-            host["positions"][start:end] = np.arange(seq.num_cached_tokens, len(seq.token_ids))
-            cu_seqlens[i + 1] = end
-            host["context_lens"][i] = len(seq.token_ids)
-            block_rows[i, : len(seq.block_table)] = seq.block_table
-            block_rows[i, len(seq.block_table):] = -1
-            if settings:
-                host["float_settings"][i], host["int_settings"][i] = self.sampler.settings_row(
-                    seq.params, seq.seed, seq.num_completion_tokens, seq.num_prompt_tokens)
-        host["input_ids"][num_tokens:] = 0  # bucket padding: computed, never attended or read
-        host["positions"][num_tokens:] = 0
-        last_rows = host["last_token_rows"]
-        last_rows[:num_seqs] = cu_seqlens[1:] - 1
-        last_rows[num_seqs:] = last_rows[num_seqs - 1]
-        if num_seen:
-            vocab, cursor, seen_index = self.config.vocab_size, 0, host["seen_index"]
-            for i in penalized:
-                tokens = seqs[i].token_ids
-                seen_index[cursor:cursor + len(tokens)] = np.asarray(tokens, dtype=np.int64) + (first_slot + i) * vocab
-                cursor += len(tokens)
+        fill_varlen(host, batch)
+        if table_entries:
+            slots, columns, block_ids = np.array(table_entries, dtype=np.int64).T
+            host["table_index"][:] = slots * self.max_blocks_per_seq + columns
+            host["table_block"][:] = block_ids
+        self.sampler.fill_settings(host, loaded_slots, loaded)
         views = self.uploads.upload(layout)
-        rows = slice(first_slot, first_slot + num_seqs)
-        self.block_tables[rows] = views["block_rows"]
+        self.block_tables.view(-1).index_copy_(0, views["table_index"], views["table_block"])
+        views["input_ids"].index_copy_(0, views["device_token_rows"],
+                                       self.sampler.last_token.index_select(0, views["device_slots"]))
         inputs = PrefillInputs(input_ids=views["input_ids"], positions=views["positions"],
                                cu_seqlens=views["cu_seqlens"], context_lens=views["context_lens"],
-                               block_tables=self.block_tables[rows], last_token_rows=views["last_token_rows"],
-                               max_seqlen_q=max(new_tokens), check_indices=False,
-                               num_padding_rows=views["input_ids"].shape[0] - num_tokens)
+                               block_tables=self.block_tables.index_select(0, views["slots"]),
+                               last_token_rows=views["last_token_rows"], max_seqlen_q=int(batch.counts.max()),
+                               check_indices=False, num_padding_rows=views["input_ids"].shape[0] - num_tokens)
         return inputs, views
 
     # ---- warm-up ---------------------------------------------------------------------------------------------

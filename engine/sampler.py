@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,7 +39,17 @@ from hayabusa.engine.logits_processors import (
     split_bad_words,
 )
 from hayabusa.engine.sampling import SamplingParams, effective_temperature, eos_token_ids, sample_rows
-from hayabusa.engine.staging import PackedUpload
+from hayabusa.engine.staging import Field, PackedUpload
+
+
+class SlotSequence(Protocol):
+    """What the sampler reads of a sequence it loads (engine.sequence.Sequence satisfies it)."""
+
+    params: SamplingParams
+    seed: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_completion_tokens: int
 
 # Columns of the settings tensors.
 TEMPERATURE, TOP_P, PENALTY, MIN_P, TYPICAL_P = range(5)  # float_settings; temperature 0 marks a greedy row
@@ -92,6 +103,7 @@ class SlotSampler:
         self.history = torch.full((max_num_seqs, HISTORY_MARGIN + max_model_len + 1), SENTINEL, dtype=torch.int64,
                                   device=device)
         self._processor_uploads = PackedUpload(1 << 16, device)
+        self._row_ids = torch.arange(max_num_seqs, device=device)  # static: a slice of it indexes a slice's rows
 
     def per_slot_tensors(self) -> list[Tensor]:
         """The tensors whose rows move with a sequence when it changes slot."""
@@ -100,33 +112,52 @@ class SlotSampler:
 
     # ---- loading newly admitted rows -------------------------------------------------------------------------
 
-    def settings_row(self, params: SamplingParams, seed: int, step: int, num_prompt_tokens: int
-                     ) -> tuple[tuple[float, ...], tuple[int, ...]]:
-        """(float_settings, int_settings) of one sequence's slot row; step: tokens it has generated so far."""
-        single, multi = split_bad_words(params.bad_words_ids, eos_token_ids(params, self.eos_token_id))
-        floats = (effective_temperature(params), params.top_p, params.repetition_penalty, params.min_p,
-                  params.typical_p)
-        ints = (params.top_k, seed, step, params.min_new_tokens, params.no_repeat_ngram_size, len(multi),
-                int(bool(single)), num_prompt_tokens)
-        return floats, ints
+    @staticmethod
+    def settings_fields(num_rows: int, num_seen: int) -> list[Field]:
+        """Upload fields holding the sampler state of num_rows newly admitted sequences that have seen num_seen
+        tokens under a repetition penalty (num_seen_tokens); fill_settings writes them."""
+        return [("float_settings", torch.float32, (num_rows, NUM_FLOAT_SETTINGS)),
+                ("int_settings", torch.int64, (num_rows, NUM_INT_SETTINGS)),
+                ("settings_slots", torch.int64, (num_rows,)), ("seen_index", torch.int64, (num_seen,))]
 
-    def load(self, rows: slice, float_settings: Tensor, int_settings: Tensor, seen_index: Tensor | None) -> None:
-        """Settings of newly admitted rows; seen_index: flat indices (row * vocab + token) of every token the
-        penalised ones have seen, or None when none of them has a penalty."""
-        self.float_settings[rows] = float_settings
-        self.int_settings[rows] = int_settings
-        if seen_index is not None:
+    @staticmethod
+    def num_seen_tokens(seqs: Sequence[SlotSequence]) -> int:
+        return sum(len(seq.token_ids) for seq in seqs if seq.params.repetition_penalty != 1.0)
+
+    def fill_settings(self, host: dict[str, np.ndarray], slots: Sequence[int], seqs: Sequence[SlotSequence]) -> None:
+        """Write the settings of seqs, admitted into `slots`, into host views of settings_fields."""
+        vocab, cursor, seen_index = self.vocab_size, 0, host["seen_index"]
+        for i, (slot, seq) in enumerate(zip(slots, seqs, strict=True)):
+            p = seq.params
+            single, multi = split_bad_words(p.bad_words_ids, eos_token_ids(p, self.eos_token_id))
+            host["float_settings"][i] = (effective_temperature(p), p.top_p, p.repetition_penalty, p.min_p,
+                                         p.typical_p)
+            # STEP: the tokens it has generated so far (a recomputed sequence keeps its noise stream).
+            host["int_settings"][i] = (p.top_k, seq.seed, seq.num_completion_tokens, p.min_new_tokens,
+                                       p.no_repeat_ngram_size, len(multi), int(bool(single)), seq.num_prompt_tokens)
+            if p.repetition_penalty != 1.0:  # every token it has seen, as flat indices slot * vocab + token
+                seen_index[cursor:cursor + len(seq.token_ids)] = np.asarray(seq.token_ids, np.int64) + slot * vocab
+                cursor += len(seq.token_ids)
+        host["settings_slots"][:] = slots
+
+    def load(self, views: dict[str, Tensor]) -> None:
+        """Load the uploaded settings_fields into their slots' rows (the seen masks only where a penalty reads
+        them)."""
+        rows = views["settings_slots"]
+        self.float_settings[rows] = views["float_settings"]
+        self.int_settings[rows] = views["int_settings"]
+        if views["seen_index"].numel():
             self.seen[rows] = False
-            self.seen.view(-1).index_fill_(0, seen_index, True)
+            self.seen.view(-1).index_fill_(0, views["seen_index"], True)
 
-    def load_processors(self, slots: Sequence[int], params: Sequence[SamplingParams],
-                        token_lists: Sequence[Sequence[int]]) -> None:
-        """The processor state (eos and ban masks, patterns, history) of newly admitted rows that need it, in one
-        upload. token_lists: each row's tokens so far (prompt and any completion)."""
+    def load_processors(self, slots: Sequence[int], seqs: Sequence[SlotSequence]) -> None:
+        """The processor state (eos and ban masks, patterns, history of all its tokens so far) of newly admitted
+        sequences that need it, in an upload of its own."""
         vocab = self.vocab_size
         eos_index, ban_index, mask_rows, pattern_rows, patterns, history_index, history_values = ([] for _ in range(7))
         width = self.history.shape[1]
-        for slot, p, tokens in zip(slots, params, token_lists, strict=True):
+        for slot, seq in zip(slots, seqs, strict=True):
+            p, tokens = seq.params, seq.token_ids
             if not p.needs_processors:
                 continue
             eos = eos_token_ids(p, self.eos_token_id)
@@ -164,33 +195,35 @@ class SlotSampler:
 
     # ---- sampling --------------------------------------------------------------------------------------------
 
-    def sample(self, logits: Tensor, rows: slice, mode: SamplerMode) -> None:
-        """logits [rows, vocab] of slots rows.start.. -> last_token[rows], row_max[rows]; no host sync."""
+    def sample(self, logits: Tensor, rows: slice | Tensor, mode: SamplerMode) -> None:
+        """logits [rows, vocab] of the slots `rows` (a slice, or int64 slot ids) -> last_token[rows], row_max[rows];
+        no host sync."""
         if mode is SamplerMode.GREEDY:
-            torch.max(logits, dim=-1, out=(self.row_max[rows], self.last_token[rows]))
+            if isinstance(rows, slice):
+                torch.max(logits, dim=-1, out=(self.row_max[rows], self.last_token[rows]))
+            else:
+                self.row_max[rows], self.last_token[rows] = logits.max(dim=-1)
             return
-        torch.amax(logits, dim=-1, out=self.row_max[rows])
+        self.row_max[rows] = logits.amax(dim=-1)
+        row_ids = self._row_ids[rows] if isinstance(rows, slice) else rows  # int64 [rows]
         floats, ints = self.float_settings[rows], self.int_settings[rows]
-        seen = self.seen[rows]
         processed = mode is SamplerMode.PROCESS
         if processed:
             lengths = ints[:, PROMPT_LEN] + ints[:, STEP]  # [rows]: tokens in the history
-            history = self.history[rows]
-            banned = banned_tokens(history=history, lengths=lengths, ngram_sizes=ints[:, NGRAM],
+            banned = banned_tokens(history=self.history[rows], lengths=lengths, ngram_sizes=ints[:, NGRAM],
                                    patterns=self.patterns[rows], num_patterns=ints[:, NUM_PATTERNS],
                                    static_bans=self.static_bans[rows], has_static_bans=ints[:, HAS_BANS] > 0,
                                    eos_mask=self.eos_mask[rows], completion_lengths=ints[:, STEP],
                                    min_new_tokens=ints[:, MIN_NEW_TOKENS])
         ids = sample_rows(logits, temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
-                          penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=ints[:, STEP], seen=seen,
+                          penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=ints[:, STEP], seen=self.seen[rows],
                           banned=banned if processed else None, min_p=floats[:, MIN_P] if processed else None,
                           typical_p=floats[:, TYPICAL_P] if processed else None)
         self.last_token[rows] = ids
         if processed:
-            column = (HISTORY_MARGIN + lengths).clamp_(max=history.shape[1] - 1)
-            history.scatter_(1, column[:, None], ids[:, None])
-        ints[:, STEP] += 1
-        seen.scatter_(1, ids[:, None], True)
+            self.history[row_ids, (HISTORY_MARGIN + lengths).clamp_(max=self.history.shape[1] - 1)] = ids
+        self.int_settings[row_ids, STEP] += 1
+        self.seen[row_ids, ids] = True
 
     @property
     def row_max_bits_dtype(self) -> torch.dtype:

@@ -1,10 +1,18 @@
 """Continuous batching: which sequences run in the next step, and what happens when KV blocks run out.
 
-Each step is either a prefill (waiting sequences, oldest first, up to a token budget) or a decode (every running
-sequence, one token each). Prefills go first so new requests join while others decode. When a running sequence
-needs a block and none is free, the newest running sequence is preempted: its blocks are released and it goes
-back to the front of the queue to be recomputed (prompt + tokens so far) later. Nothing is dropped, and the
-oldest sequence always makes progress, because any single request is checked to fit the whole pool when added.
+Each step runs every running sequence that has a token to decode (one each), and, within the step's token budget
+(max_num_batched_tokens, decode rows counted first), chunks of prompts: first the sequences whose prefill is under
+way (oldest first), then waiting sequences, admitted in FIFO order while slots and blocks allow. A prompt longer
+than what is left of the budget is split into chunks over several steps (chunked prefill): a long prompt never
+stalls the running requests for more than one budget's worth of tokens. A step with any prefill chunk is a mixed
+step (one varlen forward over decode rows and chunks); a step without one is a decode step (CUDA graphs). With
+chunked_prefill=False a prompt is never split and a step with prefills runs no decode rows (the engine before
+chunked prefill: new requests join at once, the others wait).
+
+When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
+released and it goes back to the front of the queue to be recomputed (prompt + tokens so far) later. Nothing is
+dropped, and the oldest sequence always makes progress, because any single request is checked to fit the whole pool
+when added. A prompt's blocks are all allocated when it is admitted.
 
 The host reads sampled tokens back one step behind the device, so a plan is made while the previous step's
 tokens are still in flight (`SlotTable.num_tokens` counts them):
@@ -22,13 +30,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
-from hayabusa.engine.sampler import SamplerMode, row_mode
+from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sequence import Sequence, SequenceStatus
 from hayabusa.engine.slots import NO_MOVES, SlotTable
 
@@ -42,40 +50,56 @@ def _ignore(seq: Sequence, token: int | None, delta: str) -> None:
 
 @dataclass
 class StepPlan:
-    """One step's work. Row r of the step is slot first_slot + r."""
+    """One step's work; row r is slot r (engine.slots).
 
-    is_prefill: bool
-    seqs: list[Sequence]  # one per row; prefill: the newly admitted sequences; decode: every running slot in order
-    first_slot: int
-    # Tokens each row samples this step: bool [rows] today (0 or 1); a count with speculation, 0 for a prefill chunk.
+    A decode step (num_new_tokens None) computes, for each row with a position >= 0, one token fed from the device
+    (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
+    on: a decode row its one token from the device; a row in `chunks` the tokens seq.token_ids[positions[r]:
+    positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end).
+    """
+
+    seqs: list[Sequence]  # every running slot in order
+    # Tokens each row samples this step: 0 or 1 (a count with speculation); 0 for a prefill chunk short of the end.
     tokens_per_row: np.ndarray
-    positions: np.ndarray | None  # decode: int64 [rows], the position each row writes, -1 for a row with none
-    new_blocks: list[tuple[int, int, int]]  # decode: (slot, column, block id) entries the block table gains
+    positions: np.ndarray  # int64 [rows]: the first position each row computes, -1 for a row with nothing to compute
+    new_blocks: list[tuple[int, int, int]]  # (slot, column, block id) entries the block tables gain
     sampler_mode: SamplerMode  # the cheapest that serves every row (engine.sampler)
+    num_new_tokens: np.ndarray | None = None  # mixed steps: int64 [rows], tokens each row computes
+    chunks: list[int] = field(default_factory=list)  # mixed steps: rows fed from the host, ascending
+    admitted: list[int] = field(default_factory=list)  # mixed steps: rows whose sampler state loads this step
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
 
     def __post_init__(self) -> None:
         self.num_rows = len(self.seqs)
         self.num_sampling_rows = int(np.count_nonzero(self.tokens_per_row))
-        self.has_work = self.num_sampling_rows > 0  # else nothing is launched
+        # Else nothing is launched. (A decode row computes exactly when it samples.)
+        self.has_work = self.num_sampling_rows > 0 or self.is_mixed and bool(self.num_new_tokens.any())
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.num_new_tokens is not None
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, chunked_prefill: bool = True) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < max_model_len:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if not chunked_prefill and max_num_batched_tokens < max_model_len:
             # A recomputed sequence may hold up to max_model_len tokens and must fit one prefill batch.
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
-                             f"({max_model_len})")
+                             f"({max_model_len}) without chunked prefill")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}  # admission order, oldest first (an ordered set)
+        self.prefilling: dict[Sequence, None] = {}  # running sequences whose tokens are not all computed yet
         self.slots = SlotTable(max_num_seqs, block_manager.block_size)
 
     def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
@@ -102,57 +126,95 @@ class Scheduler:
     def schedule(self, results_in_flight: bool = False) -> StepPlan | None:
         """The next step, with block tables and slots ready for it; its sampled tokens count as in flight from
         now on. None: blocks are short while results are in flight; read them back, then schedule again."""
-        prefill = self._admit()
-        if prefill:
-            first_slot = prefill[0].slot
-            self.slots.num_tokens[first_slot:first_slot + len(prefill)] += 1
-            plan = StepPlan(True, prefill, first_slot, np.ones(len(prefill), dtype=bool), None, [],
-                            max(row_mode(seq.params) for seq in prefill))
+        slots = self.slots
+        grown = self._grow_decode_rows(results_in_flight)
+        if grown is None:
+            return None
+        decoding, new_blocks = grown
+        chunks: list[tuple[Sequence, int, int]] = []
+        if self.prefilling or self.waiting:
+            budget = self.max_num_batched_tokens - (int(decoding.sum()) if self.chunked_prefill else 0)
+            chunks, admitted = self._plan_chunks(budget)
+        num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
+        if not chunks:  # a decode step
+            positions = num_tokens * decoding - 1  # decode rows write num_tokens - 1; -1: nothing to compute
+            num_tokens += decoding
+            plan = StepPlan(slots.running(), decoding, positions, new_blocks, slots.sampler_mode)
         else:
-            plan = self._schedule_decode(results_in_flight)
-        if plan is not None and plan.has_work:  # an idle plan is not launched: its moves wait for the next one
-            plan.slot_moves = self.slots.take_moves()
+            if not self.chunked_prefill:
+                decoding[:] = False  # the decode rows wait for the prefills
+            tokens_per_row = np.zeros(slots.count, dtype=bool)  # admissions took the slots past the decode rows
+            tokens_per_row[: len(decoding)] = decoding
+            positions = num_tokens * tokens_per_row - 1
+            num_new_tokens = tokens_per_row.astype(np.int64)
+            for seq, start, end in chunks:
+                positions[seq.slot], num_new_tokens[seq.slot] = start, end - start
+                tokens_per_row[seq.slot] = end == len(seq.token_ids)  # the prompt's last chunk samples
+            for row in admitted:
+                new_blocks += [(row, column, block_id) for column, block_id in enumerate(slots.seqs[row].block_table)]
+            num_tokens += tokens_per_row
+            plan = StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode,
+                            num_new_tokens, sorted(seq.slot for seq, _, _ in chunks), admitted)
+        if plan.has_work:  # an idle plan is not launched: its moves wait for the next one
+            plan.slot_moves = slots.take_moves()
         return plan
 
-    def _admit(self) -> list[Sequence]:
-        prefill: list[Sequence] = []
-        num_batched_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _plan_chunks(self, budget: int) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
+        """(sequence, first token, end) of each prompt chunk that fits `budget` tokens, continuing prefills first,
+        then newly admitted sequences (FIFO); and the slots of the admitted ones."""
+        chunks: list[tuple[Sequence, int, int]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            budget -= self._add_chunk(chunks, seq, budget)
+        admitted: list[int] = []
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if num_batched_tokens + len(seq) > self.max_num_batched_tokens \
-                    or not self.block_manager.can_allocate(seq):
+            if not self.block_manager.can_allocate(seq) or not self.chunked_prefill and len(seq) > budget:
                 break  # FIFO: later requests wait behind the oldest one
             self.block_manager.allocate(seq)
-            num_batched_tokens += len(seq) - seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = seq.num_cached_tokens
             self.running[self.waiting.popleft()] = None
-            self.slots.assign(seq)
-            prefill.append(seq)
-        return prefill
+            self.prefilling[seq] = None
+            admitted.append(self.slots.assign(seq))
+            budget -= self._add_chunk(chunks, seq, budget)
+        for seq, _, end in chunks:
+            seq.num_computed_tokens = end
+            if end == len(seq.token_ids):
+                del self.prefilling[seq]
+                self.slots.prefilling[seq.slot] = False
+        return chunks, admitted
 
-    def _schedule_decode(self, results_in_flight: bool) -> StepPlan | None:
+    @staticmethod
+    def _add_chunk(chunks: list[tuple[Sequence, int, int]], seq: Sequence, budget: int) -> int:
+        start = seq.num_computed_tokens
+        end = min(len(seq.token_ids), start + budget)
+        chunks.append((seq, start, end))
+        return end - start
+
+    def _grow_decode_rows(self, results_in_flight: bool) -> tuple[np.ndarray, list[tuple[int, int, int]]] | None:
+        """(bool [rows]: the rows with a token to decode, the block-table entries they gain): every decode row whose
+        next position lies past its block table gets a block. When blocks are short: None while results are in
+        flight, else preempt (_grow_or_preempt)."""
         slots = self.slots
         num_tokens = slots.num_tokens[: slots.count]
-        active = num_tokens < slots.max_tokens[: slots.count]
+        decoding = (num_tokens < slots.max_tokens[: slots.count]) & ~slots.prefilling[: slots.count]
         # Writing position num_tokens - 1 needs a new block when it lies past the row's block table.
-        rows = (active & (num_tokens > slots.capacity[: slots.count])).nonzero()[0].tolist()
-        grown: list[tuple[Sequence, int]] = []
-        if len(rows) <= self.block_manager.num_free_blocks:
-            for row in rows:
-                seq = slots.seqs[row]
-                grown.append((seq, len(seq.block_table)))
-                self.block_manager.append_block(seq)
-                slots.capacity[row] += self.block_manager.block_size
-        elif results_in_flight:
-            return None
-        else:
+        rows = (decoding & (num_tokens > slots.capacity[: slots.count])).nonzero()[0].tolist()
+        if len(rows) > self.block_manager.num_free_blocks:
+            if results_in_flight:
+                return None
             grown = self._grow_or_preempt()
-            num_tokens = slots.num_tokens[: slots.count]
-            active = num_tokens < slots.max_tokens[: slots.count]
-        positions = num_tokens * active - 1  # num_tokens - 1, or -1 for a row with nothing to compute
-        num_tokens += active  # a view: updates the slot table
-        new_blocks = [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
-        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, slots.sampler_mode)
+            decoding = (slots.num_tokens[: slots.count] < slots.max_tokens[: slots.count]) \
+                & ~slots.prefilling[: slots.count]
+            return decoding, [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
+        new_blocks = []
+        for row in rows:
+            seq = slots.seqs[row]
+            new_blocks.append((row, len(seq.block_table), self.block_manager.append_block(seq)))
+            slots.capacity[row] += self.block_manager.block_size
+        return decoding, new_blocks
 
     def _grow_or_preempt(self) -> list[tuple[Sequence, int]]:
         """Blocks are short and every token is known: give each running sequence, oldest first, the block its next
@@ -197,17 +259,19 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
         del self.running[seq]
+        self.prefilling.pop(seq, None)
         self.slots.release(seq)
 
     # ---- reading a step back ---------------------------------------------------------------------------------
 
     def publish_prefilled(self, plan: StepPlan) -> None:
-        """Publish the full blocks of a launched prefill's tokens for prefix-cache hits. Safe before its results
+        """Publish the full blocks of a launched step's prompt chunks for prefix-cache hits. Safe before its results
         are read: a later step that hits them runs after this one on the device. (Never at planning time: a
         sequence of the same batch could hit a block before its KV exists.)"""
-        for seq in plan.seqs:
+        for row in plan.chunks:
+            seq = plan.seqs[row]
             if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_computed_blocks(seq, len(seq.token_ids))
+                self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
     def postprocess(self, plan: StepPlan, token_ids: list[int], bad_rows: frozenset[int] = frozenset(),
                     deliver: Deliver = _ignore) -> None:

@@ -41,6 +41,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.slot = -1  # row of the engine's persistent per-sequence device state while running, else -1
         self.num_cached_tokens = 0  # leading tokens whose KV came from the prefix cache at the last allocation
+        self.num_computed_tokens = 0  # while its prefill runs in chunks: leading tokens whose KV is computed
         self.num_preemptions = 0
         self.text_deltas: list[str] = []  # produced but not yet taken by a stream() reader
 

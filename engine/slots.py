@@ -9,7 +9,8 @@ they land in stream order after any step still in flight.
 Host mirrors per row (numpy, updated in place, never rebuilt): `num_tokens`, the tokens including a sampled token
 still in flight (the next decode writes position num_tokens - 1); `max_tokens`, prompt + max_new_tokens (a row
 whose num_tokens reached it has nothing left to compute: its last token is never written to the cache); and
-`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler).
+`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler); and
+`prefilling`, whether its prompt (or recomputed tokens) still has chunks to compute.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class SlotTable:
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
+        self.prefilling = np.zeros(max_num_seqs, dtype=bool)  # its prompt is not all computed yet (no decoding)
         self.mode_counts = [0] * len(SamplerMode)  # running rows per sampler mode they need
+        self.sampler_mode = SamplerMode.GREEDY  # the cheapest mode that serves every running row
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
     def assign(self, seq: Sequence) -> int:
@@ -45,7 +48,8 @@ class SlotTable:
         self.num_tokens[slot] = len(seq.token_ids)
         self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
         self.capacity[slot] = len(seq.block_table) * self.block_size
-        self.mode_counts[row_mode(seq.params)] += 1
+        self.prefilling[slot] = True  # a new row computes its tokens (in chunks) before it decodes
+        self._count_mode(seq, 1)
         return slot
 
     def release(self, seq: Sequence) -> None:
@@ -54,13 +58,14 @@ class SlotTable:
         if not 0 <= slot <= last or self.seqs[slot] is not seq:
             raise RuntimeError(f"sequence {seq.seq_id} does not hold slot {slot}")
         seq.slot = -1
-        self.mode_counts[row_mode(seq.params)] -= 1
+        self._count_mode(seq, -1)
         if slot != last:
             moved = self.seqs[last]
             self.seqs[slot], moved.slot = moved, slot
             self.num_tokens[slot] = self.num_tokens[last]
             self.max_tokens[slot] = self.max_tokens[last]
             self.capacity[slot] = self.capacity[last]
+            self.prefilling[slot] = self.prefilling[last]
             # Chained moves compose: the row takes whatever the last row was itself still waiting to receive.
             self._moves[slot] = self._moves.pop(last, last)
         else:
@@ -75,10 +80,9 @@ class SlotTable:
         moves, self._moves = self._moves, {}
         return list(moves), list(moves.values())
 
-    @property
-    def sampler_mode(self) -> SamplerMode:
-        """The cheapest sampler mode that serves every running row."""
-        return next(mode for mode in reversed(SamplerMode) if self.mode_counts[mode] or mode is SamplerMode.GREEDY)
+    def _count_mode(self, seq: Sequence, change: int) -> None:
+        self.mode_counts[row_mode(seq.params)] += change
+        self.sampler_mode = max((mode for mode in SamplerMode if self.mode_counts[mode]), default=SamplerMode.GREEDY)
 
     def running(self) -> list[Sequence]:
         return self.seqs[: self.count]

@@ -90,11 +90,12 @@ def test_options_survive_slot_moves_and_preemption_and_match_the_reference_loop(
 
 
 def test_options_on_the_triton_backend() -> None:
-    """The kernels' engine runs the same processors (the interpreter on a CPU: a small batch of one)."""
+    """The kernels' engine runs the same processors (the interpreter on a CPU: a small batch of one), here on a
+    prompt run in chunks of 3 tokens over its cached prefix."""
     hf, config, state_dict = random_hf_model(31, hidden=160, heads=2, layers=2, vocab=101)
     state_dict = {name: tensor.to(DEVICE) for name, tensor in state_dict.items()}
     engine = PagedEngine(config, state_dict, TOKENIZER, device=DEVICE, ops="triton", kv_cache_blocks=16,
-                         block_size=4)
+                         block_size=4, max_num_batched_tokens=3)
     options = {"no_repeat_ngram_size": 1, "bad_words_ids": [[3, 1, 4], [90]], "eos_token_id": [5, 100]}
     out = engine.generate([[3, 1, 4, 1, 5, 9, 2]], [SamplingParams(max_new_tokens=5, **options)])[0]
     expected = hf_generate(hf, [3, 1, 4, 1, 5, 9, 2], 5, **options)

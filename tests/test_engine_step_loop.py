@@ -299,3 +299,28 @@ def test_backends_run_the_paged_engine_and_the_cpu_pool_fits_the_ram(model, monk
     monkeypatch.setattr(model_runner, "available_host_memory", lambda: 1 << 10)
     with pytest.raises(ValueError, match="pass kv_cache_blocks"):
         make_engine(config, state_dict, kv_cache_blocks=None)
+
+
+@pytest.mark.parametrize("chunked_prefill", [True, False])
+def test_prompt_chunks_beside_decodes_change_no_token(model, chunked_prefill: bool) -> None:
+    """A budget of 5 tokens splits every longer prompt into chunks that run beside the decodes (or, unchunked,
+    whole prompts in steps of their own); a small pool adds preemption and recompute in chunks, and shared prefixes
+    add cache hits. Greedy and seeded outputs equal the reference loop's."""
+    config, state_dict = model
+    prompts = [PROMPTS[i % 5] * (1 + i % 3) + [i] for i in range(10)]
+    params = [SamplingParams(max_new_tokens=6 + i % 5, ignore_eos=True) if i % 3 else SAMPLED for i in range(10)]
+    budget = 5 if chunked_prefill else 64
+    engine = make_engine(config, state_dict, kv_cache_blocks=12, max_num_seqs=4, max_num_batched_tokens=budget,
+                         chunked_prefill=chunked_prefill)
+    plans = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda plan: (plans.append(plan), launch(plan))[1]
+    preempt = engine.scheduler.preempt
+    preempted = []
+    engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), preempt(seq))
+    assert_same(engine.generate(prompts, params), reference(config, state_dict, prompts, params))
+    mixed = [plan for plan in plans if plan.chunks and plan.tokens_per_row[[r for r in range(plan.num_rows)
+                                                                           if r not in plan.chunks]].any()]
+    cut = [plan for plan in plans if any(not plan.tokens_per_row[row] for row in plan.chunks)]
+    assert bool(mixed) == bool(cut) == chunked_prefill  # decodes beside chunks, and prompts cut short of the end
+    assert preempted and engine.block_manager.num_free_blocks == 12

@@ -53,7 +53,7 @@ def decoding_engine(batch: int) -> PagedEngine:
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, params)
-    while engine.scheduler.waiting:
+    while engine.scheduler.waiting or engine.scheduler.prefilling:  # prompts run in chunks beside the decodes
         engine.step()
     for _ in range(3):  # reach steady decoding: every request has a token in flight and a few read back
         engine.step()
