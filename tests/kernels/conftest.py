@@ -1,7 +1,10 @@
-"""Kernel tests: every output, cache and kernel-allocated buffer lies inside guard bands checked bit for bit."""
+"""Kernel tests: every output, cache and kernel-allocated buffer lies inside guard bands checked bit for bit, and
+under the CPU interpreter every load and store is checked against the launch's tensors (interpreter_memcheck)."""
 
 import pytest
+import triton
 
+from interpreter_memcheck import InterpreterMemcheck
 from tolerance import GuardRegistry
 
 
@@ -15,3 +18,13 @@ def guards(monkeypatch) -> GuardRegistry:
     registry.patch_allocations(monkeypatch)
     yield registry
     registry.check()
+
+
+@pytest.fixture(autouse=True)
+def interpreter_memcheck(monkeypatch) -> InterpreterMemcheck | None:
+    """Out-of-bounds loads and stores fail the launch (on a GPU, compute-sanitizer's memcheck does this job)."""
+    if not triton.knobs.runtime.interpret:
+        return None
+    memcheck = InterpreterMemcheck()
+    memcheck.install(monkeypatch)
+    return memcheck
