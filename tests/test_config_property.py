@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import triton
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import GPTNeoXJapaneseForCausalLM
@@ -199,18 +198,6 @@ def paged_prefill_checks(model_dir: Path, prompts: list[list[int]], ops: str, bl
         return compare_prefill(config, ReferenceModel(config, state_dict), paged, prompts, TOLERANCES[torch.float32])
     finally:
         paged.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def interpreter_memcheck():
-    """Every kernel launch of the triton backend checked for out-of-bounds loads and stores (CPU interpreter)."""
-    if not triton.knobs.runtime.interpret:
-        yield None
-        return
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        memcheck = InterpreterMemcheck()
-        memcheck.install(monkeypatch)
-        yield memcheck
 
 
 ISSUE_10_CASE = Case(num_heads=8, head_dim=8, rotary_pct=0.25, num_layers=4, block_size=16, prompt_lens=(5, 17),

@@ -2,9 +2,7 @@
 under the CPU interpreter every load and store is checked against the launch's tensors (interpreter_memcheck)."""
 
 import pytest
-import triton
 
-from interpreter_memcheck import InterpreterMemcheck
 from tolerance import GuardRegistry
 
 
@@ -21,10 +19,5 @@ def guards(monkeypatch) -> GuardRegistry:
 
 
 @pytest.fixture(autouse=True)
-def interpreter_memcheck(monkeypatch) -> InterpreterMemcheck | None:
-    """Out-of-bounds loads and stores fail the launch (on a GPU, compute-sanitizer's memcheck does this job)."""
-    if not triton.knobs.runtime.interpret:
-        return None
-    memcheck = InterpreterMemcheck()
-    memcheck.install(monkeypatch)
-    return memcheck
+def _memcheck_every_launch(interpreter_memcheck) -> None:
+    """Out-of-bounds loads and stores fail the launch (tests/conftest.py's interpreter_memcheck)."""
