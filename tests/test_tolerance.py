@@ -30,10 +30,12 @@ def test_guarded_catches_a_store_past_either_end(dtype):
             guarded.check("out")
 
 
-def test_guarded_float_bands_are_nan_and_copy_keeps_bits():
-    source = torch.tensor([1.0, float("nan"), -2.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_guarded_float_bands_are_nan_and_copy_keeps_bits(dtype):
+    source = torch.tensor([1.0, float("nan"), -2.0], dtype=dtype)
     guarded = Guarded.copy_of(source)
-    assert torch.equal(guarded.tensor.view(torch.int32), source.view(torch.int32))
+    int_dtype = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(guarded.tensor.view(int_dtype), source.view(int_dtype))
     assert guarded._buffer[: guarded._guard].isnan().all() and guarded._buffer[-guarded._guard:].isnan().all()
     past_end = guarded._buffer[guarded._guard + 3]  # what a read one element past the end sees
     assert (past_end * 0).isnan()  # it turns even a zero-weighted term into NaN
