@@ -52,6 +52,16 @@ def _load_rotated(row_ptrs, row_mask, positions, offs_d, cos_ptr, sin_ptr,
     return x * cos + sign[None, :] * x_partner * sin
 
 
+@triton.jit
+def _main_lanes_in_head(offs_main, HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr):
+    """[D_MAIN] mask of the main part's lanes that hold head dims. A head narrower than the 16-lane minimum dot
+    (head_dim < 16) pads its main part: lanes >= HEAD_DIM belong to the next head (or lie past the tensor's end),
+    so loads and stores must skip them. Wider heads fill the main part, and their loads stay unmasked."""
+    if D_MAIN > HEAD_DIM:
+        return offs_main < HEAD_DIM
+    return tl.full([D_MAIN], 1, tl.int1)
+
+
 @triton.jit(do_not_specialize=["block_table_stride"])  # the widest sequence sets it: no variant per width
 def _write_kv_kernel(
     qkv_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
@@ -97,6 +107,7 @@ def _attend_keys(
     """Fold keys key_start..key_end-1 into the running softmax; CAUSAL_MASK for tiles crossing the diagonal."""
     dtype = k_cache_ptr.dtype.element_ty
     offs_main = tl.arange(0, D_MAIN)
+    main_in_head = _main_lanes_in_head(offs_main, HEAD_DIM, D_MAIN)
     for tile_start in range(key_start, key_end, BLOCK_N):
         keys = tile_start + tl.arange(0, BLOCK_N)
         in_range = keys < key_end
@@ -104,7 +115,8 @@ def _attend_keys(
         pages = tl.load(block_table_row + keys // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
         rows = ((pages * PAGE_SIZE + keys % PAGE_SIZE) * NUM_HEADS + head) * HEAD_DIM  # [BLOCK_N]
         # K loaded transposed ([D, BLOCK_N]) for q @ k^T; V as [BLOCK_N, D].
-        k_main = tl.load(k_cache_ptr + rows[None, :] + offs_main[:, None], mask=in_range[None, :], other=0.0)
+        k_main = tl.load(k_cache_ptr + rows[None, :] + offs_main[:, None],
+                         mask=in_range[None, :] & main_in_head[:, None], other=0.0)
         scores = dot(q_main, k_main, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INPUT_PRECISION, INTERPRETED_BF16)
         if D_TAIL > 0:
             offs_tail = D_MAIN + tl.arange(0, D_TAIL)
@@ -120,7 +132,8 @@ def _attend_keys(
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
         probs = cast_rounded(probs, dtype, INTERPRETED_BF16)
-        v_main = tl.load(v_cache_ptr + rows[:, None] + offs_main[None, :], mask=in_range[:, None], other=0.0)
+        v_main = tl.load(v_cache_ptr + rows[:, None] + offs_main[None, :],
+                         mask=in_range[:, None] & main_in_head[None, :], other=0.0)
         acc_main = dot(probs, v_main, acc_main * correction[:, None], INPUT_PRECISION, INTERPRETED_BF16)
         if D_TAIL > 0:
             offs_tail = D_MAIN + tl.arange(0, D_TAIL)
@@ -189,7 +202,7 @@ def _prefill_attention_kernel(
     out_rows = out_ptr + (seq_start + offs_m).to(tl.int64) * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
     out_main = acc_main / running_sum[:, None]
     tl.store(out_rows[:, None] + offs_main[None, :], cast_rounded(out_main, dtype, INTERPRETED_BF16),
-             mask=in_seq[:, None])
+             mask=in_seq[:, None] & _main_lanes_in_head(offs_main, HEAD_DIM, D_MAIN)[None, :])
     if D_TAIL > 0:
         offs_tail = D_MAIN + tl.arange(0, D_TAIL)
         out_tail = acc_tail / running_sum[:, None]
