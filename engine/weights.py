@@ -1,5 +1,8 @@
 """Load a checkpoint's weights as a flat HF-named state dict: every tensor checked before use, then moved to the
-target device and dtype one by one; `embed_out` shares `embed_in` exactly when transformers ties them."""
+target device and dtype one by one; `embed_out` shares `embed_in` exactly when transformers ties them.
+
+On the CPU a tensor stored in the load dtype stays the memory-mapped one the reader returns (no copy), and the
+others are converted straight from the mapping into one huge-page arena (host_arena.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from .config import ModelConfig, load_config
+from .host_arena import host_tensors
 from .hub import resolve_model_dir
 
 EMBED_IN = "gpt_neox_japanese.embed_in.weight"
@@ -85,8 +89,17 @@ def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dty
     model_dir = Path(model_dir)
     stored, read_tensor = _open_checkpoint(model_dir)
     needed = _validate(model_dir, stored, config)
-    state_dict = {name: read_tensor(name).to(device=device, dtype=dtype).contiguous() for name in needed}
-    return _tie_embeddings(state_dict, config)
+    return _tie_embeddings(_materialize(needed, stored, read_tensor, dtype, device), config)
+
+
+def _materialize(names: list[str], stored: dict[str, StoredTensor], read_tensor: Callable[[str], Tensor],
+                 dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
+    """name -> contiguous tensor on `device` in `dtype`; each stored tensor is read once and converted once."""
+    if device.type != "cpu":
+        return {name: read_tensor(name).to(device=device, dtype=dtype).contiguous() for name in names}
+    converted = host_tensors({name: (stored[name].shape, dtype) for name in names if stored[name].dtype != dtype})
+    return {name: converted[name].copy_(read_tensor(name)) if name in converted else read_tensor(name).contiguous()
+            for name in names}
 
 
 def _tie_embeddings(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
