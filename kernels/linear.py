@@ -25,6 +25,7 @@ from ._launch import (
     num_sms,
     shared_memory_bytes,
 )
+from ._reference_gemm import reference_linear
 
 ACTIVATIONS = (None, "gelu")
 
@@ -237,16 +238,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None =
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                residual: torch.Tensor | None = None, activation: str | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end."""
+    """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end (see _reference_gemm.py)."""
     _check_linear_args(x, weight, bias, residual, activation, out)
-    y = x.float() @ weight.float().T
-    if bias is not None:
-        y = y + bias.float()
-    if activation == "gelu":
-        y = torch.nn.functional.gelu(y)
-    if residual is not None:
-        y = y + residual.float()
-    y = y.to(x.dtype)
-    if out is None:
-        return y
-    return out.copy_(y)
+    y = reference_linear(x, weight, bias, residual, activation)
+    return y if out is None else out.copy_(y)
