@@ -15,12 +15,13 @@ from typing import Any
 import torch
 
 from hayabusa.engine.config import ModelConfig, check_context_fits
+from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.random_models import is_random_preset, random_preset_dir
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_generate, reference_outputs
 from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.weights import load_model_files
+from hayabusa.engine.weights import EMBED_IN, load_model_files
 from hayabusa.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -46,6 +47,10 @@ class Engine:
         self.backend = backend
         self.device = device
         self.model_dir = model_dir
+        # On a CPU: torch's thread count for this model (process-wide; see cpu_threads.py). None on a GPU.
+        self.cpu_threads: ThreadChoice | None = None
+        if device.type == "cpu":
+            self.cpu_threads = apply_cpu_threads(config, state_dict[EMBED_IN].dtype)
         self.reference = ReferenceModel(config, state_dict)
         self._lock = threading.Lock()  # the reference loop runs one batch at a time
         self._paged = None
