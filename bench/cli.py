@@ -14,21 +14,18 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from hayabusa.bench.records import ENGINES, SCENARIOS
 from hayabusa.bench.workloads import SIZES
 from hayabusa.engine.api import default_dtype
 from hayabusa.engine.config import DTYPES
+from hayabusa.engine.devices import add_device_argument, resolve_device
+from hayabusa.engine.model_spec import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="a model directory, a Hub id, or a preset (tiny, small, 2.7b): random weights of that "
-                             "shape, written once under $HAYABUSA_CACHE (default ~/.cache/hayabusa) and reused")
+    add_model_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="directory for results.json, results.md, results.png")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                        help="default: cuda when available, else cpu")
+    add_device_argument(parser)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
@@ -53,11 +50,7 @@ def _choices(values: list[str] | None, allowed: tuple[str, ...], option: str) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args)
-    except (ValueError, OSError) as err:  # bad option, unknown model, unreadable config: no traceback
-        print(f"hayabusa bench: {err}", file=sys.stderr)
-        return 2
+    settings = _settings(args)  # a bad option, unknown model or unreadable config: reported by the CLI
     from hayabusa.bench.report import write_results
     from hayabusa.bench.suite import run_suite
 
@@ -76,12 +69,10 @@ def _settings(args: argparse.Namespace):
     from hayabusa.bench.suite import SuiteSettings
     from hayabusa.bench.workloads import check_sizes_fit, sizes_for
     from hayabusa.engine.config import ModelConfig
-    from hayabusa.engine.hub import resolve_model_dir
-    from hayabusa.engine.random_models import is_random_preset, random_preset_dir
+    from hayabusa.engine.model_spec import resolve_model_dir
+    from hayabusa.engine.random_models import is_random_preset
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: torch sees no CUDA device here; use --device cpu")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cpu":
         # Triton kernels (only used when the hayabusa engine is forced on a CPU) need the interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -94,7 +85,7 @@ def _settings(args: argparse.Namespace):
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         sizes = replace(sizes, repeats=args.repeats)
     preset = args.model if is_random_preset(args.model) else None
-    model_dir = random_preset_dir(preset) if preset else resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(args.model, args.revision)
     config = ModelConfig.from_json(model_dir / "config.json")
     check_sizes_fit(sizes, config.max_position_embeddings)
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
@@ -103,9 +94,10 @@ def _settings(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hayabusa bench", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`hayabusa bench ...`: the same command, errors and exit status."""
+    from hayabusa.engine.cli import main as hayabusa_main
+
+    return hayabusa_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
 from hayabusa.bench.workloads import SuiteSizes
 from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.kernel_plan import decode_step_launches
+from hayabusa.kernels._launch import H200, device_limits
 
 TOKENIZER_ENGINES = ("hayabusa", "transformers-eager")  # hayabusa.tokenizer and transformers' tokenizer
 Case = tuple[str, str, Callable[[BenchRunner], BenchRecord]]  # (scenario, label, measure(runner))
@@ -51,6 +53,7 @@ class SuiteResult:
     records: list[BenchRecord] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)  # cannot run here: {engine, scenario, reason}
     errors: list[dict[str, str]] = field(default_factory=list)  # measurements that failed: {engine, scenario, error}
+    launches_per_decode_step: dict[str, Any] = field(default_factory=dict)  # hayabusa's, counted (see launch_counts)
     started: str = ""
     seconds: float = 0.0
 
@@ -75,6 +78,7 @@ class SuiteResult:
             "skipped": self.skipped,
             "errors": self.errors,
             "records": [r.as_dict() for r in self.records],
+            "launches_per_decode_step": self.launches_per_decode_step,
         }
 
 
@@ -83,7 +87,8 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     sizes = settings.sizes
     device_roofline = measure_roofline(settings.device, settings.dtype, sizes.roofline_copy_bytes,
                                        sizes.roofline_matmul_size)
-    result = SuiteResult(settings, device_roofline, started=started.isoformat(timespec="seconds"))
+    result = SuiteResult(settings, device_roofline, started=started.isoformat(timespec="seconds"),
+                         launches_per_decode_step=launch_counts(settings))
     cases = generation_cases(settings, device_roofline)
     tokenizer_engines = [e for e in settings.engines if e in TOKENIZER_ENGINES and "tokenizer" in settings.scenarios]
     total = len(settings.engines) * len(cases) + len(tokenizer_engines)
@@ -98,6 +103,17 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
             progress.update(1)
     result.seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     return result
+
+
+def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
+    """hayabusa's kernel launches per decode step at each decode batch, counted without running (FastModel on meta
+    tensors) with the configs of this GPU, or of an H200 when the run is on a CPU."""
+    on_gpu = settings.device.type == "cuda"
+    limits = device_limits(settings.device) if on_gpu else H200
+    counts = [decode_step_launches(settings.config, batch, dtype=settings.dtype, limits=limits).as_dict()
+              for batch in settings.sizes.decode_batches]
+    return {"configs_of": "this device" if on_gpu else "H200 (simulated: 132 SMs)", "num_sms": limits.num_sms,
+            "by_batch": counts}
 
 
 def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -> list[Case]:

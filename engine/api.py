@@ -16,8 +16,8 @@ import torch
 
 from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
+from hayabusa.engine.devices import resolve_device, warn_if_interpreted
 from hayabusa.engine.outputs import GenerationOutput
-from hayabusa.engine.random_models import is_random_preset, random_preset_dir
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_generate, reference_outputs
 from hayabusa.engine.sampling import SamplingParams
@@ -28,12 +28,21 @@ Prompt = str | Sequence[int]
 BACKENDS = ("reference", "triton")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def default_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" else "reference"
+
+
+def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, device: torch.device,
+                    revision: str | None = None) -> tuple[Path, ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """(model directory, config, weights on `device` in `dtype` (default: default_dtype), tokenizer) of a local
+    directory, a hub id or a random preset name."""
+    model_dir, config, state_dict = load_model_files(str(name_or_path), dtype=dtype or default_dtype(device),
+                                                     device=device, revision=revision)
+    return model_dir, config, state_dict, Tokenizer.from_pretrained(str(model_dir))
 
 
 class Engine:
@@ -57,6 +66,7 @@ class Engine:
         if backend == "triton":
             from hayabusa.engine.llm_engine import PagedEngine
 
+            warn_if_interpreted(torch.device(device), "the reference backend generates on a CPU at full speed")
             self._paged = PagedEngine(config, state_dict, tokenizer, device=device,
                                       kv_cache_blocks=kv_cache_blocks, block_size=block_size)
 
@@ -73,19 +83,13 @@ class Engine:
         Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
         cuda, reference on cpu.
         """
-        device = torch.device(device or default_device())
-        if dtype is None:
-            dtype = default_dtype(device)
+        device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
         if backend is None:
-            backend = "triton" if device.type == "cuda" else "reference"
+            backend = default_backend(device)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        name_or_path = str(name_or_path)
-        if is_random_preset(name_or_path):
-            name_or_path = str(random_preset_dir(name_or_path))
-        model_dir, config, state_dict = load_model_files(name_or_path, dtype=dtype, device=device,
-                                                         revision=revision)
-        tokenizer = Tokenizer.from_pretrained(str(model_dir))
+        model_dir, config, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device,
+                                                                   revision=revision)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
                    block_size=block_size, model_dir=model_dir)
 
@@ -135,13 +139,15 @@ class Engine:
             self._paged.close()
 
     def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
+        _refuse_bytes("prompts", prompts)
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
                                         all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
-        if not isinstance(prompts, Sequence) or isinstance(prompts, (bytes, bytearray)) or not prompts:
+        if not isinstance(prompts, Sequence) or not prompts:
             raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
         encoded = []
         for i, prompt in enumerate(prompts):
+            _refuse_bytes(f"prompt {i}", prompt)
             if isinstance(prompt, str):
                 ids = self.tokenizer.encode(prompt)
             elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
@@ -179,3 +185,10 @@ class Engine:
             check_context_fits(len(prompt_ids), params.max_new_tokens, self.config.max_position_embeddings)
         except ValueError as err:
             raise ValueError(f"prompt {index}: {err}") from None
+
+
+def _refuse_bytes(what: str, value: object) -> None:
+    """bytes iterate as ints, so without this check b"..." would pass for a list of token ids."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raise ValueError(f"{what} is {type(value).__name__}; pass text as str (e.g. data.decode('utf-8')) or token ids "
+                         f"as a list of int")

@@ -262,13 +262,10 @@ def run_init_random(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
     if args.untied:
         config = config.with_overrides(tie_word_embeddings=False)
-    try:
-        out_dir = write_random_checkpoint(args.out_dir, config, fmt=args.fmt, shard_size=args.shard_size,
-                                          dtype=DTYPES[args.dtype], seed=args.seed, store_embed_out=not args.tied,
-                                          overwrite=args.overwrite, progress=False if args.quiet else None)
-    except OSError as err:  # FileExistsError from a directory that already holds weights, a full disk, ...
-        print(f"hayabusa init-random: error: {err}", file=sys.stderr)
-        return 1
+    # A FileExistsError (a directory that already holds weights), a full disk, ...: reported by the CLI.
+    out_dir = write_random_checkpoint(args.out_dir, config, fmt=args.fmt, shard_size=args.shard_size,
+                                      dtype=DTYPES[args.dtype], seed=args.seed, store_embed_out=not args.tied,
+                                      overwrite=args.overwrite, progress=False if args.quiet else None)
     params = sum(math.prod(shape) for name, shape in expected_shapes(config).items()
                  if not (args.tied and name == EMBED_OUT))
     files = sorted(p.name for p in out_dir.iterdir())

@@ -1,15 +1,37 @@
-"""The `hayabusa` command: generate, tokenize, init-random, verify, bench."""
+"""The `hayabusa` command (also `python -m hayabusa`): generate, tokenize, init-random, verify, bench, serve, batch.
+
+Every command reports a problem the same way, `hayabusa COMMAND: error: ...` on stderr and exit status 1 (2 for a
+usage error, with that command's usage), checks --device before anything loads, and exits quietly when its reader
+goes away (`hayabusa generate ... | head`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from importlib.metadata import version
 
 import torch
 
 from hayabusa.engine.config import DTYPES
+from hayabusa.engine.devices import add_device_argument, resolve_device
+from hayabusa.engine.model_spec import add_model_arguments
+
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a writer killed by SIGPIPE, as `yes | head` leaves it
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after an option's help, except where there is no default worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unsaid = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS  # (`in` would also match a default of 0, since 0 == False)
+        if unsaid or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -21,19 +43,19 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt text")
-    parser.add_argument("--model", required=True,
-                        help="model directory, hub id (abeja/gpt-neox-japanese-2.7b) or a random preset "
-                             "(tiny, small, 2.7b: random weights, for trying the pipeline)")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_model_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                                                                  "holding this much probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="divide the logits of tokens already seen by this (1: off)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per request)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--ignore-eos", action="store_true")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    add_device_argument(parser)
     parser.add_argument("--dtype", type=parse_dtype, default=None,
                         help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", choices=("reference", "triton"), default=None,
@@ -49,7 +71,8 @@ def run_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
         stop=tuple(args.stop), ignore_eos=args.ignore_eos,
     )
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
+                                    revision=args.revision)
     try:
         for delta in engine.stream(args.prompt, params):
             sys.stdout.write(delta)
@@ -79,47 +102,96 @@ def _hooks() -> dict[str, tuple[str, Callable[[], tuple[Callable, Callable]]]]:
         from hayabusa.bench import cli
         return cli.add_arguments, cli.run
 
+    def serve():
+        from hayabusa.engine.server import cli
+        return cli.add_arguments, cli.run
+
+    def batch():
+        from hayabusa.engine.server import batch
+        return batch.add_arguments, batch.run
+
     return {
         "generate": ("generate text, streamed to stdout", lambda: (add_generate_arguments, run_generate)),
         "tokenize": ("print the token ids and pieces of a text", tokenize),
         "init-random": ("write a random-weight checkpoint with the real tensor names and shapes", init_random),
         "verify": ("compare the kernel path with the reference on the same weights", verify),
         "bench": ("benchmark hayabusa side by side with transformers", bench),
+        "serve": ("serve an OpenAI-compatible HTTP API (/v1/completions)", serve),
+        "batch": ("generate for every line of a jsonl file, on one engine or Ray Data", batch),
     }
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int] | None]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None,
+                                           Callable[[argparse.Namespace], int] | None]:
+    """(the top-level parser, the chosen command's parser, its run function); only that command's module loads."""
     parser = argparse.ArgumentParser(prog="hayabusa", description="Fast GPT-NeoX-Japanese inference.")
+    parser.add_argument("--version", action="version", version=f"hayabusa {version('hayabusa')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    run = None
+    chosen_parser, run = None, None
     for name, (help_text, load) in _hooks().items():
-        sub = commands.add_parser(name, help=help_text)
-        if name == chosen:  # only the chosen command's module is imported
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+        if name == chosen:
             add_arguments, run = load()
             add_arguments(sub)
-    return parser, run
+            chosen_parser = sub
+    return parser, chosen_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (0 ok, 1 error, 2 usage error, 130 interrupted, 141 stdout closed)."""
     argv = sys.argv[1:] if argv is None else argv
     if not torch.cuda.is_available():
         # No GPU: Triton kernels (verify, --backend triton) can still run, slowly, under Triton's CPU
         # interpreter, which must be chosen before any kernel module is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    parser, run = build_parser(argv)
-    args = parser.parse_args(argv)
+    parser, command_parser, run = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
     if run is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 2
+    if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    prefix = f"hayabusa {args.command}"
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_printer(prefix)
+        try:
+            if hasattr(args, "device"):
+                args.device = resolve_device(args.device)
+            status = run(args)
+            sys.stdout.flush()  # a closed pipe shows here, not in Python's own flush at exit
+            return status
+        except (ValueError, OSError) as err:  # bad input, missing or unreadable files (FileNotFoundError too)
+            if isinstance(err, BrokenPipeError):
+                return _reader_gone()
+            print(f"{prefix}: error: {err}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+
+
+def _warning_printer(prefix: str) -> Callable[..., None]:
+    """hayabusa's own warnings as `hayabusa COMMAND: warning: ...`; others (torch's, ...) as Python prints them."""
+    show = warnings.showwarning
+
+    def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+        if category.__module__.startswith("hayabusa."):
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    return print_warning
+
+
+def _reader_gone() -> int:
+    """stdout's reader closed the pipe (`| head`): stop quietly. Python would flush stdout again at exit and
+    report the broken pipe once more, so stdout is pointed at /dev/null first."""
     try:
-        return run(args)
-    except (ValueError, OSError) as err:  # bad input, missing or unreadable files (FileNotFoundError too)
-        print(f"hayabusa {args.command}: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file descriptor (captured in process): nothing will flush it
+        pass
+    return SIGPIPE_STATUS

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,9 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 SUPPORTED_ACTIVATIONS = ("gelu",)  # transformers' "gelu" is the exact erf form
+# config.json keys read as they are spelled; an absent one takes transformers' default (the 2.7B model's value).
+PLAIN_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_multiple_size",
+              "max_position_embeddings", "layer_norm_eps", "hidden_act", "bos_token_id", "tie_word_embeddings")
 
 
 class ConfigError(ValueError):
@@ -34,6 +37,8 @@ class ModelConfig:
     bos_token_id: int | None = 31996
     eos_token_id: int | None = 31999
     tie_word_embeddings: bool = True
+    # PLAIN_KEYS that config.json lacked, so they hold the defaults above; named when the weights disagree.
+    defaulted_keys: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # Types first, so the range checks below never hit a TypeError (config.json may hold anything).
@@ -65,8 +70,9 @@ class ModelConfig:
             )
         if self.rotary_dims % 2:
             raise ConfigError(
-                f"rotary dims = head_dim {self.head_dim} x 'partial_rotary_factor' "
-                f"{self.partial_rotary_factor} = {self.rotary_dims} must be even"
+                f"rotary dims = head_dim {self.head_dim} ('hidden_size' {self.hidden_size} / 'num_attention_heads' "
+                f"{self.num_attention_heads}) x 'partial_rotary_factor' {self.partial_rotary_factor} = "
+                f"{self.rotary_dims} must be even"
             )
         if not self.rope_theta > 0:
             raise ConfigError(f"config key 'rotary_emb_base' / 'rope_theta' must be > 0, got {self.rope_theta!r}")
@@ -118,17 +124,18 @@ class ModelConfig:
             "rope_theta": rope.get("rope_theta", raw.get("rotary_emb_base", 10000.0)),
             "eos_token_id": eos,
         }
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_multiple_size", "max_position_embeddings", "layer_norm_eps",
-                    "hidden_act", "bos_token_id", "tie_word_embeddings"):
-            if key in raw:
-                fields[key] = raw[key]
+        fields |= {key: raw[key] for key in PLAIN_KEYS if key in raw}
         for key, spelling in (("partial_rotary_factor", "rotary_pct"), ("rope_theta", "rotary_emb_base")):
             value = fields[key]
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 raise ConfigError(f"config key '{spelling}' / 'rope_parameters.{key}' must be a number, got {value!r}")
             fields[key] = float(value)
-        return cls(**fields)
+        defaulted = tuple(key for key in PLAIN_KEYS if key not in raw)
+        try:
+            return cls(**fields, defaulted_keys=defaulted)
+        except ConfigError as err:  # e.g. a default head count that does not divide the stored hidden size
+            note = describe_defaults(defaulted, [key for key in defaulted if f"'{key}'" in str(err)])
+            raise ConfigError(f"{err}{'; ' + note if note else ''}") from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> ModelConfig:
@@ -149,6 +156,7 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json transformers writes for this model, with abeja's key spelling for rotary."""
         fields = asdict(self)
+        del fields["defaulted_keys"]
         fields["rotary_pct"] = fields.pop("partial_rotary_factor")
         fields["rotary_emb_base"] = fields.pop("rope_theta")
         return {"architectures": ["GPTNeoXJapaneseForCausalLM"], "model_type": "gpt_neox_japanese",
@@ -157,6 +165,18 @@ class ModelConfig:
 
     def with_overrides(self, **overrides: Any) -> ModelConfig:
         return replace(self, **overrides)
+
+
+def describe_defaults(defaulted_keys: tuple[str, ...], keys: list[str]) -> str:
+    """"config.json has no 'hidden_size': the default 2560 ... was used" for those of `keys` that were defaulted."""
+    absent = [key for key in keys if key in defaulted_keys]
+    if not absent:
+        return ""
+    defaults = ModelConfig()
+    values = ", ".join(f"{key} = {getattr(defaults, key)!r}" for key in absent)
+    names = ", ".join(f"'{key}'" for key in absent)
+    return (f"config.json has no {names}, so transformers' default{'s' if len(absent) > 1 else ''} for "
+            f"GPT-NeoX-Japanese 2.7B ({values}) {'were' if len(absent) > 1 else 'was'} used")
 
 
 def check_context_fits(num_prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:

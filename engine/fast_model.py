@@ -1,8 +1,11 @@
 """GPT-NeoX-Japanese on the hayabusa kernels over a paged KV cache, for packed (varlen) batches.
 
-Per layer: layer_norm -> linear(qkv) -> prefill_attention | decode_attention (rotary and the cache write
-inside) -> linear(dense, + residual, + dense_bias on the last layer) -> layer_norm -> fused_mlp(+ residual).
-Then the final layer_norm and embed_out on the last token of each sequence only.
+Per layer: ln_linear(input_layernorm -> qkv) -> prefill_attention | decode_attention (rotary and the cache write
+inside) -> linear(dense, + residual, + dense_bias on the last layer) -> ln_linear(post_attention_layernorm ->
+dense_h_to_4h, GELU) -> linear(dense_4h_to_h, + residual). Then ln_linear(final_layer_norm -> embed_out) on the
+last token of each sequence only. The residual stream h is updated in place: h = h + attn(ln1(h)), then
+h = h + mlp(ln2(h)). At decode sizes each op is one launch (the LayerNorms run in the next GEMM's prologue): five
+per layer, plus the embedding gather and the LM head.
 
 The op set is pluggable: `load_ops("triton")` runs the Triton kernels, `load_ops("torch")` their plain-PyTorch
 `*_ref` twins (same signatures and cache writes), which lets CPU tests drive the whole paged engine at scale
@@ -30,7 +33,7 @@ OP_SETS = ("triton", "torch")
 class OpSet:
     name: str
     linear: Callable[..., Tensor]
-    fused_mlp: Callable[..., Tensor]
+    ln_linear: Callable[..., Tensor]  # linear(layer_norm(x)): the LayerNorm fused into the GEMM where it pays
     layer_norm: Callable[..., Tensor]
     prefill_attention: Callable[..., Tensor]
     decode_attention: Callable[..., Tensor]
@@ -48,7 +51,7 @@ def load_ops(name: str) -> OpSet:
     return OpSet(
         name=name,
         linear=op("linear", "linear"),
-        fused_mlp=op("mlp", "fused_mlp"),
+        ln_linear=op("linear", "ln_linear"),
         layer_norm=op("layernorm", "layer_norm"),
         prefill_attention=op("prefill_attention", "prefill_attention"),
         decode_attention=op("decode_attention", "decode_attention"),
@@ -80,7 +83,7 @@ class DecodeInputs:
 
 
 KVCaches = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache): [num_blocks, block_size, heads, head_dim]
-Attend = Callable[[Tensor, Tensor, Tensor], Tensor]  # (qkv, k_cache, v_cache) -> [tokens, hidden]
+Attend = Callable[[Tensor, Tensor, Tensor, bool], Tensor]  # (qkv, k_cache, v_cache, checked) -> [tokens, hidden]
 
 
 class FastModel:
@@ -122,10 +125,10 @@ class FastModel:
 
     def decode(self, inputs: DecodeInputs, kv_caches: KVCaches) -> Tensor:
         """Logits of the one new token per sequence: [B, vocab] in the model dtype; writes its KV."""
-        def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, checked: bool) -> Tensor:
             return self.ops.decode_attention(qkv, inputs.positions, inputs.block_tables, k_cache, v_cache,
                                              self.cos, self.sin, self.config.rotary_dims,
-                                             check_indices=inputs.check_indices)
+                                             check_indices=inputs.check_indices, checked=checked)
 
         return self._logits(self._layers(inputs.input_ids, attend, kv_caches))
 
@@ -138,31 +141,36 @@ class FastModel:
         return states
 
     def _prefill_attend(self, inputs: PrefillInputs) -> Attend:
-        def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
+        def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, checked: bool) -> Tensor:
             return self.ops.prefill_attention(qkv, inputs.positions, inputs.cu_seqlens, inputs.context_lens,
                                               inputs.block_tables, k_cache, v_cache, self.cos, self.sin,
                                               self.config.rotary_dims, max_seqlen_q=inputs.max_seqlen_q,
-                                              check_indices=inputs.check_indices)
+                                              check_indices=inputs.check_indices, checked=checked)
 
         return attend
 
     def _layers(self, input_ids: Tensor, attend: Attend, kv_caches: KVCaches,
                 states: list[Tensor] | None = None) -> Tensor:
+        """The residual stream after every layer: [tokens, hidden].
+
+        Every op's arguments are valid by construction (weights checked at load, activations made here), so they
+        run unchecked; the first layer's attention checks the step's inputs (positions, block tables, caches) once.
+        """
         eps = self.config.layer_norm_eps
         h = F.embedding(input_ids, self.embed_in)  # [tokens, hidden]
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches, strict=True):
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches, strict=True)):
             if states is not None:
                 states.append(h.clone())
-            x = self.ops.layer_norm(h, layer.ln1_weight, layer.ln1_bias, eps)
-            qkv = self.ops.linear(x, layer.qkv_weight)  # [tokens, heads * 3 * head_dim]
-            attn = attend(qkv, k_cache, v_cache)  # [tokens, hidden]
-            h = self.ops.linear(attn, layer.dense_weight, bias=layer.dense_bias, residual=h, out=h)
-            x = self.ops.layer_norm(h, layer.ln2_weight, layer.ln2_bias, eps)
-            h = self.ops.fused_mlp(x, layer.mlp_in_weight, layer.mlp_out_weight, h, out=h)
+            qkv = self.ops.ln_linear(h, layer.ln1_weight, layer.ln1_bias, eps, layer.qkv_weight,
+                                     checked=False)  # [tokens, heads * 3 * head_dim]
+            attn = attend(qkv, k_cache, v_cache, index == 0)  # [tokens, hidden]
+            h = self.ops.linear(attn, layer.dense_weight, bias=layer.dense_bias, residual=h, out=h, checked=False)
+            activated = self.ops.ln_linear(h, layer.ln2_weight, layer.ln2_bias, eps, layer.mlp_in_weight,
+                                           activation="gelu", checked=False)  # [tokens, intermediate]
+            h = self.ops.linear(activated, layer.mlp_out_weight, residual=h, out=h, checked=False)
         return h
 
     def _logits(self, last_hidden: Tensor) -> Tensor:
         """last_hidden: [S, hidden], the final layer's output of the tokens whose next token is sampled."""
-        x = self.ops.layer_norm(last_hidden.contiguous(), self.final_ln_weight, self.final_ln_bias,
-                                self.config.layer_norm_eps)
-        return self.ops.linear(x, self.embed_out)  # [S, vocab]
+        return self.ops.ln_linear(last_hidden.contiguous(), self.final_ln_weight, self.final_ln_bias,
+                                  self.config.layer_norm_eps, self.embed_out, checked=False)  # [S, vocab]

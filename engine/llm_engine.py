@@ -15,6 +15,7 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +33,24 @@ from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one step did for one request."""
+
+    request_id: int
+    new_token_ids: list[int]  # tokens that became known this step
+    text_delta: str  # text that became final this step (stop strings held back until resolved)
+    finished: GenerationOutput | None  # the final output on the request's last update, else None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
 
 
 class PagedEngine:
@@ -65,6 +84,8 @@ class PagedEngine:
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()  # guards the scheduler and every Sequence; notified after each step
         self._driving = False  # a thread is inside step()
+        self._live: dict[int, Sequence] = {}  # request id -> its unfinished sequence
+        self._abort_ids: set[int] = set()  # aborts asked for; applied at the start of the next step
 
     # ---- submission ------------------------------------------------------------------------------------------
 
@@ -94,25 +115,37 @@ class PagedEngine:
         with self._cond:  # all at once: they can share the first prefill batch
             for seq in seqs:
                 self.scheduler.add(seq)
+                self._live[seq.seq_id] = seq
+
+    def abort(self, request_id: int) -> None:
+        """Ask to drop a request (any thread, never waits for a step). The next step frees its blocks and returns
+        its last update, finish_reason "abort". Unknown or finished ids are ignored."""
+        with self._cond:
+            if request_id in self._live:
+                self._abort_ids.add(request_id)
 
     # ---- stepping --------------------------------------------------------------------------------------------
 
-    def step(self) -> list[tuple[int, GenerationOutput]]:
-        """Run one prefill or decode batch; returns (request id, output) of the requests that just finished."""
+    def step(self) -> list[RequestUpdate]:
+        """Apply pending aborts, run one prefill or decode batch; returns the update of every request that got
+        tokens or finished in it."""
         self._claim_driver(lambda: False)
         try:
             return self._step()
         finally:
             self._release_driver()
 
-    def _step(self) -> list[tuple[int, GenerationOutput]]:
+    def _step(self) -> list[RequestUpdate]:
         with self._cond:
+            # An id may have finished on its own since abort() was called.
+            updates = [self._apply_abort(self._live[i]) for i in self._abort_ids if i in self._live]
+            self._abort_ids.clear()
             seqs, is_prefill = self.scheduler.schedule()
             if not seqs and self.scheduler.has_work():  # a scheduler bug; fail loudly rather than spin
                 raise RuntimeError(f"nothing schedulable: {len(self.scheduler.waiting)} waiting, "
                                    f"{self.block_manager.num_free_blocks} free blocks")
         if not seqs:
-            return []
+            return updates
         try:
             logits = self.runner.run(seqs, is_prefill)  # [len(seqs), vocab] float32
             token_ids = sample_next_tokens(logits, [seq.params for seq in seqs], [seq.token_ids for seq in seqs],
@@ -122,8 +155,25 @@ class PagedEngine:
             self._fail_all(f"the engine step failed: {type(err).__name__}: {err}")
             raise
         with self._cond:
-            finished = self.scheduler.postprocess(seqs, token_ids)
-        return [(seq.seq_id, seq.output.result()) for seq in finished]
+            num_deltas = [len(seq.text_deltas) for seq in seqs]  # a stream() reader takes them under this lock
+            self.scheduler.postprocess(seqs, token_ids)
+            for seq, token_id, num_before in zip(seqs, token_ids, num_deltas, strict=True):
+                finished = None
+                if seq.is_finished:
+                    del self._live[seq.seq_id]
+                    finished = seq.output.result()
+                updates.append(RequestUpdate(seq.seq_id, [token_id], "".join(seq.text_deltas[num_before:]),
+                                             finished))
+        return updates
+
+    def _apply_abort(self, seq: Sequence) -> RequestUpdate:
+        """Under the lock, outside a running batch: drop seq and build its last update."""
+        self.scheduler.abort(seq)
+        seq.fail("aborted")
+        del self._live[seq.seq_id]
+        output = _failed_output(seq.token_ids[: seq.num_prompt_tokens], "aborted", finish_reason="abort",
+                                token_ids=seq.token_ids[seq.num_prompt_tokens:])
+        return RequestUpdate(seq.seq_id, [], "", output)
 
     def _fail_all(self, message: str) -> None:
         """A step raised (e.g. out of memory): fail every queued request so that no caller waits forever."""
@@ -131,6 +181,8 @@ class PagedEngine:
             for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                 self.scheduler.abort(seq)
                 seq.fail(message)
+            self._live.clear()
+            self._abort_ids.clear()
 
     def _claim_driver(self, done: Callable[[], bool]) -> bool:
         """Become the one thread that steps, unless done() (read under the lock) holds first."""
@@ -158,6 +210,12 @@ class PagedEngine:
     def has_unfinished_requests(self) -> bool:
         with self._cond:
             return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                               num_free_blocks=self.block_manager.num_free_blocks,
+                               num_blocks=self.block_manager.num_blocks)
 
     # ---- public generation -----------------------------------------------------------------------------------
 
@@ -205,6 +263,7 @@ class PagedEngine:
             if not seq.is_finished:
                 self.scheduler.abort(seq)
                 seq.fail("aborted")
+                self._live.pop(seq.seq_id, None)
 
     @staticmethod
     def _result(seq: Sequence) -> GenerationOutput:
@@ -219,7 +278,9 @@ class PagedEngine:
             self.runner.kv_caches.clear()
 
 
-def _failed_output(prompt_ids: list[int], message: str) -> GenerationOutput:
-    return GenerationOutput(text="", token_ids=[], finish_reason="error", prompt_token_ids=prompt_ids,
-                            timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=0,
+def _failed_output(prompt_ids: list[int], message: str, *, finish_reason: str = "error",
+                   token_ids: list[int] | None = None) -> GenerationOutput:
+    token_ids = token_ids or []
+    return GenerationOutput(text="", token_ids=token_ids, finish_reason=finish_reason, prompt_token_ids=prompt_ids,
+                            timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=len(token_ids),
                                             time_to_first_token_s=0.0, total_s=0.0), error=message)

@@ -15,19 +15,29 @@ Exit status 0 when every check passes, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from hayabusa.engine.api import default_dtype
 from hayabusa.engine.config import DTYPES, ModelConfig
+from hayabusa.engine.devices import add_device_argument, resolve_device, warn_if_interpreted
 from hayabusa.engine.fast_model import OP_SETS
 from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.model_spec import add_model_arguments
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_outputs
+from hayabusa.engine.reference_generate import reference_generate
 from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.weights import load_model_files
 from hayabusa.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 # Relative error bound per kernel-path dtype for hidden states and logits (reference: float32).
 TOLERANCES = {torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 8e-2}
@@ -41,17 +51,15 @@ VERIFY_BLOCK_SIZE = 16
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="model directory, hub id or random preset (tiny, small, 2.7b)")
+    add_model_arguments(parser)
     parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_device_argument(parser)
     parser.add_argument("--ops", choices=OP_SETS, default="triton",
-                        help="triton: the kernels (default); torch: their plain-PyTorch references")
+                        help="triton: the kernels; torch: their plain-PyTorch references")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt text (repeatable; default: four built-in Japanese prompts)")
-    parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt (default 32)")
-    parser.add_argument("--revision", default=None, help="hub revision")
+    parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt")
 
 
 @dataclass
@@ -71,16 +79,13 @@ def relative_error(actual: Tensor, expected: Tensor) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hayabusa.engine.api import default_device
-    from hayabusa.engine.random_models import is_random_preset, random_preset_dir
-    from hayabusa.engine.weights import load_model_files
-
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    device = torch.device(args.device or default_device())
+    device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    name = random_preset_dir(args.model) if is_random_preset(args.model) else args.model
-    model_dir, config, state_dict = load_model_files(str(name), dtype=dtype, device=device, revision=args.revision)
+    model_dir, config, state_dict = load_model_files(args.model, dtype=dtype, device=device, revision=args.revision)
+    if args.ops == "triton":
+        warn_if_interpreted(device, "--ops torch checks the engine without the kernels in seconds")
     tokenizer = Tokenizer.from_pretrained(str(model_dir))
     prompts = [tokenizer.encode(text) for text in (args.prompt or DEFAULT_PROMPTS)]
     for text, ids in zip(args.prompt or DEFAULT_PROMPTS, prompts, strict=True):
@@ -91,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"hayabusa verify: {model_dir}")
     print(f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
           f"{args.ops} ops in {str(dtype).removeprefix('torch.')} on {device} vs the float32 reference; "
-          f"prompts: {len(prompts)}, greedy steps: {args.steps}")
+          f"prompts: {len(prompts)}, greedy steps: {args.steps}", flush=True)
     tolerance = TOLERANCES[dtype]
     reference = ReferenceModel(config, upcast(state_dict))
     engine = PagedEngine(config, state_dict, tokenizer, device=device, ops=args.ops,
@@ -109,6 +114,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"verify: {'FAILED: ' + ', '.join(failed) if failed else 'passed'} (tolerance {tolerance:g} for "
           f"{str(dtype).removeprefix('torch.')})")
     return 1 if failed else 0
+
+
+def progress(stage: str, iterable: Iterable | None = None, *, total: int | None = None, unit: str = "it") -> tqdm:
+    """A progress bar on stderr (the report itself goes to stdout), left in place to show how long each stage took.
+    Without a count (neither an iterable nor a total) it shows the time spent so far."""
+    counted = iterable is not None or total is not None
+    return tqdm(iterable, total=total, desc=f"verify: {stage}", unit=unit, file=sys.stderr, mininterval=1.0,
+                bar_format=None if counted else "{desc}: {elapsed}")
 
 
 def upcast(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -137,7 +150,7 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: Page
     logit_errors = (0.0, 0.0)
     agree = positions = 0
     worst_gap = 0.0
-    for ids in prompts:
+    for ids in progress("prefill checks", prompts, unit="prompt"):
         input_ids = torch.tensor([ids], device=fast.device)
         expected_states = [s[0] for s in reference.hidden_states(input_ids)]  # each [T, hidden]
         prompt = PromptBlocks(ids)
@@ -172,8 +185,12 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: Page
 def compare_greedy(reference: ReferenceModel, engine: PagedEngine, tokenizer: Tokenizer, prompts: list[list[int]],
                    steps: int, tolerance: float) -> list[Check]:
     params = [SamplingParams(max_new_tokens=steps, ignore_eos=True)] * len(prompts)
-    expected = [out.token_ids for out in reference_outputs(reference, tokenizer, prompts, params)]
-    actual = [out.token_ids for out in engine.generate(prompts, params)]
+    expected: list[list[int]] = [[] for _ in prompts]
+    events = reference_generate(reference, tokenizer, prompts, params)
+    for index, _, finished in progress("greedy, reference", events, total=steps * len(prompts), unit="token"):
+        if finished is not None:
+            expected[index] = finished.token_ids
+    actual = [out.token_ids for out in _with_elapsed_time("greedy, paged engine", engine.generate, prompts, params)]
     checks = []
     for i, (prompt, got, want) in enumerate(zip(prompts, actual, expected, strict=True)):
         same = next((k for k, (a, e) in enumerate(zip(got, want, strict=True)) if a != e), steps)
@@ -188,3 +205,13 @@ def compare_greedy(reference: ReferenceModel, engine: PagedEngine, tokenizer: To
                                            f"{want[same]} at a reference gap of {gap:.2e} (relative)",
                             gap <= tolerance))
     return checks
+
+
+def _with_elapsed_time(stage: str, function: Callable[..., T], *args: Any) -> T:
+    """function(*args) on a worker thread while the main thread shows the time spent; its exception re-raised here.
+    (The paged engine's generate offers no per-step hook to count with.)"""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="hayabusa-verify") as pool, progress(stage) as bar:
+        future = pool.submit(function, *args)
+        while not wait([future], timeout=1.0).done:
+            bar.refresh()
+        return future.result()

@@ -17,9 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .config import ModelConfig, load_config
+from .config import ModelConfig, describe_defaults, load_config
 from .host_arena import host_tensors
-from .hub import resolve_model_dir
+from .model_spec import resolve_model_dir
+from .pickle_scan import pickle_code_globals, refused_global
 
 EMBED_IN = "gpt_neox_japanese.embed_in.weight"
 EMBED_OUT = "embed_out.weight"
@@ -33,6 +34,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
                 "pytorch_model.bin", "pytorch_model.bin.index.json")
 _MAX_LISTED_PROBLEMS = 12
 HALF_CONVERSION_BLOCK = 1 << 20  # fp32 elements (4 MiB) per step of an fp16 <-> bf16 conversion
+# The config keys expected_shapes() reads: when config.json lacks one, its default is the likely culprit.
+SHAPE_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_multiple_size"]
 
 
 class CheckpointError(ValueError):
@@ -74,7 +77,7 @@ class StoredTensor:
 
 def load_model_files(name_or_path: str, *, dtype: torch.dtype, device: str | torch.device = "cpu",
                      revision: str | None = None) -> tuple[Path, ModelConfig, dict[str, Tensor]]:
-    """Resolve a local directory or Hub id, read its config.json, and load its validated weights."""
+    """Resolve a model spec (directory, random preset or Hub id), read its config.json, load its validated weights."""
     model_dir = resolve_model_dir(name_or_path, revision)
     config = load_config(model_dir)
     return model_dir, config, load_weights(model_dir, config, dtype=dtype, device=device)
@@ -163,8 +166,10 @@ def _validate(model_dir: Path, stored: dict[str, StoredTensor], config: ModelCon
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         more = f"\n  ... and {len(problems) - len(listed)} more" if len(problems) > len(listed) else ""
-        raise CheckpointError(f"checkpoint {model_dir} does not match its config.json "
-                              f"({len(problems)} problem(s)):\n  " + "\n  ".join(listed) + more)
+        defaults = describe_defaults(config.defaulted_keys, SHAPE_KEYS)
+        cause = f"; {defaults}, which the tensors may not have" if defaults else ""
+        raise CheckpointError(f"checkpoint {model_dir} does not match its config.json ({len(problems)} problem(s))"
+                              f"{cause}:\n  " + "\n  ".join(listed) + more)
     return needed
 
 
@@ -250,11 +255,13 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        refused = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
-        if refused is None:
-            raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint ({err})") from None
-        raise CheckpointError(f"{path} holds Python objects other than tensors; hayabusa never runs a checkpoint's "
-                              f"pickle code ({refused[:200]})") from None
+        code = refused_global(err) or next(iter(pickle_code_globals(path)), None)
+        if code is None:
+            raise CheckpointError(f"cannot read {path}: truncated, or not a PyTorch checkpoint of tensors "
+                                  f"(torch.load with weights_only=True refused it)") from None
+        raise CheckpointError(f"{path} holds code, not only tensors: its pickle calls the Python global {code}. "
+                              f"hayabusa loads tensors only and ran none of it; get the weights as safetensors or "
+                              f"from a source you trust") from None
     except Exception as err:
         raise CheckpointError(f"cannot read {path}: truncated or not a PyTorch checkpoint "
                               f"({type(err).__name__}: {err})") from None

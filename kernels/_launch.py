@@ -1,6 +1,14 @@
-"""Launch helpers shared by the kernel modules: input validation, device facts, row-kernel block sizes."""
+"""Launch helpers shared by the kernel modules: input validation, device facts, host-side integer math, the
+split reductions' ticket counters, row-kernel block sizes.
 
+Host code on the launch path avoids `triton.cdiv` / `triton.next_power_of_2` (constexpr-aware wrappers that cost
+microseconds per call in Triton 3.9) and caches every per-shape decision on plain-int keys.
+"""
+
+import contextlib
 import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -9,9 +17,79 @@ import triton.language as tl
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What launch configs are fitted to: SMs to fill, the shared memory one block may use, and whether programs
+    run one by one in Triton's CPU interpreter (where fewer, larger programs and no splitting are faster)."""
+
+    num_sms: int
+    shared_memory_bytes: int
+    interpreted: bool = False
+
+
+H200 = DeviceLimits(num_sms=132, shared_memory_bytes=232448)  # sm_90: 132 SMs, 227 KB opt-in per block (H100 too)
+INTERPRETER = DeviceLimits(num_sms=8, shared_memory_bytes=1 << 30, interpreted=True)
+_simulated: DeviceLimits | None = None  # set by `simulated_device`
+
+
+@contextlib.contextmanager
+def simulated_device(limits: DeviceLimits) -> Iterator[None]:
+    """Launchers pick the configs of a device with these limits (e.g. H200) whatever tensors they get, and
+    check_triton_device accepts meta tensors: for recording launches (counts, compile checks) without the GPU."""
+    global _simulated
+    previous, _simulated = _simulated, limits
+    try:
+        yield
+    finally:
+        _simulated = previous
+
+
+def device_limits(device: torch.device) -> DeviceLimits:
+    """The simulated device's limits inside `simulated_device`, else `device`'s own (INTERPRETER off CUDA)."""
+    return _simulated if _simulated is not None else _real_limits(device)
+
+
+@functools.cache
+def _real_limits(device: torch.device) -> DeviceLimits:
+    if device.type != "cuda":
+        return INTERPRETER
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return DeviceLimits(torch.cuda.get_device_properties(index).multi_processor_count,
+                        triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+_tickets: dict[torch.device, torch.Tensor] = {}
+
+
+def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
+    """int32 [>= count] zeros, one per output tile of a split reduction, kept per device across launches.
+
+    Each split of a tile takes a ticket (atomic add) after storing its partial; the last one reduces the partials
+    in split order and sets the counter back to 0, so the buffer is all zeros again when the kernel ends and the
+    next launch on the stream (or a CUDA-graph replay) reuses it. Allocated (one zero-fill launch) on first use
+    or growth only, so warm-up before a graph capture allocates it outside the capture.
+    """
+    counters = _tickets.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(next_power_of_2(count), 4096), dtype=torch.int32, device=device)
+        _tickets[device] = counters
+    return counters
+
+
 def check_triton_device(name: str, tensor: torch.Tensor) -> None:
-    """Triton compiles for CUDA; CPU tensors only work under Triton's interpreter (TRITON_INTERPRET=1)."""
-    if tensor.device.type == "cuda" or (tensor.device.type == "cpu" and triton.knobs.runtime.interpret):
+    """Triton compiles for CUDA; CPU tensors only work under Triton's interpreter (TRITON_INTERPRET=1); meta
+    tensors only while launches are recorded under `simulated_device`."""
+    device_type = tensor.device.type
+    if device_type == "cuda" or (device_type == "cpu" and triton.knobs.runtime.interpret) \
+            or (device_type == "meta" and _simulated is not None):
         return
     raise ValueError(
         f"{name} is on {tensor.device}: Triton kernels need a CUDA device, or TRITON_INTERPRET=1 set before "
@@ -43,28 +121,12 @@ def check_tensor(name: str, tensor: torch.Tensor, *, ndim: int | None = None, sh
 
 
 @functools.cache
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors to fill; a small fixed number under the CPU interpreter."""
-    if device.type != "cuda":
-        return 8
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.cache
-def shared_memory_bytes(device: torch.device) -> int:
-    """Opt-in shared memory per block, which bounds a GEMM's pipeline depth; unbounded under the interpreter."""
-    if device.type != "cuda":
-        return 1 << 30
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-
-
 def row_block(n: int) -> tuple[int, int]:
     """(BLOCK_N, num_warps) for a kernel that runs one program per row of length n.
 
     Rows up to 16384 elements are held whole in registers; longer rows are walked in 16384-wide chunks.
     """
-    block_n = min(triton.next_power_of_2(n), 16384)
+    block_n = min(next_power_of_2(n), 16384)
     num_warps = 4 if block_n <= 2048 else 8 if block_n <= 8192 else 16
     return block_n, num_warps
 

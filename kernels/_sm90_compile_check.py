@@ -1,11 +1,13 @@
-"""Compile every Triton kernel for an H100 (sm_90) at the launch configurations the engine uses for the 2.7B model.
+"""Compile every Triton kernel specialization the engine launches for the 2.7B model on an H200 (sm_90), no GPU.
 
-No GPU needed: the launchers run on meta tensors with Triton's launch replaced by a recorder, so each kernel gets
-exactly the arguments, constexprs, num_warps and num_stages its launcher picks (configs from `choose_config`,
-`attention_config`, `pick_num_splits` with the H100's 132 SMs and 227 KB of shared memory per block). Triton's own
-binder specializes each recorded launch as a real launch would, and `triton.compile` builds it for sm_90 with a
-fresh cache, so ptxas reports registers and spills. Prints one row per distinct compiled kernel; exits 1 when one
-fails to compile or needs more shared memory than a block may use, 77 when this machine cannot compile for CUDA.
+The set is `engine_specializations` (engine/kernel_plan.py): FastModel's decode at every batch bucket up to 256 and
+every block-table width, and its prefill at every token-count bucket up to 2048, run on meta tensors under
+`simulated_device(H200)` (132 SMs, 227 KB of shared memory per block) with each launch recorded instead of run.
+Triton's own binder specializes each recorded launch as a real launch would, and `triton.compile` builds it for
+sm_90 with a fresh cache, so ptxas reports registers and spills. fp16 and bf16 get every bucket; fp32 (the exactness
+path) decode at batch 1 and prefill at 1 and 2048 tokens, to stay in the time budget. Prints one row per distinct
+compiled kernel; exits 1 when one fails to compile or needs more shared memory than a block may use, 77 when this
+machine cannot compile for CUDA.
 
     python -m hayabusa.kernels._sm90_compile_check [--json results.json] [--jobs N]
 
@@ -24,7 +26,6 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -34,27 +35,19 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from hayabusa.engine.config import PRESETS
-from hayabusa.kernels.decode_attention import launch_decode_attention, pick_num_splits
-from hayabusa.kernels.layernorm import launch_layer_norm
-from hayabusa.kernels.linear import choose_config, launch_linear
-from hayabusa.kernels.prefill_attention import launch_prefill_attention
+from hayabusa.kernels._launch import H200
 
 SM90 = GPUTarget("cuda", 90, 32)
-H100_SMS = 132
-H100_SHARED_MEMORY = 232448  # opt-in shared memory per block: 227 KB
 SKIP_EXIT_CODE = 77
-
-GEMM_TOKENS = (1, 8, 32, 128, 256, 2048)  # decode batches (CUDA-graph sizes) and a full 2048-token prefill
-FP32_GEMM_TOKENS = (1, 2048)  # fp32 is the exactness path: its decode and prefill regimes, to stay in the time budget
-DECODE_BATCHES = (1, 8, 32, 256)  # 1 and 8 take the split-K kernel at 2048-token contexts, 32+ the single pass
+MAX_NUM_SEQS = 256  # decode batches (CUDA-graph sizes) up to this
+MAX_PREFILL_TOKENS = 2048  # a full-context prefill
+FP32_TOKEN_COUNTS = [1, 2048]  # fp32's decode and prefill regimes
 DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-BLOCK_SIZE = 16  # the engine's KV-cache page
-MAX_CONTEXT = 2048
 
 
 @dataclass(frozen=True)
 class Launch:
-    label: str  # the engine call that makes it, e.g. "linear mlp_in M=8 fp16"
+    label: str  # the forward pass that makes it, e.g. "decode batch 1 blocks 128 fp16"
     kernel: JITFunction
     args: tuple
     kwargs: dict
@@ -75,68 +68,18 @@ class CompileResult:
     seconds: float = 0.0
 
 
-@contextlib.contextmanager
-def recorded_launches(label: str, into: list[Launch]) -> Iterator[None]:
-    """While active, `kernel[grid](...)` appends a Launch to `into` instead of running."""
-    real_run = JITFunction.run
-
-    def record(kernel: JITFunction, *args, grid, warmup, **kwargs):
-        into.append(Launch(label, kernel, args, kwargs))
-
-    JITFunction.run = record
-    try:
-        yield
-    finally:
-        JITFunction.run = real_run
-
-
 def engine_launches() -> list[Launch]:
-    """Every kernel launch of the engine's 2.7B forward passes at the sizes above, on meta tensors."""
-    cfg = PRESETS["2.7b"]
-    hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-    meta = torch.device("meta")
-    launches: list[Launch] = []
-    # (name, N, K, bias, residual, activation) as FastModel calls `linear` and `fused_mlp` does
-    gemms = [("qkv", 3 * hidden, hidden, False, False, None), ("dense", hidden, hidden, False, True, None),
-             ("dense+bias", hidden, hidden, True, True, None), ("mlp_in", inter, hidden, False, False, "gelu"),
-             ("mlp_out", hidden, inter, False, True, None), ("embed_out", vocab, hidden, False, False, None)]
-    max_blocks = MAX_CONTEXT // BLOCK_SIZE
+    """One recorded launch per kernel specialization of the engine's 2.7B forward passes, on meta tensors."""
+    from hayabusa.engine.kernel_plan import engine_specializations  # the engine imports the kernels: import late
+
+    launches = []
     for dtype, dtype_name in DTYPES.items():
-        def empty(*shape: int, dtype: torch.dtype = dtype) -> torch.Tensor:
-            return torch.empty(shape, dtype=dtype, device=meta)
-
-        for name, N, K, has_bias, has_residual, activation in gemms:
-            for M in FP32_GEMM_TOKENS if dtype == torch.float32 else GEMM_TOKENS:
-                config = choose_config(M, N, K, dtype.itemsize, H100_SMS, H100_SHARED_MEMORY)
-                with recorded_launches(f"linear {name} M={M} {dtype_name}", launches):
-                    launch_linear(config, empty(M, K), empty(N, K), empty(N) if has_bias else None,
-                                  empty(M, N) if has_residual else None, activation, empty(M, N))
-
-        for M in (1, 2048):
-            with recorded_launches(f"layer_norm M={M} {dtype_name}", launches):
-                launch_layer_norm(empty(M, hidden), None, empty(hidden), empty(hidden), cfg.layer_norm_eps,
-                                  empty(M, hidden), None)
-            with recorded_launches(f"add_layer_norm M={M} {dtype_name}", launches):
-                launch_layer_norm(empty(M, hidden), empty(M, hidden), empty(hidden), empty(hidden),
-                                  cfg.layer_norm_eps, empty(M, hidden), empty(M, hidden))
-
-        rotary = [empty(cfg.max_position_embeddings, cfg.rotary_dims // 2, dtype=torch.float32) for _ in range(2)]
-        for batch in DECODE_BATCHES:
-            num_splits = pick_num_splits(batch, heads, max_blocks * BLOCK_SIZE, H100_SMS)
-            cache = [empty(batch * max_blocks, BLOCK_SIZE, heads, head_dim) for _ in range(2)]
-            with recorded_launches(f"decode B={batch} splits={num_splits} {dtype_name}", launches):
-                launch_decode_attention(empty(batch, 3 * hidden), empty(batch, dtype=torch.int32),
-                                        empty(batch, max_blocks, dtype=torch.int32), *cache, *rotary,
-                                        cfg.rotary_dims, num_splits)
-
-        for num_seqs, new_tokens in ((1, MAX_CONTEXT), (8, 256)):
-            cache = [empty(num_seqs * max_blocks, BLOCK_SIZE, heads, head_dim) for _ in range(2)]
-            with recorded_launches(f"prefill {num_seqs}x{new_tokens} {dtype_name}", launches):
-                launch_prefill_attention(empty(num_seqs * new_tokens, 3 * hidden),
-                                         empty(num_seqs + 1, dtype=torch.int32), empty(num_seqs, dtype=torch.int32),
-                                         empty(num_seqs, max_blocks, dtype=torch.int32), *cache, *rotary,
-                                         cfg.rotary_dims, new_tokens)
+        fp32 = dtype == torch.float32
+        specializations = engine_specializations(
+            PRESETS["2.7b"], dtype, limits=H200, max_num_seqs=1 if fp32 else MAX_NUM_SEQS,
+            max_num_batched_tokens=MAX_PREFILL_TOKENS, token_counts=FP32_TOKEN_COUNTS if fp32 else None)
+        launches += [Launch(f"{spec.example} {dtype_name}", spec.launch.kernel, spec.launch.args, spec.launch.kwargs)
+                     for spec in specializations]
     return launches
 
 
@@ -183,9 +126,9 @@ def compile_one(index: int) -> CompileResult:
     result.registers = int(registers.group(1))
     result.spill_stores, result.spill_loads = int(spills.group(1)), int(spills.group(2))
     result.shared = compiled.metadata.shared
-    result.ok = result.shared <= H100_SHARED_MEMORY
+    result.ok = result.shared <= H200.shared_memory_bytes
     if not result.ok:
-        result.error = f"needs {result.shared} bytes of shared memory, the H100 allows {H100_SHARED_MEMORY}"
+        result.error = f"needs {result.shared} bytes of shared memory, the H200 allows {H200.shared_memory_bytes}"
     return result
 
 
@@ -203,10 +146,10 @@ def cuda_compiler_missing() -> str | None:
 
 def format_table(results: list[CompileResult]) -> str:
     """One row per compiled kernel; "(+n)": n more launches compile to exactly this kernel."""
-    rows = [f"{'launch':<30} {'kernel':<25} {'regs':>4} {'spill st/ld':>11} {'shared':>6} {'s':>4}  config"]
+    rows = [f"{'launch':<40} {'kernel':<25} {'regs':>4} {'spill st/ld':>11} {'shared':>6} {'s':>4}  config"]
     for r in results:
         label = r.label + (f" (+{len(r.same_kernel)})" if r.same_kernel else "")
-        rows.append(f"{label:<30} {r.kernel:<25} {r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':>11} "
+        rows.append(f"{label:<40} {r.kernel:<25} {r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':>11} "
                     f"{r.shared:>6} {r.seconds:>4.1f}  {r.config}" + ("" if r.ok else f"\n    FAILED: {r.error}"))
     return "\n".join(rows)
 

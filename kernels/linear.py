@@ -1,33 +1,51 @@
-"""Triton GEMM `act(x @ weight.T + bias) + residual` with the epilogue fused, configured per problem size.
+"""The model's linear layers: `act(x @ weight.T + bias) + residual` (`linear`) and the same after a LayerNorm of x
+(`ln_linear`), epilogues fused, dispatched on the number of rows M (configs are per M bucket, cached per shape):
 
-Two regimes share one kernel:
-- decode (M <= 256): bandwidth-bound, the job is to stream every weight byte once. Thin M-tiles, wide K-tiles,
-  and when there are too few output tiles to keep every SM streaming, K is split across programs (split-K).
-  Each split writes its fp32 partial sum to its own slice of a workspace and a second kernel adds the slices
-  in a fixed order, so results are bit-for-bit deterministic (no atomics).
-- prefill (M in the thousands): compute-bound, 128-wide tiles on tensor cores, a deep load pipeline and
-  grouped tile order so neighbouring programs share weight tiles in L2.
-The config is a deterministic function of (M, N, K, dtype, device) — no autotuning on the first call.
+- M <= GEMV_MAX_M (4): the CUDA-core GEMV of gemv.py (see there for why 4), LayerNorm fused in its prologue.
+- M <= 256 (decode batches): tensor-core tiles with a thin M (16, 32 or 64 rows), wide K-tiles, and K split across
+  programs while the output tiles alone leave SMs idle; the splits' fp32 partials are reduced inside the launch in
+  split order (`finish_tile`), deterministic and without a second kernel.
+- M > 256 (prefill): compute-bound, 128x128 tiles on tensor cores with a deep load pipeline and grouped tile order
+  (neighbouring programs share weight tiles in L2).
+
+LayerNorm fusion crossover (fused up to GEMV_MAX_M rows, a separate LayerNorm launch above): a fused prologue makes
+every program recompute its rows' statistics over all of K, BLOCK_M * SPLIT_K / BLOCK_N extra bytes per weight
+byte (from L2), and its latency comes before the first weight load. In the GEMV that is 1/16 to 1/2 and one chunk
+per thread. In a 16 x 64 tile with split-K 2 (qkv at M = 16) it is 1/2, the tile would need [16, K] values in
+flight for the statistics (at 4 warps: dozens of dependent L2 round trips, or registers it does not have: ptxas
+spilled 1.5-33 KB trying at M = 16..64), while a separate launch costs ~2 us of gap plus a kernel that reads each
+row once; at prefill sizes the fused reads would be 16x the weights. So the tile path keeps LayerNorm separate.
+
+Prefill tile (M > 256): 128x128x64, 8 warps: M = 2048 on N = 2560 makes 16 x 20 = 320 tiles, 2.4 waves on an
+H200's 132 SMs (128x256 made 160, 1.2 waves, and spilled registers with the GELU and residual epilogues).
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from ._gemm_common import finish_tile
 from ._launch import (
-    cast_rounded,
+    DeviceLimits,
+    cdiv,
     check_tensor,
     check_triton_device,
+    device_limits,
     dot,
     interpreted_bf16,
-    num_sms,
-    shared_memory_bytes,
+    next_power_of_2,
+    ticket_counters,
 )
 from ._reference_gemm import reference_linear
+from .gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
+from .layernorm import launch_layer_norm, layer_norm_ref
 
 ACTIVATIONS = (None, "gelu")
+M_BUCKETS = (1, 2, 4, 16, 32, 64, 256)  # decode buckets (configs are fixed within one); above 256, one prefill bucket
+PREFILL_BUCKET = M_BUCKETS[-1] + 1
 
 
 @dataclass(frozen=True)
@@ -35,40 +53,33 @@ class GemmConfig:
     block_m: int
     block_n: int
     block_k: int
-    split_k: int  # programs sharing one output tile along K; > 1 adds the fixed-order reduction kernel
+    split_k: int  # programs sharing one output tile along K; > 1 reduces their partials in-launch
     group_m: int  # M-tiles walked together per N-column, so their weight tiles are reused from L2
     num_warps: int
     num_stages: int
 
 
-@triton.jit
-def _gelu(x):
-    # exact GELU: 0.5 * x * (1 + erf(x / sqrt(2)))
-    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+@dataclass(frozen=True)
+class LinearPlan:
+    """How `linear` / `ln_linear` run one shape: the GEMV (LayerNorm fused) or the tile GEMM (LayerNorm apart)."""
+
+    gemv: GemvConfig | None
+    gemm: GemmConfig | None
 
 
-@triton.jit
-def _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr,
-                    HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                    INTERPRETED_BF16: tl.constexpr):
-    # acc: [BLOCK_M, BLOCK_N] fp32 = x @ weight.T for rows offs_m, columns offs_n
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        acc = _gelu(acc)
-    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    if HAS_RESIDUAL:
-        acc += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, cast_rounded(acc, out_ptr.dtype.element_ty, INTERPRETED_BF16), mask=mask)
+def m_bucket(M: int) -> int:
+    """The M_BUCKETS entry covering M, or PREFILL_BUCKET above the last one."""
+    for bucket in M_BUCKETS:
+        if M <= bucket:
+            return bucket
+    return PREFILL_BUCKET
 
 
-@triton.jit
-def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, M, N, K,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                   INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+@triton.jit(do_not_specialize=["M"])
+def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, tickets_ptr, M, N, K,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                   HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
     # x: [M, K], weight: [N, K], out/residual: [M, N], partial: [SPLIT_K, M, N] fp32 (used when SPLIT_K > 1)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -108,62 +119,54 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
-    if SPLIT_K == 1:
-        _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU, HAS_RESIDUAL,
-                        INTERPRETED_BF16)
-    else:
-        partial_offs = split.to(tl.int64) * M * N + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(partial_ptr + partial_offs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _split_k_reduce_kernel(partial_ptr, bias_ptr, residual_ptr, out_ptr, M, N,
-                           SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                           INTERPRETED_BF16: tl.constexpr):
-    # partial: [SPLIT_K, M, N] fp32, summed in split order (deterministic), then the epilogue.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(SPLIT_K):
-        acc += tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        partial_ptr += M * N
-    _epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU, HAS_RESIDUAL,
-                        INTERPRETED_BF16)
-
-
-def pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> GemmConfig:
-    """The tile config `linear` uses for an [M, K] x [N, K]^T product on `device`."""
-    return choose_config(M, N, K, dtype.itemsize, num_sms(device), shared_memory_bytes(device))
+    finish_tile(acc, offs_m, offs_n, M, N, pid, split, partial_ptr, tickets_ptr, bias_ptr, residual_ptr, out_ptr,
+                SPLIT_K, HAS_BIAS, GELU, HAS_RESIDUAL, INTERPRETED_BF16)
 
 
 def choose_config(M: int, N: int, K: int, elem_bytes: int, sm_count: int, smem_bytes: int) -> GemmConfig:
-    """A small table keyed on M, fitted to N, K, the SM count and the shared memory a block may use."""
-    if M <= 64:  # decode: a thin M-tile, long K-tiles so each program streams big contiguous weight rows
-        block_m, block_n, block_k = max(16, triton.next_power_of_2(M)), 64, 256 // elem_bytes
+    """The tile config for an [M, K] x [N, K]^T product: a small table keyed on M's bucket, fitted to N, K, the SM
+    count and the shared memory a block may use."""
+    return _bucket_config(m_bucket(M), N, K, elem_bytes, sm_count, smem_bytes)
+
+
+@functools.cache
+def _bucket_config(bucket: int, N: int, K: int, elem_bytes: int, sm_count: int, smem_bytes: int) -> GemmConfig:
+    if bucket <= 64:  # decode: a thin M-tile, long K-tiles so each program streams big contiguous weight rows
+        block_m, block_n, block_k = max(16, bucket), 64, 256 // elem_bytes
         group_m, num_warps, num_stages = 1, 4, 4
-    elif M <= 256:  # large decode batch: still mostly weight traffic, tensor cores start to matter
+    elif bucket <= 256:  # large decode batch: still mostly weight traffic, tensor cores start to matter
         block_m, block_n, block_k = 64, 128, 128 // elem_bytes
         group_m, num_warps, num_stages = 8, 4, 4
     else:  # prefill: compute-bound
-        block_m, block_n, block_k = 128, 256 if elem_bytes == 2 else 128, 128 // elem_bytes
-        group_m, num_warps, num_stages = 8, 8, 3
-    block_n = min(block_n, max(16, triton.next_power_of_2(N)))
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+        block_m, block_n, block_k = 128, 128, 128 // elem_bytes
+        group_m, num_warps, num_stages = 8, 8, 4
+    block_n = min(block_n, max(16, next_power_of_2(N)))
+    block_k = min(block_k, max(16, next_power_of_2(K)))
 
-    # Split K while the output tiles alone leave SMs idle, keeping >= 4 K-tiles per split for the pipeline.
+    # Split K while the output tiles alone leave SMs idle, keeping >= 4 K-tiles per split for the pipeline. Sized
+    # for the bucket's largest M, so one config (one compiled kernel) serves the whole bucket.
     split_k = 1
-    if M <= 256:
-        out_tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-        k_tiles = triton.cdiv(K, block_k)
+    if bucket <= 256:
+        out_tiles = cdiv(bucket, block_m) * cdiv(N, block_n)
+        k_tiles = cdiv(K, block_k)
         while out_tiles * split_k < sm_count and k_tiles // (2 * split_k) >= 4 and split_k < 16:
             split_k *= 2
 
     stage_bytes = (block_m + block_n) * block_k * elem_bytes
     num_stages = max(1, min(num_stages, smem_bytes // stage_bytes))
     return GemmConfig(block_m, block_n, block_k, split_k, group_m, num_warps, num_stages)
+
+
+@functools.cache
+def _cached_plan(bucket: int, N: int, K: int, elem_bytes: int, limits: DeviceLimits) -> LinearPlan:
+    if bucket <= GEMV_MAX_M:
+        return LinearPlan(choose_gemv_config(bucket, N, K, limits), None)
+    return LinearPlan(None, _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes))
+
+
+def plan_linear(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearPlan:
+    """The kernel and config `linear` and `ln_linear` run for this shape on `device`."""
+    return _cached_plan(m_bucket(M), N, K, dtype.itemsize, device_limits(device))
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -186,59 +189,109 @@ def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+def _check_ln_args(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float) -> None:
+    K = x.shape[1]
+    check_tensor("ln_weight", ln_weight, shape=(K,), dtype=x.dtype, device=x.device)
+    check_tensor("ln_bias", ln_bias, shape=(K,), dtype=x.dtype, device=x.device)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+
+
+@functools.cache
+def _launch_params(config: GemmConfig, N: int, K: int, flags: tuple[bool, bool, bool, bool, bool]) -> tuple:
+    """(output-tile columns, constexprs + launch options) of one shape and epilogue, computed once."""
+    has_bias, gelu, has_residual, fp32, interpreted = flags
+    meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
+                GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, HAS_BIAS=has_bias, GELU=gelu,
+                HAS_RESIDUAL=has_residual, INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=interpreted,
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    return cdiv(N, config.block_n), meta
+
+
 def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                   residual: torch.Tensor | None, activation: str | None, out: torch.Tensor) -> torch.Tensor:
-    """Run the GEMM with an explicit config on already-validated arguments (tests force every path here)."""
+    """Run the tile GEMM with an explicit config on validated arguments (tests force every path here)."""
     M, K = x.shape
     N = weight.shape[0]
     if M == 0:
         return out
-    dummy = out  # pointer for absent bias / residual / workspace; never read when its flag is off
-    flags = dict(HAS_BIAS=bias is not None, GELU=activation == "gelu", HAS_RESIDUAL=residual is not None,
-                 INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device))
-    partial = dummy
+    flags = (bias is not None, activation == "gelu", residual is not None, x.dtype == torch.float32,
+             interpreted_bf16(x.dtype, x.device))
+    n_tiles, meta = _launch_params(config, N, K, flags)
+    out_tiles = cdiv(M, config.block_m) * n_tiles
+    partial = tickets = out  # placeholders for pointers the kernel never reads when split_k == 1
     if config.split_k > 1:
         partial = torch.empty((config.split_k, M, N), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n), config.split_k)
-    _linear_kernel[grid](
-        x, weight, bias if bias is not None else dummy, residual if residual is not None else dummy, out, partial,
-        M, N, K,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
-        GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages, **flags,
-    )
-    if config.split_k > 1:
-        block_m = min(16, triton.next_power_of_2(M))
-        reduce_grid = (triton.cdiv(M, block_m), triton.cdiv(N, 256))
-        _split_k_reduce_kernel[reduce_grid](
-            partial, bias if bias is not None else dummy, residual if residual is not None else dummy, out, M, N,
-            SPLIT_K=config.split_k, BLOCK_M=block_m, BLOCK_N=256, num_warps=4, **flags,
-        )
+        tickets = ticket_counters(x.device, out_tiles)
+    _linear_kernel[(out_tiles, config.split_k)](
+        x, weight, bias if bias is not None else out, residual if residual is not None else out, out, partial,
+        tickets, M, N, K, **meta)
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, activation: str | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ weight.T + bias) + residual in one GEMM; x: [M, K], weight: [N, K] -> [M, N] in x's dtype.
-
-    activation: None or "gelu" (exact erf GELU). Accumulates in fp32 and rounds once. `out` ([M, N], optional)
-    receives the result; it may be `residual` itself (in-place residual add), never `x` or `weight`.
-    """
-    _check_linear_args(x, weight, bias, residual, activation, out)
-    check_triton_device("x", x)
+def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+         activation: str | None, out: torch.Tensor | None,
+         ln: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor:
     M, K = x.shape
     N = weight.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    return launch_linear(pick_config(M, N, K, x.dtype, x.device), x, weight, bias, residual, activation, out)
+    plan = plan_linear(M, N, K, x.dtype, x.device)
+    if plan.gemv is not None:
+        return launch_gemv(plan.gemv, x, weight, bias, residual, activation, out, ln)
+    if ln is not None:  # the tile GEMM normalizes nothing itself: a LayerNorm launch first, each row read once
+        normed = torch.empty_like(x)
+        launch_layer_norm(x, None, ln[0], ln[1], ln[2], normed, None)
+        x = normed
+    return launch_linear(plan.gemm, x, weight, bias, residual, activation, out)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, activation: str | None = None,
+           out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
+    """act(x @ weight.T + bias) + residual in one launch; x: [M, K], weight: [N, K] -> [M, N] in x's dtype.
+
+    activation: None or "gelu" (exact erf GELU). Accumulates in fp32 and rounds once. `out` ([M, N], optional)
+    receives the result; it may be `residual` itself (in-place residual add), never `x` or `weight`.
+    checked=False skips the argument checks (a few microseconds): only for arguments valid by construction.
+    """
+    if checked:
+        _check_linear_args(x, weight, bias, residual, activation, out)
+        check_triton_device("x", x)
+    return _run(x, weight, bias, residual, activation, out, None)
+
+
+def ln_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor, *,
+              bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, activation: str | None = None,
+              out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
+    """linear(layer_norm(x, ln_weight, ln_bias, eps), weight, ...): x: [M, K], ln_weight/ln_bias: [K].
+
+    The normalized x is rounded to x's dtype as layer_norm writes it; up to GEMV_MAX_M rows the GEMV computes it
+    in its prologue (one launch), above that a LayerNorm launch comes first. `out` may be `residual`, never x.
+    """
+    if checked:
+        _check_linear_args(x, weight, bias, residual, activation, out)
+        _check_ln_args(x, ln_weight, ln_bias, eps)
+        check_triton_device("x", x)
+    return _run(x, weight, bias, residual, activation, out, (ln_weight, ln_bias, float(eps)))
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                residual: torch.Tensor | None = None, activation: str | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end (see _reference_gemm.py)."""
+               out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
+    """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end (always checks; how it is
+    computed fast on a CPU: _reference_gemm.py)."""
     _check_linear_args(x, weight, bias, residual, activation, out)
     y = reference_linear(x, weight, bias, residual, activation)
     return y if out is None else out.copy_(y)
+
+
+def ln_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
+                  *, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  activation: str | None = None, out: torch.Tensor | None = None,
+                  checked: bool = True) -> torch.Tensor:
+    """Plain-PyTorch `ln_linear`: layer_norm_ref (rounded to x's dtype), then linear_ref (always checks)."""
+    _check_linear_args(x, weight, bias, residual, activation, out)
+    _check_ln_args(x, ln_weight, ln_bias, eps)
+    return linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias=bias, residual=residual,
+                      activation=activation, out=out)

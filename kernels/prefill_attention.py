@@ -14,6 +14,7 @@ e.g. 80 = 64 + 16, so the tensor-core dots waste no lanes on padding to 128.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from hayabusa.kernels._attention_checks import check_prefill_arguments
-from hayabusa.kernels._launch import cast_rounded, check_triton_device, dot, interpreted_bf16
+from hayabusa.kernels._launch import cast_rounded, cdiv, check_triton_device, dot, interpreted_bf16, next_power_of_2
 from hayabusa.kernels.rotary import apply_rotary_ref
 
 LOG2E = 1.4426950408889634
@@ -52,7 +53,7 @@ def _load_rotated(row_ptrs, row_mask, positions, offs_d, cos_ptr, sin_ptr,
     return x * cos + sign[None, :] * x_partner * sin
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_table_stride"])  # the widest sequence sets it: no variant per width
 def _write_kv_kernel(
     qkv_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr, cos_ptr, sin_ptr,
     block_table_stride,
@@ -131,7 +132,7 @@ def _attend_keys(
     return acc_main, acc_tail, running_max, running_sum
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["block_table_stride"])
 def _prefill_attention_kernel(
     qkv_ptr, out_ptr, cu_seqlens_ptr, context_lens_ptr, block_tables_ptr, k_cache_ptr, v_cache_ptr,
     cos_ptr, sin_ptr, block_table_stride, scale_log2,
@@ -197,6 +198,7 @@ def _prefill_attention_kernel(
                  mask=in_seq[:, None] & (offs_tail < HEAD_DIM)[None, :])
 
 
+@functools.cache
 def split_head_dim(head_dim: int) -> tuple[int, int]:
     """(main, tail) power-of-two widths covering head_dim: 80 -> (64, 16), 128 -> (128, 0), 200 -> (128, 128).
 
@@ -207,6 +209,7 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     return main, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
 
+@functools.cache
 def attention_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
     """Tile sizes and launch shape of the attention kernel.
 
@@ -223,7 +226,7 @@ def attention_config(dtype: torch.dtype, head_dim: int) -> dict[str, int]:
 def prefill_attention(
     qkv: Tensor, positions: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor,
     k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, rotary_dims: int,
-    max_seqlen_q: int | None = None, check_indices: bool = True,
+    max_seqlen_q: int | None = None, check_indices: bool = True, checked: bool = True,
 ) -> Tensor:
     """out [T, H*D]: causal attention of the T packed new tokens over their sequences' whole contexts.
 
@@ -235,10 +238,15 @@ def prefill_attention(
     cu_seqlens on the host; None reads it from cu_seqlens (a device sync). check_indices=False skips the check of
     every index value (another sync): only for a caller whose indices are valid by construction, since a bad one
     then reads or writes out of bounds. With both given, the launch reads nothing back from the device.
+    checked=False skips every argument check (for a caller that checked them once for many calls) where
+    max_seqlen_q is given; without it the checks run, as they also find the grid's size.
     """
-    max_new_tokens = check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables, k_cache,
-                                             v_cache, cos, sin, rotary_dims, max_seqlen_q, check_indices)
-    check_triton_device("qkv", qkv)
+    if checked or max_seqlen_q is None:
+        max_new_tokens = check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables, k_cache,
+                                                 v_cache, cos, sin, rotary_dims, max_seqlen_q, check_indices)
+        check_triton_device("qkv", qkv)
+    else:
+        max_new_tokens = max_seqlen_q
     return launch_prefill_attention(qkv, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin,
                                     rotary_dims, max_new_tokens)
 
@@ -257,15 +265,15 @@ def launch_prefill_attention(
     common = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, ROT_HALF=rotary_dims // 2, PAGE_SIZE=page_size,
                   INTERPRETED_BF16=interpreted_bf16(qkv.dtype, qkv.device))
 
-    grid = (triton.cdiv(max_new_tokens, WRITE_BLOCK_T), num_heads, num_seqs)
+    grid = (cdiv(max_new_tokens, WRITE_BLOCK_T), num_heads, num_seqs)
     _write_kv_kernel[grid](
         qkv, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin, block_tables.stride(0),
-        BLOCK_D=triton.next_power_of_2(head_dim), BLOCK_T=WRITE_BLOCK_T, num_warps=4, **common,
+        BLOCK_D=next_power_of_2(head_dim), BLOCK_T=WRITE_BLOCK_T, num_warps=4, **common,
     )
 
     d_main, d_tail = split_head_dim(head_dim)
     config = attention_config(qkv.dtype, head_dim)
-    grid = (triton.cdiv(max_new_tokens, config["BLOCK_M"]), num_heads, num_seqs)
+    grid = (cdiv(max_new_tokens, config["BLOCK_M"]), num_heads, num_seqs)
     _prefill_attention_kernel[grid](
         qkv, out, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin,
         block_tables.stride(0), LOG2E / math.sqrt(head_dim),
@@ -278,9 +286,10 @@ def launch_prefill_attention(
 def prefill_attention_ref(
     qkv: Tensor, positions: Tensor, cu_seqlens: Tensor, context_lens: Tensor, block_tables: Tensor,
     k_cache: Tensor, v_cache: Tensor, cos: Tensor, sin: Tensor, rotary_dims: int,
-    max_seqlen_q: int | None = None, check_indices: bool = True,
+    max_seqlen_q: int | None = None, check_indices: bool = True, checked: bool = True,
 ) -> Tensor:
-    """Plain-PyTorch `prefill_attention`: same arguments, output and cache writes; one sequence at a time."""
+    """Plain-PyTorch `prefill_attention`: same arguments, output and cache writes; one sequence at a time (the
+    arguments are always checked)."""
     check_prefill_arguments(qkv, positions, cu_seqlens, context_lens, block_tables, k_cache, v_cache, cos, sin,
                             rotary_dims, max_seqlen_q, check_indices)
     _, page_size, num_heads, head_dim = k_cache.shape

@@ -150,13 +150,13 @@ def test_static_batches_cover_every_request_once():
 
 
 def test_cli_rejects_bad_options_without_a_traceback(capsys, tmp_path):
-    assert cli.main(["--model", "tiny", "--out", str(tmp_path), "--scenarios", "decode,warp"]) == 2
-    assert "unknown 'warp'" in capsys.readouterr().err
-    assert cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert cli.main(["--model", "tiny", "--out", str(tmp_path), "--scenarios", "decode,warp"]) == 1
+    assert capsys.readouterr().err.startswith("hayabusa bench: error: --scenarios: unknown 'warp'")
+    assert cli.main(["--model", str(tmp_path / "nowhere"), "--out", str(tmp_path), "--device", "cpu"]) == 1
     assert "nowhere" in capsys.readouterr().err
     if not torch.cuda.is_available():
-        assert cli.main(["--model", "tiny", "--out", str(tmp_path), "--device", "cuda"]) == 2
-        assert "no CUDA device" in capsys.readouterr().err
+        assert cli.main(["--model", "tiny", "--out", str(tmp_path), "--device", "cuda"]) == 1
+        assert capsys.readouterr().err.startswith("hayabusa bench: error: device 'cuda': ")
 
 
 def _synthetic_results(records):
@@ -206,6 +206,9 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     assert results["versions"]["torch"] == torch.__version__ and "triton" in results["versions"]
     assert results["model"]["preset"] == "tiny" and results["sizes"]["name"] == "smoke"
     assert results["roofline"]["copy_gb_per_s"] > 0 and results["roofline"]["matmul_tflops"] > 0
+    launches = results["launches_per_decode_step"]  # counted with an H200's configs on a CPU
+    assert launches["num_sms"] == 132 and [c["batch"] for c in launches["by_batch"]] == [1, 4]
+    assert [c["per_layer"] for c in launches["by_batch"]] == [5, 5]
     # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason
     assert {s["engine"] for s in results["skipped"]} == {"hayabusa", "transformers-compile"}
     assert all(s["reason"] for s in results["skipped"])

@@ -1,6 +1,5 @@
 """init-random: abeja's config keys, tokenizer files, tensor names and shapes, random values transformers can run."""
 
-import argparse
 import json
 from importlib import resources
 
@@ -11,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
 from transformers.utils import logging as hf_logging
 
-from hayabusa.engine import checkpoint_writer
 from hayabusa.engine.checkpoint_writer import parse_size, write_random_checkpoint
+from hayabusa.engine.cli import main
 from hayabusa.engine.config import PRESETS, ModelConfig, load_config
 from hayabusa.engine.weights import EMBED_IN, EMBED_OUT, expected_shapes, load_weights
 
@@ -181,9 +180,7 @@ def test_existing_weights_need_overwrite(tmp_path):
 # --- the init-random command -------------------------------------------------------------------------------------
 
 def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hayabusa init-random")
-    checkpoint_writer.add_init_random_arguments(parser)
-    return checkpoint_writer.run_init_random(parser.parse_args(argv))
+    return main(["init-random", *argv])
 
 
 @pytest.mark.parametrize(("flags", "expect_embed_out", "tie_key"), [([], True, None), (["--tied"], False, None),
@@ -209,9 +206,11 @@ def test_cli_errors(tmp_path, capsys):
     assert "is not a size such as 2GB" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         run_cli([str(tmp_path), "--preset", "tiny", "--tied", "--untied"])
+    assert "hayabusa init-random: error: argument --untied: not allowed with argument --tied" in capsys.readouterr().err
     assert run_cli([str(tmp_path), "--preset", "tiny", "--quiet"]) == 0
     assert run_cli([str(tmp_path), "--preset", "tiny"]) == 1
-    assert "already holds weights" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("hayabusa init-random: error: ") and "already holds weights" in err
     assert run_cli([str(tmp_path), "--preset", "tiny", "--overwrite"]) == 0
 
 

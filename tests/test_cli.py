@@ -3,11 +3,17 @@
 import json
 import shutil
 import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+import torch
 
-from hayabusa.engine.cli import main
+import hayabusa
+from hayabusa.engine import devices, hub, llm_engine, random_models
+from hayabusa.engine.api import Engine
+from hayabusa.engine.cli import SIGPIPE_STATUS, main
 
 
 @pytest.fixture(scope="module")
@@ -47,3 +53,138 @@ def test_console_script_is_installed() -> None:
     result = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     for command in ("generate", "tokenize", "init-random", "verify", "bench"):
         assert command in result.stdout
+
+
+# --- what a newcomer hit (issue 10.4) -----------------------------------------------------------------------------
+
+DEVICE_COMMANDS = {  # every command that takes --device, with what it needs besides
+    "generate": ["generate", "x", "--model", "tiny"],
+    "verify": ["verify", "--model", "tiny"],
+    "bench": ["bench", "--model", "tiny", "--out", "unused"],
+}
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Resolving the preset `tiny` fails the test: errors must come before any loading."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model was resolved before the error")
+
+    monkeypatch.setattr(random_models, "random_preset_dir", loaded)
+
+
+@pytest.fixture
+def cuda_build_with_two_gpus(monkeypatch):
+    """What torch reports on a CUDA machine with two devices (for the index check, on any machine)."""
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+@pytest.mark.parametrize(("device", "message"), [
+    ("tpu", "device 'tpu' is not a device name; use cpu, cuda or cuda:N"),
+    ("mps", "device 'mps': hayabusa runs on cpu or cuda (cuda:N), not mps"),
+    ("cuda:3", "device 'cuda:3': only 2 CUDA device(s) visible, cuda:0 to cuda:1"),
+])
+def test_a_bad_device_is_one_clear_error_before_anything_loads(command, device, message, capsys, nothing_loads,
+                                                                cuda_build_with_two_gpus):
+    assert main([*DEVICE_COMMANDS[command], "--device", device]) == 1
+    assert capsys.readouterr().err == f"hayabusa {command}: error: {message}\n"
+
+
+def test_cuda_without_cuda_is_named_for_what_is_missing(monkeypatch, nothing_loads, capsys):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert main([*DEVICE_COMMANDS["generate"], "--device", "cuda"]) == 1
+    assert f"device 'cuda': this torch ({torch.__version__}) is built without CUDA" in capsys.readouterr().err
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert main([*DEVICE_COMMANDS["verify"], "--device", "cuda"]) == 1
+    assert "device 'cuda': torch sees no CUDA device on this machine" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="device 'cuda': torch sees no CUDA device"):  # the library checks first too
+        Engine.from_pretrained("tiny", device="cuda")
+
+
+@pytest.mark.parametrize("command", ["generate", "tokenize", "verify", "bench"])
+def test_every_command_takes_the_same_model_spec(command, capsys, monkeypatch):
+    args = {"generate": ["generate", "x"], "tokenize": ["tokenize", "x"], "verify": ["verify"],
+            "bench": ["bench", "--out", "unused"]}[command]
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: pytest.fail("a bad name went to the Hub"))
+    assert main([*args, "--model", "tinny"]) == 1
+    assert capsys.readouterr().err == (
+        f"hayabusa {command}: error: model 'tinny' is not a local directory, a random preset (2.7b, small, tiny) or a "
+        "Hub repo id of the form 'owner/name' (e.g. 'abeja/gpt-neox-japanese-2.7b')\n")
+
+
+def test_tokenize_takes_a_preset_without_asking_the_hub(capsys, monkeypatch):
+    """Before: `--model tiny` went to the Hub as a repo id (~23 s of retries, then a failure)."""
+    monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: pytest.fail("a preset went to the Hub"))
+    assert main(["tokenize", "吾輩は猫である", "--model", "tiny"]) == 0
+    assert capsys.readouterr().out.startswith("6 tokens\n[30014, 26883, 26638, 27228, 25, 26650]\n")
+
+
+def test_an_unknown_flag_shows_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["generate", "x", "--model", "tiny", "--bogus"])
+    err = capsys.readouterr().err
+    assert exit_status.value.code == 2
+    assert err.startswith("usage: hayabusa generate ") and "--max-new-tokens" in err
+    assert err.endswith("hayabusa generate: error: unrecognized arguments: --bogus\n")
+
+
+def test_generate_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for shown in ("tokens to generate at most (default: 64)", "sampling temperature (default: 1.0)",
+                  "(0: all) (default: 0)", "(default: cuda when available, else cpu)",
+                  "(default: float16 on cuda, float32 on cpu)"):
+        assert shown in help_text
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--version"])
+    assert exit_status.value.code == 0 and capsys.readouterr().out == f"hayabusa {version('hayabusa')}\n"
+    assert hayabusa.__version__ == version("hayabusa")
+
+
+def test_python_dash_m_hayabusa_is_the_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "hayabusa", "tokenize", "吾輩は猫である"], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.startswith("6 tokens\n")
+
+
+def test_the_triton_backend_on_a_cpu_warns_once(monkeypatch, capsys, tiny_dir):
+    """Before: 3 minutes of silence for 20 tokens; the interpreter is a correctness check, not a way to generate."""
+    class QuickEngine:  # stands in for the interpreted paged engine, which takes minutes
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def stream(self, prompt_ids, params):
+            yield "猫"
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(devices, "_interpreter_warned", False)
+    monkeypatch.setattr(llm_engine, "PagedEngine", QuickEngine)
+    for _ in range(2):
+        assert main(["generate", "x", "--model", str(tiny_dir), "--backend", "triton", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("hayabusa generate: warning: the Triton kernels run on this CPU under Triton's interpreter: "
+                     "that checks their correctness and is very slow") == 1
+    assert "the reference backend generates on a CPU at full speed" in err
+
+
+def test_a_closed_pipe_ends_generate_quietly(tiny_dir: Path) -> None:
+    """`hayabusa generate ... | head -c 10`: before, "error: [Errno 32] Broken pipe" and exit status 1."""
+    command = [shutil.which("hayabusa"), "generate", "吾輩は猫である", "--model", str(tiny_dir),
+               "--max-new-tokens", "400", "--ignore-eos", "--device", "cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(process.stdout.read(10)) == 10
+    process.stdout.close()  # the reader goes away while generation goes on
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == SIGPIPE_STATUS, err.decode()
+    assert err.decode() == ""

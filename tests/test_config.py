@@ -121,6 +121,21 @@ def test_odd_rotary_dims_rejected():
         ModelConfig(hidden_size=180, num_attention_heads=2, partial_rotary_factor=0.1)
 
 
+def test_absent_keys_are_recorded_and_named_when_their_default_breaks_the_config():
+    raw = PRESETS["tiny"].to_hf_dict()
+    assert ModelConfig.from_dict(raw).defaulted_keys == ()
+    del raw["num_attention_heads"]  # tiny has 2 heads of 80; the default 32 makes head_dim 5, which cannot rotate
+    with pytest.raises(ConfigError) as config_error:
+        ModelConfig.from_dict(raw)
+    message = str(config_error.value)
+    assert "rotary dims = head_dim 5 ('hidden_size' 160 / 'num_attention_heads' 32)" in message
+    assert "config.json has no 'num_attention_heads', so transformers' default for GPT-NeoX-Japanese 2.7B " \
+           "(num_attention_heads = 32) was used" in message
+    abeja = ModelConfig.from_dict(ABEJA_STYLE)
+    assert abeja.defaulted_keys == ("tie_word_embeddings",) and abeja == PRESETS["2.7b"]
+    assert "defaulted_keys" not in abeja.to_hf_dict() and "defaulted_keys" not in repr(abeja)
+
+
 def test_load_config_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="not a directory"):
         load_config(tmp_path / "nope")

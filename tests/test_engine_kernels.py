@@ -35,6 +35,10 @@ def hf_tokens(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+def finished_outputs(updates) -> dict:
+    return {update.request_id: update.finished for update in updates if update.finished is not None}
+
+
 def spy_prefills(engine: PagedEngine) -> list[list[tuple[int, int]]]:
     """Record (tokens, prefix-cache hit) of every sequence in every prefill batch the engine runs."""
     prefills: list[list[tuple[int, int]]] = []
@@ -61,10 +65,10 @@ def test_batched_prompts_and_a_late_joiner_with_a_cached_prefix() -> None:
     params = SamplingParams(max_new_tokens=3)
 
     first_ids = [engine.add_request(p, params) for p in prompts]
-    finished = dict(engine.step())  # prefill of the three prompts; publishes their full blocks
+    finished = finished_outputs(engine.step())  # prefill of the three prompts; publishes their full blocks
     late_id = engine.add_request(late, params)  # joins while the others decode
     while engine.has_unfinished_requests():
-        finished.update(engine.step())
+        finished.update(finished_outputs(engine.step()))
     assert prefills == [[(9, 0), (3, 0), (6, 0)], [(10, 8)]]  # the late prompt computed only 2 of 10 tokens
 
     expected = reference_tokens(config, state_dict, prompts + [late], 3)

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from hayabusa.engine import llm_engine, verify
+from hayabusa.engine import devices, llm_engine, verify
 from hayabusa.engine.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.config import PRESETS
 from hayabusa.engine.fast_model import OpSet
@@ -22,17 +22,26 @@ def model_dir(tmp_path_factory):
 
 def test_matching_paths_pass(model_dir, capsys) -> None:
     status = verify.run(argparse.Namespace(model=str(model_dir), **ARGS))
-    report = capsys.readouterr().out
+    report, progress = capsys.readouterr()
     assert status == 0, report
     assert "ok   layer 0 out" in report and "ok   final norm" in report and "ok   logits" in report
     assert "4/4 tokens identical" in report and "verify: passed" in report
+    # Progress goes to stderr, stage by stage (before: nothing between the header and the end, 21 minutes on
+    # `small` under the interpreter).
+    assert "verify: prefill checks: 100%" in progress and "1/1 [" in progress
+    assert "verify: greedy, reference: 100%" in progress and "4/4 [" in progress
+    assert "verify: greedy, paged engine: " in progress
+    assert "verify:" not in report.replace("hayabusa verify:", "").replace("verify: passed", "")
 
 
 def with_wrong_layer_norm(ops: OpSet) -> OpSet:
     def layer_norm(x, weight, bias, eps, **kwargs):  # eps 1e-1 instead of 1e-5: a small but real error
         return ops.layer_norm(x, weight, bias, 1e-1, **kwargs)
 
-    return dataclasses.replace(ops, layer_norm=layer_norm)
+    def ln_linear(x, ln_weight, ln_bias, eps, weight, **kwargs):  # the same error where the LayerNorm is fused
+        return ops.ln_linear(x, ln_weight, ln_bias, 1e-1, weight, **kwargs)
+
+    return dataclasses.replace(ops, layer_norm=layer_norm, ln_linear=ln_linear)
 
 
 def test_a_wrong_kernel_fails_with_a_nonzero_status(model_dir, capsys, monkeypatch) -> None:
@@ -48,3 +57,17 @@ def test_a_wrong_kernel_fails_with_a_nonzero_status(model_dir, capsys, monkeypat
 def test_too_many_steps_for_the_context_is_refused(model_dir) -> None:
     with pytest.raises(ValueError, match="max_position_embeddings 64"):
         verify.run(argparse.Namespace(model=str(model_dir), **{**ARGS, "steps": 60}))
+
+
+def test_the_kernels_on_a_cpu_warn_that_the_interpreter_is_slow(model_dir, monkeypatch) -> None:
+    class Stop(Exception):
+        pass
+
+    def engine_that_stops(*args, **kwargs):
+        raise Stop  # the interpreted checks themselves take minutes; the warning comes before them
+
+    monkeypatch.setattr(devices, "_interpreter_warned", False)
+    monkeypatch.setattr(verify, "PagedEngine", engine_that_stops)
+    with pytest.warns(devices.InterpreterWarning, match="--ops torch checks the engine without the kernels"), \
+            pytest.raises(Stop):
+        verify.run(argparse.Namespace(model=str(model_dir), **{**ARGS, "ops": "triton"}))

@@ -1,11 +1,11 @@
 """Checkpoint loading: every format, every error path, and embed_out tying exactly as transformers 5 does it."""
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,7 +15,6 @@ from transformers.utils import logging as hf_logging
 from hayabusa.engine import weights
 from hayabusa.engine.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.config import PRESETS, ModelConfig, load_config
-from hayabusa.engine.hub import ModelNotFoundError, resolve_model_dir
 from hayabusa.engine.weights import (
     EMBED_IN,
     EMBED_OUT,
@@ -257,6 +256,28 @@ def test_config_that_does_not_match_the_weights(tmp_path):
     assert "has shape [96, 32], expected [96, 64]" in message and "problem(s)" in message and "more" in message
 
 
+@pytest.mark.parametrize("absent, value", [("hidden_size", 2560), ("num_hidden_layers", 32), ("vocab_size", 32000)])
+def test_a_config_key_absent_and_defaulted_is_named_when_the_weights_disagree(tmp_path, absent, value):
+    """transformers silently takes the 2.7B default for a missing key; the mismatch must say so, not blame the
+    weights alone."""
+    model_dir = micro_checkpoint(tmp_path)
+    raw = json.loads((model_dir / "config.json").read_text())
+    del raw[absent]
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    message = error_of(model_dir, load_config(model_dir))
+    assert (f"config.json has no '{absent}', so transformers' default for GPT-NeoX-Japanese 2.7B ({absent} = "
+            f"{value}) was used") in message
+
+
+def test_defaulted_keys_that_do_not_change_shapes_are_not_blamed(tmp_path):
+    model_dir = micro_checkpoint(tmp_path)
+    raw = json.loads((model_dir / "config.json").read_text())
+    del raw["max_position_embeddings"]
+    (model_dir / "config.json").write_text(json.dumps(raw))
+    rewrite_safetensors(model_dir, lambda sd: sd.update({LAYER0_QKV: torch.ones(3 * 32, 31)}))
+    assert "config.json has no" not in error_of(model_dir, load_config(model_dir))
+
+
 def test_non_float_dtype(tmp_path):
     model_dir = micro_checkpoint(tmp_path)
     rewrite_safetensors(model_dir, lambda sd: sd.update({LAST_DENSE_BIAS: torch.ones(32, dtype=torch.int64)}))
@@ -283,18 +304,57 @@ def test_truncated_or_corrupt_file(tmp_path, fmt, damage):
     assert f"cannot read {path}" in error_of(model_dir)
 
 
-def test_bin_never_runs_a_pickle(tmp_path):
+class SystemCall:
+    """Pickles as a call of os.system: what a malicious checkpoint holds."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+class TouchFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+@pytest.mark.parametrize("save", [
+    dict(),  # torch.save's zip format, pickle protocol 2: torch's loader names the global it refused
+    dict(_use_new_zipfile_serialization=False),  # the legacy format
+    dict(pickle_protocol=4),  # STACK_GLOBAL, which torch's loader refuses as an opcode without naming a global
+])
+def test_a_pickle_that_calls_code_is_refused_and_named(tmp_path, save):
     model_dir = micro_checkpoint(tmp_path, fmt="bin")
     marker = tmp_path / "pwned"
-
-    class Payload:
-        def __reduce__(self):
-            return (Path.touch, (marker,))
     state_dict = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
-    state_dict["payload"] = Payload()
-    torch.save(state_dict, model_dir / "pytorch_model.bin")
-    assert "never runs a checkpoint's pickle code" in error_of(model_dir)
+    torch.save({**state_dict, "payload": SystemCall(f"touch {marker}")}, model_dir / "pytorch_model.bin", **save)
+    message = error_of(model_dir)
+    assert "holds code, not only tensors: its pickle calls the Python global posix.system (os.system)" in message
+    assert "hayabusa loads tensors only and ran none of it" in message
+    assert "truncated" not in message and "weights_only" not in message and "will likely succeed" not in message
     assert not marker.exists()
+
+
+def test_a_pickle_of_some_other_callable_names_it(tmp_path):
+    model_dir = micro_checkpoint(tmp_path, fmt="bin")
+    state_dict = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
+    torch.save({**state_dict, "payload": TouchFile(tmp_path / "pwned")}, model_dir / "pytorch_model.bin")
+    assert "holds code, not only tensors: its pickle calls the Python global getattr" in error_of(model_dir)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_a_tensor_pickle_torch_cannot_read_safely_is_not_called_code(tmp_path):
+    model_dir = micro_checkpoint(tmp_path, fmt="bin")
+    state_dict = torch.load(model_dir / "pytorch_model.bin", weights_only=True)
+    torch.save(state_dict, model_dir / "pytorch_model.bin", pickle_protocol=4)  # tensors only, an opcode torch refuses
+    message = error_of(model_dir)
+    assert "not a PyTorch checkpoint of tensors" in message and "code" not in message
 
 
 def test_bin_with_non_tensor_entries(tmp_path):
@@ -368,45 +428,6 @@ def test_bad_load_dtype(tmp_path):
     model_dir = micro_checkpoint(tmp_path)
     with pytest.raises(CheckpointError, match="load dtype"):
         load_weights(model_dir, MICRO, dtype=torch.int8)
-
-
-# --- model resolution (no network: the Hub is offline in these tests) --------------------------------------------
-
-@pytest.fixture
-def offline_hub(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return tmp_path / "hf-cache"
-
-
-def test_resolve_local_directory(tmp_path):
-    assert resolve_model_dir(str(tmp_path)) == tmp_path
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(ModelNotFoundError, match="is a file"):
-        resolve_model_dir(str(tmp_path / "file"))
-    with pytest.raises(ModelNotFoundError, match="not a local directory and not a Hub repo id"):
-        resolve_model_dir(str(tmp_path / "missing" / "dir" / "x"))
-
-
-def test_uncached_hub_id_offline_says_what_to_download(offline_hub):
-    with pytest.raises(ModelNotFoundError) as error:
-        resolve_model_dir("abeja/gpt-neox-japanese-2.7b", cache_dir=offline_hub)
-    message = str(error.value)
-    assert "could not fetch Hub repo 'abeja/gpt-neox-japanese-2.7b'" in message
-    assert 'hf download abeja/gpt-neox-japanese-2.7b --include "config.json"' in message
-    assert "pytorch_model.bin" in message and "vocab.txt" in message and "emoji.json" in message
-
-
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
-def test_cached_hub_snapshot_is_found_offline(offline_hub, tmp_path, fmt):
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = offline_hub / "models--abeja--gpt-neox-japanese-2.7b"
-    micro_checkpoint(repo / "snapshots" / commit, fmt=fmt)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    resolved = resolve_model_dir("abeja/gpt-neox-japanese-2.7b", cache_dir=offline_hub)
-    assert resolved == repo / "snapshots" / commit
-    assert load_ours(resolved)[LAYER0_QKV].shape == (96, 32)
 
 
 # --- the full 2.7B shape ------------------------------------------------------------------------------------------

@@ -84,11 +84,12 @@ class Tokenizer:
         self._byte_ids = frozenset(i for i, value in enumerate(self._byte_values) if value >= 0)
 
     @classmethod
-    def from_pretrained(cls, dir_or_hub_id: str | os.PathLike | None = None, *, do_clean_text: bool = False,
+    def from_pretrained(cls, model: str | os.PathLike | None = None, *, do_clean_text: bool = False,
                         revision: str | None = None) -> Tokenizer:
-        """None: the vendored vocabulary; a directory: its vocab.txt + emoji.json; else a Hub model id (downloads
-        just those two files, or uses the Hub cache)."""
-        vocab_file, emoji_file = resolve_vocab_files(dir_or_hub_id, revision)
+        """None: the vendored vocabulary; else the vocab.txt + emoji.json of a model directory, a random preset
+        (tiny, small, 2.7b: the vendored vocabulary) or a Hub repo id (downloads just those two files, or uses the
+        Hub cache; offline, fails within seconds with the `hf download` command to run)."""
+        vocab_file, emoji_file = resolve_vocab_files(model, revision)
         return cls(vocab_file, emoji_file, do_clean_text=do_clean_text)
 
     @property

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 VOCAB_FILE = "vocab.txt"
 EMOJI_FILE = "emoji.json"
 VENDORED_DIR = Path(__file__).resolve().parent / "vocab"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -79,33 +77,12 @@ def _read_emoji(path: Path) -> tuple[dict[str, str], dict[str, str]]:
     return table["emoji"], table["emoji_inv"]
 
 
-def resolve_vocab_files(dir_or_hub_id: str | os.PathLike | None, revision: str | None = None) -> tuple[Path, Path]:
-    """(vocab.txt, emoji.json): vendored (None), from a local directory, or downloaded from a Hub model repo."""
-    if dir_or_hub_id is None:
+def resolve_vocab_files(model: str | os.PathLike | None, revision: str | None = None) -> tuple[Path, Path]:
+    """(vocab.txt, emoji.json): the vendored ones (None), else those of the model `model` names as every hayabusa
+    command does (a directory, a random preset, or a Hub repo id of which only these two files are fetched)."""
+    if model is None:
         return VENDORED_DIR / VOCAB_FILE, VENDORED_DIR / EMOJI_FILE
-    path = Path(dir_or_hub_id).expanduser()
-    if path.is_dir():
-        return path / VOCAB_FILE, path / EMOJI_FILE
-    name = str(dir_or_hub_id)
-    if path.exists():
-        raise NotADirectoryError(f"{name} is a file; from_pretrained wants the directory holding {VOCAB_FILE} and "
-                                 f"{EMOJI_FILE}")
-    if not _HUB_ID.match(name) or name.startswith((".", "~")):
-        raise FileNotFoundError(f"{name!r} is neither a directory nor a Hugging Face Hub model id")
-    return _download_from_hub(name, revision)
+    from hayabusa.engine.model_spec import resolve_tokenizer_dir  # the engine's model resolver (and torch) on demand
 
-
-def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, Path]:
-    import huggingface_hub
-
-    files = []
-    for filename in (VOCAB_FILE, EMOJI_FILE):
-        try:
-            files.append(Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)))
-        except Exception as err:  # offline, unknown repo, missing file, auth: all end in the same advice
-            raise OSError(
-                f"could not get {filename} of {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-                f"Download {VOCAB_FILE} and {EMOJI_FILE} on a connected machine, e.g. `huggingface-cli download "
-                f"{repo_id} {VOCAB_FILE} {EMOJI_FILE} --local-dir DIR`, and pass DIR instead"
-            ) from None
-    return files[0], files[1]
+    directory = resolve_tokenizer_dir(model, revision)
+    return directory / VOCAB_FILE, directory / EMOJI_FILE

@@ -200,7 +200,8 @@ def test_decode_after_reference_fill_matches_whole_sequence_attention(rotary_dim
 def test_num_splits_heuristic():
     assert pick_num_splits(batch=32, num_heads=32, max_context=2048, num_sms=132) == 1  # enough programs
     assert pick_num_splits(batch=1, num_heads=32, max_context=2048, num_sms=132) == 16  # few programs, long context
-    assert pick_num_splits(batch=8, num_heads=32, max_context=2048, num_sms=132) == 3
+    assert pick_num_splits(batch=8, num_heads=32, max_context=2048, num_sms=132) == 2  # 3 rounded down to 2^k
+    assert pick_num_splits(batch=2, num_heads=32, max_context=2048, num_sms=132) == 8  # 9 rounded down
     assert pick_num_splits(batch=1, num_heads=32, max_context=256, num_sms=132) == 2  # short context: few splits
     assert pick_num_splits(batch=1, num_heads=32, max_context=64, num_sms=132) == 1
 

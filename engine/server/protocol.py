@@ -1,0 +1,146 @@
+"""The wire format of the OpenAI-compatible API: request and response models with OpenAI's field names.
+
+Requests are validated strictly where they enter (no "5" for 5, no unknown fields); a failure becomes an
+`APIError` naming the field, which the serving layer turns into OpenAI's error body.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_LOGPROBS = 20
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class APIError(Exception):
+    """An error the client gets as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class CompletionRequest(_Strict):
+    model: str
+    prompt: Prompt
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    user: str | None = None  # accepted and ignored, as a self-hosted server has no per-user accounting
+    # hayabusa's own sampling fields (vLLM spells them the same way).
+    top_k: int = Field(0, ge=0)  # 0: off
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    ignore_eos: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's schema makes every optional field nullable; null asks for the default.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @field_validator("prompt", mode="plain")
+    @classmethod
+    def _check_prompt(cls, prompt: Any) -> Prompt:
+        def is_ids(value: Any) -> bool:
+            return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+        if isinstance(prompt, str) or is_ids(prompt):
+            return prompt
+        if isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt)
+                                                    or all(is_ids(p) for p in prompt)):
+            return prompt
+        raise ValueError("must be a string, a list of strings, a non-empty list of token ids, or a list of those "
+                         "(none empty)")
+
+    @field_validator("stop", mode="after")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise ValueError(f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")
+        return stop
+
+    @classmethod
+    def parse(cls, body: bytes) -> CompletionRequest:
+        try:
+            return cls.model_validate_json(body)
+        except ValidationError as err:
+            raise validation_error(err) from None
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """pydantic's first complaint as a 400 naming the field."""
+    first = err.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    if first["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {first['ctx']['error']}")
+    if param is None:
+        return APIError(400, f"the request body must be a JSON object of completion fields: {first['msg']}")
+    if first["type"] == "extra_forbidden":
+        return APIError(400, f"unknown field '{param}'", param=param)
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"'{param}': {message}" if param else message, param=param)
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None  # filled once the engine returns logprobs
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None  # None in stream chunks unless include_usage asked for it (last chunk)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "hayabusa"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

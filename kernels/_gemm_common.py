@@ -1,0 +1,59 @@
+"""Device helpers the two linear kernels (gemv.py, linear.py) share: the fused epilogue, and the split-K finish that
+reduces partial sums inside the GEMM launch (no second kernel, no float atomics).
+"""
+
+import triton
+import triton.language as tl
+
+from ._launch import cast_rounded
+
+
+@triton.jit
+def gelu(x):
+    # exact GELU: 0.5 * x * (1 + erf(x / sqrt(2)))
+    return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                   INTERPRETED_BF16: tl.constexpr):
+    # acc: [BLOCK_M, BLOCK_N] fp32 = x @ weight.T for rows offs_m, columns offs_n
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if GELU:
+        acc = gelu(acc)
+    offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, cast_rounded(acc, out_ptr.dtype.element_ty, INTERPRETED_BF16), mask=mask)
+
+
+@triton.jit
+def finish_tile(acc, offs_m, offs_n, M, N, tile, split, partial_ptr, tickets_ptr, bias_ptr, residual_ptr, out_ptr,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                INTERPRETED_BF16: tl.constexpr):
+    """Store an output tile, or with SPLIT_K > 1 this split's share of it.
+
+    Split-K: each split stores its fp32 partial to partial[split] ([SPLIT_K, M, N]), then takes a ticket on the
+    tile's counter; the split that draws the last ticket adds the SPLIT_K partials in split order (0, 1, ...), so the
+    sum's rounding never depends on which split finished last: bit-identical outputs run to run. It then applies
+    the epilogue and resets the counter to 0 for the next launch. The host keeps SPLIT_K * M * N < 2**31.
+    """
+    if SPLIT_K == 1:
+        epilogue_store(acc, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU, HAS_RESIDUAL,
+                       INTERPRETED_BF16)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        offs = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(partial_ptr + (offs + split * M * N), acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket (a release by one thread)
+        ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel")
+        if ticket == SPLIT_K - 1:
+            total = tl.zeros_like(acc)
+            for s in tl.static_range(SPLIT_K):  # .cg: read the other splits' partials from L2, never a stale L1
+                total += tl.load(partial_ptr + (offs + s * M * N), mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(tickets_ptr + tile, 0)
+            epilogue_store(total, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU,
+                           HAS_RESIDUAL, INTERPRETED_BF16)

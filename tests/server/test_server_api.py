@@ -1,0 +1,216 @@
+"""`hayabusa serve` through the official openai client and raw HTTP: what /v1/completions answers, how it streams,
+and how it refuses bad requests (OpenAI's error shape, never a traceback). Outputs are compared with
+`Engine.generate` on the same weights (tiny preset, fp32, CPU)."""
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from hayabusa.engine import Engine
+
+from server_harness import MODEL, metric, running_server
+
+PROMPT = "吾輩は猫である。名前はまだ無い。"
+PROMPTS = [PROMPT, "人とAIが協調するためには、", "東京"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with running_server(kv_cache_blocks=64) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = Engine.from_pretrained(MODEL, backend="reference", device="cpu")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def post(server, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.url}/v1/completions", content=content, timeout=30, **kwargs)
+
+
+def assert_openai_error(response: httpx.Response, status: int, *words: str, param: str | None = None) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"]
+    assert "Traceback" not in response.text
+
+
+# ---- completions through the openai client ------------------------------------------------------------------------
+
+def test_plain_completion_equals_engine_generate(client, engine) -> None:
+    want = engine.generate(PROMPT, max_new_tokens=12)[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    assert got.object == "text_completion" and got.model == MODEL and got.id.startswith("cmpl-")
+    (choice,) = got.choices
+    assert (choice.index, choice.text, choice.finish_reason, choice.logprobs) == (0, want.text, "length", None)
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(want.prompt_token_ids), 12)
+    assert got.usage.total_tokens == len(want.prompt_token_ids) + 12
+
+
+def test_prompt_lists_and_token_ids(client, engine) -> None:
+    want = engine.generate(PROMPTS, max_new_tokens=6)
+    got = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=6, temperature=0)
+    assert [(c.index, c.text) for c in got.choices] == [(i, w.text) for i, w in enumerate(want)]
+    ids = [w.prompt_token_ids for w in want]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in by_ids.choices] == [w.text for w in want]
+    one = client.completions.create(model=MODEL, prompt=ids[1], max_tokens=6, temperature=0)
+    assert one.choices[0].text == want[1].text and one.usage.prompt_tokens == len(ids[1])
+
+
+def test_streamed_deltas_join_to_the_plain_text(client) -> None:
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=10, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    for index, choice in enumerate(plain.choices):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage  # the usage chunk comes last
+    assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+
+
+def test_stream_wire_format(server) -> None:
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2].removeprefix("data: "))
+    assert last["choices"][0]["finish_reason"] == "length" and last["usage"] is None
+
+
+def test_stop_strings_end_the_text_as_the_engine_does(client, engine) -> None:
+    text = engine.generate(PROMPT, max_new_tokens=16)[0].text
+    stop = text[5:7]  # a string the greedy text is known to contain
+    want = engine.generate(PROMPT, max_new_tokens=16, stop=(stop,))[0]
+    assert want.finish_reason == "stop" and stop not in want.text
+    for stop_field in (stop, [stop, "never-generated"]):
+        got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop_field)
+        assert (got.choices[0].text, got.choices[0].finish_reason) == (want.text, "stop")
+    streamed = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=16, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+
+
+def test_seeded_sampling_is_deterministic_and_matches_the_engine(client, engine) -> None:
+    fields = dict(temperature=0.9, top_p=0.95, seed=1234)
+    want = engine.generate(PROMPT, max_new_tokens=10, do_sample=True, top_k=40, **fields)[0]
+    runs = [client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, extra_body={"top_k": 40}, **fields)
+            for _ in range(2)]
+    assert [r.choices[0].text for r in runs] == [want.text] * 2
+    other = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=10, extra_body={"top_k": 40},
+                                      **{**fields, "seed": 99})
+    assert other.choices[0].text != want.text
+
+
+def test_hayabusa_fields_reach_the_engine(client, engine) -> None:
+    want = engine.generate(PROMPT, max_new_tokens=8, repetition_penalty=1.5, ignore_eos=True)[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                    extra_body={"repetition_penalty": 1.5, "ignore_eos": True})
+    assert got.choices[0].text == want.text
+    assert want.text != engine.generate(PROMPT, max_new_tokens=8)[0].text  # the penalty changed something
+
+
+@pytest.mark.parametrize("field", [{"logprobs": 2}, {"echo": True}, {"n": 2}])
+def test_fields_waiting_for_engine_features_are_refused_by_name(client, field) -> None:
+    (name,) = field
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **field)
+    assert caught.value.body["message"] == f"{name} is not supported by this build yet"
+    assert caught.value.body["param"] == name
+
+
+# ---- the other routes -------------------------------------------------------------------------------------------
+
+def test_models_health_and_chat(client, server) -> None:
+    (card,) = client.models.list().data
+    assert (card.id, card.object) == (MODEL, "model")
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": []})
+    assert_openai_error(response, 404, "/v1/completions", "chat template")
+    assert_openai_error(httpx.get(f"{server.url}/v2/nothing"), 404, "/v2/nothing")
+    assert_openai_error(httpx.get(f"{server.url}/v1/completions"), 405)
+
+
+def test_metrics_count_requests_and_tokens(client, server) -> None:
+    before = httpx.get(f"{server.url}/metrics").text
+    client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0)
+    after = httpx.get(f"{server.url}/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    assert metric(text, "hayabusa_generation_tokens_total") - metric(before, "hayabusa_generation_tokens_total") == 5
+    length = 'hayabusa_requests_total{finish_reason="length"}'
+    assert metric(text, length) - metric(before, length) == 1
+    assert metric(text, "hayabusa_time_to_first_token_seconds_count") - metric(
+        before, "hayabusa_time_to_first_token_seconds_count") == 1
+    assert metric(text, "hayabusa_inter_token_latency_seconds_count") - metric(
+        before, "hayabusa_inter_token_latency_seconds_count") == 4
+    assert metric(text, "hayabusa_kv_cache_blocks_total") == 64
+    for gauge in ("hayabusa_num_requests_running", "hayabusa_num_requests_waiting", "hayabusa_kv_cache_blocks_in_use"):
+        assert metric(text, gauge) == 0
+
+
+# ---- bad requests: 400 in OpenAI's shape, and the server keeps serving -----------------------------------------------
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    ({"model": MODEL, "prompt": "a", "max_tokens": "5"}, "max_tokens", ["valid integer"]),
+    ({"model": MODEL, "prompt": "a", "temperature": "hot"}, "temperature", ["valid number"]),
+    ({"model": MODEL, "prompt": "a", "stream": "yes"}, "stream", ["valid boolean"]),
+    ({"model": MODEL, "prompt": 5}, "prompt", ["list of token ids"]),
+    ({"model": MODEL, "prompt": []}, "prompt", ["list of token ids"]),
+    ({"model": MODEL, "prompt": [1, "a"]}, "prompt", ["list of token ids"]),
+    ({"model": MODEL, "prompt": [1, True]}, "prompt", ["list of token ids"]),
+    ({"model": MODEL, "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop", ["at most 4"]),
+    ({"model": MODEL, "prompt": "a", "max_tokens": 0}, "max_tokens", ["greater than or equal to 1"]),
+    ({"model": MODEL, "prompt": "a", "top_p": 1.5}, "top_p", ["less than or equal to 1"]),
+    ({"model": MODEL, "prompt": "a", "logprobs": 21}, "logprobs", ["less than or equal to 20"]),
+    ({"model": MODEL, "prompt": "a", "frobnicate": 1}, "frobnicate", ["unknown field 'frobnicate'"]),
+    ({"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
+     ["unknown field"]),
+    ({"prompt": "a"}, "model", ["Field required"]),
+])
+def test_malformed_fields_answer_400_naming_the_field(server, body, param, words) -> None:
+    assert_openai_error(post(server, body), 400, *words, param=param)
+
+
+def test_bodies_that_are_not_a_request_object(server) -> None:
+    assert_openai_error(post(server, b'{"model": "tiny", "prompt": '), 400, "not valid JSON")
+    assert_openai_error(post(server, b"[1, 2]"), 400, "must be a JSON object")
+    assert_openai_error(post(server, b""), 400, "not valid JSON")
+
+
+def test_requests_the_engine_cannot_run(server) -> None:
+    long_prompt = list(range(1, 511))
+    assert_openai_error(post(server, {"model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400,
+                        "context length 512")
+    assert_openai_error(post(server, {"model": MODEL, "prompt": [[1, 2], long_prompt], "max_tokens": 16}), 400,
+                        "prompt 1:", "context length 512")
+    assert_openai_error(post(server, {"model": MODEL, "prompt": [[5, 99999]]}), 400, "99999", "vocabulary")
+    assert_openai_error(post(server, {"model": MODEL, "prompt": ""}), 400, "empty")
+    assert_openai_error(post(server, {"model": "gpt-4", "prompt": "a"}), 404, "'gpt-4' does not exist",
+                        param="model")
+    server.wait_until_idle()  # a refused prompt list leaves nothing queued
+    assert post(server, {"model": MODEL, "prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_null_fields_take_their_defaults(server) -> None:
+    body = {"model": MODEL, "prompt": "a", "max_tokens": None, "temperature": None, "seed": None, "stop": None,
+            "user": "someone"}
+    response = post(server, body)
+    assert response.status_code == 200 and response.json()["usage"]["completion_tokens"] == 16  # OpenAI's default
