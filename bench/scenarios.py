@@ -6,6 +6,11 @@ counts; each figure is the median of `repeats` timed calls after `warmup` exclud
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 
 from hayabusa.bench import roofline
@@ -20,24 +25,46 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
     """Checkpoint directory -> model ready on the device. The warm-up load fills the OS page cache, so the
-    figure is a warm-cache load (what a restarted server sees). Leaves the runner loaded."""
+    figure is a warm-cache load (what a restarted server sees). An engine that compiles Triton kernels as it loads
+    also gets a cold and a warm Triton-cache start, each in a fresh process. Leaves the runner loaded."""
     checkpoint_bytes = sum(f.stat().st_size for f in runner.model_dir.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
+    extra: dict = {"checkpoint_bytes": checkpoint_bytes}
+    if getattr(runner, "compiles_triton_kernels", False):
+        runner.unload()  # the probes need the device memory an engine holds
+        extra |= triton_cache_starts(runner)
     warmups, samples = [], []
     for timed in [False] * sizes.warmup + [True] * sizes.repeats:
         runner.unload()
         (samples if timed else warmups).append(time_once_ms(runner.load, runner.device))
     ms = median(samples)
     return BenchRecord(runner.name, "load", "load", None, None, None, None, ms, None, None, None, sizes.repeats,
-                       samples, warmups[0] if warmups else None,
-                       {"checkpoint_bytes": checkpoint_bytes, "gb_per_s": checkpoint_bytes / ms / 1e6})
+                       samples, warmups[0] if warmups else None, extra | {"gb_per_s": checkpoint_bytes / ms / 1e6})
+
+
+def triton_cache_starts(runner: BenchRunner, timeout_s: float = 900) -> dict:
+    """ms of a cold start (an empty TRITON_CACHE_DIR: every kernel compiled) and of a warm one (the cache the cold
+    start filled), each a fresh process (load_probe.py), so no kernel is already compiled in memory."""
+    command = [sys.executable, "-m", "hayabusa.bench.load_probe", str(runner.model_dir),
+               str(runner.dtype).removeprefix("torch."), str(runner.device), runner.backend]
+    starts = []
+    with tempfile.TemporaryDirectory(prefix="hayabusa-triton-cache-") as cache_dir:
+        for _ in ("cold", "warm"):
+            done = subprocess.run(command, env={**os.environ, "TRITON_CACHE_DIR": cache_dir}, capture_output=True,
+                                  text=True, timeout=timeout_s)
+            if done.returncode != 0:
+                raise RuntimeError(f"load_probe failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+            starts.append(json.loads(done.stdout.strip().splitlines()[-1])["load_ms"])
+    return {"cold_triton_cache_ms": starts[0], "warm_triton_cache_ms": starts[1]}
 
 
 def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, device_roofline: roofline.DeviceRoofline,
-               batch: int) -> BenchRecord:
-    """ms per decode step with `batch` sequences decoded together: in each timed run of gen_len tokens, the time
-    from the first generated token to the last, over gen_len - 1 steps (the prefill is not in it)."""
-    prompt_len, gen_len = sizes.decode_prompt_len, sizes.decode_gen_len
-    prompts = random_prompts([prompt_len] * batch, seed=1000 + batch)
+               batch: int, prompt_len: int | None = None) -> BenchRecord:
+    """ms per decode step with `batch` sequences decoded together after prompts of prompt_len tokens (default
+    sizes.decode_prompt_len): in each timed run of gen_len tokens, the time from the first generated token to the
+    last, over gen_len - 1 steps (the prefill is not in it)."""
+    long_context = prompt_len is not None and prompt_len != sizes.decode_prompt_len
+    prompt_len, gen_len = prompt_len or sizes.decode_prompt_len, sizes.decode_gen_len
+    prompts = random_prompts([prompt_len] * batch, seed=(4000 if long_context else 1000) + batch)
     results: list[GenerateResult] = []
     timing = time_ms(lambda: results.append(runner.generate(prompts, [gen_len] * batch)), runner.device,
                      sizes.repeats, sizes.warmup)
@@ -46,12 +73,18 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
     step_samples = [r.decode_s * 1e3 / (gen_len - 1) for r in results[sizes.warmup:]]
     ms_per_token = median(step_samples)
     step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, runner.dtype.itemsize)
+    weight_bytes = roofline.decode_weight_bytes(config, batch, runner.dtype.itemsize)
     floor_ms = device_roofline.decode_floor_ms(step_bytes)
+    case = f"batch{batch}-prompt{prompt_len}" if long_context else f"batch{batch}"
     return BenchRecord(
-        runner.name, "decode", f"batch{batch}", batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),
+        runner.name, "decode", case, batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),
         batch * 1e3 / ms_per_token, roofline.pct_of_floor(floor_ms, ms_per_token), "bandwidth", sizes.repeats,
         timing.samples_ms, timing.warmup_ms,
-        {"step_samples_ms": step_samples, "bytes_per_step": step_bytes, "floor_ms_per_step": floor_ms},
+        {"step_samples_ms": step_samples, "bytes_per_step": step_bytes, "floor_ms_per_step": floor_ms,
+         # the weights alone (what batch 1 is about): their bytes per step over the measured step time, as a
+         # fraction of the copy bandwidth measured in this run
+         "weight_bytes_per_step": weight_bytes, "weight_gb_per_s": weight_bytes / ms_per_token / 1e6,
+         "pct_copy_bandwidth_weights": 100 * weight_bytes / ms_per_token / 1e3 / device_roofline.copy_bytes_per_s},
     )
 
 
