@@ -28,7 +28,7 @@ def decode_step_kernels(runner: HayabusaRunner, batch: int, prompt_len: int) -> 
         raise EngineUnavailable("the per-kernel decode table times GPU kernels (torch.profiler, CUDA only)")
     from hayabusa.engine.sampling import SamplingParams
 
-    paged = runner.paged_engine()
+    paged = runner.engine.paged  # the engine's step loop: add_request / step / abort
     params = SamplingParams(max_new_tokens=WARM_STEPS + 3, do_sample=False, ignore_eos=True)
     ids = [paged.add_request(prompt, params) for prompt in random_prompts([prompt_len] * batch, seed=6000 + batch)]
     try:

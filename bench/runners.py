@@ -52,6 +52,10 @@ class BenchRunner(ABC):
     def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
         """Greedy-generate exactly gen_lens[i] tokens after prompts[i]."""
 
+    def start_times(self) -> tuple[float, float] | None:
+        """(cold, warm) ms of a start in a fresh process, for engines that compile kernels; None otherwise."""
+        return None
+
     def _free(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -65,9 +69,9 @@ def static_batches(count: int, static_batch: int | None) -> list[slice]:
 
 
 class HayabusaRunner(BenchRunner):
-    """hayabusa's Engine with the Triton backend ("hayabusa": paged KV cache, its scheduler batches all requests
-    continuously) or the plain-PyTorch one ("hayabusa-reference": one contiguous batch per generate call, so it
-    gets requests in static batches like transformers does)."""
+    """hayabusa's Engine with the Triton backend ("hayabusa": its scheduler batches all requests continuously) or
+    the reference one ("hayabusa-reference": the same paged engine on the kernels' PyTorch twins, given requests
+    in static batches, one generate call each, like transformers)."""
 
     def __init__(self, name: str, backend: str, model_dir: Path, dtype: torch.dtype, device: torch.device,
                  static_batch: int | None, kv_cache_blocks: int | None = None) -> None:
@@ -86,23 +90,18 @@ class HayabusaRunner(BenchRunner):
         self.engine = self._engine_cls.from_pretrained(str(self.model_dir), dtype=self.dtype, device=str(self.device),
                                                        backend=self.backend, kv_cache_blocks=self.kv_cache_blocks)
 
-    @property
-    def compiles_triton_kernels(self) -> bool:
-        """Loading JIT-compiles Triton kernels (the decode graphs are captured at load): its Triton cache matters."""
-        return self.backend == "triton" and self.device.type == "cuda"
-
-    def paged_engine(self):
-        """The loaded engine's paged step loop (PagedEngine), for profiling single steps."""
-        paged = getattr(self.engine, "_paged", None)
-        if paged is None:
-            raise EngineUnavailable(f"{self.name} has no paged step loop to profile")
-        return paged
-
     def unload(self) -> None:
         if self.engine is not None:
             self.engine.close()
         self.engine = None
         self._free()
+
+    def start_times(self) -> tuple[float, float] | None:
+        if self.backend != "triton":
+            return None
+        from hayabusa.bench.start_time import measure_starts
+
+        return measure_starts(self.model_dir, self.dtype, self.device, self.backend)
 
     def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
         params = [self._params_cls(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in gen_lens]

@@ -6,11 +6,6 @@ counts; each figure is the median of `repeats` timed calls after `warmup` exclud
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 
 from hayabusa.bench import roofline
@@ -24,37 +19,23 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
-    """Checkpoint directory -> model ready on the device. The warm-up load fills the OS page cache, so the
-    figure is a warm-cache load (what a restarted server sees). An engine that compiles Triton kernels as it loads
-    also gets a cold and a warm Triton-cache start, each in a fresh process. Leaves the runner loaded."""
+    """Checkpoint directory -> model ready on the device (hayabusa's Triton engine: every kernel shape warmed up).
+    The warm-up load fills the OS page cache, so the figure is a warm-cache load (what a restarted server sees).
+    Engines that compile kernels also report a start in a fresh process with an empty Triton cache (cold) and
+    with the cache it filled (warm). Leaves the runner loaded."""
     checkpoint_bytes = sum(f.stat().st_size for f in runner.model_dir.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
-    extra: dict = {"checkpoint_bytes": checkpoint_bytes}
-    if getattr(runner, "compiles_triton_kernels", False):
-        runner.unload()  # the probes need the device memory an engine holds
-        extra |= triton_cache_starts(runner)
+    extra = {"checkpoint_bytes": checkpoint_bytes}
+    runner.unload()  # its device memory must be free for the fresh processes
+    starts = runner.start_times()
+    if starts is not None:
+        extra.update(cold_start_ms=starts[0], warm_start_ms=starts[1])
     warmups, samples = [], []
     for timed in [False] * sizes.warmup + [True] * sizes.repeats:
         runner.unload()
         (samples if timed else warmups).append(time_once_ms(runner.load, runner.device))
     ms = median(samples)
     return BenchRecord(runner.name, "load", "load", None, None, None, None, ms, None, None, None, sizes.repeats,
-                       samples, warmups[0] if warmups else None, extra | {"gb_per_s": checkpoint_bytes / ms / 1e6})
-
-
-def triton_cache_starts(runner: BenchRunner, timeout_s: float = 900) -> dict:
-    """ms of a cold start (an empty TRITON_CACHE_DIR: every kernel compiled) and of a warm one (the cache the cold
-    start filled), each a fresh process (load_probe.py), so no kernel is already compiled in memory."""
-    command = [sys.executable, "-m", "hayabusa.bench.load_probe", str(runner.model_dir),
-               str(runner.dtype).removeprefix("torch."), str(runner.device), runner.backend]
-    starts = []
-    with tempfile.TemporaryDirectory(prefix="hayabusa-triton-cache-") as cache_dir:
-        for _ in ("cold", "warm"):
-            done = subprocess.run(command, env={**os.environ, "TRITON_CACHE_DIR": cache_dir}, capture_output=True,
-                                  text=True, timeout=timeout_s)
-            if done.returncode != 0:
-                raise RuntimeError(f"load_probe failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-            starts.append(json.loads(done.stdout.strip().splitlines()[-1])["load_ms"])
-    return {"cold_triton_cache_ms": starts[0], "warm_triton_cache_ms": starts[1]}
+                       samples, warmups[0] if warmups else None, {**extra, "gb_per_s": checkpoint_bytes / ms / 1e6})
 
 
 def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, device_roofline: roofline.DeviceRoofline,

@@ -1,12 +1,13 @@
 """`Engine`: the public entry point. Loads a model once and generates with the chosen backend.
 
-backend="reference" runs the plain-PyTorch model (any device, the CPU fallback); backend="triton" runs the
-paged engine on the Triton kernels (a CUDA device, or the CPU under TRITON_INTERPRET=1 for tests).
+Both backends run the same paged engine (continuous batching, paged KV cache, prefix caching, preemption,
+streaming, threads): backend="triton" on the Triton kernels (a CUDA device, or the CPU under TRITON_INTERPRET=1
+for tests), backend="reference" on their plain-PyTorch twins (any device, the CPU default). `Engine.logits` runs
+the reference model (engine.reference), the oracle both are checked against.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
@@ -19,13 +20,13 @@ from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.devices import resolve_device, warn_if_interpreted
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_generate, reference_outputs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.weights import EMBED_IN, load_model_files
 from hayabusa.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
-BACKENDS = ("reference", "triton")
+OPS_OF_BACKEND = {"reference": "torch", "triton": "triton"}  # the PagedEngine op set each backend runs
+BACKENDS = tuple(OPS_OF_BACKEND)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -34,6 +35,11 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def default_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "reference"
+
+
+def default_warmup(device: torch.device, backend: str) -> bool:
+    """Compile every kernel shape up front where kernels compile: the triton backend on CUDA."""
+    return device.type == "cuda" and backend == "triton"
 
 
 def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, device: torch.device,
@@ -48,7 +54,7 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, devi
 class Engine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
-                 model_dir: Path | None = None) -> None:
+                 model_dir: Path | None = None, warmup: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
@@ -60,28 +66,28 @@ class Engine:
         self.cpu_threads: ThreadChoice | None = None
         if device.type == "cpu":
             self.cpu_threads = apply_cpu_threads(config, state_dict[EMBED_IN].dtype)
-        self.reference = ReferenceModel(config, state_dict)
-        self._lock = threading.Lock()  # the reference loop runs one batch at a time
-        self._paged = None
+        self.reference = ReferenceModel(config, state_dict)  # shares the weights; serves logits()
         if backend == "triton":
-            from hayabusa.engine.llm_engine import PagedEngine
-
             warn_if_interpreted(torch.device(device), "the reference backend generates on a CPU at full speed")
-            self._paged = PagedEngine(config, state_dict, tokenizer, device=device,
-                                      kv_cache_blocks=kv_cache_blocks, block_size=block_size)
+        from hayabusa.engine.llm_engine import PagedEngine  # here: importing the API stays light (no kernels)
+
+        # add_request / abort / step / stats for a serving loop (see PagedEngine)
+        self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
+                                 kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, backend: str | None = None,
                         kv_cache_blocks: int | None = None, block_size: int = 16,
-                        revision: str | None = None) -> Engine:
+                        revision: str | None = None, warmup: bool | None = None) -> Engine:
         """Load a local model directory, a hub id (e.g. "abeja/gpt-neox-japanese-2.7b") or a random preset.
 
         A preset name (tiny, small, 2.7b) that is not a local directory loads a random-weight checkpoint of that
         shape, written once into the cache ($HAYABUSA_CACHE or ~/.cache/hayabusa).
 
         Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
-        cuda, reference on cpu.
+        cuda, reference on cpu. warmup (default: with the triton backend on cuda) runs every kernel shape the engine
+        can launch before returning, with a progress bar, so that no request waits for a compile.
         """
         device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
         if backend is None:
@@ -90,8 +96,10 @@ class Engine:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         model_dir, config, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device,
                                                                    revision=revision)
+        if warmup is None:
+            warmup = default_warmup(device, backend)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
-                   block_size=block_size, model_dir=model_dir)
+                   block_size=block_size, model_dir=model_dir, warmup=warmup)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -105,23 +113,14 @@ class Engine:
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
         for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
             self._check_fits(i, ids, p)
-        if self._paged is not None:
-            return self._paged.generate(prompt_ids, params)
-        with self._lock:
-            return reference_outputs(self.reference, self.tokenizer, prompt_ids, params)
+        return self.paged.generate(prompt_ids, params)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text."""
         (ids,) = self._encode_prompts([prompt])
         (params,) = self._sampling_params(sampling_params, kwargs, 1)
         self._check_fits(0, ids, params)
-        if self._paged is not None:
-            yield from self._paged.stream(ids, params)
-            return
-        with self._lock:
-            for _, delta, _ in reference_generate(self.reference, self.tokenizer, [ids], [params]):
-                if delta:
-                    yield delta
+        yield from self.paged.stream(ids, params)
 
     def logits(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """Full forward of the reference model: LongTensor [batch, seq] -> float32 logits [batch, seq, vocab]."""
@@ -135,8 +134,7 @@ class Engine:
         return self.reference(input_ids.to(self.device))
 
     def close(self) -> None:
-        if self._paged is not None:
-            self._paged.close()
+        self.paged.close()
 
     def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
         _refuse_bytes("prompts", prompts)

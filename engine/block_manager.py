@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -24,6 +25,16 @@ class PagedSequence(Protocol):
     token_ids: list[int]
     block_table: list[int]
     num_cached_tokens: int
+
+
+@dataclass
+class PagedPrompt:
+    """A bare PagedSequence: token ids and the blocks that hold them (`hayabusa verify` and the runner's warm-up
+    pack prompts this way without a request behind them)."""
+
+    token_ids: list[int]
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
 
 
 def chained_block_hash(token_ids: list[int], prefix_hash: bytes) -> bytes:
@@ -138,6 +149,14 @@ class BlockManager:
         """Grow seq's block table to cover its last token (at most one new block per decode step)."""
         while len(seq.block_table) < self.blocks_needed(len(seq.token_ids)):
             seq.block_table.append(self._take_free_block())
+
+    def append_block(self, seq: PagedSequence) -> int:
+        """Give seq one more block (the scheduler knows, from its in-flight token counts, that it needs one)."""
+        if not self.free_block_ids:
+            raise ValueError("no free block to append")
+        block_id = self._take_free_block()
+        seq.block_table.append(block_id)
+        return block_id
 
     # ---- prefix publishing -----------------------------------------------------------------------------------
 

@@ -72,6 +72,9 @@ class PrefillInputs:
     # the index tensors back from the device to size its grid and check every index.
     max_seqlen_q: int | None = None  # most new tokens of any sequence
     check_indices: bool = True  # False: valid by construction (block ids from the pool, positions < max length)
+    # Rows past cu_seqlens[-1] (ModelRunner pads T to a bucket so the kernels see finitely many shapes): computed
+    # row-wise, never attended, never read; their attention output is zeroed so they stay finite.
+    num_padding_rows: int = 0
 
 
 @dataclass
@@ -142,10 +145,13 @@ class FastModel:
 
     def _prefill_attend(self, inputs: PrefillInputs) -> Attend:
         def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, checked: bool) -> Tensor:
-            return self.ops.prefill_attention(qkv, inputs.positions, inputs.cu_seqlens, inputs.context_lens,
-                                              inputs.block_tables, k_cache, v_cache, self.cos, self.sin,
-                                              self.config.rotary_dims, max_seqlen_q=inputs.max_seqlen_q,
-                                              check_indices=inputs.check_indices, checked=checked)
+            out = self.ops.prefill_attention(qkv, inputs.positions, inputs.cu_seqlens, inputs.context_lens,
+                                             inputs.block_tables, k_cache, v_cache, self.cos, self.sin,
+                                             self.config.rotary_dims, max_seqlen_q=inputs.max_seqlen_q,
+                                             check_indices=inputs.check_indices, checked=checked)
+            if inputs.num_padding_rows:  # the kernel never writes rows no sequence owns
+                out[-inputs.num_padding_rows:] = 0
+            return out
 
         return attend
 

@@ -1,12 +1,19 @@
-"""`PagedEngine`: continuous batching over a paged KV cache on the kernels (the "triton" backend of `Engine`).
+"""`PagedEngine`: continuous batching over a paged KV cache, on the kernels (ops="triton") or on their plain-PyTorch
+references (ops="torch"); both backends of `Engine` run it.
 
-Data flows one way: request -> Sequence -> Scheduler (blocks from the BlockManager) -> ModelRunner (FastModel)
--> sample_next_tokens -> Sequence (OutputBuilder: text deltas, stopping).
+Data flows one way: request -> Sequence -> Scheduler (blocks, slots) -> ModelRunner (FastModel and SlotSampler on
+the device) -> read back one step later -> Sequence (OutputBuilder: text deltas, stopping) -> RequestUpdate.
 
-Threads: any number of threads may call `generate`, `stream` or `add_request` at once. There is no background
-thread; a caller waiting for its results drives the engine (one step at a time, one driver at a time), and
-every step serves every running request, whoever submitted it. Submissions never wait for the model: the lock
-guarding the queues is released while the model runs.
+The host stays off the device's critical path: `step()` plans step N, launches it (it needs nothing from the host
+about step N-1: the sampled ids are already in the next step's input buffer on the device), and only then reads
+step N-1's ids back and processes them (append, detokenize, stop checks, free blocks) while the device runs step
+N. On a CPU the same code runs, each launch simply finishing before it returns. Stop conditions are exact despite
+the lag (see engine.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
+
+Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
+background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
+every step serves every running request, whoever submitted it. The lock guarding the queues is not held while
+the device runs or while the driver waits for results, so submissions never wait for the model.
 """
 
 from __future__ import annotations
@@ -15,7 +22,6 @@ import itertools
 import threading
 from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,11 +29,11 @@ from torch import Tensor
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
-from hayabusa.engine.model_runner import ModelRunner
-from hayabusa.engine.outputs import GenerationOutput, OutputBuilder, Timings
-from hayabusa.engine.sampling import SamplingParams, sample_next_tokens
+from hayabusa.engine.model_runner import InFlight, ModelRunner
+from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, Timings
+from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.scheduler import Scheduler
-from hayabusa.engine.sequence import Sequence
+from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.weights import EMBED_IN
 from hayabusa.tokenizer import Tokenizer
 
@@ -35,35 +41,18 @@ DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
 
-@dataclass(frozen=True)
-class RequestUpdate:
-    """What one step did for one request."""
-
-    request_id: int
-    new_token_ids: list[int]  # tokens that became known this step
-    text_delta: str  # text that became final this step (stop strings held back until resolved)
-    finished: GenerationOutput | None  # the final output on the request's last update, else None
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_blocks: int
-
-
 class PagedEngine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor], tokenizer: Tokenizer, *,
                  device: torch.device | str, kv_cache_blocks: int | None = None, block_size: int = 16,
                  ops: str = "triton", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, warmup: bool = False) -> None:
         """state_dict: the loader's HF-named weights, all in one dtype on `device` (they are used in place).
 
-        ops: "triton" (the kernels) or "torch" (their plain-PyTorch references). kv_cache_blocks: the pool size
-        in blocks of block_size tokens; None sizes it from free GPU memory. cuda_graphs: capture the decode
-        step (CUDA devices only).
+        ops: "triton" (the kernels) or "torch" (their plain-PyTorch references). kv_cache_blocks: the pool size in
+        blocks of block_size tokens; None sizes it from free memory. cuda_graphs: capture the decode step (the
+        triton op set on CUDA; capturing runs every decode batch size once). warmup: also run every prefill shape
+        up front (ModelRunner.warm_up), so no request waits for a kernel compile.
         """
         self.config = config
         self.tokenizer = tokenizer
@@ -78,18 +67,22 @@ class PagedEngine:
         self.runner = ModelRunner(self.model, block_size=block_size, num_kv_blocks=kv_cache_blocks,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   gpu_memory_utilization=gpu_memory_utilization, use_cuda_graphs=cuda_graphs)
+        if self.runner.use_cuda_graphs or warmup:
+            self.runner.warm_up(prefill=warmup)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()  # guards the scheduler and every Sequence; notified after each step
-        self._driving = False  # a thread is inside step()
-        self._live: dict[int, Sequence] = {}  # request id -> its unfinished sequence
-        self._abort_ids: set[int] = set()  # aborts asked for; applied at the start of the next step
+        self._driving = False  # a thread is inside _step()
+        self._requests: dict[int, Sequence] = {}  # unfinished requests by id
+        self._aborts: list[int] = []  # ids whose abort waits for the driver
+        self._updates: list[RequestUpdate] = []  # for step()'s caller: requests submitted with add_request
+        self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet (driver only)
 
     # ---- submission ------------------------------------------------------------------------------------------
 
-    def _new_sequence(self, prompt_ids: Seq[int], params: SamplingParams) -> Sequence:
+    def _new_sequence(self, prompt_ids: Seq[int], params: SamplingParams, delivery: Delivery) -> Sequence:
         """Validate one request where it enters; raise ValueError naming the bad value."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -100,89 +93,110 @@ class PagedEngine:
             raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
         self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
-        return Sequence(next(self._seq_ids), prompt_ids, params, output)
+        return Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
-        """Queue one request; returns its id. Raises ValueError (for this request only) if it can never run."""
-        return self._submit([prompt_ids], [params])[0].seq_id
-
-    def _submit(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[Sequence]:
-        seqs = [self._new_sequence(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
-        self._enqueue(seqs)
-        return seqs
+        """Queue one request; returns its id. Its results come back through step(). Raises ValueError (for this
+        request only) if it can never run."""
+        seq = self._new_sequence(prompt_ids, params, Delivery.UPDATES)
+        self._enqueue([seq])
+        return seq.seq_id
 
     def _enqueue(self, seqs: list[Sequence]) -> None:
         with self._cond:  # all at once: they can share the first prefill batch
             for seq in seqs:
                 self.scheduler.add(seq)
-                self._live[seq.seq_id] = seq
+                self._requests[seq.seq_id] = seq
 
     def abort(self, request_id: int) -> None:
-        """Ask to drop a request (any thread, never waits for a step). The next step frees its blocks and returns
-        its last update, finish_reason "abort". Unknown or finished ids are ignored."""
+        """Finish a request with finish_reason "abort" and free its blocks (from any thread). A request that has
+        finished already, or an id never issued, is left alone."""
+        if isinstance(request_id, bool) or not isinstance(request_id, int):
+            raise ValueError(f"request_id must be an int, got {request_id!r}")
         with self._cond:
-            if request_id in self._live:
-                self._abort_ids.add(request_id)
+            self._aborts.append(request_id)
+            if not self._driving:  # else the driver applies it before its next step
+                self._apply_aborts()
+
+    def _apply_aborts(self) -> None:
+        for request_id in self._aborts:
+            seq = self._requests.get(request_id)
+            if seq is not None:
+                self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
+                seq.fail("abort", "aborted")
+                self._deliver(seq, None, "")
+        self._aborts.clear()
 
     # ---- stepping --------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestUpdate]:
-        """Apply pending aborts, run one prefill or decode batch; returns the update of every request that got
-        tokens or finished in it."""
-        self._claim_driver(lambda: False)
+        """Run one engine step (after any step another thread is running). Returns the updates, in order, of the
+        requests submitted with add_request that became known since the last call, whichever thread's step
+        produced them: new tokens and text, and the final output on a request's last update."""
+        self._claim_driver(_never)
         try:
-            return self._step()
+            self._step()
         finally:
-            self._release_driver()
+            with self._cond:
+                updates, self._updates = self._updates, []
+                self._release_driver()
+        return updates
 
-    def _step(self) -> list[RequestUpdate]:
-        with self._cond:
-            # An id may have finished on its own since abort() was called.
-            updates = [self._apply_abort(self._live[i]) for i in self._abort_ids if i in self._live]
-            self._abort_ids.clear()
-            seqs, is_prefill = self.scheduler.schedule()
-            if not seqs and self.scheduler.has_work():  # a scheduler bug; fail loudly rather than spin
-                raise RuntimeError(f"nothing schedulable: {len(self.scheduler.waiting)} waiting, "
-                                   f"{self.block_manager.num_free_blocks} free blocks")
-        if not seqs:
-            return updates
+    def _step(self) -> None:
+        """Plan and launch step N, then read back and process step N-1 (the driver only)."""
         try:
-            logits = self.runner.run(seqs, is_prefill)  # [len(seqs), vocab] float32
-            token_ids = sample_next_tokens(logits, [seq.params for seq in seqs], [seq.token_ids for seq in seqs],
-                                           [seq.seed for seq in seqs],
-                                           [seq.num_completion_tokens for seq in seqs]).tolist()
+            self._launch_and_read_back()
         except Exception as err:
             self._fail_all(f"the engine step failed: {type(err).__name__}: {err}")
             raise
-        with self._cond:
-            num_deltas = [len(seq.text_deltas) for seq in seqs]  # a stream() reader takes them under this lock
-            self.scheduler.postprocess(seqs, token_ids)
-            for seq, token_id, num_before in zip(seqs, token_ids, num_deltas, strict=True):
-                finished = None
-                if seq.is_finished:
-                    del self._live[seq.seq_id]
-                    finished = seq.output.result()
-                updates.append(RequestUpdate(seq.seq_id, [token_id], "".join(seq.text_deltas[num_before:]),
-                                             finished))
-        return updates
 
-    def _apply_abort(self, seq: Sequence) -> RequestUpdate:
-        """Under the lock, outside a running batch: drop seq and build its last update."""
-        self.scheduler.abort(seq)
-        seq.fail("aborted")
-        del self._live[seq.seq_id]
-        output = _failed_output(seq.token_ids[: seq.num_prompt_tokens], "aborted", finish_reason="abort",
-                                token_ids=seq.token_ids[seq.num_prompt_tokens:])
-        return RequestUpdate(seq.seq_id, [], "", output)
+    def _launch_and_read_back(self) -> None:
+        previous = self._in_flight
+        with self._cond:
+            if self._aborts:
+                self._apply_aborts()
+            plan = self.scheduler.schedule(results_in_flight=previous is not None)
+            if plan is None:  # blocks are short: know every token first, as an engine without the lag would
+                self._process(previous, *self.runner.collect(previous))
+                self._in_flight = previous = None
+                plan = self.scheduler.schedule()
+            if not plan.has_work and previous is None and self.scheduler.has_work():
+                raise RuntimeError(f"nothing schedulable: {len(self.scheduler.waiting)} waiting, "  # a scheduler bug
+                                   f"{len(self.scheduler.running)} running, "
+                                   f"{self.block_manager.num_free_blocks} free blocks")
+        self._in_flight = self.runner.launch(plan) if plan.has_work else None
+        results = self.runner.collect(previous) if previous is not None else None  # the device runs step N meanwhile
+        with self._cond:
+            if plan.is_prefill:
+                self.scheduler.publish_prefilled(plan)
+            if previous is not None:
+                self._process(previous, *results)
+
+    def _process(self, step: InFlight, token_ids: list[int], bad_rows: frozenset[int]) -> None:
+        """Hand one read-back step's tokens to their requests (under the lock)."""
+        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver)
+
+    def _deliver(self, seq: Sequence, token: int | None, delta: str) -> None:
+        """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
+        (generate() reads the final output)."""
+        if seq.status is SequenceStatus.FINISHED:
+            del self._requests[seq.seq_id]
+            if seq.delivery is Delivery.UPDATES:
+                self._updates.append(RequestUpdate(seq.seq_id, [] if token is None else [token], delta,
+                                                   seq.output.result()))
+        elif seq.delivery is Delivery.UPDATES:
+            self._updates.append(RequestUpdate(seq.seq_id, [token], delta, None))
+        if delta and seq.delivery is Delivery.STREAM:
+            seq.text_deltas.append(delta)
 
     def _fail_all(self, message: str) -> None:
-        """A step raised (e.g. out of memory): fail every queued request so that no caller waits forever."""
+        """A step raised (e.g. out of memory): fail every request, so that no caller waits forever."""
         with self._cond:
+            self._in_flight = None
             for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                 self.scheduler.abort(seq)
-                seq.fail(message)
-            self._live.clear()
-            self._abort_ids.clear()
+                seq.fail("error", message)
+                self._deliver(seq, None, "")
 
     def _claim_driver(self, done: Callable[[], bool]) -> bool:
         """Become the one thread that steps, unless done() (read under the lock) holds first."""
@@ -197,6 +211,8 @@ class PagedEngine:
     def _release_driver(self) -> None:
         with self._cond:
             self._driving = False
+            if self._aborts:
+                self._apply_aborts()
             self._cond.notify_all()  # waiters re-check their requests; one of them may take over
 
     def _drive_until(self, done: Callable[[], bool]) -> None:
@@ -220,25 +236,28 @@ class PagedEngine:
     # ---- public generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[GenerationOutput]:
-        """One output per prompt, in order. A request that can never run gets an output with finish_reason
-        "error" and the reason in .error while the others run; a failing engine step raises RuntimeError."""
+        """One output per prompt, in order. A request that can never run, or that fails on its own, gets an output
+        with finish_reason "error" and the reason in .error while the others run; an aborted one "abort". If an
+        engine step fails, the thread that ran it re-raises the error and every request fails with it."""
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         seqs: list[Sequence | GenerationOutput] = []
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                seqs.append(self._new_sequence(prompt, p))
+                seqs.append(self._new_sequence(prompt, p, Delivery.RESULT))
             except ValueError as err:
                 seqs.append(_failed_output(list(prompt), f"request {index}: {err}"))
         live = [seq for seq in seqs if isinstance(seq, Sequence)]
         self._enqueue(live)
         self._drive_until(lambda: all(seq.is_finished for seq in live))
-        return [seq if isinstance(seq, GenerationOutput) else self._result(seq) for seq in seqs]
+        return [seq if isinstance(seq, GenerationOutput) else seq.output.result() for seq in seqs]
 
     def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[str]:
         """Yield text deltas as tokens are sampled; they join to generate()'s text. Closing the iterator early
-        aborts the request and frees its blocks. Raises ValueError at once for a request that can never run."""
-        (seq,) = self._submit([prompt_ids], [params])
+        aborts the request and frees its blocks. Raises ValueError at once for a request that can never run, and
+        RuntimeError at the end if the request failed."""
+        seq = self._new_sequence(prompt_ids, params, Delivery.STREAM)
+        self._enqueue([seq])
         return self._stream(seq)
 
     def _stream(self, seq: Sequence) -> Iterator[str]:
@@ -251,25 +270,11 @@ class PagedEngine:
                 yield from deltas
                 if finished:
                     break
-            self._result(seq)  # raises if the request failed
+            if seq.output.finish_reason == "error":
+                raise RuntimeError(f"request {seq.seq_id} failed: {seq.error}")
         finally:
             if not seq.is_finished:
-                self._abort(seq)
-
-    def _abort(self, seq: Sequence) -> None:
-        with self._cond:
-            while self._driving:  # never pull a sequence out of a batch that is running
-                self._cond.wait()
-            if not seq.is_finished:
-                self.scheduler.abort(seq)
-                seq.fail("aborted")
-                self._live.pop(seq.seq_id, None)
-
-    @staticmethod
-    def _result(seq: Sequence) -> GenerationOutput:
-        if seq.error is not None:
-            raise RuntimeError(f"request {seq.seq_id} failed: {seq.error}")
-        return seq.output.result()
+                self.abort(seq.seq_id)
 
     def close(self) -> None:
         """Release the KV pool and graphs; the engine cannot be used afterwards."""
@@ -278,9 +283,11 @@ class PagedEngine:
             self.runner.kv_caches.clear()
 
 
-def _failed_output(prompt_ids: list[int], message: str, *, finish_reason: str = "error",
-                   token_ids: list[int] | None = None) -> GenerationOutput:
-    token_ids = token_ids or []
-    return GenerationOutput(text="", token_ids=token_ids, finish_reason=finish_reason, prompt_token_ids=prompt_ids,
-                            timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=len(token_ids),
+def _never() -> bool:
+    return False
+
+
+def _failed_output(prompt_ids: list[int], message: str) -> GenerationOutput:
+    return GenerationOutput(text="", token_ids=[], finish_reason="error", prompt_token_ids=prompt_ids,
+                            timings=Timings(prompt_tokens=len(prompt_ids), generated_tokens=0,
                                             time_to_first_token_s=0.0, total_s=0.0), error=message)

@@ -1,30 +1,51 @@
-"""Runs FastModel on scheduled sequences: owns the paged KV pool, packs inputs, replays decode CUDA graphs.
+"""Runs FastModel on planned steps: owns the paged KV pool and the per-slot device state, launches each step
+without waiting for it, and reads its sampled ids back when the engine asks (one step later).
 
-KV pool: per layer a (k_cache, v_cache) pair [num_blocks, block_size, heads, head_dim] in the model dtype. Its
-size is given (`num_kv_blocks`) or, on CUDA, taken from the free memory left after the weights, minus room for
-the activations of the largest prefill batch. On a CPU without a given size it holds CPU_DEFAULT_SEQUENCES
-full-length sequences (CPU runs are tests and debugging).
+KV pool: per layer a (k_cache, v_cache) pair [num_blocks, block_size, heads, head_dim] in the model dtype. Its size
+is given (`num_kv_blocks`) or taken from free memory: on CUDA what is left after the weights, minus room for the
+activations of the largest prefill; on a CPU half of the available RAM (the same minus), capped at
+CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small models).
 
-CUDA graphs: on a CUDA device the decode step is captured once per batch size in GRAPH_BATCH_SIZES (up to
-max_num_seqs); a batch of n sequences replays the smallest graph of at least n rows, the extra rows padded with
-position -1, which the decode kernel skips (no cache write, zero output).
+Per-slot state (rows are engine.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
+extra last row absorbs the padding entries of a step's block-table update, and the SlotSampler's tensors (the
+next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves).
+
+A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
+then the block-table scatter, FastModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
+last_token[:B] (on CUDA one graph replay, captured per batch size B, greedy-only or general); then the read-back
+copy. Nothing in it waits for the host.
+
+Shapes (the triton op set): a decode of n rows runs as the smallest graph batch size B >= n, the extra rows at
+position -1 (the kernels skip them); a prefill of T new tokens runs T padded to prefill_bucket(T) (powers of two
+up to PREFILL_BUCKET_STEP, then its multiples), the extra rows computed but never attended or read, and its LM head
+on its S sequences padded to a graph batch size. So every launch has one of finitely many shapes, and `warm_up`
+runs them all. The torch op set compiles nothing and pads nothing.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from hayabusa.engine.block_manager import PagedSequence
+from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
-from hayabusa.engine.sequence import Sequence
+from hayabusa.engine.sampler import SlotSampler, settings_row
+from hayabusa.engine.scheduler import StepPlan
+from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
 
 CPU_DEFAULT_SEQUENCES = 4
+CPU_KV_MEMORY_FRACTION = 0.5  # of the RAM available once the weights are loaded
 GRAPH_SMALL_BATCH_SIZES = (1, 2, 4, 8)
 GRAPH_BATCH_STEP = 16  # beyond 8: 16, 32, 48, ... up to max_num_seqs
+PREFILL_BUCKET_STEP = 256
 ACTIVATION_HEADROOM_BYTES = 256 << 20  # allocator slack, CUDA-graph pool, cuBLAS/Triton workspaces
 
 
@@ -39,6 +60,37 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes + [max_num_seqs]))
 
 
+def prefill_bucket(num_tokens: int) -> int:
+    """The token count a prefill of num_tokens >= 1 new tokens runs at (triton op set)."""
+    if num_tokens <= PREFILL_BUCKET_STEP:
+        return 1 << (num_tokens - 1).bit_length()
+    return -(-num_tokens // PREFILL_BUCKET_STEP) * PREFILL_BUCKET_STEP
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """Every prefill_bucket(t) for 1 <= t <= max_tokens, ascending."""
+    return sorted({prefill_bucket(t) for t in range(1, max_tokens + 1)})
+
+
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class InFlight:
+    """A launched step whose sampled ids have not been read yet."""
+
+    plan: StepPlan
+    readback: Readback
+
+
 class ModelRunner:
     def __init__(self, model: FastModel, *, block_size: int, num_kv_blocks: int | None, max_num_seqs: int,
                  max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
@@ -50,34 +102,59 @@ class ModelRunner:
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         self.model = model
-        self.config = model.config
+        self.config = config = model.config
         self.device = model.device
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
-        self.max_blocks_per_seq = -(-self.config.max_position_embeddings // block_size)
+        self.max_blocks_per_seq = -(-config.max_position_embeddings // block_size)
+        self.max_prefill_tokens = min(max_num_batched_tokens, max_num_seqs * config.max_position_embeddings)
+        self.bucketed = model.ops.name == "triton"  # compiled kernels: pad to finitely many shapes
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
         if num_kv_blocks is None:
             num_kv_blocks = self._blocks_that_fit(max_num_batched_tokens, gpu_memory_utilization)
         self.num_kv_blocks = num_kv_blocks
-        shape = (num_kv_blocks, block_size, self.config.num_attention_heads, self.config.head_dim)
+        shape = (num_kv_blocks, block_size, config.num_attention_heads, config.head_dim)
         # Zeroed, not empty: a kernel's masked tile never sees stale NaN bit patterns.
         self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
                            torch.zeros(shape, dtype=model.dtype, device=self.device))
-                          for _ in range(self.config.num_hidden_layers)]
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        if use_cuda_graphs and self.device.type == "cuda":
-            with torch.cuda.device(self.device):
-                self._capture_decode_graphs()
+                          for _ in range(config.num_hidden_layers)]
+
+        self.block_tables = torch.zeros(max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
+                                        device=self.device)
+        self._trash_entry = max_num_seqs * self.max_blocks_per_seq  # flat index into the extra last row
+        self.sampler = SlotSampler(max_num_seqs, config.vocab_size, model.dtype, self.device)
+        self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
+        self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
+                                        PackedUpload.nbytes(self._prefill_fields(
+                                            max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
+                                            max_num_seqs * config.max_position_embeddings, True))), self.device)
+        self.move_uploads = PackedUpload(2 * max_num_seqs * 8, self.device)
+        self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
+        self._decode_layouts: dict[int, Layout] = {}
+        # The torch op set reads indices back to the host (a sync no graph capture allows); it runs eagerly.
+        self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and self.bucketed
+        self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
+            else contextlib.nullcontext
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, greedy only) -> graph
 
     def _blocks_that_fit(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         block_bytes = kv_block_bytes(self.config, self.block_size, self.model.dtype)
-        if self.device.type != "cuda":
-            return CPU_DEFAULT_SEQUENCES * self.max_blocks_per_seq
-        free, total = torch.cuda.mem_get_info(self.device)
         cfg, itemsize = self.config, self.model.dtype.itemsize
         # Largest prefill: qkv (3H) + attention (H) + hidden (H) + normed (H) + MLP intermediate (4H) per token,
         # plus the logits of a full decode batch in the model dtype and in fp32 with sampling's sort buffers.
         activations = max_num_batched_tokens * (6 * cfg.hidden_size + cfg.intermediate_size) * itemsize
         activations += self.max_num_seqs * cfg.vocab_size * (itemsize + 4 + 4 + 8)
+        if self.device.type != "cuda":
+            full = CPU_DEFAULT_SEQUENCES * self.max_blocks_per_seq
+            available = available_host_memory()
+            if available is None:
+                return full
+            budget = int(available * CPU_KV_MEMORY_FRACTION) - activations
+            if budget < block_bytes:
+                raise ValueError(f"only {available / 2**30:.2f} GiB of RAM is available: too little for a KV cache "
+                                 f"block of {block_bytes / 2**20:.1f} MiB beside the activations; pass kv_cache_blocks")
+            return int(min(full, budget // block_bytes))
+        free, total = torch.cuda.mem_get_info(self.device)
         budget = free - int(total * (1 - gpu_memory_utilization)) - activations - ACTIVATION_HEADROOM_BYTES
         num_blocks = budget // block_bytes
         if num_blocks < self.max_blocks_per_seq:
@@ -89,100 +166,189 @@ class ModelRunner:
             )
         return int(num_blocks)
 
-    # ---- input packing ---------------------------------------------------------------------------------------
+    # ---- shapes ----------------------------------------------------------------------------------------------
 
-    def _to_device(self, values: list[int] | list[list[int]], dtype: torch.dtype) -> Tensor:
-        tensor = torch.tensor(values, dtype=dtype)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.to(self.device)
+    def decode_batch_size(self, num_rows: int) -> int:
+        """The batch a step of num_rows rows runs at: the smallest graph size that holds them (bucketed)."""
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_rows)] if self.bucketed else num_rows
 
-    def _block_tables(self, seqs: list[PagedSequence], width: int) -> Tensor:
-        """int32 [len(seqs), width]; unused entries -1."""
-        return self._to_device([seq.block_table + [-1] * (width - len(seq.block_table)) for seq in seqs],
-                               torch.int32)
+    def _padded_tokens(self, num_tokens: int) -> int:
+        return prefill_bucket(num_tokens) if self.bucketed else num_tokens
 
-    def prepare_prefill(self, seqs: list[PagedSequence]) -> PrefillInputs:
-        """Pack every sequence's tokens past its prefix-cache hit; the cached prefix is read from the pool.
+    def _decode_fields(self, batch: int) -> list[Field]:
+        return [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
+                ("table_index", torch.int64, (batch,))]
 
-        seqs need block tables from this pool's BlockManager (`hayabusa verify` packs its prompts here too).
-        """
-        input_ids: list[int] = []
-        positions: list[int] = []
-        cu_seqlens = [0]
-        for seq in seqs:
-            input_ids += seq.token_ids[seq.num_cached_tokens:]
-            positions += range(seq.num_cached_tokens, len(seq.token_ids))
-            cu_seqlens.append(len(input_ids))
-        return PrefillInputs(
-            input_ids=self._to_device(input_ids, torch.int64),
-            positions=self._to_device(positions, torch.int32),
-            cu_seqlens=self._to_device(cu_seqlens, torch.int32),
-            context_lens=self._to_device([len(seq.token_ids) for seq in seqs], torch.int32),
-            block_tables=self._block_tables(seqs, max(len(seq.block_table) for seq in seqs)),
-            last_token_rows=self._to_device([end - 1 for end in cu_seqlens[1:]], torch.int64),
-            max_seqlen_q=max(len(seq.token_ids) - seq.num_cached_tokens for seq in seqs),
-            check_indices=False,  # block ids come from the pool, lengths are capped at max_position_embeddings
-        )
+    def _prefill_fields(self, num_seqs: int, num_tokens: int, num_seen: int, settings: bool) -> list[Field]:
+        fields = [("input_ids", torch.int64, (num_tokens,)), ("positions", torch.int32, (num_tokens,)),
+                  ("cu_seqlens", torch.int32, (num_seqs + 1,)), ("context_lens", torch.int32, (num_seqs,)),
+                  ("last_token_rows", torch.int64, (self.decode_batch_size(num_seqs),)),
+                  ("block_rows", torch.int32, (num_seqs, self.max_blocks_per_seq))]
+        if settings:
+            fields += [("float_settings", torch.float32, (num_seqs, 3)), ("int_settings", torch.int64, (num_seqs, 3)),
+                       ("seen_index", torch.int64, (num_seen,))]
+        return fields
 
-    def prepare_decode(self, seqs: list[Sequence]) -> DecodeInputs:
-        """One token per sequence: its last (sampled, not yet cached) token at position len - 1."""
-        return DecodeInputs(
-            input_ids=self._to_device([seq.token_ids[-1] for seq in seqs], torch.int64),
-            positions=self._to_device([len(seq) - 1 for seq in seqs], torch.int32),
-            block_tables=self._block_tables(seqs, max(len(seq.block_table) for seq in seqs)),
-            check_indices=False,
-        )
+    def _decode_layout(self, batch: int) -> Layout:
+        layout = self._decode_layouts.get(batch)
+        if layout is None:
+            layout = self._decode_layouts[batch] = self.uploads.layout(self._decode_fields(batch))
+        return layout
 
-    # ---- running ---------------------------------------------------------------------------------------------
+    # ---- launching -------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> Tensor:
-        """Logits for the next token of each sequence: float32 [len(seqs), vocab]."""
+    def launch(self, plan: StepPlan) -> InFlight:
+        """Start one planned step on the device; its sampled ids are read with `collect`."""
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
-        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            return self._run(seqs, is_prefill)
+        with self._on_device():
+            self._apply_moves(plan.slot_moves)
+            readback = self._launch_prefill(plan) if plan.is_prefill else self._launch_decode(plan)
+        return InFlight(plan, readback)
 
-    def _run(self, seqs: list[Sequence], is_prefill: bool) -> Tensor:
-        if is_prefill:
-            return self.model.prefill(self.prepare_prefill(seqs), self.kv_caches).float()
-        inputs = self.prepare_decode(seqs)
-        graph_size = next((b for b in self.graphs if b >= len(seqs)), None)
-        if graph_size is None:
-            return self.model.decode(inputs, self.kv_caches).float()
-        return self._replay(graph_size, inputs)
+    def collect(self, step: InFlight) -> tuple[list[int], frozenset[int]]:
+        """(sampled id per row, rows whose logits were not finite); waits for the step if it is still running."""
+        ResultRing.wait(step.readback)
+        return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max_bits)
 
-    def _replay(self, graph_size: int, inputs: DecodeInputs) -> Tensor:
-        n, width = inputs.block_tables.shape
-        static = self.graph_inputs
-        static.input_ids[:n].copy_(inputs.input_ids)
-        static.positions[:n].copy_(inputs.positions)
-        static.positions[n:graph_size].fill_(-1)  # padding rows: nothing written, output ignored
-        static.block_tables[:n, :width].copy_(inputs.block_tables)
-        graph, logits = self.graphs[graph_size]
-        graph.replay()
-        return logits[:n].float()
+    def _apply_moves(self, moves: tuple[list[int], list[int]]) -> None:
+        """Copy moved sequences' rows of every per-slot tensor (all sources read before any row is written)."""
+        destinations, sources = moves
+        if not destinations:
+            return
+        layout = self.move_uploads.layout([("rows", torch.int64, (2, len(destinations)))])
+        self.move_uploads.host_views(layout)["rows"][:] = (destinations, sources)
+        rows = self.move_uploads.upload(layout)["rows"]  # async: a blocking copy would wait for the device
+        for tensor in self._per_slot:
+            tensor.index_copy_(0, rows[0], tensor.index_select(0, rows[1]))
+
+    def _launch_decode(self, plan: StepPlan) -> Readback:
+        rows = plan.num_rows
+        batch = self.decode_batch_size(rows)
+        layout = self._decode_layout(batch)
+        host = self.uploads.host_views(layout)
+        positions, table_index, table_block = host["positions"], host["table_index"], host["table_block"]
+        positions[:rows] = plan.positions
+        positions[rows:] = -1  # padding rows: nothing written, output ignored
+        width = self.max_blocks_per_seq
+        for i, (slot, column, block_id) in enumerate(plan.new_blocks):
+            table_index[i] = slot * width + column
+            table_block[i] = block_id
+        table_index[len(plan.new_blocks):] = self._trash_entry
+        views = self.uploads.upload(layout)
+        graph = self.graphs.get((batch, plan.greedy_only))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_body(batch, plan.greedy_only, views)
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows))
+
+    def _decode_body(self, batch: int, greedy_only: bool, views: dict[str, Tensor]) -> None:
+        """What a decode graph holds: reads only static device buffers."""
+        self.block_tables.view(-1).index_copy_(0, views["table_index"], views["table_block"])
+        inputs = DecodeInputs(input_ids=self.sampler.last_token[:batch], positions=views["positions"],
+                              block_tables=self.block_tables[:batch], check_indices=False)
+        logits = self.model.decode(inputs, self.kv_caches)  # [batch, vocab]
+        self.sampler.sample(logits, slice(0, batch), greedy_only)
+
+    def _launch_prefill(self, plan: StepPlan) -> Readback:
+        num_seqs, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
+        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True)
+        self.sampler.load(rows, views["float_settings"], views["int_settings"],
+                          views["seen_index"] if views["seen_index"].numel() else None)
+        logits = self.model.prefill(inputs, self.kv_caches)[:num_seqs]  # [num_seqs, vocab]
+        self.sampler.sample(logits, rows, plan.greedy_only)
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
+
+    def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
+        """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is
+        read from the pool. seqs need block tables from this pool's BlockManager (`hayabusa verify` packs its
+        prompts here, into idle slots). Rows past the real tokens pad a bucket (see the module docstring)."""
+        return self._pack_prefill(seqs, first_slot, settings=False)[0]
+
+    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool) -> tuple[PrefillInputs, dict[str, Tensor]]:
+        num_seqs = len(seqs)
+        new_tokens = [len(seq.token_ids) - seq.num_cached_tokens for seq in seqs]
+        num_tokens = sum(new_tokens)
+        penalized = [i for i, seq in enumerate(seqs) if settings and seq.params.repetition_penalty != 1.0]
+        num_seen = sum(len(seqs[i].token_ids) for i in penalized)
+        layout = self.uploads.layout(self._prefill_fields(num_seqs, self._padded_tokens(num_tokens), num_seen,
+                                                          settings))
+        host = self.uploads.host_views(layout)
+        cu_seqlens, block_rows = host["cu_seqlens"], host["block_rows"]
+        cu_seqlens[0] = 0
+        for i, seq in enumerate(seqs):
+            start, end = cu_seqlens[i], cu_seqlens[i] + new_tokens[i]
+            host["input_ids"][start:end] = seq.token_ids[seq.num_cached_tokens:]
+            host["positions"][start:end] = np.arange(seq.num_cached_tokens, len(seq.token_ids))
+            cu_seqlens[i + 1] = end
+            host["context_lens"][i] = len(seq.token_ids)
+            block_rows[i, : len(seq.block_table)] = seq.block_table
+            block_rows[i, len(seq.block_table):] = -1
+            if settings:
+                host["float_settings"][i], host["int_settings"][i] = settings_row(seq.params, seq.seed,
+                                                                                  seq.num_completion_tokens)
+        host["input_ids"][num_tokens:] = 0  # bucket padding: computed, never attended or read
+        host["positions"][num_tokens:] = 0
+        last_rows = host["last_token_rows"]
+        last_rows[:num_seqs] = cu_seqlens[1:] - 1
+        last_rows[num_seqs:] = last_rows[num_seqs - 1]
+        if num_seen:
+            vocab, cursor, seen_index = self.config.vocab_size, 0, host["seen_index"]
+            for i in penalized:
+                tokens = seqs[i].token_ids
+                seen_index[cursor:cursor + len(tokens)] = np.asarray(tokens, dtype=np.int64) + (first_slot + i) * vocab
+                cursor += len(tokens)
+        views = self.uploads.upload(layout)
+        rows = slice(first_slot, first_slot + num_seqs)
+        self.block_tables[rows] = views["block_rows"]
+        inputs = PrefillInputs(input_ids=views["input_ids"], positions=views["positions"],
+                               cu_seqlens=views["cu_seqlens"], context_lens=views["context_lens"],
+                               block_tables=self.block_tables[rows], last_token_rows=views["last_token_rows"],
+                               max_seqlen_q=max(new_tokens), check_indices=False,
+                               num_padding_rows=views["input_ids"].shape[0] - num_tokens)
+        return inputs, views
+
+    # ---- warm-up ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _capture_decode_graphs(self) -> None:
-        """One graph per batch size, largest first so the smaller ones reuse its memory pool."""
-        max_bs = self.max_num_seqs
-        self.graph_inputs = DecodeInputs(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            positions=torch.full((max_bs,), -1, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=self.device),
-            check_indices=False,  # a capture reads nothing back anyway; the warm-up runs need not either
-        )
+    def warm_up(self, *, prefill: bool, progress: bool = True) -> None:
+        """Run every decode batch size (capturing its greedy and general graphs on CUDA) and, with prefill, every
+        prefill bucket, so that no request waits for a kernel compile. Only while no request runs: it writes
+        through idle slots and KV blocks."""
+        shapes = [("decode", batch) for batch in reversed(self.batch_sizes)]  # largest first: graphs share its pool
+        if prefill:
+            shapes += [("prefill", tokens) for tokens in prefill_buckets(self.max_prefill_tokens)]
         pool = None
-        for bs in reversed(graph_batch_sizes(max_bs)):
-            inputs = DecodeInputs(self.graph_inputs.input_ids[:bs], self.graph_inputs.positions[:bs],
-                                  self.graph_inputs.block_tables[:bs], check_indices=False)
-            self.model.decode(inputs, self.kv_caches)  # warm-up: compiles the kernels for this shape outside capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                logits = self.model.decode(inputs, self.kv_caches)  # [bs, vocab]
-            pool = graph.pool() if pool is None else pool
-            self.graphs[bs] = (graph, logits)
-        self.graphs = dict(sorted(self.graphs.items()))  # ascending, so a decode step takes the first that fits
-        torch.cuda.synchronize(self.device)
+        with self._on_device():
+            for kind, size in tqdm(shapes, desc="hayabusa warm-up", unit="shape", disable=not progress):
+                if kind == "decode":
+                    pool = self._warm_decode(size, pool)
+                else:
+                    self._warm_prefill(min(size, self.max_prefill_tokens))
+                if self.device.type == "cuda":  # the upload ring is reused only after its copy has run
+                    torch.cuda.synchronize(self.device)
+
+    def _warm_decode(self, batch: int, pool: tuple | None) -> tuple | None:
+        layout = self._decode_layout(batch)
+        host = self.uploads.host_views(layout)
+        host["positions"][:] = -1  # every row padding: no cache writes
+        host["table_index"][:] = self._trash_entry
+        views = self.uploads.upload(layout)
+        for greedy_only in (True, False):
+            self._decode_body(batch, greedy_only, views)  # compiles outside any capture
+            if self.use_cuda_graphs:
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._decode_body(batch, greedy_only, views)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[(batch, greedy_only)] = graph
+        return pool
+
+    def _warm_prefill(self, num_tokens: int) -> None:
+        max_len, width = self.config.max_position_embeddings, self.max_blocks_per_seq
+        lengths = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
+        prompts = [PagedPrompt([0] * length, [(i * width + j) % self.num_kv_blocks
+                                              for j in range(-(-length // self.block_size))])
+                   for i, length in enumerate(lengths)]
+        self.model.prefill(self.prepare_prefill(prompts), self.kv_caches)

@@ -31,13 +31,38 @@ class Timings:
 class GenerationOutput:
     text: str  # generated text only; eos and a matched stop string are not part of it
     token_ids: list[int]  # generated ids, including the eos or the token that completed a stop string
-    finish_reason: str  # "stop" (eos or stop string) | "length" (max_new_tokens) | "error" (see `error`)
+    # "stop" (eos or stop string) | "length" (max_new_tokens) | "abort" (aborted) | "error" (see `error`)
+    finish_reason: str
     prompt_token_ids: list[int]
     timings: Timings
-    error: str | None = None  # why a request failed on its own (the others in the call still ran)
+    error: str | None = None  # why a request failed on its own (the others in the call still ran), or "aborted"
+
+
+@dataclass(frozen=True)
+class RequestUpdate:
+    """What one engine step made known about one request (the paged engine's `step()` returns these)."""
+
+    request_id: int
+    new_token_ids: list[int]  # tokens of this request that became known this step (usually 1)
+    text_delta: str  # text that became final (text that could still start a stop string is held back)
+    finished: GenerationOutput | None  # the final output on the request's last update, else None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int  # requests holding KV blocks (decoding, or about to learn they finished)
+    num_waiting: int  # queued for a prefill (new or preempted)
+    num_free_blocks: int
+    num_blocks: int
 
 
 class OutputBuilder:
+    """Turns a request's sampled tokens into text deltas and decides when it stops (eos, stop string, length).
+
+    Only the text after the last delta (`_held`) is ever searched: a stop string can only start there, because text
+    that could begin one is never released. So each token costs the same however long the output grows.
+    """
+
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  eos_token_id: int | None) -> None:
         self.prompt_ids = list(prompt_ids)
@@ -45,10 +70,13 @@ class OutputBuilder:
         self.eos_token_id = eos_token_id
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.error: str | None = None
+        self._stop_id = None if params.ignore_eos else eos_token_id
+        self._stops = params.stop
+        self._max_new_tokens = params.max_new_tokens
         self._decoder = StreamDecoder(tokenizer)
-        self._text = ""  # all decoded text so far
-        self._emitted = 0  # characters of _text handed out as deltas
-        self._longest_stop = max((len(s) for s in params.stop), default=0)
+        self._final: list[str] = []  # the text handed out as deltas so far, in pieces
+        self._held = ""  # decoded text after the last delta: it could still begin a stop string
         self._created = time.perf_counter()
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
@@ -59,50 +87,65 @@ class OutputBuilder:
 
     def append(self, token_id: int) -> str:
         """Record one sampled token; return the text that became final (may be "")."""
-        if self.finished:
+        if self.finish_reason is not None:
             raise RuntimeError("append() after the request finished")
-        now = time.perf_counter()
         if self._first_token_at is None:
-            self._first_token_at = now
+            self._first_token_at = time.perf_counter()
         self.token_ids.append(token_id)
-        if token_id == self.eos_token_id and not self.params.ignore_eos:
-            return self._finish("stop", now, self._decoder.flush())
-        self._text += self._decoder.push(token_id)
-        if self.params.stop:
-            # Text that could begin a stop string is never emitted, so a match starts at or after _emitted.
-            hits = [i for s in self.params.stop if (i := self._text.find(s, self._emitted)) >= 0]
-            if hits:
-                self._text = self._text[: min(hits)]
-                return self._finish("stop", now, "")
-        if len(self.token_ids) >= self.params.max_new_tokens:
-            return self._finish("length", now, self._decoder.flush())
-        return self._take(len(self._text) - self._held_back())
+        if token_id == self._stop_id:
+            return self._finish("stop", self._held + self._decoder.flush())
+        text = self._decoder.push(token_id)
+        if self._stops:
+            return self._append_checking_stops(self._held + text)
+        if len(self.token_ids) >= self._max_new_tokens:
+            return self._finish("length", text + self._decoder.flush())
+        if text:
+            self._final.append(text)
+        return text
 
-    def _held_back(self) -> int:
-        """Characters at the end of the text that could still become the start of a stop string."""
-        for size in range(min(self._longest_stop - 1, len(self._text)), 0, -1):
-            tail = self._text[-size:]
-            if any(s.startswith(tail) for s in self.params.stop):
+    def _append_checking_stops(self, text: str) -> str:
+        """append() for a request with stop strings: text is everything decoded since the last delta."""
+        hits = [i for s in self._stops if (i := text.find(s)) >= 0]
+        if hits:
+            return self._finish("stop", text[: min(hits)])
+        if len(self.token_ids) >= self._max_new_tokens:
+            return self._finish("length", text + self._decoder.flush())
+        held = self._held_back(text)
+        self._held = text[len(text) - held:] if held else ""
+        delta = text[: len(text) - held]
+        if delta:
+            self._final.append(delta)
+        return delta
+
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of text that could still become the start of a stop string."""
+        longest = max(len(s) for s in self._stops)
+        for size in range(min(longest - 1, len(text)), 0, -1):
+            tail = text[-size:]
+            if any(s.startswith(tail) for s in self._stops):
                 return size
         return 0
 
-    def _finish(self, reason: str, now: float, tail: str) -> str:
+    def _finish(self, reason: str, delta: str) -> str:
         self.finish_reason = reason
-        self._finished_at = now
-        self._text += tail
-        return self._take(len(self._text))
-
-    def _take(self, upto: int) -> str:
-        delta = self._text[self._emitted: upto] if upto > self._emitted else ""
-        self._emitted = max(self._emitted, upto)
+        self._finished_at = time.perf_counter()
+        self._held = ""
+        if delta:
+            self._final.append(delta)
         return delta
+
+    def abort(self, reason: str, error: str) -> None:
+        """Finish early ("abort" or "error"): the output keeps the tokens and the text released so far."""
+        if self.finish_reason is None:
+            self.error = error
+            self._finish(reason, "")
 
     def result(self) -> GenerationOutput:
         if not self.finished:
             raise RuntimeError("result() before the request finished")
         first = self._first_token_at if self._first_token_at is not None else self._finished_at
         return GenerationOutput(
-            text=self._text,
+            text="".join(self._final),
             token_ids=list(self.token_ids),
             finish_reason=self.finish_reason,
             prompt_token_ids=list(self.prompt_ids),
@@ -112,4 +155,5 @@ class OutputBuilder:
                 time_to_first_token_s=first - self._created,
                 total_s=self._finished_at - self._created,
             ),
+            error=self.error,
         )

@@ -42,8 +42,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63):
+            raise ValueError(f"seed must be a non-negative integer below 2**63 (it keys int64 noise), "
+                             f"got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
 
@@ -61,42 +62,69 @@ def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_to
                        seeds: Sequence[int], steps: Sequence[int]) -> Tensor:
     """logits: [B, V] (any float dtype) -> next token ids, LongTensor [B] on the logits' device.
 
-    seen_tokens[b] (prompt + generated) feed the repetition penalty; seeds[b] and steps[b] key the noise.
+    The list-based entry of the reference loop: seen_tokens[b] (prompt + generated) feed the repetition
+    penalty; seeds[b] and steps[b] key the noise. The paged engine keeps the same per-row settings on the device
+    (engine.sampler) and calls `sample_rows` directly.
     """
-    device = logits.device
-    logits = logits.float()
     batch, vocab = logits.shape
     if not len(params) == len(seen_tokens) == len(seeds) == len(steps) == batch:
         raise ValueError(f"logits hold {batch} rows but got {len(params)} params, {len(seen_tokens)} token lists, "
                          f"{len(seeds)} seeds, {len(steps)} steps")
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+        return logits.argmax(dim=-1)
+    device = logits.device
+    return sample_rows(
+        logits,
+        temperature=torch.tensor([effective_temperature(p) for p in params], device=device),
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        top_p=torch.tensor([p.top_p for p in params], device=device),
+        penalty=torch.tensor([p.repetition_penalty for p in params], device=device),
+        seeds=torch.tensor(list(seeds), dtype=torch.int64, device=device),
+        steps=torch.tensor(list(steps), dtype=torch.int64, device=device),
+        seen=seen_mask(seen_tokens, vocab, device),
+    )
 
-    penalties = [p.repetition_penalty for p in params]
-    if any(p != 1.0 for p in penalties):
-        logits = apply_repetition_penalty(logits, seen_tokens, torch.tensor(penalties, device=device))
-    greedy_tokens = logits.argmax(dim=-1)
-    if all(p.greedy for p in params):
-        return greedy_tokens
 
-    temperature = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=device)
-    scaled = logits / temperature[:, None]
-    scaled = mask_top_k_top_p(scaled, torch.tensor([p.top_k for p in params], device=device),
-                              torch.tensor([p.top_p for p in params], device=device))
-    gumbel = gumbel_noise(torch.tensor(list(seeds), dtype=torch.int64, device=device),
-                          torch.tensor(list(steps), dtype=torch.int64, device=device), vocab)
-    sampled = (scaled + gumbel).argmax(dim=-1)  # Gumbel-max: a draw from softmax(scaled)
-    is_greedy = torch.tensor([p.greedy for p in params], device=device)
-    return torch.where(is_greedy, greedy_tokens, sampled)
+def effective_temperature(params: SamplingParams) -> float:
+    """The temperature a sampler row holds: 0.0 marks a greedy row (do_sample off, or temperature 0)."""
+    return 0.0 if params.greedy else params.temperature
+
+
+def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor, penalty: Tensor,
+                seeds: Tensor, steps: Tensor, seen: Tensor) -> Tensor:
+    """logits [B, V] -> token ids int64 [B]; every setting is a per-row device tensor [B], seen is bool [B, V].
+
+    temperature 0 marks a greedy row (argmax after the penalty). No host sync and no data-dependent branch, so a
+    CUDA graph can capture it. A penalty of 1.0 leaves a row exactly as it was (x / 1 and x * 1 are exact).
+    """
+    x = apply_penalty(logits.float(), seen, penalty)
+    greedy = temperature == 0
+    greedy_tokens = x.argmax(dim=-1)
+    scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
+    scaled = mask_top_k_top_p(scaled, top_k, top_p)
+    sampled = (scaled + gumbel_noise(seeds, steps, x.shape[-1])).argmax(dim=-1)  # Gumbel-max: a softmax draw
+    return torch.where(greedy, greedy_tokens, sampled)
+
+
+def seen_mask(seen_tokens: Sequence[Sequence[int]], vocab: int, device: torch.device) -> Tensor:
+    """bool [B, V]: True where row b's token list holds the token."""
+    rows = [b for b, tokens in enumerate(seen_tokens) for _ in tokens]
+    cols = [t for tokens in seen_tokens for t in tokens]
+    mask = torch.zeros(len(seen_tokens), vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device)] \
+        = True
+    return mask
 
 
 def apply_repetition_penalty(logits: Tensor, seen_tokens: Sequence[Sequence[int]], penalty: Tensor) -> Tensor:
     """transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
-    width = max(len(tokens) for tokens in seen_tokens)
-    # Pad each row by repeating its first token: a duplicate index rewrites the same value.
-    padded = [list(tokens) + [tokens[0]] * (width - len(tokens)) for tokens in seen_tokens]
-    index = torch.tensor(padded, dtype=torch.int64, device=logits.device)  # [B, width]
-    seen = logits.gather(1, index)
-    seen = torch.where(seen > 0, seen / penalty[:, None], seen * penalty[:, None])
-    return logits.scatter(1, index, seen)
+    return apply_penalty(logits, seen_mask(seen_tokens, logits.shape[-1], logits.device), penalty)
+
+
+def apply_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """apply_repetition_penalty with the seen tokens as a bool mask [B, V] (the device sampler keeps one)."""
+    penalized = torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None])
+    return torch.where(seen, penalized, logits)
 
 
 def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""One request inside the paged engine: its tokens, status, block table, sampling params and output."""
+"""One request inside the paged engine: its tokens, status, block table, slot, sampling params and output."""
 
 from __future__ import annotations
 
@@ -13,23 +13,35 @@ if TYPE_CHECKING:
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued for (re)prefill: new, or preempted and waiting to recompute
-    RUNNING = "running"  # holds blocks, decodes one token per step
+    RUNNING = "running"  # holds blocks and a slot, decodes one token per step
     FINISHED = "finished"  # stopped (eos, stop string, length), failed or aborted; holds no blocks
 
 
+class Delivery(enum.Enum):
+    """Who takes a request's results: step()'s caller (add_request), a stream() reader, or generate()."""
+
+    UPDATES = "updates"
+    STREAM = "stream"
+    RESULT = "result"
+
+
 class Sequence:
-    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, output: OutputBuilder) -> None:
+    def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams, output: OutputBuilder,
+                 delivery: Delivery = Delivery.RESULT) -> None:
         self.seq_id = seq_id
-        self.token_ids = list(prompt_ids)  # prompt then completion; the last one is not in the KV cache yet
+        # Prompt then the completion tokens the host has read back. The last one is not in the KV cache yet; a
+        # running sequence may also have a sampled token in flight, which only the engine's SlotTable counts.
+        self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
         self.seed = request_seed(params)
         self.output = output
+        self.delivery = delivery
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        self.slot = -1  # row of the engine's persistent per-sequence device state while running, else -1
         self.num_cached_tokens = 0  # leading tokens whose KV came from the prefix cache at the last allocation
         self.num_preemptions = 0
-        self.error: str | None = None  # set when the request failed alone (e.g. can never fit the KV pool)
         self.text_deltas: list[str] = []  # produced but not yet taken by a stream() reader
 
     def __len__(self) -> int:
@@ -43,18 +55,11 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int) -> None:
-        """Record a sampled token; the output builder decides whether the request is done (eos, stop, length)."""
-        self.token_ids.append(token_id)
-        delta = self.output.append(token_id)
-        if delta:
-            self.text_deltas.append(delta)
-        if self.output.finished:
-            self.finish()
+    @property
+    def error(self) -> str | None:
+        return self.output.error
 
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.finish()
-
-    def finish(self) -> None:
+    def fail(self, reason: str, message: str) -> None:
+        """Finish early: reason "abort" or "error", with message in the output's .error."""
+        self.output.abort(reason, message)
         self.status = SequenceStatus.FINISHED

@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hayabusa.engine.api import default_dtype
+from hayabusa.engine.block_manager import PagedPrompt
 from hayabusa.engine.config import DTYPES, ModelConfig
 from hayabusa.engine.devices import add_device_argument, resolve_device, warn_if_interpreted
 from hayabusa.engine.fast_model import OP_SETS
@@ -130,15 +131,6 @@ def upcast(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return {name: copies.setdefault(id(t), t.float()) for name, t in state_dict.items()}
 
 
-@dataclass
-class PromptBlocks:
-    """A prompt as the engine's BlockManager and ModelRunner.prepare_prefill see a sequence (PagedSequence)."""
-
-    token_ids: list[int]
-    block_table: list[int] = field(default_factory=list)
-    num_cached_tokens: int = 0
-
-
 @torch.no_grad()
 def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: PagedEngine, prompts: list[list[int]],
                     tolerance: float) -> list[Check]:
@@ -153,10 +145,11 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: Page
     for ids in progress("prefill checks", prompts, unit="prompt"):
         input_ids = torch.tensor([ids], device=fast.device)
         expected_states = [s[0] for s in reference.hidden_states(input_ids)]  # each [T, hidden]
-        prompt = PromptBlocks(ids)
+        prompt = PagedPrompt(ids)
         engine.block_manager.allocate(prompt)
         try:
-            actual_states = fast.prefill_hidden_states(runner.prepare_prefill([prompt]), runner.kv_caches)
+            states = fast.prefill_hidden_states(runner.prepare_prefill([prompt]), runner.kv_caches)
+            actual_states = [state[: len(ids)] for state in states]  # rows past the prompt pad a prefill bucket
         finally:
             engine.block_manager.deallocate(prompt)
         for i, (a, e) in enumerate(zip(actual_states, expected_states, strict=True)):

@@ -300,3 +300,20 @@ def test_a_failing_engine_is_recorded_and_the_others_still_run(monkeypatch):
     assert [(e["engine"], e["scenario"]) for e in result.errors] == [("hayabusa-reference", "decode")] * 2
     assert "kernel exploded" in result.errors[0]["error"]
     assert [(r.engine, r.batch) for r in result.records] == [("transformers-eager", 1), ("transformers-eager", 4)]
+
+
+def test_start_time_times_one_engine_start_and_prints_it(capsys):
+    from hayabusa.bench import start_time
+
+    start_time.main(["--model", "tiny", "--dtype", "float32", "--device", "cpu", "--backend", "reference"])
+    assert json.loads(capsys.readouterr().out)["ms"] > 0
+
+
+def test_load_reports_cold_and_warm_starts_of_engines_that_compile():
+    class Compiling(FakeRunner):
+        def start_times(self):
+            return 9000.0, 1200.0
+
+    record = scenarios.run_load(Compiling(), SIZES["smoke"])
+    assert (record.extra["cold_start_ms"], record.extra["warm_start_ms"]) == (9000.0, 1200.0)
+    assert "cold_start_ms" not in scenarios.run_load(FakeRunner(), SIZES["smoke"]).extra

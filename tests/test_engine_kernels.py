@@ -42,14 +42,14 @@ def finished_outputs(updates) -> dict:
 def spy_prefills(engine: PagedEngine) -> list[list[tuple[int, int]]]:
     """Record (tokens, prefix-cache hit) of every sequence in every prefill batch the engine runs."""
     prefills: list[list[tuple[int, int]]] = []
-    run = engine.runner.run
+    launch = engine.runner.launch
 
-    def recording_run(seqs, is_prefill):
-        if is_prefill:
-            prefills.append([(len(seq), seq.num_cached_tokens) for seq in seqs])
-        return run(seqs, is_prefill)
+    def recording_launch(plan):
+        if plan.is_prefill:
+            prefills.append([(len(seq), seq.num_cached_tokens) for seq in plan.seqs])
+        return launch(plan)
 
-    engine.runner.run = recording_run
+    engine.runner.launch = recording_launch
     return prefills
 
 

@@ -158,10 +158,10 @@ def test_closing_a_stream_early_aborts_the_request(model) -> None:
 def test_a_failing_step_fails_every_waiting_request(model) -> None:
     engine = make_engine(model, kv_cache_blocks=8, block_size=4)
 
-    def broken(seqs, is_prefill):
+    def broken(plan):
         raise torch.cuda.OutOfMemoryError("simulated")
 
-    engine.runner.run = broken
+    engine.runner.launch = broken
     with pytest.raises(torch.cuda.OutOfMemoryError):
         engine.generate([[1, 2], [3, 4]], [SamplingParams(max_new_tokens=4)] * 2)
     assert not engine.has_unfinished_requests() and engine.block_manager.num_free_blocks == 8
@@ -176,10 +176,11 @@ def test_padding_rows_of_a_graph_sized_decode_batch_change_nothing(model) -> Non
     prompts = [[1, 2, 3, 4, 5], [6, 7]]
     for prompt in prompts:
         engine.add_request(prompt, SamplingParams(max_new_tokens=4))
-    engine.step()  # prefill
-    seqs, is_prefill = engine.scheduler.schedule()
-    assert not is_prefill
-    inputs = runner.prepare_decode(seqs)
+    engine.step()  # prefill: the sampled tokens sit in the next decode's input buffer, last_token[0:2]
+    plan = engine.scheduler.schedule()
+    assert not plan.is_prefill and plan.new_blocks == []  # both tokens' blocks are in the tables already
+    inputs = DecodeInputs(input_ids=runner.sampler.last_token[:2].clone(), positions=torch.from_numpy(plan.positions),
+                          block_tables=runner.block_tables[:2].clone())
     caches_before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     exact = runner.model.decode(inputs, runner.kv_caches)
     caches_exact = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
@@ -194,8 +195,7 @@ def test_padding_rows_of_a_graph_sized_decode_batch_change_nothing(model) -> Non
     logits = runner.model.decode(padded, runner.kv_caches)
     assert_close(logits[:2], exact, torch.float32, name="real rows")  # a GEMM of 4 rows may round unlike one of 2
     written = torch.zeros(runner.kv_caches[0][0].shape[:2], dtype=torch.bool)  # [blocks, slots]
-    for seq in seqs:
-        position = len(seq) - 1
+    for seq, position in zip(plan.seqs, plan.positions.tolist(), strict=True):
         written[seq.block_table[position // 4], position % 4] = True
     for (k, v), (k0, v0), (k1, v1) in zip(runner.kv_caches, caches_before, caches_exact, strict=True):
         assert torch.equal(k[~written], k0[~written]) and torch.equal(v[~written], v0[~written])  # padding: no write

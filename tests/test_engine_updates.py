@@ -54,8 +54,7 @@ def test_abort_from_another_thread_frees_blocks_and_ends_with_an_abort_update(mo
     engine = make_engine(model, kv_cache_blocks=16, block_size=4)
     running = engine.add_request([1, 2, 3, 4, 5], SamplingParams(max_new_tokens=30, ignore_eos=True))
     waiting = engine.add_request([6, 7], SamplingParams(max_new_tokens=4))
-    engine.step()  # both prefilled
-    engine.step()
+    before = engine.step() + engine.step()  # both prefilled; the tokens read back so far are in these updates
     stats = engine.stats()
     assert (stats.num_running, stats.num_waiting) == (2, 0) and stats.num_free_blocks < 16
     aborter = threading.Thread(target=engine.abort, args=(running,))
@@ -66,7 +65,8 @@ def test_abort_from_another_thread_frees_blocks_and_ends_with_an_abort_update(mo
     last = [u for u in updates if u.request_id == running]
     assert len(last) == 1 and last[0].new_token_ids == [] and last[0].text_delta == ""
     assert last[0].finished.finish_reason == "abort" and last[0].finished.error == "aborted"
-    assert len(last[0].finished.token_ids) == 2  # what it had produced before the abort
+    delivered = [t for u in before if u.request_id == running for t in u.new_token_ids]
+    assert delivered and last[0].finished.token_ids == delivered  # what it had produced before the abort
     assert [u.finished.finish_reason for u in updates if u.request_id == waiting and u.finished] == ["length"]
     engine.abort(running)  # already finished: ignored
     assert engine.step() == []
@@ -80,7 +80,7 @@ def test_abort_of_a_waiting_request_and_a_request_that_finished_meanwhile(model)
     queued = engine.add_request([3, 4], SamplingParams(max_new_tokens=4))
     assert engine.stats().num_waiting == 2
     engine.abort(queued)  # never prefilled
-    updates = engine.step()  # the abort applies first, then short runs its one token and finishes
+    updates = run_to_end(engine)  # the abort applies first, then short runs its one token and finishes
     assert [(u.request_id, u.finished.finish_reason) for u in updates] == [(queued, "abort"), (short, "length")]
     engine.abort(short)  # finished in the step before: ignored
     assert not engine.has_unfinished_requests() and engine.stats().num_free_blocks == 16

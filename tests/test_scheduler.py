@@ -1,8 +1,13 @@
-"""Scheduler without a model: FIFO admission, token budget, preemption of the newest, recompute, errors.
+"""Scheduler without a model: FIFO admission, token budget, preemption of the newest, recompute, errors, and the
+one-step lag of the engine's read-back.
 
 A fake "model" picks each next token as a pure function of the sequence's tokens so far, so a sequence that
-is preempted and recomputed must end with exactly the tokens of an unconstrained run.
+is preempted and recomputed must end with exactly the tokens of an unconstrained run. The fake device samples a
+row's token from the tokens the host knows plus the one still in flight, as the real device does; with `lagged`
+the driver plans step N before reading back step N-1, as PagedEngine does.
 """
+
+from collections import defaultdict, deque
 
 import hypothesis.strategies as st
 import pytest
@@ -11,7 +16,7 @@ from hypothesis import given, settings
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.outputs import OutputBuilder
 from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.scheduler import Scheduler
+from hayabusa.engine.scheduler import Scheduler, StepPlan
 from hayabusa.engine.sequence import Sequence, SequenceStatus
 from hayabusa.tokenizer import Tokenizer
 
@@ -33,25 +38,76 @@ def make_scheduler(num_blocks: int, block_size: int, max_num_seqs: int = 8, max_
                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
 
 
-def run_to_completion(scheduler: Scheduler, max_steps: int = 10_000) -> list[tuple[list[Sequence], bool]]:
-    """Drive the scheduler with the fake model; check per-step invariants; return the batches."""
-    batches = []
-    manager = scheduler.block_manager
-    for _ in range(max_steps):
-        if not scheduler.has_work():
-            return batches
-        seqs, is_prefill = scheduler.schedule()
-        assert seqs, "work is left but nothing was scheduled"
-        assert len(seqs) <= scheduler.max_num_seqs
-        if is_prefill:
-            assert sum(len(s) - s.num_cached_tokens for s in seqs) <= scheduler.max_num_batched_tokens
-        for seq in seqs:
-            assert seq.status is SequenceStatus.RUNNING
+class FakeDevice:
+    """Samples next_token for each row that has a token to compute, from the tokens the host knows plus those still
+    in flight (sampled by a launched step whose results are not read back yet)."""
+
+    def __init__(self) -> None:
+        self.in_flight: dict[Sequence, deque[int]] = defaultdict(deque)
+
+    def run(self, plan: StepPlan) -> list[int]:
+        tokens = []
+        for seq, count in zip(plan.seqs, plan.tokens_per_row.tolist(), strict=True):
+            if not count:
+                tokens.append(-1)  # a row with nothing to compute: its output must never be used
+                continue
+            tokens.append(next_token(seq.token_ids + list(self.in_flight[seq])))
+            self.in_flight[seq].append(tokens[-1])
+        return tokens
+
+    def read_back(self, scheduler: Scheduler, plan: StepPlan, tokens: list[int]) -> None:
+        for seq, count in zip(plan.seqs, plan.tokens_per_row.tolist(), strict=True):
+            if count:
+                self.in_flight[seq].popleft()
+        scheduler.postprocess(plan, tokens)
+
+
+def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
+    manager, slots = scheduler.block_manager, scheduler.slots
+    assert plan.num_rows <= scheduler.max_num_seqs
+    assert slots.count == len(scheduler.running)
+    for row, seq in enumerate(plan.seqs):
+        assert seq.status is SequenceStatus.RUNNING and seq.slot == plan.first_slot + row
+    if plan.is_prefill:
+        assert sum(len(s) - s.num_cached_tokens for s in plan.seqs) <= scheduler.max_num_batched_tokens
+        for seq in plan.seqs:
             assert len(seq.block_table) == manager.blocks_needed(len(seq))  # room for every token to compute
-        held = [b for seq in scheduler.running for b in seq.block_table]
-        assert manager.num_free_blocks + len(set(held)) == manager.num_blocks
-        batches.append((list(seqs), is_prefill))
-        scheduler.postprocess(seqs, [next_token(seq.token_ids) for seq in seqs])
+    else:
+        for seq, position, count in zip(plan.seqs, plan.positions.tolist(), plan.tokens_per_row.tolist(),
+                                        strict=True):
+            assert (position >= 0) == bool(count)
+            if count:
+                assert position < len(seq.block_table) * manager.block_size  # its block is there
+                # Never a token past max_new_tokens (the last sampled token is never written to the cache).
+                assert position <= seq.num_prompt_tokens + seq.params.max_new_tokens - 2
+    held = [b for seq in scheduler.running for b in seq.block_table]
+    assert manager.num_free_blocks + len(set(held)) == manager.num_blocks
+
+
+def run_to_completion(scheduler: Scheduler, lagged: bool = False,
+                      max_steps: int = 10_000) -> list[tuple[list[Sequence], bool]]:
+    """Drive the scheduler with the fake model; check per-step invariants; return the batches (rows with work)."""
+    batches = []
+    device = FakeDevice()
+    in_flight: tuple[StepPlan, list[int]] | None = None
+    for _ in range(max_steps):
+        if not scheduler.has_work() and in_flight is None:
+            return batches
+        plan = scheduler.schedule(results_in_flight=in_flight is not None)
+        if plan is None:  # blocks are short: the engine reads the step in flight back first
+            device.read_back(scheduler, *in_flight)
+            in_flight, plan = None, scheduler.schedule()
+        check_plan(scheduler, plan)
+        launched = None
+        if plan.has_work:
+            batches.append(([s for s, n in zip(plan.seqs, plan.tokens_per_row, strict=True) if n], plan.is_prefill))
+            launched = (plan, device.run(plan))
+            if plan.is_prefill:
+                scheduler.publish_prefilled(plan)  # as the engine does once a prefill is launched
+        previous, in_flight = (in_flight, launched) if lagged else (launched, None)
+        assert previous is not None or plan.has_work or in_flight is not None, "work is left but nothing ran"
+        if previous is not None:
+            device.read_back(scheduler, *previous)
     raise AssertionError(f"not finished after {max_steps} steps")
 
 
@@ -67,29 +123,31 @@ def test_prefill_admits_oldest_first_within_the_token_budget() -> None:
     seqs = [make_seq(i, [1] * n, 4) for i, n in enumerate([8, 8, 5, 1])]
     for seq in seqs:
         scheduler.add(seq)
-    batch, is_prefill = scheduler.schedule()
-    assert is_prefill and batch == seqs[:2]  # 8 + 8 + 5 > 20; the last (1) would fit but waits its turn
-    batch, is_prefill = scheduler.schedule()
-    assert is_prefill and batch == seqs[2:]  # the queue drains before any decode step
-    batch, is_prefill = scheduler.schedule()
-    assert not is_prefill and batch == seqs
+    plan = scheduler.schedule()
+    assert plan.is_prefill and plan.seqs == seqs[:2]  # 8 + 8 + 5 > 20; the last (1) would fit but waits its turn
+    plan = scheduler.schedule()
+    assert plan.is_prefill and plan.seqs == seqs[2:] and plan.first_slot == 2  # the queue drains before a decode
+    plan = scheduler.schedule()
+    assert not plan.is_prefill and plan.seqs == seqs  # slot order
+    assert plan.positions.tolist() == [8, 8, 5, 1]  # each writes the token its prefill sampled (still in flight)
 
 
 def test_max_num_seqs_caps_the_running_set() -> None:
     scheduler = make_scheduler(num_blocks=64, block_size=4, max_num_seqs=2)
     for i in range(3):
         scheduler.add(make_seq(i, [5, 6], 3))
-    batch, _ = scheduler.schedule()
-    assert [s.seq_id for s in batch] == [0, 1] and len(scheduler.waiting) == 1
+    plan = scheduler.schedule()
+    assert [s.seq_id for s in plan.seqs] == [0, 1] and len(scheduler.waiting) == 1
 
 
-def test_out_of_blocks_preempts_the_newest_and_recomputes_it() -> None:
+@pytest.mark.parametrize("lagged", [False, True])
+def test_out_of_blocks_preempts_the_newest_and_recomputes_it(lagged: bool) -> None:
     # 4 blocks of 2 tokens: both sequences fit at first, then decoding runs out of blocks.
     scheduler = make_scheduler(num_blocks=4, block_size=2)
     old, new = make_seq(0, [1, 2, 3], 4), make_seq(1, [4, 5, 6], 4)
     scheduler.add(old)
     scheduler.add(new)
-    batches = run_to_completion(scheduler)
+    batches = run_to_completion(scheduler, lagged)
     assert new.num_preemptions >= 1 and old.num_preemptions == 0  # the oldest always keeps its blocks
     recompute = [seqs for seqs, is_prefill in batches[1:] if is_prefill]
     assert recompute and all(seqs == [new] for seqs in recompute)
@@ -103,11 +161,35 @@ def test_recompute_reuses_its_own_cached_prefix() -> None:
     scheduler = make_scheduler(num_blocks=3, block_size=2)
     old = make_seq(0, [1, 2, 3], 3)
     scheduler.add(old)
-    batch, _ = scheduler.schedule()
-    scheduler.postprocess(batch, [next_token(s.token_ids) for s in batch])
+    plan = scheduler.schedule()
+    scheduler.publish_prefilled(plan)
+    scheduler.postprocess(plan, [next_token(s.token_ids) for s in plan.seqs])
     scheduler.preempt(old)  # as the decode step would; its two full blocks stay published
-    batch, is_prefill = scheduler.schedule()
-    assert is_prefill and batch == [old] and old.num_cached_tokens == 2  # block [1, 2] is hit
+    plan = scheduler.schedule()
+    assert plan.is_prefill and plan.seqs == [old] and old.num_cached_tokens == 2  # block [1, 2] is hit
+
+
+def test_a_sequence_with_a_token_in_flight_is_never_preempted() -> None:
+    scheduler = make_scheduler(num_blocks=8, block_size=2)
+    seq = make_seq(0, [1, 2, 3], 5)
+    scheduler.add(seq)
+    scheduler.schedule()  # its prefill's token is now in flight
+    with pytest.raises(RuntimeError, match="has a sampled token in flight"):
+        scheduler.preempt(seq)
+
+
+def test_blocks_short_with_tokens_in_flight_asks_for_them_first() -> None:
+    # 4 blocks of 2: two prompts of 4 tokens take them all; writing their sampled tokens (position 4) needs more.
+    scheduler = make_scheduler(num_blocks=4, block_size=2)
+    a, b = make_seq(0, [1, 2, 3, 4], 3), make_seq(1, [4, 5, 6, 7], 3)
+    scheduler.add(a)
+    scheduler.add(b)
+    prefill = scheduler.schedule()
+    assert scheduler.block_manager.num_free_blocks == 0
+    assert scheduler.schedule(results_in_flight=True) is None
+    scheduler.postprocess(prefill, [7, 8])
+    plan = scheduler.schedule()  # every token known: the newest gives way
+    assert [s.seq_id for s in plan.seqs] == [0] and b.num_preemptions == 1 and scheduler.waiting[0] is b
 
 
 @settings(max_examples=60, deadline=None)
@@ -117,7 +199,8 @@ def test_recompute_reuses_its_own_cached_prefix() -> None:
     block_size=st.integers(1, 4),
     max_num_seqs=st.integers(1, 6),
 )
-def test_every_request_finishes_with_its_unconstrained_tokens(requests, num_blocks, block_size,
+@pytest.mark.parametrize("lagged", [False, True])
+def test_every_request_finishes_with_its_unconstrained_tokens(lagged, requests, num_blocks, block_size,
                                                               max_num_seqs) -> None:
     scheduler = make_scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=24,
                                max_model_len=24)
@@ -130,7 +213,7 @@ def test_every_request_finishes_with_its_unconstrained_tokens(requests, num_bloc
             continue
         seqs.append(make_seq(i, prompt, max_new))
         scheduler.add(seqs[-1])
-    run_to_completion(scheduler)
+    run_to_completion(scheduler, lagged)
     for seq in seqs:
         prompt = seq.token_ids[:seq.num_prompt_tokens]
         assert seq.output.result().token_ids == expected_completion(prompt, seq.params.max_new_tokens)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from starlette.applications import Starlette
 
-from hayabusa.engine.api import BACKENDS, default_backend, load_pretrained
+from hayabusa.engine.api import BACKENDS, OPS_OF_BACKEND, default_backend, default_warmup, load_pretrained
 from hayabusa.engine.config import DTYPES
 from hayabusa.engine.devices import resolve_device
 from hayabusa.engine.llm_engine import PagedEngine
@@ -53,9 +53,9 @@ def load_paged_engine(settings: ServerSettings) -> PagedEngine:
     backend = settings.backend or default_backend(device)
     _, config, state_dict, tokenizer = load_pretrained(settings.model, dtype=DTYPES.get(settings.dtype),
                                                        device=device, revision=settings.revision)
-    return PagedEngine(config, state_dict, tokenizer, device=device, ops="triton" if backend == "triton" else "torch",
+    return PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
                        kv_cache_blocks=settings.kv_cache_blocks, block_size=settings.block_size,
-                       max_num_seqs=settings.max_num_seqs)
+                       max_num_seqs=settings.max_num_seqs, warmup=default_warmup(device, backend))
 
 
 def build_server(settings: ServerSettings, engine: PagedEngine | None = None) -> Starlette:

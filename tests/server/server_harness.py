@@ -59,16 +59,16 @@ class Gate:
         self.num_calls = 0
         self.held = threading.Event()  # a model call is waiting at the gate
         self.opened = threading.Event()
-        run = engine.runner.run
+        launch = engine.runner.launch
 
-        def gated_run(seqs, is_prefill):
+        def gated_launch(plan):
             self.num_calls += 1
             if self.num_calls >= hold_from and not self.opened.is_set():
                 self.held.set()
                 self.opened.wait(30)
-            return run(seqs, is_prefill)
+            return launch(plan)
 
-        engine.runner.run = gated_run
+        engine.runner.launch = gated_launch
 
 
 def metric(text: str, name: str) -> float:

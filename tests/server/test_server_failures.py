@@ -54,16 +54,16 @@ def test_a_full_queue_answers_429_with_retry_after_and_drains() -> None:
 
 def test_an_engine_step_failure_answers_500_and_the_server_keeps_serving() -> None:
     with running_server(kv_cache_blocks=64) as server:
-        run = server.engine.runner.run
+        launch = server.engine.runner.launch
         calls = {"n": 0, "fail_at": {1, 4}}  # a prefill, then a decode step of the streamed request
 
-        def flaky_run(seqs, is_prefill):
+        def flaky_launch(plan):
             calls["n"] += 1
             if calls["n"] in calls["fail_at"]:
                 raise RuntimeError("simulated device fault")
-            return run(seqs, is_prefill)
+            return launch(plan)
 
-        server.engine.runner.run = flaky_run
+        server.engine.runner.launch = flaky_launch
         error = assert_error(post(server.url, BODY), 500, "server_error", "RuntimeError: simulated device fault")
         assert error["code"] == "engine_error"
         body = {**BODY, "max_tokens": 8, "stream": True}

@@ -1,0 +1,84 @@
+"""Slots: which running sequence sits in which row of the engine's persistent per-sequence device state.
+
+Running sequences always hold rows 0..count-1 (compact), so a decode batch is simply the first `count` rows of
+every per-slot tensor (last token, block table, sampling settings): no gather by slot id, nothing rebuilt. A
+sequence that leaves (finished, preempted, aborted) hands its row to the one in the last row. The device copies
+for such moves are batched: `take_moves` gives them to the runner, which applies them before its next launch, so
+they land in stream order after any step still in flight.
+
+Host mirrors per row (numpy, updated in place, never rebuilt): `num_tokens`, the tokens including a sampled token
+still in flight (the next decode writes position num_tokens - 1); `max_tokens`, prompt + max_new_tokens (a row
+whose num_tokens reached it has nothing left to compute: its last token is never written to the cache); and
+`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sequence import Sequence
+
+NO_MOVES: tuple[list[int], list[int]] = ([], [])
+
+
+def needs_general_sampler(params: SamplingParams) -> bool:
+    """Rows that the greedy fast path (one argmax) cannot serve: sampling, or a repetition penalty."""
+    return not params.greedy or params.repetition_penalty != 1.0
+
+
+class SlotTable:
+    def __init__(self, max_num_seqs: int, block_size: int) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.block_size = block_size
+        self.count = 0
+        self.seqs: list[Sequence | None] = [None] * max_num_seqs
+        self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
+        self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
+        self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
+        self.num_general = 0  # rows that need the general sampler
+        self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
+
+    def assign(self, seq: Sequence) -> int:
+        """Give seq the next free row; its host counters start from the tokens it has now."""
+        if self.count == self.max_num_seqs:
+            raise RuntimeError(f"all {self.max_num_seqs} slots are taken")
+        slot = self.count
+        self.count += 1
+        self.seqs[slot] = seq
+        seq.slot = slot
+        self.num_tokens[slot] = len(seq.token_ids)
+        self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
+        self.capacity[slot] = len(seq.block_table) * self.block_size
+        self.num_general += needs_general_sampler(seq.params)
+        return slot
+
+    def release(self, seq: Sequence) -> None:
+        """Free seq's row; the sequence in the last row moves into it (host now, device at the next launch)."""
+        slot, last = seq.slot, self.count - 1
+        if not 0 <= slot <= last or self.seqs[slot] is not seq:
+            raise RuntimeError(f"sequence {seq.seq_id} does not hold slot {slot}")
+        seq.slot = -1
+        self.num_general -= needs_general_sampler(seq.params)
+        if slot != last:
+            moved = self.seqs[last]
+            self.seqs[slot], moved.slot = moved, slot
+            self.num_tokens[slot] = self.num_tokens[last]
+            self.max_tokens[slot] = self.max_tokens[last]
+            self.capacity[slot] = self.capacity[last]
+            # Chained moves compose: the row takes whatever the last row was itself still waiting to receive.
+            self._moves[slot] = self._moves.pop(last, last)
+        else:
+            self._moves.pop(slot, None)  # nobody needs that row's pending content any more
+        self.seqs[last] = None
+        self.count -= 1
+
+    def take_moves(self) -> tuple[list[int], list[int]]:
+        """(destination rows, source rows) to copy on the device, each source read before any is written."""
+        if not self._moves:
+            return NO_MOVES
+        moves, self._moves = self._moves, {}
+        return list(moves), list(moves.values())
+
+    def running(self) -> list[Sequence]:
+        return self.seqs[: self.count]
