@@ -18,6 +18,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -327,10 +328,10 @@ def prefill_attention_ref(
         v_slots[new_slots] = v
 
         context_slots = slots_of(torch.arange(context_len, device=qkv.device))
-        keys = k_slots[context_slots].float()  # [context_len, H, D]
-        values = v_slots[context_slots].float()
-        scores = torch.einsum("qhd,khd->hqk", q.float(), keys) / math.sqrt(head_dim)
+        keys = k_slots.index_select(0, context_slots).float()  # [context_len, H, D]
+        values = v_slots.index_select(0, context_slots).float()
         visible = torch.arange(context_len, device=qkv.device)[None, :] <= new_positions[:, None]  # [n, ctx]
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).reshape(end - start, -1).to(out.dtype)
+        attended = F.scaled_dot_product_attention(  # fp32 scores, softmax and sum: [H, n, D]
+            q.float().transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=visible)
+        out[start:end] = attended.transpose(0, 1).reshape(end - start, -1).to(out.dtype)
     return out
