@@ -54,7 +54,8 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, devi
 class Engine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
-                 model_dir: Path | None = None, warmup: bool = False) -> None:
+                 model_dir: Path | None = None, warmup: bool = False, max_num_batched_tokens: int | None = None
+                 ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
@@ -73,13 +74,15 @@ class Engine:
 
         # add_request / abort / step / stats for a serving loop (see PagedEngine)
         self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
-                                 kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup)
+                                 kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup,
+                                 max_num_batched_tokens=max_num_batched_tokens)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, backend: str | None = None,
                         kv_cache_blocks: int | None = None, block_size: int = 16,
-                        revision: str | None = None, warmup: bool | None = None) -> Engine:
+                        revision: str | None = None, warmup: bool | None = None,
+                        max_num_batched_tokens: int | None = None) -> Engine:
         """Load a local model directory, a hub id (e.g. "abeja/gpt-neox-japanese-2.7b") or a random preset.
 
         A preset name (tiny, small, 2.7b) that is not a local directory loads a random-weight checkpoint of that
@@ -88,6 +91,8 @@ class Engine:
         Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
         cuda, reference on cpu. warmup (default: with the triton backend on cuda) runs every kernel shape the engine
         can launch before returning, with a progress bar, so that no request waits for a compile.
+        max_num_batched_tokens: tokens per engine step (default 512): prompts run in chunks of what the decoding
+        requests leave of it, so it bounds how long they wait for their next token when a long prompt arrives.
         """
         device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
         if backend is None:
@@ -99,7 +104,8 @@ class Engine:
         if warmup is None:
             warmup = default_warmup(device, backend)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
-                   block_size=block_size, model_dir=model_dir, warmup=warmup)
+                   block_size=block_size, model_dir=model_dir, warmup=warmup,
+                   max_num_batched_tokens=max_num_batched_tokens)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -129,14 +129,17 @@ class BlockManager:
 
     def deallocate(self, seq: PagedSequence) -> None:
         """Drop seq's references; blocks nobody else holds go back on the free list, contents kept for hits."""
-        for block_id in reversed(seq.block_table):
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def _release(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             assert block.ref_count > 0, f"block {block_id} released more often than taken"
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids.append(block_id)
-        seq.block_table = []
-        seq.num_cached_tokens = 0
 
     # ---- decode growth ---------------------------------------------------------------------------------------
 
@@ -157,6 +160,11 @@ class BlockManager:
         block_id = self._take_free_block()
         seq.block_table.append(block_id)
         return block_id
+
+    def trim(self, seq: PagedSequence, num_blocks: int) -> None:
+        """Release seq's blocks past its first num_blocks (they hold only the KV of rejected draft tokens)."""
+        self._release(seq.block_table[num_blocks:])
+        del seq.block_table[num_blocks:]
 
     # ---- prefix publishing -----------------------------------------------------------------------------------
 

@@ -133,7 +133,7 @@ class PagedEngine:
             if seq is not None:
                 self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
                 seq.fail("abort", "aborted")
-                self._deliver(seq, None, "")
+                self._deliver(seq, (), "")
         self._aborts.clear()
 
     # ---- stepping --------------------------------------------------------------------------------------------
@@ -180,21 +180,25 @@ class PagedEngine:
                 self.scheduler.publish_prefilled(plan)
             if previous is not None:
                 self._process(previous, *results)
+        if plan.drafts:  # verify passes: the next drafts start from their tokens, so read them back at once
+            launched, self._in_flight = self._in_flight, None
+            results = self.runner.collect(launched)
+            with self._cond:
+                self._process(launched, *results)
 
-    def _process(self, step: InFlight, token_ids: list[int], bad_rows: frozenset[int]) -> None:
+    def _process(self, step: InFlight, token_ids: list, bad_rows: frozenset[int]) -> None:
         """Hand one read-back step's tokens to their requests (under the lock)."""
         self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver)
 
-    def _deliver(self, seq: Sequence, token: int | None, delta: str) -> None:
+    def _deliver(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
         """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
         (generate() reads the final output)."""
         if seq.status is SequenceStatus.FINISHED:
             del self._requests[seq.seq_id]
             if seq.delivery is Delivery.UPDATES:
-                self._updates.append(RequestUpdate(seq.seq_id, [] if token is None else [token], delta,
-                                                   seq.output.result()))
+                self._updates.append(RequestUpdate(seq.seq_id, list(tokens), delta, seq.output.result()))
         elif seq.delivery is Delivery.UPDATES:
-            self._updates.append(RequestUpdate(seq.seq_id, [token], delta, None))
+            self._updates.append(RequestUpdate(seq.seq_id, list(tokens), delta, None))
         if delta and seq.delivery is Delivery.STREAM:
             seq.text_deltas.append(delta)
 
@@ -205,7 +209,7 @@ class PagedEngine:
             for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                 self.scheduler.abort(seq)
                 seq.fail("error", message)
-                self._deliver(seq, None, "")
+                self._deliver(seq, (), "")
 
     def _claim_driver(self, done: Callable[[], bool]) -> bool:
         """Become the one thread that steps, unless done() (read under the lock) holds first."""

@@ -40,7 +40,7 @@ from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
 from hayabusa.engine.sampler import SamplerMode, SlotSampler
 from hayabusa.engine.scheduler import StepPlan
 from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
-from hayabusa.engine.varlen import VarlenBatch, fill_varlen, varlen_fields
+from hayabusa.engine.varlen import VarlenBatch, draft_width, fill_varlen, pass_fields, varlen_fields
 
 CPU_DEFAULT_SEQUENCES = 4
 CPU_KV_MEMORY_FRACTION = 0.5  # of the RAM available once the weights are loaded
@@ -90,6 +90,8 @@ class InFlight:
 
     plan: StepPlan
     readback: Readback
+    # A step with verify passes: (emitted ids [P, K + 1], their counts [P]) on the device, and each pass's row.
+    passes: tuple[Tensor, Tensor, list[int]] | None = None
 
 
 class ModelRunner:
@@ -172,6 +174,11 @@ class ModelRunner:
         """The batch a step of num_rows rows runs at: the smallest graph size that holds them (bucketed)."""
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_rows)] if self.bucketed else num_rows
 
+    def _padded_logit_rows(self, num_rows: int) -> int:
+        """The rows an LM head of num_rows runs at: a graph batch size, or past the largest (verify passes) a
+        prefill bucket."""
+        return self.decode_batch_size(num_rows) if num_rows <= self.max_num_seqs else self._padded_tokens(num_rows)
+
     def _padded_tokens(self, num_tokens: int) -> int:
         return prefill_bucket(num_tokens) if self.bucketed else num_tokens
 
@@ -188,9 +195,10 @@ class ModelRunner:
         every slot, and the sampler settings of max_num_seqs admitted rows with all their tokens seen."""
         rows, length = self.max_num_seqs, self.config.max_position_embeddings
         largest = VarlenBatch(np.arange(rows), np.zeros(rows, np.int64), np.ones(rows, np.int64), {},
-                              np.arange(rows))
+                              np.ones(rows, np.int64))
         fields = varlen_fields(largest, self._padded_tokens(self.max_prefill_tokens), self.decode_batch_size(rows))
         fields += self._table_fields(rows * (self.max_blocks_per_seq + 1))
+        fields += pass_fields(self.max_prefill_tokens, rows, self.max_prefill_tokens)
         return PackedUpload.nbytes(fields + self.sampler.settings_fields(rows, rows * length))
 
     def _decode_layout(self, batch: int) -> Layout:
@@ -206,13 +214,22 @@ class ModelRunner:
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
         with self._on_device():
             self._apply_moves(plan.slot_moves)
-            readback = self._launch_mixed(plan) if plan.is_mixed else self._launch_decode(plan)
-        return InFlight(plan, readback)
+            if plan.is_mixed:
+                return self._launch_mixed(plan)
+            return InFlight(plan, self._launch_decode(plan))
 
-    def collect(self, step: InFlight) -> tuple[list[int], frozenset[int]]:
-        """(sampled id per row, rows whose logits were not finite); waits for the step if it is still running."""
+    def collect(self, step: InFlight) -> tuple[list, frozenset[int]]:
+        """(sampled id per row, or with verify passes each row's emitted ids; rows whose logits were not finite);
+        waits for the step if it is still running."""
         ResultRing.wait(step.readback)
-        return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max_bits)
+        bad_rows = self.sampler.nonfinite_rows(step.readback.row_max_bits)
+        if step.passes is None:
+            return step.readback.ids.tolist(), bad_rows
+        emitted, counts, pass_rows = step.passes
+        row_tokens: list[list[int]] = [[] for _ in range(step.plan.num_rows)]
+        for row, tokens, count in zip(pass_rows, emitted.tolist(), counts.tolist(), strict=True):
+            row_tokens[row] = tokens[:count]
+        return row_tokens, bad_rows
 
     def _apply_moves(self, moves: tuple[list[int], list[int]]) -> None:
         """Copy moved sequences' rows of every per-slot tensor (all sources read before any row is written)."""
@@ -254,27 +271,43 @@ class ModelRunner:
         logits = self.model.decode(inputs, self.kv_caches)  # [batch, vocab]
         self.sampler.sample(logits, slice(0, batch), mode)
 
-    def _launch_mixed(self, plan: StepPlan) -> Readback:
-        """One varlen forward over every row that computes tokens: decode rows (input from last_token) and prompt
-        chunks (input from the host); then the rows that reached the end of their prompt, and the decode rows,
-        sample. Runs eagerly (its shapes vary); decode-only steps keep their graphs."""
+    def _launch_mixed(self, plan: StepPlan) -> InFlight:
+        """One varlen forward over every row that computes tokens: decode rows (input from last_token), prompt
+        chunks and verify passes (input from the host); then the rows that reached the end of their prompt, the
+        decode rows and every position of a verify pass sample. Runs eagerly (its shapes vary); decode-only steps
+        keep their graphs."""
         rows = np.flatnonzero(plan.num_new_tokens)
         counts = plan.num_new_tokens[rows]
-        chunk_index = np.searchsorted(rows, plan.chunks)  # where each chunk row sits among `rows`
-        host_tokens = {int(i): plan.seqs[row].token_ids[plan.positions[row]:plan.positions[row] + counts[i]]
-                       for i, row in zip(chunk_index, plan.chunks, strict=True)}
-        batch = VarlenBatch(rows, plan.positions[rows], counts, host_tokens, np.flatnonzero(plan.tokens_per_row[rows]))
+        index_of = {row: i for i, row in enumerate(rows.tolist())}
+        host_tokens = {index_of[row]: plan.seqs[row].token_ids[plan.positions[row]:plan.positions[row] + counts[i]]
+                       for row, i in ((row, index_of[row]) for row in plan.chunks)}
+        drafts = {index_of[row]: draft for row, draft in plan.drafts.items()}
+        for row, draft in plan.drafts.items():
+            host_tokens[index_of[row]] = [plan.seqs[row].token_ids[-1], *draft]
+        logit_counts = np.minimum(plan.tokens_per_row[rows], 1)
+        for i, draft in drafts.items():
+            logit_counts[i] = len(draft) + 1
+        batch = VarlenBatch(rows, plan.positions[rows], counts, host_tokens, logit_counts, drafts)
         admitted = [plan.seqs[row] for row in plan.admitted]
         inputs, views = self._pack_varlen(batch, plan.new_blocks, plan.admitted, admitted)
         if admitted:
             self.sampler.load(views)
             self.sampler.load_processors(plan.admitted, admitted)
-        if len(batch.logit_seqs):
-            logits = self.model.prefill(inputs, self.kv_caches)[:len(batch.logit_seqs)]  # [sampling rows, vocab]
+        num_logits = int(logit_counts.sum())
+        logits = self.model.prefill(inputs, self.kv_caches)[:num_logits]  # [logit rows, vocab]
+        passes = None
+        if drafts:
+            num_passes = views["pass_slots"].shape[0]
+            pass_drafts = torch.full((num_passes * draft_width(batch),), -1, dtype=torch.int64, device=self.device)
+            pass_drafts.index_copy_(0, views["draft_index"], views["draft_tokens"])
+            emitted, emitted_counts = self.sampler.sample_positions(
+                logits, views["position_pass"], views["position_offset"], views["pass_slots"],
+                pass_drafts.view(num_passes, -1), plan.sampler_mode)
+            passes = (emitted, emitted_counts, rows[np.flatnonzero(logit_counts)].tolist())
+        elif num_logits:  # else only prompt chunks short of their end: their KV is all this step makes
             self.sampler.sample(logits, views["logit_slots"], plan.sampler_mode)
-        else:  # only prompt chunks short of their end: their KV is all this step makes
-            self.model.prefill(inputs, self.kv_caches)
-        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, plan.num_rows))
+        readback = self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, plan.num_rows))
+        return InFlight(plan, readback, passes)
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
         """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is
@@ -284,7 +317,7 @@ class ModelRunner:
         batch = VarlenBatch(slots, np.array([seq.num_cached_tokens for seq in seqs], dtype=np.int64),
                             np.array([len(seq.token_ids) - seq.num_cached_tokens for seq in seqs], dtype=np.int64),
                             {i: seq.token_ids[seq.num_cached_tokens:] for i, seq in enumerate(seqs)},
-                            np.arange(len(seqs)))
+                            np.ones(len(seqs), dtype=np.int64))
         entries = [(slot, column, block_id) for slot, seq in zip(slots.tolist(), seqs, strict=True)
                    for column, block_id in enumerate(seq.block_table)]
         return self._pack_varlen(batch, entries, [], [])[0]
@@ -294,7 +327,8 @@ class ModelRunner:
         """Upload a varlen batch with the block-table entries it adds and the sampler settings of the sequences it
         loads, in one copy; scatter the entries and bring in the decode rows' input ids (both on the device)."""
         num_tokens = batch.num_tokens
-        fields = varlen_fields(batch, self._padded_tokens(num_tokens), self.decode_batch_size(len(batch.logit_seqs)))
+        fields = varlen_fields(batch, self._padded_tokens(num_tokens),
+                               self._padded_logit_rows(max(int(batch.logit_counts.sum()), 1)))
         fields += self._table_fields(len(table_entries))
         fields += self.sampler.settings_fields(len(loaded), self.sampler.num_seen_tokens(loaded))
         layout = self.uploads.layout(fields)

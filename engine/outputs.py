@@ -28,6 +28,19 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class SpeculationStats:
+    """Prompt-lookup speculation of one request (prompt_lookup_num_tokens)."""
+
+    draft_tokens: int  # tokens drafted and checked
+    accepted_tokens: int  # drafts the model agreed with
+    verify_passes: int  # forward passes that checked drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     text: str  # generated text only; eos and a matched stop string are not part of it
     token_ids: list[int]  # generated ids, including the eos or the token that completed a stop string
@@ -36,6 +49,7 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     timings: Timings
     error: str | None = None  # why a request failed on its own (the others in the call still ran), or "aborted"
+    speculation: SpeculationStats | None = None  # with prompt_lookup_num_tokens
 
 
 @dataclass(frozen=True)
@@ -80,6 +94,7 @@ class OutputBuilder:
         self._created = time.perf_counter()
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
+        self._speculation = [0, 0, 0]  # SpeculationStats' fields
 
     @property
     def finished(self) -> bool:
@@ -134,6 +149,12 @@ class OutputBuilder:
             self._final.append(delta)
         return delta
 
+    def count_verify_pass(self, num_drafts: int, num_accepted: int) -> None:
+        """One forward pass checked num_drafts draft tokens and agreed with the first num_accepted."""
+        self._speculation[0] += num_drafts
+        self._speculation[1] += num_accepted
+        self._speculation[2] += 1
+
     def abort(self, reason: str, error: str) -> None:
         """Finish early ("abort" or "error"): the output keeps the tokens and the text released so far."""
         if self.finish_reason is None:
@@ -156,4 +177,6 @@ class OutputBuilder:
                 total_s=self._finished_at - self._created,
             ),
             error=self.error,
+            speculation=SpeculationStats(*self._speculation)
+            if self.params.prompt_lookup_num_tokens is not None else None,
         )

@@ -206,24 +206,79 @@ class SlotSampler:
             return
         self.row_max[rows] = logits.amax(dim=-1)
         row_ids = self._row_ids[rows] if isinstance(rows, slice) else rows  # int64 [rows]
-        floats, ints = self.float_settings[rows], self.int_settings[rows]
+        steps = self.int_settings[rows, STEP]
         processed = mode is SamplerMode.PROCESS
-        if processed:
-            lengths = ints[:, PROMPT_LEN] + ints[:, STEP]  # [rows]: tokens in the history
-            banned = banned_tokens(history=self.history[rows], lengths=lengths, ngram_sizes=ints[:, NGRAM],
-                                   patterns=self.patterns[rows], num_patterns=ints[:, NUM_PATTERNS],
-                                   static_bans=self.static_bans[rows], has_static_bans=ints[:, HAS_BANS] > 0,
-                                   eos_mask=self.eos_mask[rows], completion_lengths=ints[:, STEP],
-                                   min_new_tokens=ints[:, MIN_NEW_TOKENS])
-        ids = sample_rows(logits, temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
-                          penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=ints[:, STEP], seen=self.seen[rows],
-                          banned=banned if processed else None, min_p=floats[:, MIN_P] if processed else None,
-                          typical_p=floats[:, TYPICAL_P] if processed else None)
+        lengths = self.int_settings[rows, PROMPT_LEN] + steps if processed else None  # tokens in the history
+        ids = self._draw(logits, rows, steps, self.seen[rows], self.history[rows] if processed else None, lengths)
         self.last_token[rows] = ids
         if processed:
             self.history[row_ids, (HISTORY_MARGIN + lengths).clamp_(max=self.history.shape[1] - 1)] = ids
         self.int_settings[row_ids, STEP] += 1
         self.seen[row_ids, ids] = True
+
+    def _draw(self, logits: Tensor, rows: slice | Tensor, steps: Tensor, seen: Tensor, history: Tensor | None,
+              lengths: Tensor | None) -> Tensor:
+        """Token ids [R] for logits [R, vocab] whose settings are those of slots `rows`; the token counter, seen
+        mask and, with history (the PROCESS mode), the history and its lengths are the rows' own (a verify
+        position's differ from its slot's by the draft tokens before it)."""
+        floats, ints = self.float_settings[rows], self.int_settings[rows]
+        banned = None if history is None else banned_tokens(
+            history=history, lengths=lengths, ngram_sizes=ints[:, NGRAM], patterns=self.patterns[rows],
+            num_patterns=ints[:, NUM_PATTERNS], static_bans=self.static_bans[rows],
+            has_static_bans=ints[:, HAS_BANS] > 0, eos_mask=self.eos_mask[rows],
+            completion_lengths=steps, min_new_tokens=ints[:, MIN_NEW_TOKENS])
+        warped = history is not None
+        return sample_rows(logits, temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
+                           penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=steps, seen=seen, banned=banned,
+                           min_p=floats[:, MIN_P] if warped else None,
+                           typical_p=floats[:, TYPICAL_P] if warped else None)
+
+    def sample_positions(self, logits: Tensor, position_pass: Tensor, position_offset: Tensor, pass_slots: Tensor,
+                         pass_drafts: Tensor, mode: SamplerMode) -> tuple[Tensor, Tensor]:
+        """Sample every position of P verify passes and keep each pass's agreeing drafts (engine.prompt_lookup).
+
+        Pass p feeds slot pass_slots[p]'s last token and its drafts pass_drafts[p] (int64 [P, K], -1 padded);
+        logits row r [R, vocab] is position position_offset[r] of pass position_pass[r]: the token after the last
+        token and offset drafts, drawn as decoding token by token would draw it (noise counter, penalty, history
+        and min_new_tokens all advanced by the drafts before it). A pass emits its sampled tokens up to the first
+        that differs from the draft it checks, inclusive. Returns (emitted int64 [P, K + 1], -1 past each pass's
+        count; count int64 [P]), and leaves the slots' state as if the emitted tokens were sampled one by one.
+        """
+        num_passes, width = pass_drafts.shape
+        slots = pass_slots[position_pass]  # [R]
+        if mode is SamplerMode.GREEDY:
+            ids = logits.argmax(dim=-1)
+        else:
+            drafts = pass_drafts[position_pass]  # [R, K]
+            before = torch.arange(width, device=logits.device)[None, :] < position_offset[:, None]  # drafts fed
+            base_steps = self.int_settings[slots, STEP]
+            seen = self.seen[slots] | _token_mask(torch.where(before, drafts, -1), self.vocab_size)
+            history = lengths = None
+            if mode is SamplerMode.PROCESS:
+                lengths = self.int_settings[slots, PROMPT_LEN] + base_steps
+                history = self.history[slots]
+                _write_history(history, lengths, torch.where(before, drafts, -1))
+                lengths = lengths + position_offset
+            ids = self._draw(logits, slots, base_steps + position_offset, seen, history, lengths)
+        sampled = torch.full((num_passes, width + 1), -1, dtype=torch.int64, device=logits.device)
+        sampled[position_pass, position_offset] = ids
+        agree = (sampled[:, :width] == pass_drafts).to(torch.int64).cumprod(dim=1)
+        count = agree.sum(dim=1) + 1  # [P]
+        emitted = torch.where(torch.arange(width + 1, device=logits.device) < count[:, None], sampled, -1)
+        self.last_token[pass_slots] = sampled.gather(1, (count - 1)[:, None])[:, 0]
+        # row_max only flags non-finite logits: NaN where any position of the pass had some, else 0.
+        nonfinite = torch.zeros(num_passes, dtype=torch.int64, device=logits.device).index_add_(
+            0, position_pass, (~logits.amax(dim=-1).isfinite()).to(torch.int64))
+        self.row_max[pass_slots] = torch.where(nonfinite > 0, torch.nan, 0.0).to(self.row_max.dtype)
+        if mode is not SamplerMode.GREEDY:
+            if mode is SamplerMode.PROCESS:
+                history = self.history[pass_slots]
+                _write_history(history, self.int_settings[pass_slots, PROMPT_LEN]
+                               + self.int_settings[pass_slots, STEP], emitted)
+                self.history[pass_slots] = history
+            self.int_settings[pass_slots, STEP] += count
+            self.seen[pass_slots] |= _token_mask(emitted, self.vocab_size)
+        return emitted, count
 
     @property
     def row_max_bits_dtype(self) -> torch.dtype:
@@ -235,3 +290,17 @@ class SlotSampler:
         mask = _EXPONENT_MASKS[self.logits_dtype][1]
         bad = (row_max_bits & mask) == mask
         return frozenset(np.flatnonzero(bad).tolist()) if bad.any() else frozenset()
+
+
+def _token_mask(tokens: Tensor, vocab: int) -> Tensor:
+    """bool [R, vocab]: True at each row's tokens (int64 [R, K]; -1 entries mark nothing)."""
+    mask = torch.zeros(tokens.shape[0], vocab + 1, dtype=torch.bool, device=tokens.device)
+    mask.scatter_(1, torch.where(tokens >= 0, tokens, vocab), True)
+    return mask[:, :vocab]
+
+
+def _write_history(history: Tensor, lengths: Tensor, tokens: Tensor) -> None:
+    """Append tokens (int64 [R, K], -1 entries skipped) after each row's `lengths` tokens of history [R, W]."""
+    columns = (HISTORY_MARGIN + lengths[:, None] + torch.arange(tokens.shape[1], device=tokens.device)).clamp_(
+        max=history.shape[1] - 1)
+    history.scatter_(1, columns, torch.where(tokens >= 0, tokens, history.gather(1, columns)))

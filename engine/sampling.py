@@ -46,6 +46,9 @@ class SamplingParams:
     min_p: float = 0.0  # 0: off (sampling only)
     typical_p: float = 1.0  # 1: off (sampling only)
     eos_token_id: int | tuple[int, ...] | None = None  # None: the model's; several: stop at any of them
+    # Prompt-lookup speculation: draft this many tokens from the sequence's own n-grams, verify them in one pass.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None  # None: 2
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -91,6 +94,12 @@ class SamplingParams:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if not 0 < self.typical_p <= 1:
             raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p!r}")
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_natural(value) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.max_matching_ngram_size is not None and self.prompt_lookup_num_tokens is None:
+            raise ValueError("max_matching_ngram_size needs prompt_lookup_num_tokens (it sizes prompt-lookup drafts)")
 
     @property
     def greedy(self) -> bool:

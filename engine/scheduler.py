@@ -30,21 +30,23 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
+from hayabusa.engine.prompt_lookup import plan_drafts
 from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sequence import Sequence, SequenceStatus
 from hayabusa.engine.slots import NO_MOVES, SlotTable
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
-Deliver = Callable[[Sequence, "int | None", str], None]  # (sequence, its new token or None, its text delta)
+Deliver = Callable[[Sequence, "Seq[int]", str], None]  # (sequence, its new tokens, its text delta)
 
 
-def _ignore(seq: Sequence, token: int | None, delta: str) -> None:
+def _ignore(seq: Sequence, tokens: Seq[int], delta: str) -> None:
     pass
 
 
@@ -55,11 +57,13 @@ class StepPlan:
     A decode step (num_new_tokens None) computes, for each row with a position >= 0, one token fed from the device
     (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
     on: a decode row its one token from the device; a row in `chunks` the tokens seq.token_ids[positions[r]:
-    positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end).
+    positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end); a
+    row in `drafts` its last token and its drafts from the host (a verify pass).
     """
 
     seqs: list[Sequence]  # every running slot in order
-    # Tokens each row samples this step: 0 or 1 (a count with speculation); 0 for a prefill chunk short of the end.
+    # Tokens each row samples this step: 0 or 1; up to its drafts + 1 for a verify pass (how many, its read-back
+    # says); 0 for a prompt chunk short of its end.
     tokens_per_row: np.ndarray
     positions: np.ndarray  # int64 [rows]: the first position each row computes, -1 for a row with nothing to compute
     new_blocks: list[tuple[int, int, int]]  # (slot, column, block id) entries the block tables gain
@@ -67,6 +71,9 @@ class StepPlan:
     num_new_tokens: np.ndarray | None = None  # mixed steps: int64 [rows], tokens each row computes
     chunks: list[int] = field(default_factory=list)  # mixed steps: rows fed from the host, ascending
     admitted: list[int] = field(default_factory=list)  # mixed steps: rows whose sampler state loads this step
+    # Mixed steps: row -> prompt-lookup draft tokens; the row feeds its last token and them from the host and
+    # emits up to len + 1 tokens (a verify pass, engine.prompt_lookup). The step is read back at once.
+    drafts: dict[int, list[int]] = field(default_factory=dict)
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
 
@@ -125,39 +132,55 @@ class Scheduler:
 
     def schedule(self, results_in_flight: bool = False) -> StepPlan | None:
         """The next step, with block tables and slots ready for it; its sampled tokens count as in flight from
-        now on. None: blocks are short while results are in flight; read them back, then schedule again."""
+        now on. None: blocks are short, or a request drafts (prompt lookup reads every token), while results are in
+        flight; read them back, then schedule again."""
         slots = self.slots
+        if results_in_flight and slots.num_speculating:
+            return None
         grown = self._grow_decode_rows(results_in_flight)
         if grown is None:
             return None
         decoding, new_blocks = grown
+        drafts = plan_drafts(slots, self.block_manager, decoding, self.max_num_batched_tokens - int(decoding.sum()),
+                             new_blocks) if slots.num_speculating else {}
         chunks: list[tuple[Sequence, int, int]] = []
+        admitted: list[int] = []
         if self.prefilling or self.waiting:
-            budget = self.max_num_batched_tokens - (int(decoding.sum()) if self.chunked_prefill else 0)
-            chunks, admitted = self._plan_chunks(budget)
-        num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
-        if not chunks:  # a decode step
+            num_decode_tokens = int(decoding.sum()) + sum(map(len, drafts.values()))
+            chunks, admitted = self._plan_chunks(self.max_num_batched_tokens
+                                                 - (num_decode_tokens if self.chunked_prefill else 0))
+            if chunks and not self.chunked_prefill:
+                decoding[:], drafts = False, {}  # the decode rows wait for the prefills
+        if chunks or drafts:
+            plan = self._mixed_plan(decoding, chunks, admitted, drafts, new_blocks)
+        else:  # a decode step
+            num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
             positions = num_tokens * decoding - 1  # decode rows write num_tokens - 1; -1: nothing to compute
             num_tokens += decoding
             plan = StepPlan(slots.running(), decoding, positions, new_blocks, slots.sampler_mode)
-        else:
-            if not self.chunked_prefill:
-                decoding[:] = False  # the decode rows wait for the prefills
-            tokens_per_row = np.zeros(slots.count, dtype=bool)  # admissions took the slots past the decode rows
-            tokens_per_row[: len(decoding)] = decoding
-            positions = num_tokens * tokens_per_row - 1
-            num_new_tokens = tokens_per_row.astype(np.int64)
-            for seq, start, end in chunks:
-                positions[seq.slot], num_new_tokens[seq.slot] = start, end - start
-                tokens_per_row[seq.slot] = end == len(seq.token_ids)  # the prompt's last chunk samples
-            for row in admitted:
-                new_blocks += [(row, column, block_id) for column, block_id in enumerate(slots.seqs[row].block_table)]
-            num_tokens += tokens_per_row
-            plan = StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode,
-                            num_new_tokens, sorted(seq.slot for seq, _, _ in chunks), admitted)
         if plan.has_work:  # an idle plan is not launched: its moves wait for the next one
             plan.slot_moves = slots.take_moves()
         return plan
+
+    def _mixed_plan(self, decoding: np.ndarray, chunks: list[tuple[Sequence, int, int]], admitted: list[int],
+                    drafts: dict[int, list[int]], new_blocks: list[tuple[int, int, int]]) -> StepPlan:
+        slots = self.slots
+        tokens_per_row = np.zeros(slots.count, dtype=np.int64)  # admissions took the slots past the decode rows
+        tokens_per_row[: len(decoding)] = decoding
+        num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
+        positions = num_tokens * (tokens_per_row > 0) - 1
+        num_new_tokens = tokens_per_row.copy()
+        for row, draft in drafts.items():  # the last token and the drafts; each position may emit a token
+            num_new_tokens[row] = tokens_per_row[row] = len(draft) + 1
+        for seq, start, end in chunks:
+            positions[seq.slot], num_new_tokens[seq.slot] = start, end - start
+            tokens_per_row[seq.slot] = end == len(seq.token_ids)  # the prompt's last chunk samples
+        for row in admitted:
+            new_blocks += [(row, column, block_id) for column, block_id in enumerate(slots.seqs[row].block_table)]
+        # A speculating row's exact count is set when its step is read back, which the engine does at once.
+        num_tokens += np.minimum(tokens_per_row, 1)
+        return StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode, num_new_tokens,
+                        sorted(seq.slot for seq, _, _ in chunks), admitted, drafts)
 
     def _plan_chunks(self, budget: int) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
         """(sequence, first token, end) of each prompt chunk that fits `budget` tokens, continuing prefills first,
@@ -273,12 +296,15 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
-    def postprocess(self, plan: StepPlan, token_ids: list[int], bad_rows: frozenset[int] = frozenset(),
+    def postprocess(self, plan: StepPlan, token_ids: list, bad_rows: frozenset[int] = frozenset(),
                     deliver: Deliver = _ignore) -> None:
-        """Apply a launched step's sampled tokens, calling deliver(sequence, token or None, text delta) for each
-        sequence that got a token or failed. Publishes newly full blocks; frees finished sequences. bad_rows: rows
-        whose logits were not finite; their requests fail alone. Rows of sequences that finished meanwhile are
-        dropped."""
+        """Apply a launched step's sampled tokens, calling deliver(sequence, its new tokens, text delta) for each
+        sequence that got tokens or failed. token_ids: one id per row; for a step with verify passes, each row's
+        list of emitted ids. Publishes newly full blocks; frees finished sequences. bad_rows: rows whose logits were
+        not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped."""
+        if plan.drafts:
+            self._postprocess_passes(plan, token_ids, bad_rows, deliver)
+            return
         block_size = self.block_manager.block_size
         if plan.num_sampling_rows == plan.num_rows:
             rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
@@ -289,9 +315,7 @@ class Scheduler:
             if seq.status is not running:
                 continue  # finished (eos, stop string, abort) after this step was planned: its row is stale
             if bad_rows and row in bad_rows:
-                seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
-                self._release(seq)
-                deliver(seq, None, "")
+                self._fail_non_finite(seq, deliver)
                 continue
             seq.token_ids.append(token)
             delta = seq.output.append(token)
@@ -302,4 +326,41 @@ class Scheduler:
             if seq.output.finish_reason is not None:
                 seq.status = finished
                 self._release(seq)
-            deliver(seq, token, delta)
+            deliver(seq, (token,), delta)
+
+    def _fail_non_finite(self, seq: Sequence, deliver: Deliver) -> None:
+        seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
+        self._release(seq)
+        deliver(seq, (), "")
+
+    def _postprocess_passes(self, plan: StepPlan, row_tokens: list[list[int]], bad_rows: frozenset[int],
+                            deliver: Deliver) -> None:
+        """postprocess for a step with verify passes (read back at once, so nothing else is in flight): rows emit
+        several tokens; a speculating row's token count and blocks shrink to what it kept (the rejected drafts'
+        KV lies past its length, overwritten later; whole blocks of it are freed)."""
+        manager, slots = self.block_manager, self.slots
+        for row in plan.tokens_per_row.nonzero()[0].tolist():
+            seq = plan.seqs[row]
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if row in bad_rows:
+                self._fail_non_finite(seq, deliver)
+                continue
+            emitted, delta = [], ""
+            for token in row_tokens[row]:
+                seq.token_ids.append(token)
+                emitted.append(token)
+                delta += seq.output.append(token)
+                if seq.output.finish_reason is not None:
+                    break
+            if row in plan.drafts:
+                seq.output.count_verify_pass(len(plan.drafts[row]), len(row_tokens[row]) - 1)
+            manager.cache_computed_blocks(seq, len(seq.token_ids) - 1)
+            if seq.output.finish_reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                self._release(seq)
+            else:
+                slots.num_tokens[seq.slot] = len(seq.token_ids)
+                manager.trim(seq, manager.blocks_needed(len(seq.token_ids)))  # covers the next write
+                slots.capacity[seq.slot] = len(seq.block_table) * manager.block_size
+            deliver(seq, emitted, delta)

@@ -35,6 +35,7 @@ class SlotTable:
         self.prefilling = np.zeros(max_num_seqs, dtype=bool)  # its prompt is not all computed yet (no decoding)
         self.mode_counts = [0] * len(SamplerMode)  # running rows per sampler mode they need
         self.sampler_mode = SamplerMode.GREEDY  # the cheapest mode that serves every running row
+        self.num_speculating = 0  # running rows with prompt-lookup speculation
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
     def assign(self, seq: Sequence) -> int:
@@ -81,6 +82,7 @@ class SlotTable:
         return list(moves), list(moves.values())
 
     def _count_mode(self, seq: Sequence, change: int) -> None:
+        self.num_speculating += change * (seq.params.prompt_lookup_num_tokens is not None)
         self.mode_counts[row_mode(seq.params)] += change
         self.sampler_mode = max((mode for mode in SamplerMode if self.mode_counts[mode]), default=SamplerMode.GREEDY)
 
