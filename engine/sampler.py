@@ -104,6 +104,7 @@ class SlotSampler:
                                   device=device)
         self._processor_uploads = PackedUpload(1 << 16, device)
         self._row_ids = torch.arange(max_num_seqs, device=device)  # static: a slice of it indexes a slice's rows
+        self._true = torch.ones((), dtype=torch.bool, device=device)  # a device value: writes copy nothing (graphs)
 
     def per_slot_tensors(self) -> list[Tensor]:
         """The tensors whose rows move with a sequence when it changes slot."""
@@ -214,7 +215,7 @@ class SlotSampler:
         if processed:
             self.history[row_ids, (HISTORY_MARGIN + lengths).clamp_(max=self.history.shape[1] - 1)] = ids
         self.int_settings[row_ids, STEP] += 1
-        self.seen[row_ids, ids] = True
+        self.seen[row_ids, ids] = self._true
 
     def _draw(self, logits: Tensor, rows: slice | Tensor, steps: Tensor, seen: Tensor, history: Tensor | None,
               lengths: Tensor | None) -> Tensor:
