@@ -279,8 +279,7 @@ class PagedEngine:
     def close(self) -> None:
         """Release the KV pool and graphs; the engine cannot be used afterwards."""
         with self._cond:
-            self.runner.graphs.clear()
-            self.runner.kv_caches.clear()
+            self.runner.close()
 
 
 def _never() -> bool:

@@ -1,14 +1,20 @@
 """Runs FastModel on planned steps: owns the paged KV pool and the per-slot device state, launches each step
 without waiting for it, and reads its sampled ids back when the engine asks (one step later).
 
-KV pool: per layer a (k_cache, v_cache) pair [num_blocks, block_size, heads, head_dim] in the model dtype. Its size
-is given (`num_kv_blocks`) or taken from free memory: on CUDA what is left after the weights, minus room for the
-activations of the largest prefill; on a CPU half of the available RAM (the same minus), capped at
-CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small models).
+KV pool: one tensor [layers, 2, num_blocks, block_size, heads, head_dim] in the model dtype, whose per-layer
+(k_cache, v_cache) views the model reads, so that a step's copy-on-write block copies (forked sequences) are one
+batched index copy across every layer. Its size is given (`num_kv_blocks`) or taken from free memory: on CUDA what
+is left after the weights, minus room for the activations of the largest prefill; on a CPU half of the available
+RAM (the same minus), capped at CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small
+models).
 
 Per-slot state (rows are engine.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
 extra last row absorbs the padding entries of a step's block-table update, and the SlotSampler's tensors (the
-next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves).
+next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves)
+and are copied to forked ones.
+
+Before a step's forward, in stream order, its bookkeeping (one small upload, only when there is any): slot-row moves
+and fork copies, sampler settings of sequences forked since the last step, copy-on-write KV block copies.
 
 A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
 then the block-table scatter, FastModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
@@ -113,11 +119,10 @@ class ModelRunner:
         if num_kv_blocks is None:
             num_kv_blocks = self._blocks_that_fit(max_num_batched_tokens, gpu_memory_utilization)
         self.num_kv_blocks = num_kv_blocks
-        shape = (num_kv_blocks, block_size, config.num_attention_heads, config.head_dim)
+        shape = (config.num_hidden_layers, 2, num_kv_blocks, block_size, config.num_attention_heads, config.head_dim)
         # Zeroed, not empty: a kernel's masked tile never sees stale NaN bit patterns.
-        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
-                           torch.zeros(shape, dtype=model.dtype, device=self.device))
-                          for _ in range(config.num_hidden_layers)]
+        self.kv_pool = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_pool]  # contiguous views
 
         self.block_tables = torch.zeros(max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
@@ -126,9 +131,10 @@ class ModelRunner:
         self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
         self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
                                         PackedUpload.nbytes(self._prefill_fields(
-                                            max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
+                                            max_num_seqs, max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
                                             max_num_seqs * config.max_position_embeddings, True))), self.device)
-        self.move_uploads = PackedUpload(2 * max_num_seqs * 8, self.device)
+        self.bookkeeping_uploads = PackedUpload(PackedUpload.nbytes(self._bookkeeping_fields(*(max_num_seqs,) * 3)),
+                                                self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
         self._decode_layouts: dict[int, Layout] = {}
         # The torch op set reads indices back to the host (a sync no graph capture allows); it runs eagerly.
@@ -179,15 +185,23 @@ class ModelRunner:
         return [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
                 ("table_index", torch.int64, (batch,))]
 
-    def _prefill_fields(self, num_seqs: int, num_tokens: int, num_seen: int, settings: bool) -> list[Field]:
+    def _prefill_fields(self, num_rows: int, num_seqs: int, num_tokens: int, num_seen: int,
+                        settings: bool) -> list[Field]:
+        """num_rows: the slots the prefill samples for; num_seqs: those that compute tokens (the rest are forks)."""
         fields = [("input_ids", torch.int64, (num_tokens,)), ("positions", torch.int32, (num_tokens,)),
                   ("cu_seqlens", torch.int32, (num_seqs + 1,)), ("context_lens", torch.int32, (num_seqs,)),
-                  ("last_token_rows", torch.int64, (self.decode_batch_size(num_seqs),)),
-                  ("block_rows", torch.int32, (num_seqs, self.max_blocks_per_seq))]
+                  ("last_token_rows", torch.int64, (self.decode_batch_size(num_rows),)),
+                  ("block_rows", torch.int32, (num_rows, self.max_blocks_per_seq))]
         if settings:
-            fields += [("float_settings", torch.float32, (num_seqs, 3)), ("int_settings", torch.int64, (num_seqs, 3)),
+            fields += [("float_settings", torch.float32, (num_rows, 3)), ("int_settings", torch.int64, (num_rows, 3)),
                        ("seen_index", torch.int64, (num_seen,))]
         return fields
+
+    @staticmethod
+    def _bookkeeping_fields(num_moves: int, num_loads: int, num_copies: int) -> list[Field]:
+        return [("moves", torch.int64, (2, num_moves)), ("load_slots", torch.int64, (num_loads,)),
+                ("float_settings", torch.float32, (num_loads, 3)), ("int_settings", torch.int64, (num_loads, 3)),
+                ("block_copies", torch.int64, (2, num_copies))]
 
     def _decode_layout(self, batch: int) -> Layout:
         layout = self._decode_layouts.get(batch)
@@ -201,7 +215,7 @@ class ModelRunner:
         """Start one planned step on the device; its sampled ids are read with `collect`."""
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
         with self._on_device():
-            self._apply_moves(plan.slot_moves)
+            self._apply_bookkeeping(plan)
             readback = self._launch_prefill(plan) if plan.is_prefill else self._launch_decode(plan)
         return InFlight(plan, readback)
 
@@ -210,16 +224,31 @@ class ModelRunner:
         ResultRing.wait(step.readback)
         return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max_bits)
 
-    def _apply_moves(self, moves: tuple[list[int], list[int]]) -> None:
-        """Copy moved sequences' rows of every per-slot tensor (all sources read before any row is written)."""
-        destinations, sources = moves
-        if not destinations:
+    def _apply_bookkeeping(self, plan: StepPlan) -> None:
+        """Before the step: copy moved and forked sequences' rows of every per-slot tensor (all sources read before
+        any row is written), load forked sequences' sampler settings, copy shared KV blocks before their writes."""
+        (destinations, sources), loads, copies = plan.slot_moves, plan.settings_loads, plan.block_copies
+        if not (destinations or loads or copies):
             return
-        layout = self.move_uploads.layout([("rows", torch.int64, (2, len(destinations)))])
-        self.move_uploads.host_views(layout)["rows"][:] = (destinations, sources)
-        rows = self.move_uploads.upload(layout)["rows"]  # async: a blocking copy would wait for the device
-        for tensor in self._per_slot:
-            tensor.index_copy_(0, rows[0], tensor.index_select(0, rows[1]))
+        layout = self.bookkeeping_uploads.layout(self._bookkeeping_fields(len(destinations), len(loads), len(copies)))
+        host = self.bookkeeping_uploads.host_views(layout)
+        host["moves"][:] = (destinations, sources)
+        for i, seq in enumerate(loads):
+            host["load_slots"][i] = seq.slot
+            host["float_settings"][i], host["int_settings"][i] = settings_row(seq.params, seq.seed,
+                                                                              seq.num_completion_tokens)
+        if copies:
+            host["block_copies"][:] = np.asarray(copies).T
+        views = self.bookkeeping_uploads.upload(layout)  # async: a blocking copy would wait for the device
+        if destinations:
+            rows = views["moves"]
+            for tensor in self._per_slot:
+                tensor.index_copy_(0, rows[0], tensor.index_select(0, rows[1]))
+        if loads:
+            self.sampler.load_rows(views["load_slots"], views["float_settings"], views["int_settings"])
+        if copies:
+            blocks = views["block_copies"]  # [2, copies]: sources, destinations
+            self.kv_pool.index_copy_(2, blocks[1], self.kv_pool.index_select(2, blocks[0]))
 
     def _launch_decode(self, plan: StepPlan) -> Readback:
         rows = plan.num_rows
@@ -251,11 +280,11 @@ class ModelRunner:
         self.sampler.sample(logits, slice(0, batch), greedy_only)
 
     def _launch_prefill(self, plan: StepPlan) -> Readback:
-        num_seqs, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
-        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True)
+        num_rows, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
+        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True, forked_from=plan.forked_from)
         self.sampler.load(rows, views["float_settings"], views["int_settings"],
                           views["seen_index"] if views["seen_index"].numel() else None)
-        logits = self.model.prefill(inputs, self.kv_caches)[:num_seqs]  # [num_seqs, vocab]
+        logits = self.model.prefill(inputs, self.kv_caches)[:num_rows]  # [num_rows, vocab]
         self.sampler.sample(logits, rows, plan.greedy_only)
         return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
 
@@ -265,23 +294,28 @@ class ModelRunner:
         prompts here, into idle slots). Rows past the real tokens pad a bucket (see the module docstring)."""
         return self._pack_prefill(seqs, first_slot, settings=False)[0]
 
-    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool) -> tuple[PrefillInputs, dict[str, Tensor]]:
-        num_seqs = len(seqs)
-        new_tokens = [len(seq.token_ids) - seq.num_cached_tokens for seq in seqs]
+    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool,
+                      forked_from: list[int] = ()) -> tuple[PrefillInputs, dict[str, Tensor]]:
+        """Rows first_slot...: seqs; the last len(forked_from) of them compute nothing and take the last-token row
+        of the sequence they were forked from."""
+        num_rows = len(seqs)
+        num_seqs = num_rows - len(forked_from)
+        new_tokens = [len(seq.token_ids) - seq.num_cached_tokens for seq in seqs[:num_seqs]]
         num_tokens = sum(new_tokens)
         penalized = [i for i, seq in enumerate(seqs) if settings and seq.params.repetition_penalty != 1.0]
         num_seen = sum(len(seqs[i].token_ids) for i in penalized)
-        layout = self.uploads.layout(self._prefill_fields(num_seqs, self._padded_tokens(num_tokens), num_seen,
-                                                          settings))
+        layout = self.uploads.layout(self._prefill_fields(num_rows, num_seqs, self._padded_tokens(num_tokens),
+                                                          num_seen, settings))
         host = self.uploads.host_views(layout)
         cu_seqlens, block_rows = host["cu_seqlens"], host["block_rows"]
         cu_seqlens[0] = 0
         for i, seq in enumerate(seqs):
-            start, end = cu_seqlens[i], cu_seqlens[i] + new_tokens[i]
-            host["input_ids"][start:end] = seq.token_ids[seq.num_cached_tokens:]
-            host["positions"][start:end] = np.arange(seq.num_cached_tokens, len(seq.token_ids))
-            cu_seqlens[i + 1] = end
-            host["context_lens"][i] = len(seq.token_ids)
+            if i < num_seqs:
+                start, end = cu_seqlens[i], cu_seqlens[i] + new_tokens[i]
+                host["input_ids"][start:end] = seq.token_ids[seq.num_cached_tokens:]
+                host["positions"][start:end] = np.arange(seq.num_cached_tokens, len(seq.token_ids))
+                cu_seqlens[i + 1] = end
+                host["context_lens"][i] = len(seq.token_ids)
             block_rows[i, : len(seq.block_table)] = seq.block_table
             block_rows[i, len(seq.block_table):] = -1
             if settings:
@@ -291,7 +325,8 @@ class ModelRunner:
         host["positions"][num_tokens:] = 0
         last_rows = host["last_token_rows"]
         last_rows[:num_seqs] = cu_seqlens[1:] - 1
-        last_rows[num_seqs:] = last_rows[num_seqs - 1]
+        last_rows[num_seqs:num_rows] = last_rows[list(forked_from)]
+        last_rows[num_rows:] = last_rows[num_rows - 1]
         if num_seen:
             vocab, cursor, seen_index = self.config.vocab_size, 0, host["seen_index"]
             for i in penalized:
@@ -299,14 +334,20 @@ class ModelRunner:
                 seen_index[cursor:cursor + len(tokens)] = np.asarray(tokens, dtype=np.int64) + (first_slot + i) * vocab
                 cursor += len(tokens)
         views = self.uploads.upload(layout)
-        rows = slice(first_slot, first_slot + num_seqs)
-        self.block_tables[rows] = views["block_rows"]
+        self.block_tables[first_slot:first_slot + num_rows] = views["block_rows"]
         inputs = PrefillInputs(input_ids=views["input_ids"], positions=views["positions"],
                                cu_seqlens=views["cu_seqlens"], context_lens=views["context_lens"],
-                               block_tables=self.block_tables[rows], last_token_rows=views["last_token_rows"],
+                               block_tables=self.block_tables[first_slot:first_slot + num_seqs],
+                               last_token_rows=views["last_token_rows"],
                                max_seqlen_q=max(new_tokens), check_indices=False,
                                num_padding_rows=views["input_ids"].shape[0] - num_tokens)
         return inputs, views
+
+    def close(self) -> None:
+        """Release the KV pool and the graphs; the runner cannot be used afterwards."""
+        self.graphs.clear()
+        self.kv_caches.clear()
+        self.kv_pool = None
 
     # ---- warm-up ---------------------------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ class OutputBuilder:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.eos_token_id = eos_token_id
+        self._tokenizer = tokenizer
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -84,6 +85,15 @@ class OutputBuilder:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def fork(self) -> OutputBuilder:
+        """A builder for a fork of this unfinished request: its prompt, params and tokens so far (their text counts
+        as already released), timed from the same start."""
+        child = OutputBuilder(self._tokenizer, self.prompt_ids, self.params, self.eos_token_id)
+        for token_id in self.token_ids:
+            child.append(token_id)
+        child._created, child._first_token_at = self._created, self._first_token_at
+        return child
 
     def append(self, token_id: int) -> str:
         """Record one sampled token; return the text that became final (may be "")."""

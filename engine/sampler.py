@@ -60,6 +60,11 @@ class SlotSampler:
             self.seen[rows] = False
             self.seen.view(-1).index_fill_(0, seen_index, True)
 
+    def load_rows(self, slots: Tensor, float_settings: Tensor, int_settings: Tensor) -> None:
+        """Settings of running rows (int64 [k] slots; sequences forked since the last step: their own seeds)."""
+        self.float_settings.index_copy_(0, slots, float_settings)
+        self.int_settings.index_copy_(0, slots, int_settings)
+
     def sample(self, logits: Tensor, rows: slice, greedy_only: bool) -> None:
         """logits [rows, vocab] of slots rows.start.. -> last_token[rows], row_max[rows]; no host sync."""
         if greedy_only:

@@ -16,13 +16,18 @@ tokens are still in flight (`SlotTable.num_tokens` counts them):
 - preemption needs every token known (a recomputed sequence re-prefills its tokens): when blocks run short,
   `schedule` returns None and the engine reads the in-flight step back first, so preemption sees exactly what an
   engine without the lag would see.
+
+Forks: a request of n completions is admitted as one sequence whose prefill also serves n - 1 children forked from
+it (they share its blocks and sample their first tokens from its logits with their own seeds); `fork` forks a
+running sequence the same way at any later point. A fork writes into a shared block only after a copy-on-write
+(the plan's `block_copies`), and a preempted child is recomputed alone, like any sequence.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,13 +56,18 @@ class StepPlan:
     positions: np.ndarray | None  # decode: int64 [rows], the position each row writes, -1 for a row with none
     new_blocks: list[tuple[int, int, int]]  # decode: (slot, column, block id) entries the block table gains
     greedy_only: bool  # every row is served by the greedy fast path
+    # Prefill: the last len(forked_from) rows are children forked at admission from these rows: they compute no
+    # token of their own and sample from their parent's logits.
+    forked_from: list[int] = field(default_factory=list)
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
+    settings_loads: list[Sequence] = field(default_factory=list)  # running sequences whose sampler rows are reloaded
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) KV blocks, copy-on-write
 
     def __post_init__(self) -> None:
         self.num_rows = len(self.seqs)
         self.num_sampling_rows = int(np.count_nonzero(self.tokens_per_row))
-        self.has_work = self.num_sampling_rows > 0  # else nothing is launched
+        self.has_work = self.is_prefill or self.num_sampling_rows > 0  # else nothing is launched
 
 
 class Scheduler:
@@ -76,11 +86,16 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}  # admission order, oldest first (an ordered set)
         self.slots = SlotTable(max_num_seqs, block_manager.block_size)
+        self._settings_loads: list[Sequence] = []  # forked after the last launch: their sampler rows need loading
 
-    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise ValueError for a request that could never run: past the context, or bigger than the KV pool."""
+    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1) -> None:
+        """Raise ValueError for a request that could never run: past the context, bigger than the KV pool, or more
+        completions than can run at once."""
         if num_prompt_tokens < 1:
             raise ValueError("the prompt is empty; at least one token is needed")
+        if num_sequences > self.max_num_seqs:
+            raise ValueError(f"num_return_sequences {num_sequences} is more than the {self.max_num_seqs} sequences "
+                             f"the engine runs at once (max_num_seqs)")
         check_context_fits(num_prompt_tokens, max_new_tokens, self.max_model_len)
         # The last sampled token is never written to the cache.
         blocks = self.block_manager.blocks_needed(num_prompt_tokens + max_new_tokens - 1)
@@ -90,7 +105,8 @@ class Scheduler:
                              f"{self.block_manager.num_blocks} (raise kv_cache_blocks or lower max_new_tokens)")
 
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens)
+        """Queue a new request: one sequence, with its other completions in seq.fork_children."""
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens, 1 + len(seq.fork_children))
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -101,24 +117,31 @@ class Scheduler:
     def schedule(self, results_in_flight: bool = False) -> StepPlan | None:
         """The next step, with block tables and slots ready for it; its sampled tokens count as in flight from
         now on. None: blocks are short while results are in flight; read them back, then schedule again."""
-        prefill = self._admit()
+        prefill, forked_from = self._admit()
         if prefill:
             first_slot = prefill[0].slot
-            self.slots.num_tokens[first_slot:first_slot + len(prefill)] += 1
-            plan = StepPlan(True, prefill, first_slot, np.ones(len(prefill), dtype=bool), None, [],
-                            greedy_only=not any(needs_general_sampler(seq.params) for seq in prefill))
+            # A row samples unless its request asked for no new token (max_new_tokens 0: prompt logprobs only).
+            samples = np.array([seq.num_completion_tokens < seq.params.max_new_tokens for seq in prefill])
+            self.slots.num_tokens[first_slot:first_slot + len(prefill)] += samples
+            plan = StepPlan(True, prefill, first_slot, samples, None, [],
+                            greedy_only=not any(needs_general_sampler(seq.params) for seq in prefill),
+                            forked_from=forked_from)
         else:
             plan = self._schedule_decode(results_in_flight)
         if plan is not None and plan.has_work:  # an idle plan is not launched: its moves wait for the next one
             plan.slot_moves = self.slots.take_moves()
+            plan.settings_loads, self._settings_loads = self._settings_loads, []
         return plan
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> tuple[list[Sequence], list[int]]:
+        """(the admitted sequences, then the children forked from them; the row each child was forked from)."""
         prefill: list[Sequence] = []
-        num_batched_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        parents: list[int] = []  # rows of admitted sequences with children to fork
+        num_batched_tokens = num_children = 0
+        while self.waiting:
             seq = self.waiting[0]
-            if num_batched_tokens + len(seq) > self.max_num_batched_tokens \
+            if len(self.running) + num_children + 1 + len(seq.fork_children) > self.max_num_seqs \
+                    or num_batched_tokens + len(seq) > self.max_num_batched_tokens \
                     or not self.block_manager.can_allocate(seq):
                 break  # FIFO: later requests wait behind the oldest one
             self.block_manager.allocate(seq)
@@ -126,37 +149,90 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running[self.waiting.popleft()] = None
             self.slots.assign(seq)
+            if seq.fork_children:
+                parents.append(len(prefill))
+                num_children += len(seq.fork_children)
             prefill.append(seq)
-        return prefill
+        # Children take the rows after every admitted sequence, so the rows that compute stay contiguous.
+        forked_from: list[int] = []
+        for row in parents:
+            parent = prefill[row]
+            for child in parent.fork_children:
+                self._fork(parent, child, copy_device_row=False)
+                prefill.append(child)
+                forked_from.append(row)
+            parent.fork_children = []
+        return prefill, forked_from
+
+    # ---- forks -----------------------------------------------------------------------------------------------
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Fork a running sequence whose tokens are all known (none in flight) into children that continue from
+        its tokens: each child shares its KV blocks (copy-on-write at the first write into a shared block) and its
+        device rows (next input id, block table, seen tokens), and samples with its own seed from the next step on.
+        Each child is a fresh Sequence with parent's token_ids, num_prompt_tokens and params."""
+        if parent.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"sequence {parent.seq_id} is {parent.status.value}; only a running sequence forks")
+        if self.slots.num_tokens[parent.slot] != len(parent.token_ids):
+            raise RuntimeError(f"sequence {parent.seq_id} has a sampled token in flight; read it back before forking")
+        if len(self.running) + len(children) > self.max_num_seqs:
+            raise ValueError(f"{len(children)} children do not fit beside {len(self.running)} running sequences "
+                             f"(max_num_seqs {self.max_num_seqs})")
+        for child in children:
+            if (child.token_ids, child.num_prompt_tokens, child.params) != \
+                    (parent.token_ids, parent.num_prompt_tokens, parent.params):
+                raise ValueError(f"fork child {child.seq_id} must hold the tokens, prompt length and params of "
+                                 f"sequence {parent.seq_id}")
+            self._fork(parent, child, copy_device_row=True)
+            self._settings_loads.append(child)
+
+    def _fork(self, parent: Sequence, child: Sequence, copy_device_row: bool) -> None:
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running[child] = None
+        self.slots.fork(parent, child, copy_device_row=copy_device_row)
 
     def _schedule_decode(self, results_in_flight: bool) -> StepPlan | None:
         slots = self.slots
         num_tokens = slots.num_tokens[: slots.count]
         active = num_tokens < slots.max_tokens[: slots.count]
-        # Writing position num_tokens - 1 needs a new block when it lies past the row's block table.
-        rows = (active & (num_tokens > slots.capacity[: slots.count])).nonzero()[0].tolist()
+        # Writing position num_tokens - 1 needs a new block when it lies past the row's block table, and maybe a
+        # private copy of its block when the row was forked since its last write.
+        grows = active & (num_tokens > slots.capacity[: slots.count])
+        rows = grows.nonzero()[0].tolist()
+        shared_rows = (active & ~grows & slots.may_share_write_block[: slots.count]).nonzero()[0].tolist()
         grown: list[tuple[Sequence, int]] = []
-        if len(rows) <= self.block_manager.num_free_blocks:
+        copies: list[tuple[int, int]] = []
+        if len(rows) + len(shared_rows) <= self.block_manager.num_free_blocks:
             for row in rows:
                 seq = slots.seqs[row]
                 grown.append((seq, len(seq.block_table)))
                 self.block_manager.append_block(seq)
                 slots.capacity[row] += self.block_manager.block_size
+            for row in shared_rows:
+                copy = self.block_manager.copy_on_write(slots.seqs[row], int(num_tokens[row]) - 1)
+                if copy is not None:
+                    copies.append(copy)
+                    grown.append((slots.seqs[row], int(num_tokens[row] - 1) // self.block_manager.block_size))
+            slots.may_share_write_block[rows + shared_rows] = False
         elif results_in_flight:
             return None
         else:
-            grown = self._grow_or_preempt()
+            grown, copies = self._grow_or_preempt()
             num_tokens = slots.num_tokens[: slots.count]
             active = num_tokens < slots.max_tokens[: slots.count]
         positions = num_tokens * active - 1  # num_tokens - 1, or -1 for a row with nothing to compute
         num_tokens += active  # a view: updates the slot table
         new_blocks = [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
-        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, greedy_only=slots.num_general == 0)
+        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, greedy_only=slots.num_general == 0,
+                        block_copies=copies)
 
-    def _grow_or_preempt(self) -> list[tuple[Sequence, int]]:
+    def _grow_or_preempt(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
         """Blocks are short and every token is known: give each running sequence, oldest first, the block its next
-        token needs, preempting the newest (or, if it is the newest, the sequence itself) until it fits."""
+        token needs (new, or a private copy of a shared one), preempting the newest (or, if it is the newest, the
+        sequence itself) until it fits. Returns the (sequence, column) entries that changed and the block copies."""
         grown: list[tuple[Sequence, int]] = []
+        copies: list[tuple[int, int]] = []
         queue = deque(self.running)
         while queue:
             seq = queue.popleft()
@@ -168,11 +244,15 @@ class Scheduler:
                     break
             else:
                 column = len(seq.block_table)
-                self.block_manager.may_append(seq)
-                if len(seq.block_table) > column:
+                copy = self.block_manager.may_append(seq)
+                self.slots.may_share_write_block[seq.slot] = False
+                if copy is not None:
+                    copies.append(copy)
+                    grown.append((seq, (len(seq.token_ids) - 1) // self.block_manager.block_size))
+                elif len(seq.block_table) > column:
                     grown.append((seq, column))
                     self.slots.capacity[seq.slot] = len(seq.block_table) * self.block_manager.block_size
-        return grown
+        return grown, copies
 
     # ---- leaving ---------------------------------------------------------------------------------------------
 

@@ -9,7 +9,9 @@ they land in stream order after any step still in flight.
 Host mirrors per row (numpy, updated in place, never rebuilt): `num_tokens`, the tokens including a sampled token
 still in flight (the next decode writes position num_tokens - 1); `max_tokens`, prompt + max_new_tokens (a row
 whose num_tokens reached it has nothing left to compute: its last token is never written to the cache); and
-`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler).
+`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler); and
+`may_share_write_block`, set for a forked row and its parent until their next write: the block that write lands in
+may be held by the other too, so the scheduler checks it for a copy-on-write.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class SlotTable:
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
+        self.may_share_write_block = np.zeros(max_num_seqs, dtype=bool)
         self.num_general = 0  # rows that need the general sampler
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
@@ -50,7 +53,18 @@ class SlotTable:
         self.num_tokens[slot] = len(seq.token_ids)
         self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
         self.capacity[slot] = len(seq.block_table) * self.block_size
+        self.may_share_write_block[slot] = False
         self.num_general += needs_general_sampler(seq.params)
+        return slot
+
+    def fork(self, parent: Sequence, child: Sequence, *, copy_device_row: bool) -> int:
+        """Give child, whose tokens and blocks are parent's (none in flight), the next free row. copy_device_row:
+        the child's device state (next input id, block table row, sampling settings, seen tokens) is parent's row,
+        copied at the next launch; else the step that admits both loads it."""
+        slot = self.assign(child)
+        self.may_share_write_block[[parent.slot, slot]] = True
+        if copy_device_row:
+            self._moves[slot] = self._moves.get(parent.slot, parent.slot)  # what parent's row holds or will hold
         return slot
 
     def release(self, seq: Sequence) -> None:
@@ -66,6 +80,7 @@ class SlotTable:
             self.num_tokens[slot] = self.num_tokens[last]
             self.max_tokens[slot] = self.max_tokens[last]
             self.capacity[slot] = self.capacity[last]
+            self.may_share_write_block[slot] = self.may_share_write_block[last]
             # Chained moves compose: the row takes whatever the last row was itself still waiting to receive.
             self._moves[slot] = self._moves.pop(last, last)
         else:

@@ -1,0 +1,110 @@
+"""Forks on the real runner (torch op set, CPU): sequences that share KV blocks, copy-on-write of the block they
+write next, and children that sample with their own seeds.
+
+A running sequence is forked mid-decode (Scheduler.fork); each child must continue exactly as a teacher-forced
+oracle does: the reference model's full forward over the child's tokens, sampled with the child's seed and step
+(so its KV blocks, the copied block, its moved device rows and its own settings are all right).
+"""
+
+import pytest
+import torch
+
+from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.sampling import SamplingParams, sample_next_tokens
+from hayabusa.engine.sequence import Delivery
+from hayabusa.tokenizer import Tokenizer
+
+from hf_oracle import random_hf_model
+
+TOKENIZER = Tokenizer.from_pretrained()
+PROMPT = [5, 17, 9, 3, 77, 1]  # 6 tokens: blocks of 4 leave the second block half full
+GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
+SAMPLED = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
+                         repetition_penalty=1.3, seed=7, ignore_eos=True)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    _, config, state_dict = random_hf_model(43, hidden=64, heads=2, layers=2, vocab=101, max_positions=64,
+                                            tied=False)
+    return config, state_dict
+
+
+def make_engine(config, state_dict, **kwargs) -> PagedEngine:
+    kwargs = {"kv_cache_blocks": 32, "block_size": 4, **kwargs}
+    return PagedEngine(config, state_dict, TOKENIZER, device="cpu", ops="torch", **kwargs)
+
+
+def step_in_lockstep(engine: PagedEngine) -> None:
+    """One step of the engine's scheduler and runner with no read-back lag (every token known afterwards)."""
+    plan = engine.scheduler.schedule()
+    if plan.has_work:
+        step = engine.runner.launch(plan)
+        if plan.is_prefill:
+            engine.scheduler.publish_prefilled(plan)
+        engine.scheduler.postprocess(plan, *engine.runner.collect(step))
+
+
+def oracle_continuation(config, state_dict, seq, num_tokens: int) -> list[int]:
+    """The next num_tokens tokens of seq's request, from the reference model's full forward at each step."""
+    reference = ReferenceModel(config, state_dict)
+    tokens = list(seq.token_ids)
+    for _ in range(num_tokens):
+        logits = reference(torch.tensor([tokens]))[0, -1:]
+        step = len(tokens) - seq.num_prompt_tokens
+        tokens.append(int(sample_next_tokens(logits, [seq.params], [tokens], [seq.seed], [step])[0]))
+    return tokens[len(seq.token_ids):]
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_a_running_sequence_forks_and_its_children_continue_on_their_own(model, params) -> None:
+    config, state_dict = model
+    engine = make_engine(config, state_dict)
+    scheduler, manager = engine.scheduler, engine.block_manager
+    parent = engine._new_sequence(PROMPT, params, Delivery.RESULT)
+    scheduler.add(parent)
+    step_in_lockstep(engine)  # prefill: the first token
+    step_in_lockstep(engine)  # 8 tokens: the next write (position 7) lands in the half-full second block
+    children = [parent.fork(100 + j, seed=11 + j) for j in range(2)]
+    free_before = manager.num_free_blocks
+    scheduler.fork(parent, children)
+    assert manager.num_free_blocks == free_before  # nothing copied yet
+    assert all(child.block_table == parent.block_table for child in children)
+    shared = parent.block_table[1]
+    assert manager.blocks[shared].ref_count == 3
+
+    plan = scheduler.schedule()
+    # Two of the three holders copy the shared block before writing into it; the last one writes in place.
+    assert [source for source, _ in plan.block_copies] == [shared, shared]
+    assert manager.num_free_blocks == free_before - 2
+    expected = {seq.seq_id: oracle_continuation(config, state_dict, seq, 6) for seq in [parent, *children]}
+    known = {seq.seq_id: len(seq.token_ids) for seq in [parent, *children]}
+    step = engine.runner.launch(plan)
+    scheduler.postprocess(plan, *engine.runner.collect(step))
+    while scheduler.has_work():
+        step_in_lockstep(engine)
+    for seq in [parent, *children]:
+        assert seq.output.finish_reason == "length"
+        assert seq.token_ids[known[seq.seq_id]:] == expected[seq.seq_id], seq.seq_id
+    if params is GREEDY:  # one greedy stream, three copies of it
+        assert children[0].token_ids == children[1].token_ids == parent.token_ids
+    else:
+        assert len({tuple(seq.token_ids) for seq in [parent, *children]}) == 3
+    assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
+
+
+def test_fork_refuses_a_token_in_flight_and_foreign_children(model) -> None:
+    config, state_dict = model
+    engine = make_engine(config, state_dict)
+    parent = engine._new_sequence(PROMPT, GREEDY, Delivery.RESULT)
+    engine.scheduler.add(parent)
+    plan = engine.scheduler.schedule()  # its first token is in flight
+    with pytest.raises(RuntimeError, match="sampled token in flight"):
+        engine.scheduler.fork(parent, [parent.fork(100, seed=1)])
+    engine.scheduler.postprocess(plan, *engine.runner.collect(engine.runner.launch(plan)))
+    stranger = engine._new_sequence(PROMPT, SAMPLED, Delivery.RESULT)
+    with pytest.raises(ValueError, match="must hold the tokens, prompt length and params"):
+        engine.scheduler.fork(parent, [stranger])
