@@ -43,9 +43,10 @@ class RequestUpdate:
     """What one engine step made known about one request (the paged engine's `step()` returns these)."""
 
     request_id: int
-    new_token_ids: list[int]  # tokens of this request that became known this step (usually 1)
+    new_token_ids: list[int]  # tokens of this completion that became known this step (usually 1)
     text_delta: str  # text that became final (text that could still start a stop string is held back)
-    finished: GenerationOutput | None  # the final output on the request's last update, else None
+    finished: GenerationOutput | None  # the final output on the completion's last update, else None
+    index: int = 0  # which of the request's num_return_sequences completions this is about
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Processing order follows transformers' generate: repetition penalty on the raw logits, then temperature,
 top-k, top-p. Random draws are counter-based: the noise for a request's n-th token is a hash of
-(seed, n, token id), so a seeded request gives the same tokens whatever else shares its batch.
+(seed, n, token id), so a seeded request gives the same tokens whatever else shares its batch. A request of
+num_return_sequences completions seeds completion j with `completion_seed(seed, j)`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    num_return_sequences: int = 1  # completions of the prompt; they share its KV blocks
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -47,6 +49,8 @@ class SamplingParams:
                              f"got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
 
     @property
     def greedy(self) -> bool:
@@ -56,6 +60,16 @@ class SamplingParams:
 def request_seed(params: SamplingParams) -> int:
     """The seed that keys a request's sampling noise: params.seed, or a fresh random one when it is None."""
     return params.seed if params.seed is not None else random.getrandbits(62)
+
+
+def completion_seed(seed: int, index: int) -> int:
+    """The seed of completion `index` of a request seeded `seed` (num_return_sequences > 1). Completion 0 keeps the
+    request's seed, so it equals the request's num_return_sequences=1 output; completion j > 0 takes the SplitMix64
+    hash of (seed, j), below 2**63. So completion j equals a num_return_sequences=1 request with this seed."""
+    if index == 0:
+        return seed
+    key = _splitmix64(_splitmix64(torch.tensor(seed ^ _COMPLETION_SALT, dtype=torch.int64)) ^ index)
+    return int(key) & ((1 << 63) - 1)
 
 
 def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],
@@ -156,6 +170,7 @@ def _to_signed(value: int) -> int:
 _GOLDEN = _to_signed(0x9E3779B97F4A7C15)
 _MIX1 = _to_signed(0xBF58476D1CE4E5B9)
 _MIX2 = _to_signed(0x94D049BB133111EB)
+_COMPLETION_SALT = 0x5EED_F0E4  # completion seeds are not the noise keys of (seed, step)
 
 
 def _logical_shift_right(x: Tensor, bits: int) -> Tensor:

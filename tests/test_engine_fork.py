@@ -6,12 +6,14 @@ oracle does: the reference model's full forward over the child's tokens, sampled
 (so its KV blocks, the copied block, its moved device rows and its own settings are all right).
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams, sample_next_tokens
+from hayabusa.engine.sampling import SamplingParams, completion_seed, sample_next_tokens
 from hayabusa.engine.sequence import Delivery
 from hayabusa.tokenizer import Tokenizer
 
@@ -108,3 +110,87 @@ def test_fork_refuses_a_token_in_flight_and_foreign_children(model) -> None:
     stranger = engine._new_sequence(PROMPT, SAMPLED, Delivery.RESULT)
     with pytest.raises(ValueError, match="must hold the tokens, prompt length and params"):
         engine.scheduler.fork(parent, [stranger])
+
+
+# ---- num_return_sequences: n completions of one prompt --------------------------------------------------------------
+
+LONG_PROMPT = [5, 17, 9, 3, 77, 1, 2, 3, 4, 5]  # blocks of 4: two full blocks and a half-full third
+
+
+def blocks_in_use_per_plan(engine: PagedEngine) -> list[int]:
+    """Blocks held after each step is planned."""
+    usage = []
+    schedule = engine.scheduler.schedule
+
+    def spying_schedule(results_in_flight=False):
+        plan = schedule(results_in_flight)
+        usage.append(engine.block_manager.num_blocks - engine.block_manager.num_free_blocks)
+        return plan
+
+    engine.scheduler.schedule = spying_schedule
+    return usage
+
+
+@pytest.mark.parametrize("kv_cache_blocks", [64, 8], ids=["roomy", "preempting"])
+def test_n_completions_share_the_prompt_and_equal_independent_seeded_runs(model, kv_cache_blocks) -> None:
+    config, state_dict = model
+    n_params = replace(SAMPLED, num_return_sequences=4)
+    independent = make_engine(config, state_dict).generate(
+        [LONG_PROMPT] * 4, [replace(SAMPLED, seed=completion_seed(SAMPLED.seed, j)) for j in range(4)])
+    assert completion_seed(SAMPLED.seed, 0) == SAMPLED.seed  # completion 0 is the request's n=1 output
+    engine = make_engine(config, state_dict, kv_cache_blocks=kv_cache_blocks)
+    usage = blocks_in_use_per_plan(engine)
+    preempted = []
+    preempt = engine.scheduler.preempt
+    engine.scheduler.preempt = lambda seq: (preempted.append(seq.index), preempt(seq))
+    outputs = engine.generate([LONG_PROMPT], [n_params])
+    assert [out.token_ids for out in outputs] == [out.token_ids for out in independent]
+    assert [out.text for out in outputs] == [out.text for out in independent]
+    assert len({tuple(out.token_ids) for out in outputs}) == 4
+    assert usage[0] == 3  # the prefill: the prompt's blocks, once for all four
+    if kv_cache_blocks == 64:
+        # 2 shared full blocks + per completion the third block (3 copied on write) and two more for its tokens,
+        # instead of 4 x 5 for four separate requests.
+        assert not preempted and max(usage) == 2 + 4 * 3
+    else:
+        assert preempted and 0 not in preempted  # the newest completions gave way and were recomputed alone
+    assert engine.block_manager.num_free_blocks == kv_cache_blocks
+    assert all(block.ref_count == 0 for block in engine.block_manager.blocks)
+
+
+def test_greedy_completions_are_copies_and_outputs_come_per_prompt_in_order(model) -> None:
+    config, state_dict = model
+    engine = make_engine(config, state_dict)
+    single = engine.generate([LONG_PROMPT, PROMPT], [GREEDY, GREEDY])
+    outputs = engine.generate([LONG_PROMPT, PROMPT, PROMPT], [replace(GREEDY, num_return_sequences=3), GREEDY,
+                                                              replace(GREEDY, num_return_sequences=2)])
+    assert [out.token_ids for out in outputs] == [single[0].token_ids] * 3 + [single[1].token_ids] * 3
+
+
+def test_updates_name_each_completion_and_abort_ends_them_all(model) -> None:
+    config, state_dict = model
+    engine = make_engine(config, state_dict)
+    params = replace(SAMPLED, max_new_tokens=20, num_return_sequences=3)
+    request = engine.add_request(LONG_PROMPT, params)
+    updates = engine.step() + engine.step() + engine.step()
+    assert {u.request_id for u in updates} == {request} and {u.index for u in updates} == {0, 1, 2}
+    engine.abort(request)
+    updates += engine.step()  # the abort's final updates come with the next step
+    finished = {u.index: u.finished for u in updates if u.finished is not None}
+    assert sorted(finished) == [0, 1, 2] and {out.finish_reason for out in finished.values()} == {"abort"}
+    for index, out in finished.items():
+        assert sum((u.new_token_ids for u in updates if u.index == index), []) == out.token_ids
+    assert engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_bad_completion_counts_are_refused(model) -> None:
+    config, state_dict = model
+    with pytest.raises(ValueError, match="num_return_sequences must be an integer >= 1, got 0"):
+        SamplingParams(num_return_sequences=0)
+    engine = make_engine(config, state_dict, max_num_seqs=2)
+    with pytest.raises(ValueError, match=r"num_return_sequences 3 is more than the 2 sequences .* \(max_num_seqs\)"):
+        engine.add_request(PROMPT, replace(GREEDY, num_return_sequences=3))
+    outputs = engine.generate([PROMPT, PROMPT], [replace(GREEDY, num_return_sequences=3), GREEDY])
+    assert [out.finish_reason for out in outputs] == ["error"] * 3 + ["length"]
+    with pytest.raises(ValueError, match="stream.. yields the text of one completion"):
+        engine.stream(PROMPT, replace(GREEDY, num_return_sequences=2))

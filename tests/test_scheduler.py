@@ -69,9 +69,12 @@ def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
     for row, seq in enumerate(plan.seqs):
         assert seq.status is SequenceStatus.RUNNING and seq.slot == plan.first_slot + row
     if plan.is_prefill:
-        assert sum(len(s) - s.num_cached_tokens for s in plan.seqs) <= scheduler.max_num_batched_tokens
+        computing = plan.seqs[: plan.num_rows - len(plan.forked_from)]  # the rest are forks of these, computing nothing
+        assert sum(len(s) - s.num_cached_tokens for s in computing) <= scheduler.max_num_batched_tokens
         for seq in plan.seqs:
             assert len(seq.block_table) == manager.blocks_needed(len(seq))  # room for every token to compute
+        for child, row in zip(plan.seqs[len(computing):], plan.forked_from, strict=True):
+            assert child.block_table == plan.seqs[row].block_table and child.request_id == plan.seqs[row].request_id
     else:
         for seq, position, count in zip(plan.seqs, plan.positions.tolist(), plan.tokens_per_row.tolist(),
                                         strict=True):
@@ -194,7 +197,8 @@ def test_blocks_short_with_tokens_in_flight_asks_for_them_first() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 3)), min_size=1, max_size=12),
+    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 3), st.integers(1, 3)),
+                      min_size=1, max_size=12),
     num_blocks=st.integers(6, 20),
     block_size=st.integers(1, 4),
     max_num_seqs=st.integers(1, 6),
@@ -205,14 +209,18 @@ def test_every_request_finishes_with_its_unconstrained_tokens(lagged, requests, 
     scheduler = make_scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=24,
                                max_model_len=24)
     seqs = []
-    for i, (prompt_len, max_new, family) in enumerate(requests):
+    for i, (prompt_len, max_new, family, num_completions) in enumerate(requests):
         prompt = [family + 1] * 4 + list(range(prompt_len))  # shared prefixes within a family
         try:
-            scheduler.check_fits(len(prompt), max_new)
+            scheduler.check_fits(len(prompt), max_new, num_completions)
         except ValueError:
             continue
-        seqs.append(make_seq(i, prompt, max_new))
-        scheduler.add(seqs[-1])
+        seq = make_seq(i, prompt, max_new)
+        # More completions of the prompt: forked at admission, sharing its blocks (the fake model is deterministic,
+        # so each must end with the same tokens, whatever copies, preemptions and recomputes it went through).
+        seq.fork_children = [seq.fork(100 * (i + 1) + j, seed=j, index=j) for j in range(1, num_completions)]
+        scheduler.add(seq)
+        seqs += [seq, *seq.fork_children]
     run_to_completion(scheduler, lagged)
     for seq in seqs:
         prompt = seq.token_ids[:seq.num_prompt_tokens]
