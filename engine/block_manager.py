@@ -78,15 +78,19 @@ class BlockManager:
 
     # ---- prompt (prefill) allocation -------------------------------------------------------------------------
 
-    def _cache_hits(self, token_ids: list[int]) -> list[int]:
-        """Block ids of the leading full blocks already computed for this exact prefix.
+    def _cache_hits(self, token_ids: list[int], max_cached_tokens: int | None = None) -> list[int]:
+        """Block ids of the leading full blocks already computed for this exact prefix, within its first
+        max_cached_tokens tokens.
 
-        The last token is never taken from the cache: its logits are needed, so at least one token is always
-        computed (a prompt that is an exact multiple of block_size still recomputes its last block).
+        By default the last token is never taken from the cache: its logits are needed, so at least one token is
+        always computed (a prompt that is an exact multiple of block_size still recomputes its last block). A
+        sequence that needs logits from an earlier position on (prompt logprobs) passes a smaller limit.
         """
+        if max_cached_tokens is None:
+            max_cached_tokens = len(token_ids) - 1
         hits: list[int] = []
         prefix_hash = b""
-        for i in range((len(token_ids) - 1) // self.block_size):
+        for i in range(max_cached_tokens // self.block_size):
             block_tokens = token_ids[i * self.block_size:(i + 1) * self.block_size]
             prefix_hash = chained_block_hash(block_tokens, prefix_hash)
             block_id = self.hash_to_block_id.get(prefix_hash)
@@ -100,15 +104,16 @@ class BlockManager:
         revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
         return self.blocks_needed(num_tokens) - len(hits) + revived <= self.num_free_blocks
 
-    def can_allocate(self, seq: PagedSequence) -> bool:
+    def can_allocate(self, seq: PagedSequence, max_cached_tokens: int | None = None) -> bool:
         """Whether every block of seq's tokens can be had now (cache hits on free blocks still take one)."""
-        return self._fits(len(seq.token_ids), self._cache_hits(seq.token_ids))
+        return self._fits(len(seq.token_ids), self._cache_hits(seq.token_ids, max_cached_tokens))
 
-    def allocate(self, seq: PagedSequence) -> None:
-        """Give seq a block table covering all its tokens; sets seq.num_cached_tokens to the prefix-cache hit."""
+    def allocate(self, seq: PagedSequence, max_cached_tokens: int | None = None) -> None:
+        """Give seq a block table covering all its tokens; sets seq.num_cached_tokens to the prefix-cache hit (at
+        most max_cached_tokens; default all but the last token)."""
         if seq.block_table:
             raise ValueError(f"sequence already holds blocks {seq.block_table}; deallocate it first")
-        hits = self._cache_hits(seq.token_ids)
+        hits = self._cache_hits(seq.token_ids, max_cached_tokens)
         if not self._fits(len(seq.token_ids), hits):
             raise ValueError(
                 f"cannot allocate {self.blocks_needed(len(seq.token_ids))} blocks: {self.num_free_blocks} free"

@@ -33,8 +33,9 @@ from torch import Tensor
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
+from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.model_runner import InFlight, ModelRunner
-from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, Timings
+from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
 from hayabusa.engine.sampling import SamplingParams, completion_seed
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
@@ -43,6 +44,7 @@ from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+SCORING = SamplingParams(max_new_tokens=0, prompt_logprobs=1)  # score(): the top-1 alternative tells greedy picks
 
 
 class PagedEngine:
@@ -184,21 +186,25 @@ class PagedEngine:
             if previous is not None:
                 self._process(previous, *results)
 
-    def _process(self, step: InFlight, token_ids: list[int], bad_rows: frozenset[int]) -> None:
-        """Hand one read-back step's tokens to their requests (under the lock)."""
-        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver)
+    def _process(self, step: InFlight, token_ids: list[int], bad_rows: frozenset[int],
+                 logprobs: StepLogprobs | None) -> None:
+        """Hand one read-back step's tokens (and logprobs) to their requests (under the lock)."""
+        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver, logprobs)
 
     def _deliver(self, seq: Sequence, token: int | None, delta: str) -> None:
         """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
         (generate() reads the final output)."""
-        if seq.status is SequenceStatus.FINISHED:
-            if all(other.is_finished for other in self._requests[seq.request_id]):
-                del self._requests[seq.request_id]
-            if seq.delivery is Delivery.UPDATES:
-                self._updates.append(RequestUpdate(seq.request_id, [] if token is None else [token], delta,
-                                                   seq.output.result(), seq.index))
-        elif seq.delivery is Delivery.UPDATES:
-            self._updates.append(RequestUpdate(seq.request_id, [token], delta, None, seq.index))
+        finished = seq.status is SequenceStatus.FINISHED
+        if finished and all(other.is_finished for other in self._requests[seq.request_id]):
+            del self._requests[seq.request_id]
+        if seq.delivery is Delivery.UPDATES:
+            output = seq.output
+            new_logprobs = output.logprobs[-1:] if token is not None and output.logprobs is not None else None
+            # The completion's first update (its first token, or its end without one) carries the prompt's.
+            first = len(output.token_ids) == (token is not None)
+            self._updates.append(RequestUpdate(seq.request_id, [] if token is None else [token], delta,
+                                               output.result() if finished else None, seq.index, new_logprobs,
+                                               output.prompt_logprobs if first else None))
         if delta and seq.delivery is Delivery.STREAM:
             seq.text_deltas.append(delta)
 
@@ -270,6 +276,37 @@ class PagedEngine:
             else:  # refused: one copy of the error per completion asked for
                 outputs += [seqs] * (p.num_return_sequences if isinstance(p, SamplingParams) else 1)
         return outputs
+
+    def score(self, pairs: Seq[tuple[Seq[int], Seq[int]]]) -> list[ScoreOutput]:
+        """The log-likelihood of each continuation after its context, (context ids, continuation ids) per pair, in
+        order. Each pair is one prefill-only request whose prompt is context + continuation: the LM head runs at
+        the continuation's positions only, and the context's full blocks may come from the prefix cache (contexts
+        shared between pairs are computed once). Raises ValueError for a pair that can never run, RuntimeError for
+        one that failed (non-finite logits)."""
+        seqs = []
+        for index, (context, continuation) in enumerate(pairs):
+            if not context or not continuation:
+                raise ValueError(f"pair {index}: the {'context' if not context else 'continuation'} is empty (the "
+                                 f"first token of a text has no logprob: give the context at least one token)")
+            try:
+                seq = self._new_sequence([*context, *continuation], SCORING, Delivery.RESULT)
+            except ValueError as err:
+                raise ValueError(f"pair {index}: {err}") from None
+            seq.score_from = len(context)
+            seqs.append(seq)
+        self._enqueue(seqs)
+        self._drive_until(lambda: all(seq.is_finished for seq in seqs))
+        scores = []
+        for index, seq in enumerate(seqs):
+            output = seq.output.result()
+            if output.finish_reason != "length":
+                raise RuntimeError(f"pair {index} could not be scored: {output.error}")
+            entries = output.prompt_logprobs[seq.score_from:]
+            logprobs = [entry.logprob for entry in entries]
+            scores.append(ScoreOutput(total_logprob=sum(logprobs), token_logprobs=logprobs,
+                                      is_greedy=all(entry.top[0][0] == entry.token_id for entry in entries),
+                                      token_ids=[entry.token_id for entry in entries]))
+        return scores
 
     def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[str]:
         """Yield text deltas as tokens are sampled; they join to generate()'s text. Closing the iterator early

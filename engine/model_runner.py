@@ -19,7 +19,13 @@ and fork copies, sampler settings of sequences forked since the last step, copy-
 A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
 then the block-table scatter, FastModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
 last_token[:B] (on CUDA one graph replay, captured per batch size B, greedy-only or general); then the read-back
-copy. Nothing in it waits for the host.
+copy. Nothing in it waits for the host. When a row's request wants logprobs, they are computed after the sampler
+(outside the graph, from the logits it left in its static output buffer) and ride the same read-back; a step with
+no such row launches exactly what it did without the feature.
+
+A prefill that scores prompts (prompt logprobs) runs the layers (`FastModel.prefill_hidden`), the LM head on the
+last tokens, and the LM head on the scored positions in chunks (engine.logprobs.prompt_logprobs); any other
+prefill runs `FastModel.prefill`, which computes logits at the last tokens only.
 
 Shapes (the triton op set): a decode of n rows runs as the smallest graph batch size B >= n, the extra rows at
 position -1 (the kernels skip them); a prefill of T new tokens runs T padded to prefill_bucket(T) (powers of two
@@ -43,6 +49,7 @@ from tqdm.auto import tqdm
 from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
+from hayabusa.engine.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
 from hayabusa.engine.sampler import SlotSampler, settings_row
 from hayabusa.engine.scheduler import StepPlan
 from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
@@ -128,11 +135,14 @@ class ModelRunner:
                                         device=self.device)
         self._trash_entry = max_num_seqs * self.max_blocks_per_seq  # flat index into the extra last row
         self.sampler = SlotSampler(max_num_seqs, config.vocab_size, model.dtype, self.device)
+        # Where every decode step (eager or graph) writes its logits, so that logprobs can read them after a replay.
+        self.decode_logits = torch.empty(max_num_seqs, config.vocab_size, dtype=model.dtype, device=self.device)
         self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
         self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
                                         PackedUpload.nbytes(self._prefill_fields(
                                             max_num_seqs, max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
-                                            max_num_seqs * config.max_position_embeddings, True))), self.device)
+                                            max_num_seqs * config.max_position_embeddings, True,
+                                            self.max_prefill_tokens))), self.device)
         self.bookkeeping_uploads = PackedUpload(PackedUpload.nbytes(self._bookkeeping_fields(*(max_num_seqs,) * 3)),
                                                 self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
@@ -185,16 +195,18 @@ class ModelRunner:
         return [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
                 ("table_index", torch.int64, (batch,))]
 
-    def _prefill_fields(self, num_rows: int, num_seqs: int, num_tokens: int, num_seen: int,
-                        settings: bool) -> list[Field]:
-        """num_rows: the slots the prefill samples for; num_seqs: those that compute tokens (the rest are forks)."""
+    def _prefill_fields(self, num_rows: int, num_seqs: int, num_tokens: int, num_seen: int, settings: bool,
+                        num_scored: int = 0) -> list[Field]:
+        """num_rows: the slots the prefill samples for; num_seqs: those that compute tokens (the rest are forks);
+        num_scored: prompt positions whose next token's logprob is computed."""
         fields = [("input_ids", torch.int64, (num_tokens,)), ("positions", torch.int32, (num_tokens,)),
                   ("cu_seqlens", torch.int32, (num_seqs + 1,)), ("context_lens", torch.int32, (num_seqs,)),
                   ("last_token_rows", torch.int64, (self.decode_batch_size(num_rows),)),
                   ("block_rows", torch.int32, (num_rows, self.max_blocks_per_seq))]
         if settings:
             fields += [("float_settings", torch.float32, (num_rows, 3)), ("int_settings", torch.int64, (num_rows, 3)),
-                       ("seen_index", torch.int64, (num_seen,))]
+                       ("seen_index", torch.int64, (num_seen,)), ("scored_rows", torch.int64, (num_scored,)),
+                       ("scored_targets", torch.int64, (num_scored,))]
         return fields
 
     @staticmethod
@@ -219,10 +231,12 @@ class ModelRunner:
             readback = self._launch_prefill(plan) if plan.is_prefill else self._launch_decode(plan)
         return InFlight(plan, readback)
 
-    def collect(self, step: InFlight) -> tuple[list[int], frozenset[int]]:
-        """(sampled id per row, rows whose logits were not finite); waits for the step if it is still running."""
-        ResultRing.wait(step.readback)
-        return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max_bits)
+    def collect(self, step: InFlight) -> tuple[list[int], frozenset[int], StepLogprobs | None]:
+        """(sampled id per row, rows whose logits were not finite, the step's logprobs when its plan wanted any);
+        waits for the step if it is still running."""
+        readback = step.readback
+        ResultRing.wait(readback)
+        return readback.ids.tolist(), self.sampler.nonfinite_rows(readback.row_max_bits), readback.logprobs
 
     def _apply_bookkeeping(self, plan: StepPlan) -> None:
         """Before the step: copy moved and forked sequences' rows of every per-slot tensor (all sources read before
@@ -269,24 +283,36 @@ class ModelRunner:
             graph.replay()
         else:
             self._decode_body(batch, plan.greedy_only, views)
-        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows))
+        sampled = token_logprobs(self.decode_logits[:rows], self.sampler.last_token[:rows]) \
+            if plan.wants_logprobs else None
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows), sampled)
 
     def _decode_body(self, batch: int, greedy_only: bool, views: dict[str, Tensor]) -> None:
-        """What a decode graph holds: reads only static device buffers."""
+        """What a decode graph holds: reads and writes only static device buffers (its logits: decode_logits)."""
         self.block_tables.view(-1).index_copy_(0, views["table_index"], views["table_block"])
         inputs = DecodeInputs(input_ids=self.sampler.last_token[:batch], positions=views["positions"],
                               block_tables=self.block_tables[:batch], check_indices=False)
-        logits = self.model.decode(inputs, self.kv_caches)  # [batch, vocab]
+        logits = self.model.decode(inputs, self.kv_caches, logits_out=self.decode_logits[:batch])  # [batch, vocab]
         self.sampler.sample(logits, slice(0, batch), greedy_only)
 
     def _launch_prefill(self, plan: StepPlan) -> Readback:
         num_rows, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
-        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True, forked_from=plan.forked_from)
+        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True, forked_from=plan.forked_from,
+                                           prompt_logprob_rows=plan.prompt_logprob_rows)
         self.sampler.load(rows, views["float_settings"], views["int_settings"],
                           views["seen_index"] if views["seen_index"].numel() else None)
-        logits = self.model.prefill(inputs, self.kv_caches)[:num_rows]  # [num_rows, vocab]
+        scored = None
+        if views["scored_rows"].numel():
+            hidden = self.model.prefill_hidden(inputs, self.kv_caches)  # [T, hidden]
+            logits = self.model.lm_head(hidden[inputs.last_token_rows])[:num_rows]  # [num_rows, vocab]
+            # The LM head runs at decode batch sizes only (the shapes warm-up compiled), as in any step.
+            scored = prompt_logprobs(self.model.lm_head, hidden, views["scored_rows"], views["scored_targets"],
+                                     self.decode_batch_size, min(PROMPT_CHUNK_ROWS, self.max_num_seqs))
+        else:
+            logits = self.model.prefill(inputs, self.kv_caches)[:num_rows]  # [num_rows, vocab]
         self.sampler.sample(logits, rows, plan.greedy_only)
-        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
+        sampled = token_logprobs(logits, self.sampler.last_token[rows]) if plan.wants_logprobs else None
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows, sampled, scored)
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
         """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is
@@ -294,18 +320,20 @@ class ModelRunner:
         prompts here, into idle slots). Rows past the real tokens pad a bucket (see the module docstring)."""
         return self._pack_prefill(seqs, first_slot, settings=False)[0]
 
-    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool,
-                      forked_from: list[int] = ()) -> tuple[PrefillInputs, dict[str, Tensor]]:
+    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool, forked_from: list[int] = (),
+                      prompt_logprob_rows: list[int] = ()) -> tuple[PrefillInputs, dict[str, Tensor]]:
         """Rows first_slot...: seqs; the last len(forked_from) of them compute nothing and take the last-token row
-        of the sequence they were forked from."""
+        of the sequence they were forked from. prompt_logprob_rows: sequences whose prompt positions from
+        score_from - 1 on are scored (scored_rows: their packed rows, scored_targets: the next prompt tokens)."""
         num_rows = len(seqs)
         num_seqs = num_rows - len(forked_from)
         new_tokens = [len(seq.token_ids) - seq.num_cached_tokens for seq in seqs[:num_seqs]]
         num_tokens = sum(new_tokens)
         penalized = [i for i, seq in enumerate(seqs) if settings and seq.params.repetition_penalty != 1.0]
         num_seen = sum(len(seqs[i].token_ids) for i in penalized)
+        num_scored = sum(seqs[i].num_prompt_tokens - seqs[i].score_from for i in prompt_logprob_rows)
         layout = self.uploads.layout(self._prefill_fields(num_rows, num_seqs, self._padded_tokens(num_tokens),
-                                                          num_seen, settings))
+                                                          num_seen, settings, num_scored))
         host = self.uploads.host_views(layout)
         cu_seqlens, block_rows = host["cu_seqlens"], host["block_rows"]
         cu_seqlens[0] = 0
@@ -327,6 +355,14 @@ class ModelRunner:
         last_rows[:num_seqs] = cu_seqlens[1:] - 1
         last_rows[num_seqs:num_rows] = last_rows[list(forked_from)]
         last_rows[num_rows:] = last_rows[num_rows - 1]
+        cursor = 0
+        for i in prompt_logprob_rows:  # position p's logits score token p + 1; the cached prefix ends before them
+            seq = seqs[i]
+            first, end = seq.score_from - 1, seq.num_prompt_tokens - 1
+            host["scored_rows"][cursor:cursor + end - first] = np.arange(first, end) - seq.num_cached_tokens \
+                + cu_seqlens[i]
+            host["scored_targets"][cursor:cursor + end - first] = seq.token_ids[first + 1:end + 1]
+            cursor += end - first
         if num_seen:
             vocab, cursor, seen_index = self.config.vocab_size, 0, host["seen_index"]
             for i in penalized:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from hayabusa.engine.logprobs import TokenLogprobs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 
@@ -36,6 +37,19 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     timings: Timings
     error: str | None = None  # why a request failed on its own (the others in the call still ran), or "aborted"
+    logprobs: list[TokenLogprobs] | None = None  # per token of token_ids, when SamplingParams.logprobs asked
+    # Per prompt token, when SamplingParams.prompt_logprobs asked: None for the first (it has no prefix).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    """How likely a continuation is after its context (Engine.score), from the model's raw logits."""
+
+    total_logprob: float  # log p(continuation | context): the sum of token_logprobs
+    token_logprobs: list[float]  # per continuation token, given the context and the continuation before it
+    is_greedy: bool  # every continuation token is the most likely token at its position (greedy decoding's pick)
+    token_ids: list[int]  # the continuation's tokens
 
 
 @dataclass(frozen=True)
@@ -47,6 +61,8 @@ class RequestUpdate:
     text_delta: str  # text that became final (text that could still start a stop string is held back)
     finished: GenerationOutput | None  # the final output on the completion's last update, else None
     index: int = 0  # which of the request's num_return_sequences completions this is about
+    new_logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the completion's first update, when asked
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,8 @@ class OutputBuilder:
         self.eos_token_id = eos_token_id
         self._tokenizer = tokenizer
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # set by the prefill that scores the prompt
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._stop_id = None if params.ignore_eos else eos_token_id
@@ -94,6 +112,9 @@ class OutputBuilder:
         for token_id in self.token_ids:
             child.append(token_id)
         child._created, child._first_token_at = self._created, self._first_token_at
+        child.prompt_logprobs = self.prompt_logprobs
+        if self.logprobs is not None:
+            child.logprobs = list(self.logprobs)
         return child
 
     def append(self, token_id: int) -> str:
@@ -113,6 +134,10 @@ class OutputBuilder:
         if text:
             self._final.append(text)
         return text
+
+    def end_of_prompt(self) -> None:
+        """Finish a request that generates nothing (max_new_tokens 0) once its prompt is processed."""
+        self._finish("length", "")
 
     def _append_checking_stops(self, text: str) -> str:
         """append() for a request with stop strings: text is everything decoded since the last delta."""
@@ -167,4 +192,6 @@ class OutputBuilder:
                 total_s=self._finished_at - self._created,
             ),
             error=self.error,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,
         )

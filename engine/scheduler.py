@@ -33,6 +33,7 @@ import numpy as np
 
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
+from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.sequence import Sequence, SequenceStatus
 from hayabusa.engine.slots import NO_MOVES, SlotTable, needs_general_sampler
 
@@ -56,6 +57,9 @@ class StepPlan:
     positions: np.ndarray | None  # decode: int64 [rows], the position each row writes, -1 for a row with none
     new_blocks: list[tuple[int, int, int]]  # decode: (slot, column, block id) entries the block table gains
     greedy_only: bool  # every row is served by the greedy fast path
+    wants_logprobs: bool = False  # some row's request wants its sampled tokens' logprobs
+    # Prefill: rows (of sequences that compute) whose prompt logprobs this step computes (Sequence.scores_prompt).
+    prompt_logprob_rows: list[int] = field(default_factory=list)
     # Prefill: the last len(forked_from) rows are children forked at admission from these rows: they compute no
     # token of their own and sample from their parent's logits.
     forked_from: list[int] = field(default_factory=list)
@@ -123,8 +127,11 @@ class Scheduler:
             # A row samples unless its request asked for no new token (max_new_tokens 0: prompt logprobs only).
             samples = np.array([seq.num_completion_tokens < seq.params.max_new_tokens for seq in prefill])
             self.slots.num_tokens[first_slot:first_slot + len(prefill)] += samples
+            num_computing = len(prefill) - len(forked_from)
             plan = StepPlan(True, prefill, first_slot, samples, None, [],
                             greedy_only=not any(needs_general_sampler(seq.params) for seq in prefill),
+                            wants_logprobs=any(seq.params.logprobs is not None for seq in prefill),
+                            prompt_logprob_rows=[row for row in range(num_computing) if prefill[row].scores_prompt],
                             forked_from=forked_from)
         else:
             plan = self._schedule_decode(results_in_flight)
@@ -142,9 +149,9 @@ class Scheduler:
             seq = self.waiting[0]
             if len(self.running) + num_children + 1 + len(seq.fork_children) > self.max_num_seqs \
                     or num_batched_tokens + len(seq) > self.max_num_batched_tokens \
-                    or not self.block_manager.can_allocate(seq):
+                    or not self.block_manager.can_allocate(seq, seq.num_cacheable_tokens):
                 break  # FIFO: later requests wait behind the oldest one
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, seq.num_cacheable_tokens)
             num_batched_tokens += len(seq) - seq.num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running[self.waiting.popleft()] = None
@@ -225,7 +232,7 @@ class Scheduler:
         num_tokens += active  # a view: updates the slot table
         new_blocks = [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
         return StepPlan(False, slots.running(), 0, active, positions, new_blocks, greedy_only=slots.num_general == 0,
-                        block_copies=copies)
+                        wants_logprobs=slots.num_logprob_rows > 0, block_copies=copies)
 
     def _grow_or_preempt(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
         """Blocks are short and every token is known: give each running sequence, oldest first, the block its next
@@ -289,11 +296,14 @@ class Scheduler:
                 self.block_manager.cache_computed_blocks(seq, len(seq.token_ids))
 
     def postprocess(self, plan: StepPlan, token_ids: list[int], bad_rows: frozenset[int] = frozenset(),
-                    deliver: Deliver = _ignore) -> None:
+                    deliver: Deliver = _ignore, logprobs: StepLogprobs | None = None) -> None:
         """Apply a launched step's sampled tokens, calling deliver(sequence, token or None, text delta) for each
         sequence that got a token or failed. Publishes newly full blocks; frees finished sequences. bad_rows: rows
         whose logits were not finite; their requests fail alone. Rows of sequences that finished meanwhile are
-        dropped."""
+        dropped. logprobs: the step's logprobs, when its plan wanted any."""
+        if plan.is_prefill and (plan.prompt_logprob_rows or plan.num_sampling_rows < plan.num_rows):
+            self._apply_prefill_results(plan, bad_rows, logprobs, deliver)
+        sampled = logprobs.sampled if logprobs is not None else None
         block_size = self.block_manager.block_size
         if plan.num_sampling_rows == plan.num_rows:
             rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
@@ -309,6 +319,8 @@ class Scheduler:
                 deliver(seq, None, "")
                 continue
             seq.token_ids.append(token)
+            if sampled is not None and seq.output.logprobs is not None:
+                seq.output.logprobs.append(sampled.entry(row, token, seq.params.logprobs))
             delta = seq.output.append(token)
             # Every token but the one just sampled now has its KV in the cache; a prefill's were published at launch.
             computed = len(seq.token_ids) - 1
@@ -318,3 +330,35 @@ class Scheduler:
                 seq.status = finished
                 self._release(seq)
             deliver(seq, token, delta)
+
+    def _apply_prefill_results(self, plan: StepPlan, bad_rows: frozenset[int], logprobs: StepLogprobs | None,
+                               deliver: Deliver) -> None:
+        """A prefill's prompt logprobs (forked children get their parent's), and the end of its requests that
+        sample nothing (max_new_tokens 0)."""
+        start = 0
+        for row in plan.prompt_logprob_rows:
+            seq = plan.seqs[row]
+            scored = seq.token_ids[seq.score_from:seq.num_prompt_tokens]
+            entries = logprobs.prompt.entries(start, scored, seq.params.prompt_logprobs) if scored else []
+            start += len(scored)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if entries is None:
+                seq.fail("error", f"{NON_FINITE_ERROR} in its prompt")
+                self._release(seq)
+                deliver(seq, None, "")
+            else:
+                seq.output.prompt_logprobs = [None] * seq.score_from + entries
+        num_computing = plan.num_rows - len(plan.forked_from)
+        for child, row in zip(plan.seqs[num_computing:], plan.forked_from, strict=True):
+            child.output.prompt_logprobs = plan.seqs[row].output.prompt_logprobs
+        for row in (plan.tokens_per_row == 0).nonzero()[0].tolist():
+            seq = plan.seqs[row]
+            if seq.status is SequenceStatus.RUNNING:
+                if row in bad_rows:
+                    seq.fail("error", NON_FINITE_ERROR)
+                else:
+                    seq.output.end_of_prompt()
+                    seq.status = SequenceStatus.FINISHED
+                self._release(seq)
+                deliver(seq, None, "")

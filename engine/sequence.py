@@ -46,6 +46,9 @@ class Sequence:
         self.block_table: list[int] = []
         self.slot = -1  # row of the engine's persistent per-sequence device state while running, else -1
         self.num_cached_tokens = 0  # leading tokens whose KV came from the prefix cache at the last allocation
+        # First prompt position whose logprob params.prompt_logprobs asks for (Engine.score starts at its
+        # continuation): its prefill computes logits from the position before it on.
+        self.score_from = 1
         self.num_preemptions = 0
         # The request's other completions, forked from this sequence when it is first admitted: its prefill serves
         # them all, and they share its prompt's KV blocks.
@@ -59,6 +62,7 @@ class Sequence:
                          self.delivery, seed=seed, request_id=self.request_id,
                          index=self.index if index is None else index)
         child.token_ids = list(self.token_ids)
+        child.score_from = self.score_from
         return child
 
     def __len__(self) -> int:
@@ -67,6 +71,17 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its next prefill computes its prompt's logprobs (asked for, and not computed by an earlier prefill)."""
+        return self.params.prompt_logprobs is not None and self.output.prompt_logprobs is None
+
+    @property
+    def num_cacheable_tokens(self) -> int:
+        """Leading tokens whose KV may come from the prefix cache: all but the last (its logits are needed), and
+        when it scores its prompt, none from the position before its first scored one (those logits are needed)."""
+        return self.score_from - 1 if self.scores_prompt else len(self.token_ids) - 1
 
     @property
     def is_finished(self) -> bool:

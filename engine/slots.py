@@ -40,6 +40,7 @@ class SlotTable:
         self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
         self.may_share_write_block = np.zeros(max_num_seqs, dtype=bool)
         self.num_general = 0  # rows that need the general sampler
+        self.num_logprob_rows = 0  # rows whose requests want their sampled tokens' logprobs
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
     def assign(self, seq: Sequence) -> int:
@@ -55,6 +56,7 @@ class SlotTable:
         self.capacity[slot] = len(seq.block_table) * self.block_size
         self.may_share_write_block[slot] = False
         self.num_general += needs_general_sampler(seq.params)
+        self.num_logprob_rows += seq.params.logprobs is not None
         return slot
 
     def fork(self, parent: Sequence, child: Sequence, *, copy_device_row: bool) -> int:
@@ -74,6 +76,7 @@ class SlotTable:
             raise RuntimeError(f"sequence {seq.seq_id} does not hold slot {slot}")
         seq.slot = -1
         self.num_general -= needs_general_sampler(seq.params)
+        self.num_logprob_rows -= seq.params.logprobs is not None
         if slot != last:
             moved = self.seqs[last]
             self.seqs[slot], moved.slot = moved, slot

@@ -44,10 +44,14 @@ def step_in_lockstep(engine: PagedEngine) -> None:
     """One step of the engine's scheduler and runner with no read-back lag (every token known afterwards)."""
     plan = engine.scheduler.schedule()
     if plan.has_work:
-        step = engine.runner.launch(plan)
         if plan.is_prefill:
             engine.scheduler.publish_prefilled(plan)
-        engine.scheduler.postprocess(plan, *engine.runner.collect(step))
+        run(engine, plan)
+
+
+def run(engine: PagedEngine, plan) -> None:
+    token_ids, bad_rows, logprobs = engine.runner.collect(engine.runner.launch(plan))
+    engine.scheduler.postprocess(plan, token_ids, bad_rows, logprobs=logprobs)
 
 
 def oracle_continuation(config, state_dict, seq, num_tokens: int) -> list[int]:
@@ -84,8 +88,7 @@ def test_a_running_sequence_forks_and_its_children_continue_on_their_own(model, 
     assert manager.num_free_blocks == free_before - 2
     expected = {seq.seq_id: oracle_continuation(config, state_dict, seq, 6) for seq in [parent, *children]}
     known = {seq.seq_id: len(seq.token_ids) for seq in [parent, *children]}
-    step = engine.runner.launch(plan)
-    scheduler.postprocess(plan, *engine.runner.collect(step))
+    run(engine, plan)
     while scheduler.has_work():
         step_in_lockstep(engine)
     for seq in [parent, *children]:
@@ -106,7 +109,7 @@ def test_fork_refuses_a_token_in_flight_and_foreign_children(model) -> None:
     plan = engine.scheduler.schedule()  # its first token is in flight
     with pytest.raises(RuntimeError, match="sampled token in flight"):
         engine.scheduler.fork(parent, [parent.fork(100, seed=1)])
-    engine.scheduler.postprocess(plan, *engine.runner.collect(engine.runner.launch(plan)))
+    run(engine, plan)
     stranger = engine._new_sequence(PROMPT, SAMPLED, Delivery.RESULT)
     with pytest.raises(ValueError, match="must hold the tokens, prompt length and params"):
         engine.scheduler.fork(parent, [stranger])
@@ -185,8 +188,6 @@ def test_updates_name_each_completion_and_abort_ends_them_all(model) -> None:
 
 def test_bad_completion_counts_are_refused(model) -> None:
     config, state_dict = model
-    with pytest.raises(ValueError, match="num_return_sequences must be an integer >= 1, got 0"):
-        SamplingParams(num_return_sequences=0)
     engine = make_engine(config, state_dict, max_num_seqs=2)
     with pytest.raises(ValueError, match=r"num_return_sequences 3 is more than the 2 sequences .* \(max_num_seqs\)"):
         engine.add_request(PROMPT, replace(GREEDY, num_return_sequences=3))

@@ -66,7 +66,8 @@ def spy_sampling_rows(engine: PagedEngine) -> dict[int, int]:
 def spy_shapes(engine: PagedEngine, shapes: list[tuple[str, int]]) -> None:
     """Record the rows of every decode (batch) and prefill (tokens) the model runs."""
     decode, prefill = engine.model.decode, engine.model.prefill
-    engine.model.decode = lambda inputs, kv: (shapes.append(("decode", len(inputs.positions))), decode(inputs, kv))[1]
+    engine.model.decode = lambda inputs, kv, **kw: (shapes.append(("decode", len(inputs.positions))),
+                                                    decode(inputs, kv, **kw))[1]
     engine.model.prefill = lambda inputs, kv: (shapes.append(("prefill", len(inputs.input_ids))),
                                                prefill(inputs, kv))[1]
 
