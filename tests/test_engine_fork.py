@@ -15,29 +15,18 @@ from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, completion_seed, sample_next_tokens
 from hayabusa.engine.sequence import Delivery
-from hayabusa.tokenizer import Tokenizer
 
-from hf_oracle import random_hf_model
+from paged_engine import SAMPLED, make_engine, small_model
 
-TOKENIZER = Tokenizer.from_pretrained()
 PROMPT = [5, 17, 9, 3, 77, 1]  # 6 tokens: blocks of 4 leave the second block half full
-GREEDY = SamplingParams(max_new_tokens=8, ignore_eos=True)
-SAMPLED = SamplingParams(max_new_tokens=8, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
-                         repetition_penalty=1.3, seed=7, ignore_eos=True)
+GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    _, config, state_dict = random_hf_model(43, hidden=64, heads=2, layers=2, vocab=101, max_positions=64,
-                                            tied=False)
-    return config, state_dict
-
-
-def make_engine(config, state_dict, **kwargs) -> PagedEngine:
-    kwargs = {"kv_cache_blocks": 32, "block_size": 4, **kwargs}
-    return PagedEngine(config, state_dict, TOKENIZER, device="cpu", ops="torch", **kwargs)
+    return small_model()
 
 
 def step_in_lockstep(engine: PagedEngine) -> None:
@@ -86,7 +75,7 @@ def test_a_running_sequence_forks_and_its_children_continue_on_their_own(model, 
     # Two of the three holders copy the shared block before writing into it; the last one writes in place.
     assert [source for source, _ in plan.block_copies] == [shared, shared]
     assert manager.num_free_blocks == free_before - 2
-    expected = {seq.seq_id: oracle_continuation(config, state_dict, seq, 6) for seq in [parent, *children]}
+    expected = {seq.seq_id: oracle_continuation(config, state_dict, seq, 8) for seq in [parent, *children]}
     known = {seq.seq_id: len(seq.token_ids) for seq in [parent, *children]}
     run(engine, plan)
     while scheduler.has_work():
