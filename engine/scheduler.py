@@ -137,7 +137,9 @@ class Scheduler:
             plan = self._schedule_decode(results_in_flight)
         if plan is not None and plan.has_work:  # an idle plan is not launched: its moves wait for the next one
             plan.slot_moves = self.slots.take_moves()
-            plan.settings_loads, self._settings_loads = self._settings_loads, []
+            # Children that left before this launch (aborted) hold no row any more.
+            plan.settings_loads = [seq for seq in self._settings_loads if seq.slot >= 0]
+            self._settings_loads = []
         return plan
 
     def _admit(self) -> tuple[list[Sequence], list[int]]:

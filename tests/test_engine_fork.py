@@ -90,7 +90,7 @@ def test_a_running_sequence_forks_and_its_children_continue_on_their_own(model, 
     assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
 
 
-def test_fork_refuses_a_token_in_flight_and_foreign_children(model) -> None:
+def test_fork_refuses_a_token_in_flight_and_foreign_children_and_skips_aborted_ones(model) -> None:
     config, state_dict = model
     engine = make_engine(config, state_dict)
     parent = engine._new_sequence(PROMPT, GREEDY, Delivery.RESULT)
@@ -102,6 +102,13 @@ def test_fork_refuses_a_token_in_flight_and_foreign_children(model) -> None:
     stranger = engine._new_sequence(PROMPT, SAMPLED, Delivery.RESULT)
     with pytest.raises(ValueError, match="must hold the tokens, prompt length and params"):
         engine.scheduler.fork(parent, [stranger])
+    kept, dropped = parent.fork(100, seed=1), parent.fork(101, seed=2)
+    engine.scheduler.fork(parent, [kept, dropped])
+    engine.scheduler.abort(dropped)  # gone before the next launch: its settings are not loaded
+    plan = engine.scheduler.schedule()
+    assert plan.settings_loads == [kept]
+    run(engine, plan)
+    assert kept.token_ids == parent.token_ids
 
 
 # ---- num_return_sequences: n completions of one prompt --------------------------------------------------------------
