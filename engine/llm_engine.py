@@ -199,12 +199,15 @@ class PagedEngine:
             del self._requests[seq.request_id]
         if seq.delivery is Delivery.UPDATES:
             output = seq.output
-            new_logprobs = output.logprobs[-1:] if token is not None and output.logprobs is not None else None
-            # The completion's first update (its first token, or its end without one) carries the prompt's.
-            first = len(output.token_ids) == (token is not None)
+            new_logprobs = prompt_logprobs = None
+            if output.logprobs is not None or output.prompt_logprobs is not None:
+                if token is not None and output.logprobs is not None:
+                    new_logprobs = output.logprobs[-1:]
+                if len(output.token_ids) == (token is not None):  # its first update: its first token, or its end
+                    prompt_logprobs = output.prompt_logprobs
             self._updates.append(RequestUpdate(seq.request_id, [] if token is None else [token], delta,
                                                output.result() if finished else None, seq.index, new_logprobs,
-                                               output.prompt_logprobs if first else None))
+                                               prompt_logprobs))
         if delta and seq.delivery is Delivery.STREAM:
             seq.text_deltas.append(delta)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,8 +321,8 @@ class ModelRunner:
         prompts here, into idle slots). Rows past the real tokens pad a bucket (see the module docstring)."""
         return self._pack_prefill(seqs, first_slot, settings=False)[0]
 
-    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool, forked_from: list[int] = (),
-                      prompt_logprob_rows: list[int] = ()) -> tuple[PrefillInputs, dict[str, Tensor]]:
+    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool, forked_from: Sequence[int] = (),
+                      prompt_logprob_rows: Sequence[int] = ()) -> tuple[PrefillInputs, dict[str, Tensor]]:
         """Rows first_slot...: seqs; the last len(forked_from) of them compute nothing and take the last-token row
         of the sequence they were forked from. prompt_logprob_rows: sequences whose prompt positions from
         score_from - 1 on are scored (scored_rows: their packed rows, scored_targets: the next prompt tokens)."""

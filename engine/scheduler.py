@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,14 +60,14 @@ class StepPlan:
     greedy_only: bool  # every row is served by the greedy fast path
     wants_logprobs: bool = False  # some row's request wants its sampled tokens' logprobs
     # Prefill: rows (of sequences that compute) whose prompt logprobs this step computes (Sequence.scores_prompt).
-    prompt_logprob_rows: list[int] = field(default_factory=list)
+    prompt_logprob_rows: Seq[int] = ()
     # Prefill: the last len(forked_from) rows are children forked at admission from these rows: they compute no
     # token of their own and sample from their parent's logits.
-    forked_from: list[int] = field(default_factory=list)
+    forked_from: Seq[int] = ()
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
-    settings_loads: list[Sequence] = field(default_factory=list)  # running sequences whose sampler rows are reloaded
-    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (source, destination) KV blocks, copy-on-write
+    settings_loads: Seq[Sequence] = ()  # running sequences whose sampler rows are reloaded
+    block_copies: Seq[tuple[int, int]] = ()  # (source, destination) KV blocks, copy-on-write
 
     def __post_init__(self) -> None:
         self.num_rows = len(self.seqs)
@@ -209,7 +210,8 @@ class Scheduler:
         # private copy of its block when the row was forked since its last write.
         grows = active & (num_tokens > slots.capacity[: slots.count])
         rows = grows.nonzero()[0].tolist()
-        shared_rows = (active & ~grows & slots.may_share_write_block[: slots.count]).nonzero()[0].tolist()
+        shared_rows = [row for row in sorted(slots.may_share_write_block) if active[row] and not grows[row]] \
+            if slots.may_share_write_block else []
         grown: list[tuple[Sequence, int]] = []
         copies: list[tuple[int, int]] = []
         if len(rows) + len(shared_rows) <= self.block_manager.num_free_blocks:
@@ -223,7 +225,8 @@ class Scheduler:
                 if copy is not None:
                     copies.append(copy)
                     grown.append((slots.seqs[row], int(num_tokens[row] - 1) // self.block_manager.block_size))
-            slots.may_share_write_block[rows + shared_rows] = False
+            if slots.may_share_write_block:
+                slots.may_share_write_block.difference_update(rows + shared_rows)
         elif results_in_flight:
             return None
         else:
@@ -254,7 +257,7 @@ class Scheduler:
             else:
                 column = len(seq.block_table)
                 copy = self.block_manager.may_append(seq)
-                self.slots.may_share_write_block[seq.slot] = False
+                self.slots.may_share_write_block.discard(seq.slot)
                 if copy is not None:
                     copies.append(copy)
                     grown.append((seq, (len(seq.token_ids) - 1) // self.block_manager.block_size))

@@ -9,9 +9,10 @@ they land in stream order after any step still in flight.
 Host mirrors per row (numpy, updated in place, never rebuilt): `num_tokens`, the tokens including a sampled token
 still in flight (the next decode writes position num_tokens - 1); `max_tokens`, prompt + max_new_tokens (a row
 whose num_tokens reached it has nothing left to compute: its last token is never written to the cache); and
-`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler); and
-`may_share_write_block`, set for a forked row and its parent until their next write: the block that write lands in
-may be held by the other too, so the scheduler checks it for a copy-on-write.
+`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler). And the
+set `may_share_write_block`: rows forked (or forked from) since their last write, whose next write may land in a
+block another row holds too, so the scheduler checks it for a copy-on-write (a set: forks are rare, and an empty
+set costs a decode step nothing).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class SlotTable:
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
-        self.may_share_write_block = np.zeros(max_num_seqs, dtype=bool)
+        self.may_share_write_block: set[int] = set()
         self.num_general = 0  # rows that need the general sampler
         self.num_logprob_rows = 0  # rows whose requests want their sampled tokens' logprobs
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
@@ -54,7 +55,6 @@ class SlotTable:
         self.num_tokens[slot] = len(seq.token_ids)
         self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
         self.capacity[slot] = len(seq.block_table) * self.block_size
-        self.may_share_write_block[slot] = False
         self.num_general += needs_general_sampler(seq.params)
         self.num_logprob_rows += seq.params.logprobs is not None
         return slot
@@ -64,7 +64,7 @@ class SlotTable:
         the child's device state (next input id, block table row, sampling settings, seen tokens) is parent's row,
         copied at the next launch; else the step that admits both loads it."""
         slot = self.assign(child)
-        self.may_share_write_block[[parent.slot, slot]] = True
+        self.may_share_write_block.update((parent.slot, slot))
         if copy_device_row:
             self._moves[slot] = self._moves.get(parent.slot, parent.slot)  # what parent's row holds or will hold
         return slot
@@ -83,11 +83,15 @@ class SlotTable:
             self.num_tokens[slot] = self.num_tokens[last]
             self.max_tokens[slot] = self.max_tokens[last]
             self.capacity[slot] = self.capacity[last]
-            self.may_share_write_block[slot] = self.may_share_write_block[last]
             # Chained moves compose: the row takes whatever the last row was itself still waiting to receive.
             self._moves[slot] = self._moves.pop(last, last)
         else:
             self._moves.pop(slot, None)  # nobody needs that row's pending content any more
+        if self.may_share_write_block:
+            self.may_share_write_block.discard(slot)
+            if last in self.may_share_write_block:
+                self.may_share_write_block.remove(last)
+                self.may_share_write_block.add(slot)
         self.seqs[last] = None
         self.count -= 1
 
