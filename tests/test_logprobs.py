@@ -13,6 +13,8 @@ from hayabusa.engine import model_runner
 from hayabusa.engine.api import Engine
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.logprobs import TokenLogprobs
+from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.reference_generate import reference_outputs
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
@@ -168,3 +170,18 @@ def test_prompt_scoring_in_padded_chunks_of_the_decode_batch_sizes(hf) -> None:
     (output,) = engine.generate([PROMPTS[1]], [params])
     assert_logprobs_match_transformers(hf, output, params)
     assert rows == [1, 4, 4, 4]  # the last token's logits, then the 11 scored positions
+
+
+def test_the_reference_loop_gives_the_same_logprobs_and_refuses_what_it_cannot_do(hf) -> None:
+    _, config, state_dict = hf
+    reference = ReferenceModel(config, state_dict)
+    params = replace(GREEDY, prompt_logprobs=None)
+    (want,) = make_engine(hf).generate(PROMPTS[:1], params)
+    (got,) = reference_outputs(reference, TOKENIZER, PROMPTS[:1], [params])
+    assert got.token_ids == want.token_ids
+    for mine, theirs in zip(got.logprobs, want.logprobs, strict=True):
+        assert mine.token_id == theirs.token_id and [t for t, _ in mine.top] == [t for t, _ in theirs.top]
+        assert abs(mine.logprob - theirs.logprob) <= TOLERANCE
+    for refused in (GREEDY, replace(params, num_return_sequences=2), replace(params, max_new_tokens=0)):
+        with pytest.raises(ValueError, match="the reference loop generates one completion"):
+            reference_outputs(reference, TOKENIZER, PROMPTS[:1], [refused])
