@@ -34,9 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"any of {', '.join(ENGINES)} (default: all that can run on the device; naming an "
                              "engine runs it even where it is skipped by default)")
     parser.add_argument("--sizes", choices=("auto", *SIZES), default="auto",
-                        help="scenario sizes: full (the GPU figures), cpu (scaled down for a CPU), smoke (tests); "
+                        help="scenario sizes: full (the GPU figures), gpu (bench/gpu_first_light.sh's: decode at "
+                             "batch 1/8/64 and 1920+128, prefill 2048), cpu (scaled down for a CPU), smoke (tests); "
                              "auto picks full on cuda and cpu on cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median reported)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for every engine (default: each engine's own choice; hayabusa picks "
+                             "by model size and machine load, transformers keeps torch's default)")
 
 
 def _choices(values: list[str] | None, allowed: tuple[str, ...], option: str) -> tuple[str, ...] | None:
@@ -60,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
           + ", ".join(str(p) for p in paths.values()))
     for skipped in result.skipped:
         print(f"  skipped {skipped['engine']}: {skipped['reason']}")
+    for warning in result.warnings:
+        print(f"  warning: {warning}", file=sys.stderr)
     for error in result.errors:
         print(f"  FAILED {error['engine']} {error['scenario']}: {error['error']}", file=sys.stderr)
     return 1 if result.errors else 0
@@ -84,13 +90,17 @@ def _settings(args: argparse.Namespace):
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         sizes = replace(sizes, repeats=args.repeats)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # hayabusa's engine then keeps this count, as asked
     preset = args.model if is_random_preset(args.model) else None
     model_dir = resolve_model_dir(args.model, args.revision)
     config = ModelConfig.from_json(model_dir / "config.json")
     check_sizes_fit(sizes, config.max_position_embeddings)
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
                          dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
-                         engines_requested=engines is not None)
+                         engines_requested=engines is not None, threads=args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hayabusa.bench.kernel_profile import kernel_summary
 from hayabusa.bench.records import ENGINES
+from hayabusa.bench.targets import evaluate_targets
 
 BASELINE = "transformers-eager"  # the "x vs" columns compare with what users run today
 
@@ -68,6 +70,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         " same prompts and forced token counts (end-of-sequence ignored) for every engine",
         f"- **Roofline measured in this run**: copy {roof['copy_gb_per_s']:.1f} GB/s, {roof['dtype']} matmul "
         f"{roof['matmul_tflops']:.2f} TFLOP/s (n = {roof['matmul_size']})",
+        *_machine_lines(results),
         "",
     ]
     sections: list[tuple[str, str, Callable[[list[dict[str, Any]]], list[str]]]] = [
@@ -82,6 +85,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         rows = _records(results, scenario)
         if rows:
             lines += [title, "", *table(rows), ""]
+    lines += _kernel_section(results.get("decode_kernels", []))
+    lines += _targets_section(results)
     if results["skipped"]:
         lines += ["## Not run here", ""]
         lines += [f"- `{s['engine']}` ({s['scenario']}): {s['reason']}" for s in results["skipped"]] + [""]
@@ -91,10 +96,29 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _machine_lines(results: dict[str, Any]) -> list[str]:
+    """Threads and machine load (runs saved before they were recorded have neither)."""
+    load = results.get("machine_load", {}).get("start")
+    if load is None:
+        return []
+    line = (f"- **Machine**: {results['torch_threads']} torch threads at the start; load average "
+            f"{load['loadavg_1m']}, other processes busy on {load['other_busy_cpus']} of {load['cpus']} CPUs")
+    return [line + (" (busy: timings are noisy)" if load["busy"] else "")] + \
+        [f"- **Warning**: {warning}" for warning in results.get("warnings", [])]
+
+
+def _case_load(r: dict[str, Any]) -> tuple[str, str]:
+    """(torch threads, load average) just before the case, where recorded."""
+    load = r["extra"].get("machine_load", {})
+    return str(r["extra"].get("torch_threads", "–")), _fmt(load.get("loadavg_1m"))
+
+
 def _decode_table(rows: list[dict[str, Any]]) -> list[str]:
-    return _table(["engine", "batch", "ms / token", "tokens / s", "% of bandwidth floor", "vs eager"],
-                  [[r["engine"], str(r["batch"]), _fmt(r["ms_per_token"]), _fmt(r["tokens_per_s"], 1),
-                    _fmt(r["pct_roofline"], 1), _speedup(rows, r, "ms_per_token", False)] for r in rows])
+    return _table(["engine", "batch", "prompt", "ms / token", "tokens / s", "% of bandwidth floor", "weights GB / s",
+                   "vs eager", "threads", "load avg"],
+                  [[r["engine"], str(r["batch"]), str(r["prompt_len"]), _fmt(r["ms_per_token"]),
+                    _fmt(r["tokens_per_s"], 1), _fmt(r["pct_roofline"], 1), _fmt(r["extra"].get("weight_gb_per_s")),
+                    _speedup(rows, r, "ms_per_token", False), *_case_load(r)] for r in rows])
 
 
 def _prefill_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -116,8 +140,38 @@ def _throughput_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _load_table(rows: list[dict[str, Any]]) -> list[str]:
-    return _table(["engine", "ms", "GB / s"],
-                  [[r["engine"], _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"])] for r in rows])
+    return _table(["engine", "ms", "GB / s", "vs eager", "cold start, empty Triton cache (ms)",
+                   "warm start, Triton cache reused (ms)", "threads", "load avg"],
+                  [[r["engine"], _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"]), _speedup(rows, r, "ms", False),
+                    _fmt(r["extra"].get("cold_start_ms")), _fmt(r["extra"].get("warm_start_ms")),
+                    *_case_load(r)] for r in rows])
+
+
+def _kernel_section(tables: list[dict[str, Any]]) -> list[str]:
+    """One decode step of hayabusa per case: totals, then its kernels by total time (CUDA runs only)."""
+    if not tables:
+        return []
+    lines = ["## One hayabusa decode step, kernel by kernel (torch.profiler)", "",
+             *_table(["batch", "prompt", "step µs (first kernel start to last end)", "kernel µs", "gaps µs",
+                      "kernels"],
+                     [[str(t["batch"]), str(t["prompt_len"]), _fmt(t["step_us"], 1), _fmt(t["kernel_us"], 1),
+                       _fmt(t["gap_us"], 1), str(t["launches"])] for t in tables]), ""]
+    for t in tables:
+        lines += [f"Batch {t['batch']}, prompt {t['prompt_len']} (gaps: idle GPU time before each call):", "",
+                  *_table(["kernel", "calls", "total µs", "mean µs", "gaps before µs"],
+                          [[f"`{k['name'][:80]}`", str(k["calls"]), _fmt(k["total_us"], 1), _fmt(k["mean_us"], 1),
+                            _fmt(k["gap_before_us"], 1)] for k in kernel_summary(t["kernels"])]), ""]
+    return lines
+
+
+def _targets_section(results: dict[str, Any]) -> list[str]:
+    rows = evaluate_targets(results)
+    verdict = {True: "met", False: "**missed**", None: "not evaluated"}
+    note = "" if results.get("device_type") == "cuda" else " (not evaluated: no GPU in this run; never claimed)"
+    return ["## Issue 9's GPU targets (set for one H200)" + note, "",
+            *_table(["target", "measured", "result"],
+                    [[r["target"], "–" if r["measured"] is None else f"{_fmt(r['measured'])} {r['unit']}",
+                      verdict[r["met"]]] for r in rows]), ""]
 
 
 def _tokenizer_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -139,7 +193,7 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
               ("prefill", "prompt_len", "ms", "time to first token", "ms")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
     for ax, (scenario, x_key, y_key, title, y_label) in zip(axes, panels, strict=True):
-        rows = _records(results, scenario)
+        rows = [r for r in _records(results, scenario) if "-prompt" not in r["case"]]  # one context per curve
         for engine in ENGINES:
             points = sorted((r[x_key], r[y_key]) for r in rows if r["engine"] == engine and r[y_key] is not None)
             if points:

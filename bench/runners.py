@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import time
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +74,10 @@ class HayabusaRunner(BenchRunner):
     in static batches, one generate call each, like transformers)."""
 
     def __init__(self, name: str, backend: str, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                 static_batch: int | None) -> None:
+                 static_batch: int | None, kv_cache_blocks: int | None = None) -> None:
         super().__init__(model_dir, dtype, device)
         self.name, self.backend, self.static_batch = name, backend, static_batch
+        self.kv_cache_blocks = kv_cache_blocks  # None: the engine's own sizing
         try:
             from hayabusa.engine.api import Engine
             from hayabusa.engine.sampling import SamplingParams
@@ -86,7 +88,7 @@ class HayabusaRunner(BenchRunner):
 
     def load(self) -> None:
         self.engine = self._engine_cls.from_pretrained(str(self.model_dir), dtype=self.dtype, device=str(self.device),
-                                                       backend=self.backend)
+                                                       backend=self.backend, kv_cache_blocks=self.kv_cache_blocks)
 
     def unload(self) -> None:
         if self.engine is not None:
@@ -135,6 +137,7 @@ class TransformersRunner(BenchRunner):
         transformers.utils.logging.disable_progress_bar()  # its per-load bars would break the suite's own
         transformers.utils.logging.set_verbosity_error()  # e.g. its note on each load that embeddings stay untied
         self.model = None
+        self._static_cache = None  # (batch, max_len, StaticCache): one persistent cache per case (compiled only)
         if compiled:
             # Every (batch, cache length) is a new static shape; the default limit of 8 recompiles would make
             # later cases silently fall back to eager and be timed as "compiled".
@@ -152,6 +155,7 @@ class TransformersRunner(BenchRunner):
 
     def unload(self) -> None:
         self.model = None
+        self._static_cache = None
         if self.compiled:
             torch._dynamo.reset()
         self._free()
@@ -160,8 +164,7 @@ class TransformersRunner(BenchRunner):
         # eos_token_id=None: no stopping criterion, exactly max_new_tokens tokens (hayabusa runs with ignore_eos).
         config = self._transformers.GenerationConfig(max_new_tokens=gen_len, do_sample=False, eos_token_id=None,
                                                      pad_token_id=PAD_TOKEN_ID, use_cache=True)
-        if self.compiled:
-            config.cache_implementation = "static"
+        if self.compiled:  # the static cache itself comes from _persistent_cache
             compile_config = self._transformers.CompileConfig()  # transformers' defaults: mode reduce-overhead
             # transformers auto-compiles only on accelerators unless told otherwise; on a CPU the engine only
             # runs when asked for by name, and then it should compile there too.
@@ -178,15 +181,32 @@ class TransformersRunner(BenchRunner):
             chunk, gen_len = prompts[batch], max(gen_lens[batch])
             input_ids, attention_mask = self._left_padded(chunk)
             first_token = FirstTokenClock(self.device)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=self._generation_config(gen_len),
-                                      logits_processor=[first_token])
+            cache = {"past_key_values": self._persistent_cache(len(chunk), input_ids.shape[1] + gen_len)} \
+                if self.compiled else {}
+            with warnings.catch_warnings():  # newer transformers 5 renames past_key_values (the name 5.x all take)
+                warnings.simplefilter("ignore", FutureWarning)
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          generation_config=self._generation_config(gen_len),
+                                          logits_processor=[first_token], **cache)
             if out.shape != (len(chunk), input_ids.shape[1] + gen_len):
                 raise ForcedLengthError(f"{self.name}: generate returned shape {tuple(out.shape)}, expected "
                                         f"{(len(chunk), input_ids.shape[1] + gen_len)}")
             decode_s += first_token.seconds_since()
             computed += len(chunk) * gen_len
         return GenerateResult(computed, decode_s if len(batches) == 1 else None)
+
+    def _persistent_cache(self, batch: int, max_len: int):
+        """The static KV cache of this (batch, length) case, emptied: the same tensors on every call of a case, so
+        the compiled step's CUDA graphs, recorded in the warm-up call, are replayed (generate() would otherwise
+        make a new cache, and new graphs, per call). Sized to the case, not the model: a static cache's
+        attention reads every slot."""
+        if self._static_cache is None or self._static_cache[:2] != (batch, max_len):
+            self._static_cache = None  # free the previous case's cache first
+            cache = self._transformers.StaticCache(config=self.model.config, max_cache_len=max_len)
+            self._static_cache = (batch, max_len, cache)
+        cache = self._static_cache[2]
+        cache.reset()
+        return cache
 
     def _left_padded(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask: [batch, longest prompt], padding on the left as decoder-only generate needs."""
@@ -226,8 +246,9 @@ class FirstTokenClock:
 
 
 def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.device, static_batch: int,
-                explicitly_requested: bool) -> BenchRunner:
-    """The runner for engine `name`, or EngineUnavailable with the reason it is skipped on this device."""
+                explicitly_requested: bool, kv_cache_blocks: int | None = None) -> BenchRunner:
+    """The runner for engine `name`, or EngineUnavailable with the reason it is skipped on this device.
+    kv_cache_blocks: the KV pool of hayabusa's CPU engine (None: its default)."""
     on_gpu = device.type == "cuda"
     if name == "hayabusa":
         if not on_gpu and not explicitly_requested:
@@ -235,7 +256,7 @@ def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.de
                                     "which checks correctness, not speed (pass --engines hayabusa to force it)")
         return HayabusaRunner(name, "triton", model_dir, dtype, device, static_batch=None)
     if name == "hayabusa-reference":
-        return HayabusaRunner(name, "reference", model_dir, dtype, device, static_batch)
+        return HayabusaRunner(name, "reference", model_dir, dtype, device, static_batch, kv_cache_blocks)
     if name == "transformers-eager":
         return TransformersRunner(name, False, model_dir, dtype, device, static_batch)
     if name == "transformers-compile":

@@ -39,11 +39,13 @@ def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
 
 
 def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, device_roofline: roofline.DeviceRoofline,
-               batch: int) -> BenchRecord:
-    """ms per decode step with `batch` sequences decoded together: in each timed run of gen_len tokens, the time
-    from the first generated token to the last, over gen_len - 1 steps (the prefill is not in it)."""
-    prompt_len, gen_len = sizes.decode_prompt_len, sizes.decode_gen_len
-    prompts = random_prompts([prompt_len] * batch, seed=1000 + batch)
+               batch: int, prompt_len: int | None = None) -> BenchRecord:
+    """ms per decode step with `batch` sequences decoded together after prompts of prompt_len tokens (default
+    sizes.decode_prompt_len): in each timed run of gen_len tokens, the time from the first generated token to the
+    last, over gen_len - 1 steps (the prefill is not in it)."""
+    long_context = prompt_len is not None and prompt_len != sizes.decode_prompt_len
+    prompt_len, gen_len = prompt_len or sizes.decode_prompt_len, sizes.decode_gen_len
+    prompts = random_prompts([prompt_len] * batch, seed=(4000 if long_context else 1000) + batch)
     results: list[GenerateResult] = []
     timing = time_ms(lambda: results.append(runner.generate(prompts, [gen_len] * batch)), runner.device,
                      sizes.repeats, sizes.warmup)
@@ -52,12 +54,18 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
     step_samples = [r.decode_s * 1e3 / (gen_len - 1) for r in results[sizes.warmup:]]
     ms_per_token = median(step_samples)
     step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, runner.dtype.itemsize)
+    weight_bytes = roofline.decode_weight_bytes(config, batch, runner.dtype.itemsize)
     floor_ms = device_roofline.decode_floor_ms(step_bytes)
+    case = f"batch{batch}-prompt{prompt_len}" if long_context else f"batch{batch}"
     return BenchRecord(
-        runner.name, "decode", f"batch{batch}", batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),
+        runner.name, "decode", case, batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),
         batch * 1e3 / ms_per_token, roofline.pct_of_floor(floor_ms, ms_per_token), "bandwidth", sizes.repeats,
         timing.samples_ms, timing.warmup_ms,
-        {"step_samples_ms": step_samples, "bytes_per_step": step_bytes, "floor_ms_per_step": floor_ms},
+        {"step_samples_ms": step_samples, "bytes_per_step": step_bytes, "floor_ms_per_step": floor_ms,
+         # the weights alone (what batch 1 is about): their bytes per step over the measured step time, as a
+         # fraction of the copy bandwidth measured in this run
+         "weight_bytes_per_step": weight_bytes, "weight_gb_per_s": weight_bytes / ms_per_token / 1e6,
+         "pct_copy_bandwidth_weights": 100 * weight_bytes / ms_per_token / 1e3 / device_roofline.copy_bytes_per_s},
     )
 
 

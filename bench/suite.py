@@ -2,7 +2,9 @@
 
 One engine is loaded at a time (and unloaded before the next) so they never share device memory. An engine
 that cannot run here is skipped with its reason; one that fails mid-run is recorded with its error, and the
-others still run.
+others still run. Every case records the machine's load just before it (a busy machine is warned about: its
+timings are noisy) and torch's CPU thread count; each engine starts from the run's thread count, whatever the
+engine before it chose.
 """
 
 from __future__ import annotations
@@ -19,13 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from hayabusa.bench import environment, scenarios
+from hayabusa.bench.kernel_profile import decode_step_kernels
 from hayabusa.bench.records import BenchRecord
 from hayabusa.bench.roofline import DeviceRoofline, measure_roofline
 from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
-from hayabusa.bench.workloads import SuiteSizes
+from hayabusa.bench.workloads import SuiteSizes, workload_kv_blocks
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.kernel_plan import decode_step_launches
+from hayabusa.engine.machine_load import measure_machine_load
 from hayabusa.kernels._launch import H200, device_limits
 
 TOKENIZER_ENGINES = ("hayabusa", "transformers-eager")  # hayabusa.tokenizer and transformers' tokenizer
@@ -44,6 +48,7 @@ class SuiteSettings:
     scenarios: tuple[str, ...]
     engines: tuple[str, ...]
     engines_requested: bool  # True when the user named the engines (forces ones skipped by default)
+    threads: int | None = None  # torch CPU threads for every engine (--threads); None: each engine's default
 
 
 @dataclass
@@ -54,6 +59,9 @@ class SuiteResult:
     skipped: list[dict[str, str]] = field(default_factory=list)  # cannot run here: {engine, scenario, reason}
     errors: list[dict[str, str]] = field(default_factory=list)  # measurements that failed: {engine, scenario, error}
     launches_per_decode_step: dict[str, Any] = field(default_factory=dict)  # hayabusa's, counted (see launch_counts)
+    decode_kernels: list[dict[str, Any]] = field(default_factory=list)  # hayabusa's per-kernel decode steps (CUDA)
+    machine_load: dict[str, Any] = field(default_factory=dict)  # {"start": ..., "end": ...}; per case in records
+    warnings: list[str] = field(default_factory=list)
     started: str = ""
     seconds: float = 0.0
 
@@ -79,21 +87,32 @@ class SuiteResult:
             "errors": self.errors,
             "records": [r.as_dict() for r in self.records],
             "launches_per_decode_step": self.launches_per_decode_step,
+            "decode_kernels": self.decode_kernels,
+            "machine_load": self.machine_load,
+            "torch_threads": s.threads or torch.get_num_threads(),
+            "warnings": self.warnings,
         }
 
 
 def run_suite(settings: SuiteSettings) -> SuiteResult:
     started = datetime.datetime.now(datetime.timezone.utc)
     sizes = settings.sizes
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    run_threads = torch.get_num_threads()
+    start_load = measure_machine_load()
     device_roofline = measure_roofline(settings.device, settings.dtype, sizes.roofline_copy_bytes,
                                        sizes.roofline_matmul_size)
     result = SuiteResult(settings, device_roofline, started=started.isoformat(timespec="seconds"),
-                         launches_per_decode_step=launch_counts(settings))
+                         launches_per_decode_step=launch_counts(settings),
+                         machine_load={"start": start_load.as_dict()})
+    _warn_if_busy(result, start_load.as_dict(), "the start")
     cases = generation_cases(settings, device_roofline)
     tokenizer_engines = [e for e in settings.engines if e in TOKENIZER_ENGINES and "tokenizer" in settings.scenarios]
     total = len(settings.engines) * len(cases) + len(tokenizer_engines)
     with tqdm(total=total, desc="hayabusa bench", unit="case", dynamic_ncols=True) as progress:
         for engine in settings.engines:
+            torch.set_num_threads(run_threads)  # not the thread count the previous engine chose for itself
             if cases:
                 _run_engine(engine, cases, settings, result, progress)
         for engine in tokenizer_engines:
@@ -101,8 +120,22 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
             _guarded(result, engine, "tokenizer",
                      lambda e=engine: result.records.extend(run_tokenizer(e, settings.model_dir, sizes)))
             progress.update(1)
+    torch.set_num_threads(run_threads)
+    result.machine_load["end"] = measure_machine_load().as_dict()
     result.seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     return result
+
+
+def _warn_if_busy(result: SuiteResult, load: dict[str, Any], when: str) -> None:
+    """Note (once per moment) that other processes held at least half the CPUs: the timings are noisy."""
+    if not load["busy"]:
+        return
+    busiest = ", ".join(f"{p['command'][:40]} ({p['cpu_pct']}%)" for p in load["busiest_processes"][:3])
+    message = (f"machine busy at {when}: load average {load['loadavg_1m']}, other processes kept "
+               f"{load['other_busy_cpus']} of {load['cpus']} CPUs busy" + (f" ({busiest})" if busiest else "")
+               + "; timings are noisy")
+    result.warnings.append(message)
+    tqdm.write(f"hayabusa bench: warning: {message}")
 
 
 def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
@@ -123,9 +156,11 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
     if "load" in chosen:
         cases.append(("load", "load", lambda runner: scenarios.run_load(runner, sizes)))
     if "decode" in chosen:
-        cases += [("decode", f"batch {b}", partial(scenarios.run_decode, sizes=sizes, config=config,
-                                                   device_roofline=device_roofline, batch=b))
-                  for b in sizes.decode_batches]
+        decode = partial(scenarios.run_decode, sizes=sizes, config=config, device_roofline=device_roofline)
+        cases += [("decode", f"batch {b}", partial(decode, batch=b)) for b in sizes.decode_batches]
+        if sizes.long_decode_prompt_len:
+            cases.append(("decode", f"batch 1 prompt {sizes.long_decode_prompt_len}",
+                          partial(decode, batch=1, prompt_len=sizes.long_decode_prompt_len)))
     if "prefill" in chosen:
         cases += [("prefill", f"prompt {n}", partial(scenarios.run_prefill, sizes=sizes, config=config,
                                                      device_roofline=device_roofline, prompt_len=n))
@@ -139,9 +174,10 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
 
 def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result: SuiteResult,
                 progress: tqdm) -> None:
+    kv_blocks = workload_kv_blocks(settings.sizes) if settings.device.type == "cpu" else None
     try:
         runner = make_runner(engine, settings.model_dir, settings.dtype, settings.device, settings.sizes.static_batch,
-                             settings.engines_requested)
+                             settings.engines_requested, kv_blocks)
     except EngineUnavailable as err:
         result.skipped.append({"engine": engine, "scenario": "all", "reason": str(err)})
         progress.update(len(cases))
@@ -154,13 +190,27 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
                 return
         for done, (scenario, label, measure) in enumerate(cases):
             progress.set_postfix_str(f"{engine} {scenario} {label}")
+            load = measure_machine_load().as_dict()
+            _warn_if_busy(result, load, f"{engine} {scenario} {label}")
             ok = _guarded(result, engine, scenario, lambda m=measure: result.records.append(m(runner)))
+            if ok:
+                result.records[-1].extra |= {"torch_threads": torch.get_num_threads(), "machine_load": {
+                    key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "busy")}}
             progress.update(1)
             if not ok and scenario == "load":  # nothing else can run without the model
                 progress.update(len(cases) - done - 1)
                 return
+        if engine == "hayabusa" and "decode" in settings.scenarios:
+            _guarded(result, engine, "decode kernels", lambda: result.decode_kernels.extend(
+                decode_step_kernels(runner, batch, prompt_len) for batch, prompt_len in _kernel_cases(settings.sizes)))
     finally:
         runner.unload()
+
+
+def _kernel_cases(sizes: SuiteSizes) -> list[tuple[int, int]]:
+    """(batch, prompt_len) of every decode case: the per-kernel table profiles one step of each."""
+    cases = [(batch, sizes.decode_prompt_len) for batch in sizes.decode_batches]
+    return cases + ([(1, sizes.long_decode_prompt_len)] if sizes.long_decode_prompt_len else [])
 
 
 def _guarded(result: SuiteResult, engine: str, scenario: str, fn: Callable[[], object]) -> bool:

@@ -29,6 +29,7 @@ class SuiteSizes:
     warmup: int
     roofline_copy_bytes: int
     roofline_matmul_size: int
+    long_decode_prompt_len: int | None = None  # also decode one sequence after this long a prompt (None: not run)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,6 +42,14 @@ SIZES: dict[str, SuiteSizes] = {
         prefill_prompt_lens=(128, 512, 2048), throughput_requests=256, throughput_prompt_len=128,
         throughput_gen_len=128, mixed_prompt_lens=(16, 512), mixed_gen_lens=(16, 256), static_batch=128,
         tokenizer_chars=200_000, repeats=5, warmup=1, roofline_copy_bytes=1 << 30, roofline_matmul_size=8192,
+    ),
+    # bench/gpu_first_light.sh: issue 9's figures on one GPU within its time budget (decode and prefill only).
+    "gpu": SuiteSizes(
+        name="gpu", decode_batches=(1, 8, 64), decode_prompt_len=128, decode_gen_len=128,
+        prefill_prompt_lens=(2048,), throughput_requests=64, throughput_prompt_len=128,
+        throughput_gen_len=128, mixed_prompt_lens=(16, 512), mixed_gen_lens=(16, 256), static_batch=64,
+        tokenizer_chars=200_000, repeats=3, warmup=1, roofline_copy_bytes=1 << 30, roofline_matmul_size=8192,
+        long_decode_prompt_len=1920,
     ),
     # Scaled down so the whole suite runs in a few minutes on a 2-core CPU with the tiny preset.
     "cpu": SuiteSizes(
@@ -87,6 +96,7 @@ def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
     """Raise before anything runs if a decode / throughput workload needs more positions than the model has
     (prefill cuts its longest prompt to fit instead: see scenarios.run_prefill)."""
     for what, prompt_len, gen_len in (("decode", sizes.decode_prompt_len, sizes.decode_gen_len),
+                                      ("long decode", sizes.long_decode_prompt_len or 0, sizes.decode_gen_len),
                                       ("throughput", sizes.throughput_prompt_len, sizes.throughput_gen_len),
                                       ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1])):
         if prompt_len + gen_len > max_positions:
@@ -99,3 +109,17 @@ def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
                          f"{sizes.static_batch}, so it would not be decoded as one batch")
     if sizes.decode_gen_len < 2:
         raise ValueError(f"--sizes {sizes.name}: decode_gen_len must be >= 2 to time a decode step")
+
+
+def longest_sequence(sizes: SuiteSizes) -> int:
+    """Most tokens (prompt + generated) any one sequence of these workloads holds."""
+    longest_prompt = max(sizes.decode_prompt_len, sizes.long_decode_prompt_len or 0)
+    return max(longest_prompt + sizes.decode_gen_len, max(sizes.prefill_prompt_lens) + 1,
+               sizes.throughput_prompt_len + sizes.throughput_gen_len,
+               sizes.mixed_prompt_lens[1] + sizes.mixed_gen_lens[1])
+
+
+def workload_kv_blocks(sizes: SuiteSizes, block_size: int = 16) -> int:
+    """KV blocks for static_batch sequences of the longest workload: the pool a CPU engine needs here (its own
+    default holds several full-length sequences: 5 GiB in fp32 for the 2.7B shape)."""
+    return sizes.static_batch * -(-longest_sequence(sizes) // block_size)

@@ -58,19 +58,23 @@ def parse_size(text: str | int) -> int:
 def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, *, fmt: str = "safetensors",
                             shard_size: int | str | None = None, dtype: torch.dtype = torch.float16, seed: int = 0,
                             store_embed_out: bool = True, overwrite: bool = False,
-                            progress: bool | None = None) -> Path:
+                            progress: bool | None = None, init_std: float = INIT_STD) -> Path:
     """Write config.json, the tokenizer files and random weights into `out_dir` (created if needed).
 
     Like abeja/gpt-neox-japanese-2.7b, the weights hold embed_in and a different embed_out, so transformers keeps
     them untied whatever the tie key says; config.json carries `tie_word_embeddings` only when it is false.
     `store_embed_out=False` writes no embed_out: a tied model (needs `config.tie_word_embeddings`).
     `shard_size` (bytes or "2GB"): split the weights into HF-named shards plus the index json; None: one file.
-    Values are drawn per tensor from `seed`, so they do not depend on the format or the sharding.
+    Values are drawn per tensor from `seed`, so they do not depend on the format or the sharding. `init_std`: the
+    spread of the values (see RandomValues); tests raise it so attention and MLP weigh in the logits as much as the
+    embeddings do, where transformers' 0.02 leaves a tiny model's attention nearly uniform.
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not init_std > 0:
+        raise ValueError(f"init_std must be > 0, got {init_std!r}")
     if not store_embed_out and not config.tie_word_embeddings:
         raise ValueError("store_embed_out=False needs config.tie_word_embeddings: an untied model must store embed_out")
     out_dir = Path(out_dir)
@@ -86,7 +90,7 @@ def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, *, fmt: st
     show = total_bytes >= PROGRESS_MIN_BYTES if progress is None else progress
     # A small model needs no 4M-draw pool (the draws would dominate writing it), so the pool follows the model size.
     model_numel = sum(math.prod(shape) for shape in expected_shapes(config).values())
-    values = RandomValues(seed, dtype, pool_size=min(POOL_SIZE, model_numel))
+    values = RandomValues(seed, dtype, pool_size=min(POOL_SIZE, model_numel), std=init_std)
     file_names = _shard_file_names(fmt, len(shards))
     write = _write_safetensors if fmt == "safetensors" else _write_bin
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"writing {out_dir.name}", disable=not show,
@@ -133,18 +137,18 @@ def _clear_old_weights(out_dir: Path, overwrite: bool) -> None:
 
 
 class RandomValues:
-    """Values for every tensor of a checkpoint: N(0, 0.02), LayerNorm gains 1 + N(0, 0.02), so every bias (the last
-    layer's dense_bias included) is small but nonzero.
+    """Values for every tensor of a checkpoint: N(0, std), LayerNorm gains 1 + N(0, std) (std 0.02 by default), so
+    every bias (the last layer's dense_bias included) is small but nonzero.
 
     Drawing 2.7B normals takes over a minute on a small CPU, so a tensor is instead a run of CHUNK-long windows, at
     offsets drawn from (seed, tensor name), into one pool of POOL_SIZE normals drawn from `seed`: gathering windows
     runs at memory speed. The values depend on nothing but (seed, name, pool_size) -- not on the format, the
     sharding or the other tensors stored -- and differ between tensors, whose offsets come from different names."""
 
-    def __init__(self, seed: int, dtype: torch.dtype, pool_size: int = POOL_SIZE) -> None:
+    def __init__(self, seed: int, dtype: torch.dtype, pool_size: int = POOL_SIZE, std: float = INIT_STD) -> None:
         self.seed, self.dtype, self.pool_size = seed, dtype, pool_size
         normals = torch.randn(pool_size + CHUNK, generator=torch.Generator().manual_seed(seed))
-        self.pools = {"weight": (normals * INIT_STD).to(dtype), "gain": (normals * INIT_STD + 1.0).to(dtype)}
+        self.pools = {"weight": (normals * std).to(dtype), "gain": (normals * std + 1.0).to(dtype)}
         self.buffer = torch.empty(BLOCK_CHUNKS, CHUNK, dtype=dtype)  # reused: fresh pages are slow to fault in
 
     def blocks(self, name: str, numel: int) -> Iterator[torch.Tensor]:

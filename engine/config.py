@@ -63,16 +63,23 @@ class ModelConfig:
                 f"config key 'hidden_size' ({self.hidden_size}) must be divisible by "
                 f"'num_attention_heads' ({self.num_attention_heads})"
             )
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
+        # transformers takes any factor whose rotary dims int(head_dim * factor) fit the head: 0 (no rotary) too.
+        if not 0.0 <= self.partial_rotary_factor < float("inf"):
             raise ConfigError(
-                f"config key 'rotary_pct' / 'partial_rotary_factor' must be in (0, 1], "
+                f"config key 'rotary_pct' / 'partial_rotary_factor' must be a finite number >= 0, "
                 f"got {self.partial_rotary_factor!r}"
             )
-        if self.rotary_dims % 2:
+        if self.rotary_dims > self.head_dim:
             raise ConfigError(
                 f"rotary dims = head_dim {self.head_dim} ('hidden_size' {self.hidden_size} / 'num_attention_heads' "
-                f"{self.num_attention_heads}) x 'partial_rotary_factor' {self.partial_rotary_factor} = "
-                f"{self.rotary_dims} must be even"
+                f"{self.num_attention_heads}) x 'rotary_pct' / 'partial_rotary_factor' {self.partial_rotary_factor} = "
+                f"{self.rotary_dims} exceed head_dim {self.head_dim}"
+            )
+        if self.rotary_dims % 2:  # transformers fails on these, or (1 rotary dim) silently widens the head to 2
+            raise ConfigError(
+                f"rotary dims = head_dim {self.head_dim} ('hidden_size' {self.hidden_size} / 'num_attention_heads' "
+                f"{self.num_attention_heads}) x 'rotary_pct' / 'partial_rotary_factor' {self.partial_rotary_factor} = "
+                f"{self.rotary_dims} must be even (rotate-half pairs dims)"
             )
         if not self.rope_theta > 0:
             raise ConfigError(f"config key 'rotary_emb_base' / 'rope_theta' must be > 0, got {self.rope_theta!r}")

@@ -25,6 +25,7 @@ from torch import Tensor
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.reference import PREFIX, layer_weights
 from hayabusa.engine.weights import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.kernels._attention_checks import MAX_HEAD_DIM
 from hayabusa.kernels.rotary import rotary_tables
 
 OP_SETS = ("triton", "torch")
@@ -92,6 +93,10 @@ Attend = Callable[[Tensor, Tensor, Tensor, bool], Tensor]  # (qkv, k_cache, v_ca
 
 class FastModel:
     def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor], ops: OpSet) -> None:
+        if config.head_dim > MAX_HEAD_DIM:  # refused at load, not at the first forward
+            raise ValueError(f"config keys 'hidden_size' {config.hidden_size} / 'num_attention_heads' "
+                             f"{config.num_attention_heads} give head_dim {config.head_dim}; the paged attention "
+                             f"ops support head_dim up to {MAX_HEAD_DIM}")
         self.config = config
         self.ops = ops
         self.shapes = expected_shapes(config)

@@ -20,6 +20,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -265,26 +266,44 @@ def decode_attention_ref(
     checked: bool = True,
 ) -> Tensor:
     """Plain-PyTorch decode_attention: same arguments, output and cache writes (num_splits changes nothing; the
-    arguments are always checked)."""
+    arguments are always checked).
+
+    All rows at once: the cache slots of each row's keys 0..position are gathered into one padded
+    [B, longest, H, D] block; a row's padding repeats its own new token's slot and is masked out of the softmax.
+    """
     check_decode_arguments(qkv, positions, block_tables, k_cache, v_cache, cos, sin, rotary_dims, num_splits,
                            check_indices)
+    if not bool((positions < 0).any()):
+        return _decode_live_rows(qkv, positions.long(), block_tables.long(), k_cache, v_cache, cos, sin)
+    out = torch.zeros_like(qkv[:, :qkv.shape[1] // 3])  # padding rows: [B, H * D] zeros, nothing written
+    live = (positions >= 0).nonzero().flatten()
+    if live.numel():
+        out[live] = _decode_live_rows(qkv[live], positions[live].long(), block_tables[live].long(), k_cache,
+                                      v_cache, cos, sin)
+    return out
+
+
+def _decode_live_rows(qkv: Tensor, positions: Tensor, block_tables: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      cos: Tensor, sin: Tensor) -> Tensor:
+    """decode_attention_ref for rows with positions >= 0 (int64 positions and block tables): [B, H * D]."""
     batch = qkv.shape[0]
     _, page_size, num_heads, head_dim = k_cache.shape
-    out = torch.zeros(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    q_all, k_all, v_all = qkv.view(batch, num_heads, 3, head_dim).unbind(2)  # each [B, H, D]
-    for b in range(batch):
-        position = int(positions[b])
-        if position < 0:  # padding row
-            continue
-        q = apply_rotary_ref(q_all[b], cos[position], sin[position])  # [H, D]
-        k = apply_rotary_ref(k_all[b], cos[position], sin[position])
-        page = int(block_tables[b, position // page_size])
-        k_cache[page, position % page_size] = k
-        v_cache[page, position % page_size] = v_all[b]
-        pages = block_tables[b, : position // page_size + 1].long()
-        keys = k_cache[pages].reshape(-1, num_heads, head_dim)[: position + 1].float()  # [p + 1, H, D]
-        values = v_cache[pages].reshape(-1, num_heads, head_dim)[: position + 1].float()
-        scores = torch.einsum("hd,thd->ht", q.float(), keys) / math.sqrt(head_dim)
-        out[b] = torch.einsum("ht,thd->hd", scores.softmax(dim=-1), values).to(qkv.dtype)
-    return out.view(batch, num_heads * head_dim)
+    # q and k of every head rotated together: [B, H, 2, D], cos/sin rows broadcast over heads and q/k.
+    q, k = apply_rotary_ref(qkv.view(batch, num_heads, 3, head_dim)[:, :, :2], cos[positions][:, None, None],
+                            sin[positions][:, None, None]).unbind(2)
+    k_slots = k_cache.view(-1, num_heads, head_dim)  # [num_blocks * block_size, H, D]
+    v_slots = v_cache.view(-1, num_heads, head_dim)
+    new_slot = block_tables.gather(1, (positions // page_size)[:, None]) * page_size + positions[:, None] % page_size
+    k_slots[new_slot.flatten()] = k
+    v_slots[new_slot.flatten()] = qkv.view(batch, num_heads, 3, head_dim)[:, :, 2]
+
+    tokens = torch.arange(int(positions.max()) + 1, device=qkv.device)  # [T], T = longest context
+    visible = tokens[None, :] <= positions[:, None]  # [B, T]
+    # Slots past a row's end may hold anything (unwritten memory, another sequence): read the new token instead.
+    slots = torch.where(visible, block_tables[:, tokens // page_size] * page_size + tokens % page_size, new_slot)
+    keys = k_slots.index_select(0, slots.flatten()).view(*slots.shape, num_heads, head_dim).float()  # [B, T, H, D]
+    values = v_slots.index_select(0, slots.flatten()).view(*slots.shape, num_heads, head_dim).float()
+    attended = F.scaled_dot_product_attention(  # fp32 scores, softmax and sum, as the kernel: [B, H, 1, D]
+        q.float()[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None, :])
+    return attended.view(batch, num_heads * head_dim).to(qkv.dtype)
 

@@ -39,6 +39,7 @@ from ._launch import (
     next_power_of_2,
     ticket_counters,
 )
+from ._reference_gemm import reference_linear
 from .gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
 from .layernorm import launch_layer_norm, layer_norm_ref
 
@@ -278,19 +279,11 @@ def ln_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, e
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
                residual: torch.Tensor | None = None, activation: str | None = None,
                out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
-    """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end (always checks)."""
+    """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end (always checks; how it is
+    computed fast on a CPU: _reference_gemm.py)."""
     _check_linear_args(x, weight, bias, residual, activation, out)
-    y = x.float() @ weight.float().T
-    if bias is not None:
-        y = y + bias.float()
-    if activation == "gelu":
-        y = torch.nn.functional.gelu(y)
-    if residual is not None:
-        y = y + residual.float()
-    y = y.to(x.dtype)
-    if out is None:
-        return y
-    return out.copy_(y)
+    y = reference_linear(x, weight, bias, residual, activation)
+    return y if out is None else out.copy_(y)
 
 
 def ln_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,

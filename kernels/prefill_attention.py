@@ -18,6 +18,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -50,6 +51,16 @@ def _load_rotated(row_ptrs, row_mask, positions, offs_d, cos_ptr, sin_ptr,
     sin = tl.load(sin_ptr + table, mask=rot_mask, other=0.0)
     sign = tl.where(first_half, -1.0, 1.0)
     return x * cos + sign[None, :] * x_partner * sin
+
+
+@triton.jit
+def _main_lanes_in_head(offs_main, HEAD_DIM: tl.constexpr, D_MAIN: tl.constexpr):
+    """[D_MAIN] mask of the main part's lanes that hold head dims. A head narrower than the 16-lane minimum dot
+    (head_dim < 16) pads its main part: lanes >= HEAD_DIM belong to the next head (or lie past the tensor's end),
+    so loads and stores must skip them. Wider heads fill the main part, and their loads stay unmasked."""
+    if D_MAIN > HEAD_DIM:
+        return offs_main < HEAD_DIM
+    return tl.full([D_MAIN], 1, tl.int1)
 
 
 @triton.jit(do_not_specialize=["block_table_stride"])  # the widest sequence sets it: no variant per width
@@ -97,6 +108,7 @@ def _attend_keys(
     """Fold keys key_start..key_end-1 into the running softmax; CAUSAL_MASK for tiles crossing the diagonal."""
     dtype = k_cache_ptr.dtype.element_ty
     offs_main = tl.arange(0, D_MAIN)
+    main_in_head = _main_lanes_in_head(offs_main, HEAD_DIM, D_MAIN)
     for tile_start in range(key_start, key_end, BLOCK_N):
         keys = tile_start + tl.arange(0, BLOCK_N)
         in_range = keys < key_end
@@ -104,7 +116,8 @@ def _attend_keys(
         pages = tl.load(block_table_row + keys // PAGE_SIZE, mask=in_range, other=0).to(tl.int64)
         rows = ((pages * PAGE_SIZE + keys % PAGE_SIZE) * NUM_HEADS + head) * HEAD_DIM  # [BLOCK_N]
         # K loaded transposed ([D, BLOCK_N]) for q @ k^T; V as [BLOCK_N, D].
-        k_main = tl.load(k_cache_ptr + rows[None, :] + offs_main[:, None], mask=in_range[None, :], other=0.0)
+        k_main = tl.load(k_cache_ptr + rows[None, :] + offs_main[:, None],
+                         mask=in_range[None, :] & main_in_head[:, None], other=0.0)
         scores = dot(q_main, k_main, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), INPUT_PRECISION, INTERPRETED_BF16)
         if D_TAIL > 0:
             offs_tail = D_MAIN + tl.arange(0, D_TAIL)
@@ -120,7 +133,8 @@ def _attend_keys(
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * correction + tl.sum(probs, axis=1)
         probs = cast_rounded(probs, dtype, INTERPRETED_BF16)
-        v_main = tl.load(v_cache_ptr + rows[:, None] + offs_main[None, :], mask=in_range[:, None], other=0.0)
+        v_main = tl.load(v_cache_ptr + rows[:, None] + offs_main[None, :],
+                         mask=in_range[:, None] & main_in_head[None, :], other=0.0)
         acc_main = dot(probs, v_main, acc_main * correction[:, None], INPUT_PRECISION, INTERPRETED_BF16)
         if D_TAIL > 0:
             offs_tail = D_MAIN + tl.arange(0, D_TAIL)
@@ -189,7 +203,7 @@ def _prefill_attention_kernel(
     out_rows = out_ptr + (seq_start + offs_m).to(tl.int64) * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
     out_main = acc_main / running_sum[:, None]
     tl.store(out_rows[:, None] + offs_main[None, :], cast_rounded(out_main, dtype, INTERPRETED_BF16),
-             mask=in_seq[:, None])
+             mask=in_seq[:, None] & _main_lanes_in_head(offs_main, HEAD_DIM, D_MAIN)[None, :])
     if D_TAIL > 0:
         offs_tail = D_MAIN + tl.arange(0, D_TAIL)
         out_tail = acc_tail / running_sum[:, None]
@@ -314,10 +328,10 @@ def prefill_attention_ref(
         v_slots[new_slots] = v
 
         context_slots = slots_of(torch.arange(context_len, device=qkv.device))
-        keys = k_slots[context_slots].float()  # [context_len, H, D]
-        values = v_slots[context_slots].float()
-        scores = torch.einsum("qhd,khd->hqk", q.float(), keys) / math.sqrt(head_dim)
+        keys = k_slots.index_select(0, context_slots).float()  # [context_len, H, D]
+        values = v_slots.index_select(0, context_slots).float()
         visible = torch.arange(context_len, device=qkv.device)[None, :] <= new_positions[:, None]  # [n, ctx]
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).reshape(end - start, -1).to(out.dtype)
+        attended = F.scaled_dot_product_attention(  # fp32 scores, softmax and sum: [H, n, D]
+            q.float().transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=visible)
+        out[start:end] = attended.transpose(0, 1).reshape(end - start, -1).to(out.dtype)
     return out

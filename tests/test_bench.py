@@ -15,6 +15,8 @@ from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, rand
 from hayabusa.engine.config import PRESETS
 
 BIG = PRESETS["2.7b"]
+DECODE_HEADER = ("| engine | batch | prompt | ms / token | tokens / s | % of bandwidth floor | weights GB / s "
+                 "| vs eager | threads | load avg |")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -178,10 +180,10 @@ def test_markdown_table_compares_each_engine_with_transformers_eager(tmp_path):
     results = _synthetic_results([_decode_record("transformers-eager", 1, 20.0), _decode_record("hayabusa", 1, 4.0),
                                   _decode_record("hayabusa", 8, 5.0)])
     text = report.markdown_report(results)
-    assert "| engine | batch | ms / token | tokens / s | % of bandwidth floor | vs eager |" in text
-    assert "| hayabusa | 1 | 4.00 | 250.0 | 50.0 | 5.00x |" in text
-    assert "| transformers-eager | 1 | 20.00 | 50.0 | 50.0 | 1.00x |" in text
-    assert "| hayabusa | 8 | 5.00 | 1,600 | 50.0 | – |" in text  # no baseline at batch 8
+    assert DECODE_HEADER in text
+    assert "| hayabusa | 1 | 128 | 4.00 | 250.0 | 50.0 | – | 5.00x | – | – |" in text
+    assert "| transformers-eager | 1 | 128 | 20.00 | 50.0 | 50.0 | – | 1.00x | – | – |" in text
+    assert "| hayabusa | 8 | 128 | 5.00 | 1,600 | 50.0 | – | – | – | – |" in text  # no baseline at batch 8
     assert "`transformers-compile` (all): because" in text
     report.write_plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
@@ -206,6 +208,16 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     assert results["versions"]["torch"] == torch.__version__ and "triton" in results["versions"]
     assert results["model"]["preset"] == "tiny" and results["sizes"]["name"] == "smoke"
     assert results["roofline"]["copy_gb_per_s"] > 0 and results["roofline"]["matmul_tflops"] > 0
+    # the machine's load around the run and before every case, and the torch threads each case ran with
+    assert {"start", "end"} <= set(results["machine_load"]) and results["machine_load"]["start"]["cpus"] >= 1
+    assert isinstance(results["warnings"], list) and results["torch_threads"] >= 1
+    for record in results["records"]:
+        if record["scenario"] != "tokenizer":
+            assert record["extra"]["torch_threads"] >= 1 and "loadavg_1m" in record["extra"]["machine_load"]
+    # whatever hayabusa chose for itself, transformers ran with the run's own thread count
+    threads = {r["engine"]: r["extra"]["torch_threads"] for r in results["records"] if r["scenario"] == "decode"}
+    assert threads["transformers-eager"] == results["torch_threads"]
+    assert results["decode_kernels"] == []  # CUDA only
     launches = results["launches_per_decode_step"]  # counted with an H200's configs on a CPU
     assert launches["num_sms"] == 132 and [c["batch"] for c in launches["by_batch"]] == [1, 4]
     assert [c["per_layer"] for c in launches["by_batch"]] == [5, 5]
@@ -261,11 +273,13 @@ def test_transformers_runner_does_not_stop_at_eos(cpu_run):
 def test_cpu_run_writes_the_markdown_table_and_the_png(cpu_run):
     _, out = cpu_run
     text = (out / "results.md").read_text(encoding="utf-8")
-    assert "| engine | batch | ms / token | tokens / s | % of bandwidth floor | vs eager |" in text
+    assert DECODE_HEADER in text
     for engine in ("hayabusa-reference", "transformers-eager"):
         assert text.count(f"| {engine} | ") >= len(SIZES["smoke"].decode_batches)
     assert "## Prefill" in text and "## Offline throughput" in text and "## Tokenizer" in text
     assert "`hayabusa` (all):" in text
+    assert "- **Machine**: " in text and "torch threads" in text
+    assert "## Issue 9's GPU targets (set for one H200) (not evaluated: no GPU in this run; never claimed)" in text
     png = (out / "results.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 

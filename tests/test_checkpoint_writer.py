@@ -92,6 +92,12 @@ def test_tensor_names_shapes_and_values(tmp_path):
     assert tensors[LAST_DENSE_BIAS].abs().min() > 0
 
 
+def test_init_std_sets_the_spread(tmp_path):
+    tensors = stored_tensors(write_random_checkpoint(tmp_path, MICRO, dtype=torch.float32, init_std=0.5))
+    assert 0.4 < tensors[EMBED_IN].std().item() < 0.6
+    assert 0.4 < (tensors["gpt_neox_japanese.final_layer_norm.weight"] - 1).std().item() < 0.6
+
+
 def test_values_do_not_depend_on_format_or_sharding(tmp_path):
     reference = stored_tensors(write_random_checkpoint(tmp_path / "single", MICRO, dtype=torch.float32))
     for fmt in ("safetensors", "bin"):
@@ -166,6 +172,8 @@ def test_rejects_bad_arguments(tmp_path):
         write_random_checkpoint(tmp_path, MICRO.with_overrides(tie_word_embeddings=False), store_embed_out=False)
     with pytest.raises(ValueError, match="shard size"):
         write_random_checkpoint(tmp_path, MICRO, shard_size="lots")
+    with pytest.raises(ValueError, match="init_std must be > 0, got 0.0"):
+        write_random_checkpoint(tmp_path, MICRO, init_std=0.0)
 
 
 def test_existing_weights_need_overwrite(tmp_path):

@@ -90,7 +90,9 @@ REJECTS = [
     ({"num_attention_heads": 2.5}, "num_attention_heads"),
     ({"intermediate_multiple_size": True}, "intermediate_multiple_size"),
     ({"max_position_embeddings": "2048"}, "max_position_embeddings"),
-    ({"rotary_pct": 0.0}, "rotary_pct"),
+    ({"rotary_pct": -0.25}, "rotary_pct"),
+    ({"rotary_pct": float("nan")}, "rotary_pct"),
+    ({"rotary_pct": float("inf")}, "rotary_pct"),
     ({"rotary_pct": 1.5}, "rotary_pct"),
     ({"rotary_pct": "half"}, "rotary_pct"),
     ({"rotary_emb_base": -1}, "rotary_emb_base"),
@@ -117,8 +119,21 @@ def test_rejects_name_the_key(raw, key):
 def test_odd_rotary_dims_rejected():
     # head_dim 82 * 0.25 = 20.5 -> 20 (even, fine); head_dim 90 * 0.1 = 9 (odd, the rotate-half split breaks).
     assert ModelConfig(hidden_size=164, num_attention_heads=2, partial_rotary_factor=0.25).rotary_dims == 20
-    with pytest.raises(ConfigError, match="rotary dims"):
+    with pytest.raises(ConfigError, match="rotary dims .* = 9 must be even"):
         ModelConfig(hidden_size=180, num_attention_heads=2, partial_rotary_factor=0.1)
+
+
+def test_rotary_dims_follow_transformers_rounding():
+    """Rotary dims are int(head_dim * factor), as transformers computes them: a factor of 0 or one that rounds down
+    to 0 means no rotary; a factor a hair above 1 still rotates the whole head; one that needs more dims fails."""
+    assert ModelConfig(hidden_size=64, num_attention_heads=8, partial_rotary_factor=0.0).rotary_dims == 0
+    assert ModelConfig(hidden_size=64, num_attention_heads=8, partial_rotary_factor=0.1).rotary_dims == 0
+    assert ModelConfig(hidden_size=64, num_attention_heads=8, partial_rotary_factor=1.0000001).rotary_dims == 8
+    assert ModelConfig(hidden_size=44, num_attention_heads=2, partial_rotary_factor=14 / 22).rotary_dims == 14
+    with pytest.raises(ConfigError, match="= 15 must be even"):  # int(22 * 15.5 / 22) = 15
+        ModelConfig(hidden_size=22, num_attention_heads=1, partial_rotary_factor=15.5 / 22)
+    with pytest.raises(ConfigError, match=r"rotary dims = head_dim 8 .* = 9 exceed head_dim 8"):
+        ModelConfig(hidden_size=64, num_attention_heads=8, partial_rotary_factor=1.125)
 
 
 def test_absent_keys_are_recorded_and_named_when_their_default_breaks_the_config():

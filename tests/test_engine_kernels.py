@@ -21,7 +21,7 @@ TOKENIZER = Tokenizer.from_pretrained()
 MODEL_ARGS = dict(hidden=160, heads=2, layers=2, vocab=101)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "interpreter_memcheck")  # memcheck: every launch in bounds
 
 
 def reference_tokens(config, state_dict, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

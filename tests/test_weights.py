@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPTNeoXJapaneseForCausalLM
 from transformers.utils import logging as hf_logging
 
+from hayabusa.engine import weights
 from hayabusa.engine.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.config import PRESETS, ModelConfig, load_config
 from hayabusa.engine.weights import (
@@ -97,6 +98,14 @@ def test_dtype_and_device_conversion(tmp_path, stored, target):
     for name, tensor in ours.items():
         assert tensor.dtype == target and tensor.device.type == DEVICE and tensor.is_contiguous()
         assert torch.equal(tensor.cpu(), raw[name].to(target)), name
+
+
+def test_half_to_half_conversion_in_blocks_keeps_the_bits(tmp_path, monkeypatch):
+    monkeypatch.setattr(weights, "HALF_CONVERSION_BLOCK", 7)  # blocks that split rows, a short last block
+    model_dir = micro_checkpoint(tmp_path, dtype=torch.float16)
+    raw = load_file(model_dir / "model.safetensors")
+    for name, tensor in load_ours(model_dir, dtype=torch.bfloat16).items():
+        assert torch.equal(tensor.view(torch.int16), raw[name].to(torch.bfloat16).view(torch.int16)), name
 
 
 def test_load_model_files_from_directory(tmp_path):

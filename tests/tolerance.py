@@ -44,12 +44,22 @@ def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.T
 
 GUARD_ELEMENTS = 257  # odd, so a band never lines up with a power-of-two tile
 
+# Band bit patterns (before, after) per dtype: quiet NaNs with payloads no arithmetic produces, so a stray store of
+# any value (a computed NaN included) changes a band's bits, and a stray read turns what it feeds into NaN.
+_BAND_BITS = {
+    torch.float32: (0x7FC5A5A5, 0xFFCA5A5A - 2**32),
+    torch.float16: (0x7E5A, 0xFEA5 - 2**16),
+    torch.bfloat16: (0x7FE5, 0xFFDA - 2**16),
+    torch.float64: (0x7FF8A5A5A5A5A5A5, 0xFFF85A5A5A5A5A5A - 2**64),
+}
+
 
 class Guarded:
     """A contiguous tensor view inside a larger buffer whose bands before and after it are poisoned.
 
     A kernel that writes past either end of its output (or a cache) changes a band; `check` catches it bit for
-    bit, where a plain allocation would let the stray store corrupt memory quietly.
+    bit, where a plain allocation would let the stray store corrupt memory quietly. Float bands hold NaN, so a
+    kernel that reads past an input's end computes NaN, which `assert_close` rejects.
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device,
@@ -57,13 +67,22 @@ class Guarded:
         numel = 1
         for size in shape:
             numel *= size
-        self._buffer = torch.empty(guard + numel + guard, dtype=dtype, device=device)
-        self._buffer[:guard] = _band_value(dtype, 0)
-        self._buffer[guard + numel:] = _band_value(dtype, 1)
+        # torch.full, not torch.empty: GuardRegistry.patch_allocations routes torch.empty through this class
+        self._buffer = torch.full((guard + numel + guard,), fill, dtype=dtype, device=device)
+        bits = self._buffer.view(_same_size_int(dtype))
+        before, after = _BAND_BITS.get(dtype, (0x5A, 0x25))  # integer dtypes: any fixed pattern
+        bits[:guard] = before
+        bits[guard + numel:] = after
         self.tensor = self._buffer[guard:guard + numel].view(shape)
-        self.tensor.fill_(fill)
         self._guard = guard
         self._bands = self._band_bits()
+
+    @classmethod
+    def copy_of(cls, tensor: torch.Tensor, guard: int = GUARD_ELEMENTS) -> "Guarded":
+        """A guarded copy of `tensor` (bit for bit, NaN payloads included)."""
+        guarded = cls(tuple(tensor.shape), tensor.dtype, tensor.device, guard=guard)
+        guarded.tensor.copy_(tensor)
+        return guarded
 
     def _band_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
         bits = self._buffer.view(_same_size_int(self._buffer.dtype)).clone()
@@ -77,12 +96,40 @@ class Guarded:
                                      f"written (out-of-bounds store), first at band offset {changed[0].item()}")
 
 
+class GuardRegistry:
+    """Every guarded tensor of one test, checked together: outputs and caches the test makes (`new`, `copy_of`)
+    and, while `patch_allocations` is active, every floating-point tensor torch.empty / empty_like hand out (the
+    outputs and workspaces kernels allocate themselves), NaN-filled so that an element never written cannot pass."""
+
+    def __init__(self) -> None:
+        self._guarded: list[tuple[str, Guarded]] = []
+
+    def new(self, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device,
+            name: str = "output") -> torch.Tensor:
+        return self._add(name, Guarded(shape, dtype, device))
+
+    def copy_of(self, tensor: torch.Tensor, name: str = "input") -> torch.Tensor:
+        return self._add(name, Guarded.copy_of(tensor))
+
+    def _add(self, name: str, guarded: Guarded) -> torch.Tensor:
+        self._guarded.append((f"{name} #{len(self._guarded)} {tuple(guarded.tensor.shape)}", guarded))
+        return guarded.tensor
+
+    def check(self) -> None:
+        for name, guarded in self._guarded:
+            guarded.check(name)
+
+    def patch_allocations(self, monkeypatch) -> None:
+        empty, empty_like = torch.empty, torch.empty_like
+
+        def guarded(tensor: torch.Tensor) -> torch.Tensor:
+            if not tensor.is_floating_point() or not tensor.is_contiguous():
+                return tensor
+            return self._add("torch.empty allocation", Guarded(tuple(tensor.shape), tensor.dtype, tensor.device))
+
+        monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: guarded(empty(*args, **kwargs)))
+        monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: guarded(empty_like(*args, **kwargs)))
+
+
 def _same_size_int(dtype: torch.dtype) -> torch.dtype:
     return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-
-
-def _band_value(dtype: torch.dtype, side: int) -> float | int:
-    """Poison that no kernel writes by accident: NaN-like for floats, a large sentinel for integers."""
-    if dtype.is_floating_point:
-        return float("nan") if side == 0 else -12345.0
-    return -7777 if side == 0 else 7777

@@ -6,13 +6,14 @@ import triton
 
 from hayabusa.kernels.linear import GemmConfig, choose_config, launch_linear, linear, linear_ref
 
-from devices import DEVICE, ON_GPU
-from tolerance import assert_close, poisoned
+from devices import DEVICE, FULL_SHAPES, ON_GPU
+from tolerance import GuardRegistry, assert_close, poisoned
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (M, N, K): primes and non-powers of two on CPU; the model's projections at decode and prefill sizes on a GPU.
-SHAPES = [(1, 97, 80), (3, 160, 97), (17, 80, 160)]
-if ON_GPU:
+# (M, N, K): primes and non-powers of two, and 1-wide edges (every tile ragged) on CPU; the model's projections at
+# decode and prefill sizes on a GPU.
+SHAPES = [(1, 97, 80), (3, 160, 97), (17, 80, 160), (1, 1, 1), (2, 3, 5), (19, 1, 33)]
+if FULL_SHAPES:
     SHAPES += [(m, n, k) for m in (1, 32, 2048) for n, k in ((7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240))]
 # (bias, activation, residual): every epilogue combination
 EPILOGUES = [(False, None, False), (True, None, False), (False, "gelu", False), (False, None, True),
@@ -29,68 +30,74 @@ def make_inputs(M: int, N: int, K: int, dtype: torch.dtype, seed: int = 0) -> di
 
 
 def check_linear(run, M: int, N: int, K: int, dtype: torch.dtype, has_bias: bool, activation: str | None,
-                 has_residual: bool) -> None:
-    inputs = make_inputs(M, N, K, dtype)
+                 has_residual: bool, guards: GuardRegistry) -> None:
+    """Kernel vs reference with every operand, the output and the split-K workspace inside guard bands."""
+    inputs = {name: guards.copy_of(tensor, name) for name, tensor in make_inputs(M, N, K, dtype).items()}
     bias = inputs["bias"] if has_bias else None
     residual = inputs["residual"] if has_residual else None
-    out = poisoned((M, N), dtype, DEVICE)
+    out = guards.new((M, N), dtype, DEVICE, "out")
     expected = linear_ref(inputs["x"], inputs["weight"], bias=bias, residual=residual, activation=activation)
     result = run(inputs["x"], inputs["weight"], bias, residual, activation, out)
+    guards.check()
     assert result.data_ptr() == out.data_ptr()
     assert_close(out, expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K", SHAPES)
-def test_linear_matches_reference(M, N, K, dtype):
+def test_linear_matches_reference(M, N, K, dtype, guards):
     def run(x, weight, bias, residual, activation, out):
         return linear(x, weight, bias=bias, residual=residual, activation=activation, out=out)
 
-    check_linear(run, M, N, K, dtype, True, "gelu", True)
-    check_linear(run, M, N, K, dtype, False, None, False)
+    check_linear(run, M, N, K, dtype, True, "gelu", True, guards)
+    check_linear(run, M, N, K, dtype, False, None, False, guards)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("has_bias,activation,has_residual", EPILOGUES)
-def test_linear_epilogues(has_bias, activation, has_residual, dtype):
+def test_linear_epilogues(has_bias, activation, has_residual, dtype, guards):
     def run(x, weight, bias, residual, activation, out):
         return linear(x, weight, bias=bias, residual=residual, activation=activation, out=out)
 
-    check_linear(run, 5, 48, 37, dtype, has_bias, activation, has_residual)
+    check_linear(run, 5, 48, 37, dtype, has_bias, activation, has_residual, guards)
 
 
 # Forced configs reach every path whatever the table picks for small shapes: split-K with a ragged last K-tile and
-# more splits than K-tiles need (4 K-tiles in 3 splits leaves the last split empty), split-K over even K-tiles, and
-# grouped M-tile order with ragged M, N and K.
+# more splits than K-tiles need (4 K-tiles in 3 splits leaves the last split empty), split-K over even K-tiles,
+# grouped M-tile order with ragged M, N and K, and split-K over a one-row, one-column output (every tile an edge).
 CONFIG_CASES = [
     (GemmConfig(block_m=16, block_n=32, block_k=32, split_k=3, group_m=1, num_warps=4, num_stages=2), (3, 40, 97)),
     (GemmConfig(block_m=16, block_n=16, block_k=16, split_k=4, group_m=1, num_warps=4, num_stages=2), (3, 40, 128)),
     (GemmConfig(block_m=16, block_n=16, block_k=32, split_k=1, group_m=2, num_warps=4, num_stages=2), (37, 50, 97)),
+    (GemmConfig(block_m=16, block_n=16, block_k=16, split_k=2, group_m=1, num_warps=4, num_stages=2), (1, 1, 33)),
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config,shape", CONFIG_CASES, ids=["split3_ragged_k", "split4_even_k", "grouped_m"])
-def test_linear_config_paths(config, shape, dtype):
+@pytest.mark.parametrize("config,shape", CONFIG_CASES,
+                         ids=["split3_ragged_k", "split4_even_k", "grouped_m", "split2_one_element"])
+def test_linear_config_paths(config, shape, dtype, guards):
     def run(x, weight, bias, residual, activation, out):
         return launch_linear(config, x, weight, bias, residual, activation, out)
 
-    check_linear(run, *shape, dtype, True, "gelu", True)
+    check_linear(run, *shape, dtype, True, "gelu", True, guards)
 
 
-def test_split_k_is_deterministic():
+def test_split_k_is_deterministic(guards):
     inputs = make_inputs(3, 40, 97, torch.float32)
     config = GemmConfig(block_m=16, block_n=32, block_k=16, split_k=4, group_m=1, num_warps=4, num_stages=2)
     first, second = (launch_linear(config, inputs["x"], inputs["weight"], None, None, None,
-                                   poisoned((3, 40), torch.float32, DEVICE)) for _ in range(2))
+                                   guards.new((3, 40), torch.float32, DEVICE)) for _ in range(2))
+    guards.check()
     assert torch.equal(first, second)
 
 
-def test_linear_residual_in_place_and_empty_batch():
+def test_linear_residual_in_place_and_empty_batch(guards):
     inputs = make_inputs(3, 40, 97, torch.float16)
     expected = linear_ref(inputs["x"], inputs["weight"], residual=inputs["residual"])
-    stream = inputs["residual"].clone()
+    stream = guards.copy_of(inputs["residual"], "residual stream")
     result = linear(inputs["x"], inputs["weight"], residual=stream, out=stream)
+    guards.check()
     assert result.data_ptr() == stream.data_ptr()
     assert_close(stream, expected)
     empty = linear(inputs["x"][:0], inputs["weight"])

@@ -5,13 +5,13 @@ import torch
 
 from hayabusa.kernels.mlp import fused_mlp, fused_mlp_ref
 
-from devices import DEVICE, ON_GPU
-from tolerance import assert_close, poisoned
+from devices import DEVICE, FULL_SHAPES
+from tolerance import assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (M, hidden, intermediate): odd sizes on CPU; the 2.7B model's 2560 -> 10240 -> 2560 at decode and prefill on a GPU.
-SHAPES = [(1, 80, 320), (3, 97, 160), (17, 80, 97)]
-if ON_GPU:
+SHAPES = [(1, 80, 320), (3, 97, 160), (17, 80, 97), (2, 1, 4)]
+if FULL_SHAPES:
     SHAPES += [(1, 2560, 10240), (32, 2560, 10240), (2048, 2560, 10240)]
 
 
@@ -26,22 +26,24 @@ def make_inputs(M: int, hidden: int, inter: int, dtype: torch.dtype) -> tuple[to
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,hidden,inter", SHAPES)
-def test_fused_mlp_matches_reference(M, hidden, inter, dtype):
-    x, w_in, w_out, residual = make_inputs(M, hidden, inter, dtype)
+def test_fused_mlp_matches_reference(M, hidden, inter, dtype, guards):
+    x, w_in, w_out, residual = (guards.copy_of(t, "input") for t in make_inputs(M, hidden, inter, dtype))
     expected = fused_mlp_ref(x, w_in, w_out, residual)
-    out = poisoned((M, hidden), dtype, DEVICE)
+    out = guards.new((M, hidden), dtype, DEVICE, "out")
     assert fused_mlp(x, w_in, w_out, residual, out=out).data_ptr() == out.data_ptr()
+    guards.check()  # the GELU intermediate comes from torch.empty, guarded too
     assert_close(out, expected, dtype)
     # The reference itself is the model's MLP: residual + dense_4h_to_h(gelu(dense_h_to_4h(x))).
     gelu_of = torch.nn.functional.gelu((x.double() @ w_in.double().T).to(dtype).double())
     assert_close(expected, residual.double() + gelu_of.to(dtype).double() @ w_out.double().T, dtype, name="reference")
 
 
-def test_fused_mlp_in_place_residual():
+def test_fused_mlp_in_place_residual(guards):
     x, w_in, w_out, residual = make_inputs(3, 97, 160, torch.float16)
     expected = fused_mlp_ref(x, w_in, w_out, residual)
-    stream = residual.clone()
+    stream = guards.copy_of(residual, "residual stream")
     fused_mlp(x, w_in, w_out, stream, out=stream)
+    guards.check()
     assert_close(stream, expected)
 
 
