@@ -18,7 +18,7 @@ import torch
 from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.outputs import GenerationOutput
+from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, check_option_ids
 from hayabusa.engine.weights import EMBED_IN, load_model_files
@@ -61,7 +61,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
-        self.device = device
+        self.device = device = torch.device(device)
         self.model_dir = model_dir
         # On a CPU: torch's thread count for this model (process-wide; see cpu_threads.py). None on a GPU.
         self.cpu_threads: ThreadChoice | None = None
@@ -110,12 +110,14 @@ class Engine:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  **kwargs: Any) -> list[GenerationOutput]:
-        """Generate for one prompt or a list of prompts (strings or token-id lists); one output per prompt.
+        """Generate for one prompt or a list of prompts (strings or token-id lists): num_return_sequences outputs
+        per prompt (default 1), each prompt's consecutively, in prompt order.
 
         Sampling options come as a SamplingParams (one, or one per prompt) or as keyword arguments with its field
         names, which are transformers' generate options (README: generate options): max_new_tokens, do_sample,
         temperature, top_k, top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
-        min_new_tokens, eos_token_id, seed, stop, ignore_eos.
+        min_new_tokens, eos_token_id, seed, stop, ignore_eos, num_return_sequences, prompt_lookup_num_tokens,
+        max_matching_ngram_size; and logprobs, prompt_logprobs (OpenAI's).
         """
         prompt_ids = self._encode_prompts(prompts)
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
@@ -123,8 +125,23 @@ class Engine:
             self._check_fits(i, ids, p)
         return self.paged.generate(prompt_ids, params)
 
+    def score(self, contexts: Prompt | Sequence[Prompt], continuations: Prompt | Sequence[Prompt]) -> list[ScoreOutput]:
+        """The log-likelihood of each continuation given its context (pairs: one context per continuation, or one
+        pair of strings / token-id lists), from the model's raw logits: its sum, per token, and whether each token
+        is the greedy pick. Strings are encoded separately, so the continuation's tokens are exactly its own
+        encoding (pass token ids to choose the split). All pairs run batched; shared contexts hit the prefix cache.
+        """
+        context_ids = self._encode_prompts(contexts, "context")
+        continuation_ids = self._encode_prompts(continuations, "continuation")
+        if len(context_ids) != len(continuation_ids):
+            raise ValueError(f"got {len(context_ids)} contexts but {len(continuation_ids)} continuations")
+        for i, (context, continuation) in enumerate(zip(context_ids, continuation_ids, strict=True)):
+            self._check_fits(i, context + continuation, SamplingParams(max_new_tokens=0), "pair")
+        return self.paged.score(list(zip(context_ids, continuation_ids, strict=True)))
+
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text."""
+        """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text (one
+        completion: num_return_sequences must be 1)."""
         (ids,) = self._encode_prompts([prompt])
         (params,) = self._sampling_params(sampling_params, kwargs, 1)
         self._check_fits(0, ids, params)
@@ -144,25 +161,27 @@ class Engine:
     def close(self) -> None:
         self.paged.close()
 
-    def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        _refuse_bytes("prompts", prompts)
+    def _encode_prompts(self, prompts: Prompt | Sequence[Prompt], what: str = "prompt") -> list[list[int]]:
+        """what: how errors name the texts (prompt, context, continuation)."""
+        _refuse_bytes(f"{what}s", prompts)
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
                                         all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+            raise ValueError(f"{what}s must be a string, a list of token ids, or a non-empty list of those")
         encoded = []
         for i, prompt in enumerate(prompts):
-            _refuse_bytes(f"prompt {i}", prompt)
+            _refuse_bytes(f"{what} {i}", prompt)
             if isinstance(prompt, str):
                 ids = self.tokenizer.encode(prompt)
             elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
                 ids = list(prompt)
-                self._check_ids(f"prompt {i}", ids)
+                self._check_ids(f"{what} {i}", ids)
             else:
-                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
+                raise ValueError(f"{what} {i} must be a string or a list of token ids, got {type(prompt).__name__}")
             if not ids:
-                raise ValueError(f"prompt {i} is empty")
+                raise ValueError(f"{what} {i} is empty" + (" (the first token of a text has no logprob: give the "
+                                                           "context at least one token)" if what == "context" else ""))
             encoded.append(ids)
         return encoded
 
@@ -186,12 +205,12 @@ class Engine:
             raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
         return [replace(p, **kwargs) if kwargs else p for p in sampling_params]
 
-    def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams, what: str = "prompt") -> None:
         try:
             check_context_fits(len(prompt_ids), params.max_new_tokens, self.config.max_position_embeddings)
             check_option_ids(params, self.config.vocab_size)
         except ValueError as err:
-            raise ValueError(f"prompt {index}: {err}") from None
+            raise ValueError(f"{what} {index}: {err}") from None
 
 
 def _refuse_bytes(what: str, value: object) -> None:

@@ -10,6 +10,10 @@ step N-1's ids back and processes them (append, detokenize, stop checks, free bl
 N. On a CPU the same code runs, each launch simply finishing before it returns. Stop conditions are exact despite
 the lag (see engine.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
 
+A request of num_return_sequences = n completions runs as n sequences: the first is prefilled, and the other n - 1
+are forked from it in the same step (they share its prompt's KV blocks and sample their first tokens from its
+logits, each with its own seed, see sampling.completion_seed). Its updates carry the completion's `index`.
+
 Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
 background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
 every step serves every running request, whoever submitted it. The lock guarding the queues is not held while
@@ -29,9 +33,10 @@ from torch import Tensor
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
+from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.model_runner import InFlight, ModelRunner
-from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, Timings
-from hayabusa.engine.sampling import SamplingParams, check_option_ids
+from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
+from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.weights import EMBED_IN
@@ -42,6 +47,7 @@ DEFAULT_MAX_NUM_SEQS = 256
 # long a running request can wait for its next token; without, whole prompts of up to this many tokens run at once.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED = 8192
+SCORING = SamplingParams(max_new_tokens=0, prompt_logprobs=1)  # score(): the top-1 alternative tells greedy picks
 
 
 class PagedEngine:
@@ -83,7 +89,7 @@ class PagedEngine:
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()  # guards the scheduler and every Sequence; notified after each step
         self._driving = False  # a thread is inside _step()
-        self._requests: dict[int, Sequence] = {}  # unfinished requests by id
+        self._requests: dict[int, list[Sequence]] = {}  # unfinished requests by id: their completions, by index
         self._aborts: list[int] = []  # ids whose abort waits for the driver
         self._updates: list[RequestUpdate] = []  # for step()'s caller: requests submitted with add_request
         self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet (driver only)
@@ -91,7 +97,8 @@ class PagedEngine:
     # ---- submission ------------------------------------------------------------------------------------------
 
     def _new_sequence(self, prompt_ids: Seq[int], params: SamplingParams, delivery: Delivery) -> Sequence:
-        """Validate one request where it enters; raise ValueError naming the bad value."""
+        """Validate one request where it enters; raise ValueError naming the bad value. Returns its first
+        completion's sequence, the others in its fork_children."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt_ids = list(prompt_ids)
@@ -100,13 +107,17 @@ class PagedEngine:
         if bad:
             raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
         check_option_ids(params, self.config.vocab_size)
-        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens)
+        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens, params.num_return_sequences)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
-        return Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
+        seq = Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
+        seq.fork_children = [seq.fork(next(self._seq_ids), completion_seed(seq.seed, index), index)
+                             for index in range(1, params.num_return_sequences)]
+        return seq
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
-        """Queue one request; returns its id. Its results come back through step(). Raises ValueError (for this
-        request only) if it can never run."""
+        """Queue one request; returns its id. Its results come back through step(), one final update per
+        completion (params.num_return_sequences of them, told apart by RequestUpdate.index). Raises ValueError
+        (for this request only) if it can never run."""
         seq = self._new_sequence(prompt_ids, params, Delivery.UPDATES)
         self._enqueue([seq])
         return seq.seq_id
@@ -115,11 +126,11 @@ class PagedEngine:
         with self._cond:  # all at once: they can share the first prefill batch
             for seq in seqs:
                 self.scheduler.add(seq)
-                self._requests[seq.seq_id] = seq
+                self._requests[seq.request_id] = [seq, *seq.fork_children]
 
     def abort(self, request_id: int) -> None:
-        """Finish a request with finish_reason "abort" and free its blocks (from any thread). A request that has
-        finished already, or an id never issued, is left alone."""
+        """Finish a request (each of its unfinished completions) with finish_reason "abort" and free its blocks
+        (from any thread). A request that has finished already, or an id never issued, is left alone."""
         if isinstance(request_id, bool) or not isinstance(request_id, int):
             raise ValueError(f"request_id must be an int, got {request_id!r}")
         with self._cond:
@@ -129,12 +140,15 @@ class PagedEngine:
 
     def _apply_aborts(self) -> None:
         for request_id in self._aborts:
-            seq = self._requests.get(request_id)
-            if seq is not None:
-                self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
-                seq.fail("abort", "aborted")
-                self._deliver(seq, (), "")
+            self._finish_request(self._requests.get(request_id, []), "abort", "aborted")
         self._aborts.clear()
+
+    def _finish_request(self, seqs: list[Sequence], reason: str, message: str) -> None:
+        for seq in list(seqs):
+            if not seq.is_finished:
+                self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
+                seq.fail(reason, message)
+                self._deliver(seq, (), "")
 
     # ---- stepping --------------------------------------------------------------------------------------------
 
@@ -186,19 +200,28 @@ class PagedEngine:
             with self._cond:
                 self._process(launched, *results)
 
-    def _process(self, step: InFlight, token_ids: list, bad_rows: frozenset[int]) -> None:
-        """Hand one read-back step's tokens to their requests (under the lock)."""
-        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver)
+    def _process(self, step: InFlight, token_ids: list, bad_rows: frozenset[int],
+                 logprobs: StepLogprobs | None) -> None:
+        """Hand one read-back step's tokens (and logprobs) to their requests (under the lock)."""
+        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver, logprobs)
 
     def _deliver(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
         """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
         (generate() reads the final output)."""
-        if seq.status is SequenceStatus.FINISHED:
-            del self._requests[seq.seq_id]
-            if seq.delivery is Delivery.UPDATES:
-                self._updates.append(RequestUpdate(seq.seq_id, list(tokens), delta, seq.output.result()))
-        elif seq.delivery is Delivery.UPDATES:
-            self._updates.append(RequestUpdate(seq.seq_id, list(tokens), delta, None))
+        finished = seq.status is SequenceStatus.FINISHED
+        if finished and all(other.is_finished for other in self._requests[seq.request_id]):
+            del self._requests[seq.request_id]
+        if seq.delivery is Delivery.UPDATES:
+            output = seq.output
+            new_logprobs = prompt_logprobs = None
+            if output.logprobs is not None or output.prompt_logprobs is not None:
+                if tokens and output.logprobs is not None:
+                    new_logprobs = output.logprobs[-len(tokens):]
+                if len(output.token_ids) == len(tokens):  # its first update: its first tokens, or its end
+                    prompt_logprobs = output.prompt_logprobs
+            self._updates.append(RequestUpdate(seq.request_id, list(tokens), delta,
+                                               output.result() if finished else None, seq.index, new_logprobs,
+                                               prompt_logprobs))
         if delta and seq.delivery is Delivery.STREAM:
             seq.text_deltas.append(delta)
 
@@ -206,10 +229,8 @@ class PagedEngine:
         """A step raised (e.g. out of memory): fail every request, so that no caller waits forever."""
         with self._cond:
             self._in_flight = None
-            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                self.scheduler.abort(seq)
-                seq.fail("error", message)
-                self._deliver(seq, (), "")
+            for seqs in list(self._requests.values()):
+                self._finish_request(seqs, "error", message)
 
     def _claim_driver(self, done: Callable[[], bool]) -> bool:
         """Become the one thread that steps, unless done() (read under the lock) holds first."""
@@ -249,26 +270,69 @@ class PagedEngine:
     # ---- public generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[GenerationOutput]:
-        """One output per prompt, in order. A request that can never run, or that fails on its own, gets an output
-        with finish_reason "error" and the reason in .error while the others run; an aborted one "abort". If an
-        engine step fails, the thread that ran it re-raises the error and every request fails with it."""
+        """The outputs of each prompt in order: num_return_sequences of them per prompt, consecutively. A request
+        that can never run, or that fails on its own, gets outputs with finish_reason "error" and the reason in
+        .error while the others run; an aborted one "abort". If an engine step fails, the thread that ran it
+        re-raises the error and every request fails with it."""
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        seqs: list[Sequence | GenerationOutput] = []
+        requests: list[Sequence | GenerationOutput] = []
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                seqs.append(self._new_sequence(prompt, p, Delivery.RESULT))
+                requests.append(self._new_sequence(prompt, p, Delivery.RESULT))
             except ValueError as err:
-                seqs.append(_failed_output(list(prompt), f"request {index}: {err}"))
-        live = [seq for seq in seqs if isinstance(seq, Sequence)]
-        self._enqueue(live)
-        self._drive_until(lambda: all(seq.is_finished for seq in live))
-        return [seq if isinstance(seq, GenerationOutput) else seq.output.result() for seq in seqs]
+                requests.append(_failed_output(list(prompt), f"request {index}: {err}"))
+        completions = [[seq, *seq.fork_children] if isinstance(seq, Sequence) else seq for seq in requests]
+        self._enqueue([seq for seq in requests if isinstance(seq, Sequence)])
+        self._drive_until(lambda: all(seq.is_finished for seqs in completions if isinstance(seqs, list)
+                                      for seq in seqs))
+        outputs: list[GenerationOutput] = []
+        for seqs, p in zip(completions, params, strict=True):
+            if isinstance(seqs, list):
+                outputs += [seq.output.result() for seq in seqs]
+            else:  # refused: one copy of the error per completion asked for
+                outputs += [seqs] * (p.num_return_sequences if isinstance(p, SamplingParams) else 1)
+        return outputs
+
+    def score(self, pairs: Seq[tuple[Seq[int], Seq[int]]]) -> list[ScoreOutput]:
+        """The log-likelihood of each continuation after its context, (context ids, continuation ids) per pair, in
+        order. Each pair is one prefill-only request whose prompt is context + continuation: the LM head runs at
+        the continuation's positions only, and the context's full blocks may come from the prefix cache (contexts
+        shared between pairs are computed once). Raises ValueError for a pair that can never run, RuntimeError for
+        one that failed (non-finite logits)."""
+        seqs = []
+        for index, (context, continuation) in enumerate(pairs):
+            if not context or not continuation:
+                raise ValueError(f"pair {index}: the {'context' if not context else 'continuation'} is empty (the "
+                                 f"first token of a text has no logprob: give the context at least one token)")
+            try:
+                seq = self._new_sequence([*context, *continuation], SCORING, Delivery.RESULT)
+            except ValueError as err:
+                raise ValueError(f"pair {index}: {err}") from None
+            seq.score_from = len(context)
+            seqs.append(seq)
+        self._enqueue(seqs)
+        self._drive_until(lambda: all(seq.is_finished for seq in seqs))
+        scores = []
+        for index, seq in enumerate(seqs):
+            output = seq.output.result()
+            if output.finish_reason != "length":
+                raise RuntimeError(f"pair {index} could not be scored: {output.error}")
+            entries = output.prompt_logprobs[seq.score_from:]
+            logprobs = [entry.logprob for entry in entries]
+            scores.append(ScoreOutput(total_logprob=sum(logprobs), token_logprobs=logprobs,
+                                      is_greedy=all(entry.top[0][0] == entry.token_id for entry in entries),
+                                      token_ids=[entry.token_id for entry in entries]))
+        return scores
 
     def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[str]:
         """Yield text deltas as tokens are sampled; they join to generate()'s text. Closing the iterator early
-        aborts the request and frees its blocks. Raises ValueError at once for a request that can never run, and
-        RuntimeError at the end if the request failed."""
+        aborts the request and frees its blocks. Raises ValueError at once for a request that can never run or asks
+        for several completions, and RuntimeError at the end if the request failed."""
+        if isinstance(params, SamplingParams) and params.num_return_sequences > 1:
+            raise ValueError(f"stream() yields the text of one completion, but num_return_sequences is "
+                             f"{params.num_return_sequences}; use generate(), or add_request() and step(), whose "
+                             f"updates carry each completion's index")
         seq = self._new_sequence(prompt_ids, params, Delivery.STREAM)
         self._enqueue([seq])
         return self._stream(seq)
@@ -292,8 +356,7 @@ class PagedEngine:
     def close(self) -> None:
         """Release the KV pool and graphs; the engine cannot be used afterwards."""
         with self._cond:
-            self.runner.graphs.clear()
-            self.runner.kv_caches.clear()
+            self.runner.close()
 
 
 def _never() -> bool:

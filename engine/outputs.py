@@ -9,7 +9,9 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+from hayabusa.engine.logprobs import TokenLogprobs
 from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 
@@ -50,16 +52,33 @@ class GenerationOutput:
     timings: Timings
     error: str | None = None  # why a request failed on its own (the others in the call still ran), or "aborted"
     speculation: SpeculationStats | None = None  # with prompt_lookup_num_tokens
+    logprobs: list[TokenLogprobs] | None = None  # per token of token_ids, when SamplingParams.logprobs asked
+    # Per prompt token, when SamplingParams.prompt_logprobs asked: None for the first (it has no prefix).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass(frozen=True)
-class RequestUpdate:
-    """What one engine step made known about one request (the paged engine's `step()` returns these)."""
+class ScoreOutput:
+    """How likely a continuation is after its context (Engine.score), from the model's raw logits."""
+
+    total_logprob: float  # log p(continuation | context): the sum of token_logprobs
+    token_logprobs: list[float]  # per continuation token, given the context and the continuation before it
+    is_greedy: bool  # every continuation token is the most likely token at its position (greedy decoding's pick)
+    token_ids: list[int]  # the continuation's tokens
+
+
+class RequestUpdate(NamedTuple):
+    """What one engine step made known about one completion of a request (the paged engine's `step()` returns
+    these). Immutable; a NamedTuple, because the engine builds one per running completion per step and a frozen
+    dataclass of these fields costs about three times as much to build."""
 
     request_id: int
-    new_token_ids: list[int]  # tokens of this request that became known this step (usually 1)
+    new_token_ids: list[int]  # tokens of this completion that became known this step (usually 1)
     text_delta: str  # text that became final (text that could still start a stop string is held back)
-    finished: GenerationOutput | None  # the final output on the request's last update, else None
+    finished: GenerationOutput | None  # the final output on the completion's last update, else None
+    index: int = 0  # which of the request's num_return_sequences completions this is about
+    new_logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the completion's first update, when asked
 
 
 @dataclass(frozen=True)
@@ -82,7 +101,10 @@ class OutputBuilder:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.eos_token_id = eos_token_id
+        self._tokenizer = tokenizer
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # set by the prefill that scores the prompt
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._stop_ids = frozenset() if params.ignore_eos else frozenset(eos_token_ids(params, eos_token_id))
@@ -99,6 +121,18 @@ class OutputBuilder:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def fork(self) -> OutputBuilder:
+        """A builder for a fork of this unfinished request: its prompt, params and tokens so far (their text counts
+        as already released), timed from the same start."""
+        child = OutputBuilder(self._tokenizer, self.prompt_ids, self.params, self.eos_token_id)
+        for token_id in self.token_ids:
+            child.append(token_id)
+        child._created, child._first_token_at = self._created, self._first_token_at
+        child.prompt_logprobs = self.prompt_logprobs
+        if self.logprobs is not None:
+            child.logprobs = list(self.logprobs)
+        return child
 
     def append(self, token_id: int) -> str:
         """Record one sampled token; return the text that became final (may be "")."""
@@ -117,6 +151,10 @@ class OutputBuilder:
         if text:
             self._final.append(text)
         return text
+
+    def end_of_prompt(self) -> None:
+        """Finish a request that generates nothing (max_new_tokens 0) once its prompt is processed."""
+        self._finish("length", "")
 
     def _append_checking_stops(self, text: str) -> str:
         """append() for a request with stop strings: text is everything decoded since the last delta."""
@@ -179,4 +217,6 @@ class OutputBuilder:
             error=self.error,
             speculation=SpeculationStats(*self._speculation)
             if self.params.prompt_lookup_num_tokens is not None else None,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,
         )

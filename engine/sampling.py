@@ -3,7 +3,8 @@
 Processing order follows transformers' generate: the processors (repetition penalty, no_repeat_ngram_size,
 bad_words_ids, min_new_tokens) on the raw logits, then, when sampling, the warpers: temperature, top-k, top-p, min-p,
 typical-p. Random draws are counter-based: the noise for a request's n-th token is a hash of (seed, n, token id), so a
-seeded request gives the same tokens whatever else shares its batch.
+seeded request gives the same tokens whatever else shares its batch. A request of num_return_sequences completions
+seeds completion j with `completion_seed(seed, j)`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hayabusa.engine.logits_processors import (
     padded_history,
     split_bad_words,
 )
+from hayabusa.engine.logprobs import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class SamplingParams:
     # Prompt-lookup speculation: draft this many tokens from the sequence's own n-grams, verify them in one pass.
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None  # None: 2
+    num_return_sequences: int = 1  # completions of the prompt; they share its KV blocks
+    # Logprobs from the raw logits (engine.logprobs): of each generated token with its `logprobs` most likely
+    # alternatives; of each prompt token (but the first) with its `prompt_logprobs` alternatives. None: off.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -59,8 +66,9 @@ class SamplingParams:
                 raise ValueError(f"eos_token_id must be a token id or a non-empty list of token ids (integers >= 0), "
                                  f"got {self.eos_token_id!r}")
             object.__setattr__(self, "eos_token_id", tuple(eos))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0 (0: only score the prompt), "
+                             f"got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -75,6 +83,7 @@ class SamplingParams:
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
         self._check_processors()
+        self._check_completions()
 
     def _check_processors(self) -> None:
         if not _is_natural(self.min_new_tokens):
@@ -100,6 +109,19 @@ class SamplingParams:
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         if self.max_matching_ngram_size is not None and self.prompt_lookup_num_tokens is None:
             raise ValueError("max_matching_ngram_size needs prompt_lookup_num_tokens (it sizes prompt-lookup drafts)")
+
+    def _check_completions(self) -> None:
+        if not _is_natural(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        wants_logprobs = self.logprobs is not None or self.prompt_logprobs is not None
+        if self.prompt_lookup_num_tokens is not None and wants_logprobs:
+            raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a verify "
+                             "pass samples several tokens per step); drop one of them")
 
     @property
     def greedy(self) -> bool:
@@ -152,6 +174,16 @@ def _token_lists(name: str, value: object) -> tuple[tuple[int, ...], ...]:
 def request_seed(params: SamplingParams) -> int:
     """The seed that keys a request's sampling noise: params.seed, or a fresh random one when it is None."""
     return params.seed if params.seed is not None else random.getrandbits(62)
+
+
+def completion_seed(seed: int, index: int) -> int:
+    """The seed of completion `index` of a request seeded `seed` (num_return_sequences > 1). Completion 0 keeps the
+    request's seed, so it equals the request's num_return_sequences=1 output; completion j > 0 takes the SplitMix64
+    hash of (seed, j), below 2**63. So completion j equals a num_return_sequences=1 request with this seed."""
+    if index == 0:
+        return seed
+    key = _splitmix64(_splitmix64(torch.tensor(seed ^ _COMPLETION_SALT, dtype=torch.int64)) ^ index)
+    return int(key) & ((1 << 63) - 1)
 
 
 def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],
@@ -286,6 +318,7 @@ def _to_signed(value: int) -> int:
 _GOLDEN = _to_signed(0x9E3779B97F4A7C15)
 _MIX1 = _to_signed(0xBF58476D1CE4E5B9)
 _MIX2 = _to_signed(0x94D049BB133111EB)
+_COMPLETION_SALT = 0x5EED_F0E4  # completion seeds are not the noise keys of (seed, step)
 
 
 def _logical_shift_right(x: Tensor, bits: int) -> Tensor:

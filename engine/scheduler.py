@@ -24,6 +24,12 @@ tokens are still in flight (`SlotTable.num_tokens` counts them):
 - preemption needs every token known (a recomputed sequence re-prefills its tokens): when blocks run short,
   `schedule` returns None and the engine reads the in-flight step back first, so preemption sees exactly what an
   engine without the lag would see.
+
+Forks: a request of n completions is admitted as one sequence plus n - 1 children forked from it at once (they
+share its blocks and wait, computing nothing, while its prompt runs in chunks); the step that runs its last chunk
+starts them too, sampling their first tokens from its logits with their own seeds. `fork` forks a running sequence
+the same way at any later point. A fork writes into a shared block only after a copy-on-write (the plan's
+`block_copies`), and a preempted child is recomputed alone, like any sequence.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import numpy as np
 
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
+from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.prompt_lookup import plan_drafts
 from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sequence import Sequence, SequenceStatus
@@ -58,7 +65,9 @@ class StepPlan:
     (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
     on: a decode row its one token from the device; a row in `chunks` the tokens seq.token_ids[positions[r]:
     positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end); a
-    row in `drafts` its last token and its drafts from the host (a verify pass).
+    row in `drafts` its last token and its drafts from the host (a verify pass); a row in `forked_from` computes
+    nothing and samples from the logits of the row it was forked from (a fork child starting with its parent's last
+    prompt chunk).
     """
 
     seqs: list[Sequence]  # every running slot in order
@@ -74,8 +83,16 @@ class StepPlan:
     # Mixed steps: row -> prompt-lookup draft tokens; the row feeds its last token and them from the host and
     # emits up to len + 1 tokens (a verify pass, engine.prompt_lookup). The step is read back at once.
     drafts: dict[int, list[int]] = field(default_factory=dict)
+    forked_from: dict[int, int] = field(default_factory=dict)  # mixed steps: child row -> the parent row it samples as
+    # Mixed steps: chunk row -> (first, end): the positions whose next prompt token's logprob this step computes
+    # (SamplingParams.prompt_logprobs), ascending by row.
+    scored: dict[int, tuple[int, int]] = field(default_factory=dict)
+    prompt_ends: list[int] = field(default_factory=list)  # mixed steps: rows whose prompt ends here, sampling nothing
+    wants_logprobs: bool = False  # some sampling row's request wants its sampled tokens' logprobs
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
+    settings_loads: Seq[Sequence] = ()  # running sequences forked since the last launch: their sampler rows load
+    block_copies: Seq[tuple[int, int]] = ()  # (source, destination) KV blocks, copy-on-write before the step
 
     def __post_init__(self) -> None:
         self.num_rows = len(self.seqs)
@@ -108,11 +125,17 @@ class Scheduler:
         self.running: dict[Sequence, None] = {}  # admission order, oldest first (an ordered set)
         self.prefilling: dict[Sequence, None] = {}  # running sequences whose tokens are not all computed yet
         self.slots = SlotTable(max_num_seqs, block_manager.block_size)
+        self._settings_loads: list[Sequence] = []  # forked after the last launch: their sampler rows need loading
+        self._fork_parent: dict[Sequence, Sequence] = {}  # children admitted with a parent still prefilling
 
-    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise ValueError for a request that could never run: past the context, or bigger than the KV pool."""
+    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1) -> None:
+        """Raise ValueError for a request that could never run: past the context, bigger than the KV pool, or more
+        completions than can run at once."""
         if num_prompt_tokens < 1:
             raise ValueError("the prompt is empty; at least one token is needed")
+        if num_sequences > self.max_num_seqs:
+            raise ValueError(f"num_return_sequences {num_sequences} is more than the {self.max_num_seqs} sequences "
+                             f"the engine runs at once (max_num_seqs)")
         check_context_fits(num_prompt_tokens, max_new_tokens, self.max_model_len)
         # The last sampled token is never written to the cache.
         blocks = self.block_manager.blocks_needed(num_prompt_tokens + max_new_tokens - 1)
@@ -122,7 +145,8 @@ class Scheduler:
                              f"{self.block_manager.num_blocks} (raise kv_cache_blocks or lower max_new_tokens)")
 
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens)
+        """Queue a new request: one sequence, with its other completions in seq.fork_children."""
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens, 1 + len(seq.fork_children))
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -140,7 +164,7 @@ class Scheduler:
         grown = self._grow_decode_rows(results_in_flight)
         if grown is None:
             return None
-        decoding, new_blocks = grown
+        decoding, new_blocks, copies = grown
         drafts = plan_drafts(slots, self.block_manager, decoding, self.max_num_batched_tokens - int(decoding.sum()),
                              new_blocks) if slots.num_speculating else {}
         chunks: list[tuple[Sequence, int, int]] = []
@@ -157,9 +181,16 @@ class Scheduler:
             num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
             positions = num_tokens * decoding - 1  # decode rows write num_tokens - 1; -1: nothing to compute
             num_tokens += decoding
-            plan = StepPlan(slots.running(), decoding, positions, new_blocks, slots.sampler_mode)
-        if plan.has_work:  # an idle plan is not launched: its moves wait for the next one
+            plan = StepPlan(slots.running(), decoding, positions, new_blocks, slots.sampler_mode,
+                            wants_logprobs=slots.num_logprob_rows > 0)
+        if plan.has_work:  # an idle plan is not launched: its moves, loads and copies wait for the next one
             plan.slot_moves = slots.take_moves()
+            # Children that left before this launch (aborted) hold no row any more.
+            plan.settings_loads = [seq for seq in self._settings_loads if seq.slot >= 0]
+            self._settings_loads = []
+            plan.block_copies = copies
+        elif copies:
+            raise RuntimeError("a copy-on-write was planned for a step that launches nothing")
         return plan
 
     def _mixed_plan(self, decoding: np.ndarray, chunks: list[tuple[Sequence, int, int]], admitted: list[int],
@@ -172,15 +203,35 @@ class Scheduler:
         num_new_tokens = tokens_per_row.copy()
         for row, draft in drafts.items():  # the last token and the drafts; each position may emit a token
             num_new_tokens[row] = tokens_per_row[row] = len(draft) + 1
+        forked_from: dict[int, int] = {}
+        scored: dict[int, tuple[int, int]] = {}
+        prompt_ends: list[int] = []
         for seq, start, end in chunks:
-            positions[seq.slot], num_new_tokens[seq.slot] = start, end - start
-            tokens_per_row[seq.slot] = end == len(seq.token_ids)  # the prompt's last chunk samples
+            row = seq.slot
+            positions[row], num_new_tokens[row] = start, end - start
+            if seq.scores_prompt:  # position p's logits score prompt token p + 1
+                first, last = max(start, seq.score_from - 1), min(end, seq.num_prompt_tokens - 1)
+                if first < last or end == len(seq.token_ids):  # the last chunk always: it completes the list
+                    scored[row] = (first, max(first, last))
+            if end < len(seq.token_ids):
+                continue
+            # The prompt's last chunk samples (unless max_new_tokens is 0), and starts the children waiting on it.
+            samples = int(slots.max_tokens[row] > end)
+            tokens_per_row[row] = samples
+            for child in seq.fork_children:
+                forked_from[child.slot], tokens_per_row[child.slot] = row, samples
+            if not samples:
+                prompt_ends += [row, *(child.slot for child in seq.fork_children)]
+            seq.fork_children = []
         for row in admitted:
             new_blocks += [(row, column, block_id) for column, block_id in enumerate(slots.seqs[row].block_table)]
         # A speculating row's exact count is set when its step is read back, which the engine does at once.
         num_tokens += np.minimum(tokens_per_row, 1)
+        wants_logprobs = slots.num_logprob_rows > 0 and any(
+            slots.seqs[row].params.logprobs is not None for row in np.flatnonzero(tokens_per_row).tolist())
         return StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode, num_new_tokens,
-                        sorted(seq.slot for seq, _, _ in chunks), admitted, drafts)
+                        sorted(seq.slot for seq, _, _ in chunks), admitted, drafts,
+                        forked_from, dict(sorted(scored.items())), sorted(prompt_ends), wants_logprobs)
 
     def _plan_chunks(self, budget: int) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
         """(sequence, first token, end) of each prompt chunk that fits `budget` tokens, continuing prefills first,
@@ -191,22 +242,32 @@ class Scheduler:
                 break
             budget -= self._add_chunk(chunks, seq, budget)
         admitted: list[int] = []
-        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+        while budget > 0 and self.waiting:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq) or not self.chunked_prefill and len(seq) > budget:
+            if len(self.running) + 1 + len(seq.fork_children) > self.max_num_seqs \
+                    or not self.block_manager.can_allocate(seq, seq.num_cacheable_tokens) \
+                    or not self.chunked_prefill and len(seq) > budget:
                 break  # FIFO: later requests wait behind the oldest one
-            self.block_manager.allocate(seq)
+            self.block_manager.allocate(seq, seq.num_cacheable_tokens)
             seq.status = SequenceStatus.RUNNING
             seq.num_computed_tokens = seq.num_cached_tokens
             self.running[self.waiting.popleft()] = None
             self.prefilling[seq] = None
             admitted.append(self.slots.assign(seq))
+            for child in seq.fork_children:  # they share its blocks and wait for its last chunk
+                self._fork(seq, child, copy_device_row=False)
+                self._fork_parent[child] = seq
+                admitted.append(child.slot)
             budget -= self._add_chunk(chunks, seq, budget)
         for seq, _, end in chunks:
             seq.num_computed_tokens = end
             if end == len(seq.token_ids):
                 del self.prefilling[seq]
                 self.slots.prefilling[seq.slot] = False
+                for child in seq.fork_children:
+                    child.num_computed_tokens = end
+                    self.slots.prefilling[child.slot] = False
+                    del self._fork_parent[child]
         return chunks, admitted
 
     @staticmethod
@@ -216,56 +277,118 @@ class Scheduler:
         chunks.append((seq, start, end))
         return end - start
 
-    def _grow_decode_rows(self, results_in_flight: bool) -> tuple[np.ndarray, list[tuple[int, int, int]]] | None:
-        """(bool [rows]: the rows with a token to decode, the block-table entries they gain): every decode row whose
-        next position lies past its block table gets a block. When blocks are short: None while results are in
-        flight, else preempt (_grow_or_preempt)."""
+    def _grow_decode_rows(self, results_in_flight: bool
+                          ) -> tuple[np.ndarray, list[tuple[int, int, int]], list[tuple[int, int]]] | None:
+        """(bool [rows]: the rows with a token to decode, the block-table entries they gain, the block copies to make
+        first): every decode row whose next position lies past its block table gets a block, and a row forked since
+        its last write a private copy of the block it writes if another row holds it too. When blocks are short:
+        None while results are in flight, else preempt (_grow_or_preempt)."""
         slots = self.slots
         num_tokens = slots.num_tokens[: slots.count]
         decoding = (num_tokens < slots.max_tokens[: slots.count]) & ~slots.prefilling[: slots.count]
         # Writing position num_tokens - 1 needs a new block when it lies past the row's block table.
-        rows = (decoding & (num_tokens > slots.capacity[: slots.count])).nonzero()[0].tolist()
-        if len(rows) > self.block_manager.num_free_blocks:
+        grows = decoding & (num_tokens > slots.capacity[: slots.count])
+        rows = grows.nonzero()[0].tolist()
+        shared_rows = [row for row in sorted(slots.may_share_write_block) if decoding[row] and not grows[row]] \
+            if slots.may_share_write_block else []
+        if len(rows) + len(shared_rows) > self.block_manager.num_free_blocks:
             if results_in_flight:
                 return None
-            grown = self._grow_or_preempt()
+            grown, copies = self._grow_or_preempt()
             decoding = (slots.num_tokens[: slots.count] < slots.max_tokens[: slots.count]) \
                 & ~slots.prefilling[: slots.count]
-            return decoding, [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
-        new_blocks = []
+            return decoding, [(seq.slot, column, seq.block_table[column]) for seq, column in grown], copies
+        new_blocks, copies = [], []
         for row in rows:
             seq = slots.seqs[row]
             new_blocks.append((row, len(seq.block_table), self.block_manager.append_block(seq)))
             slots.capacity[row] += self.block_manager.block_size
-        return decoding, new_blocks
+        for row in shared_rows:
+            seq, position = slots.seqs[row], int(num_tokens[row]) - 1
+            copy = self.block_manager.copy_on_write(seq, position)
+            if copy is not None:
+                copies.append(copy)
+                column = position // self.block_manager.block_size
+                new_blocks.append((row, column, seq.block_table[column]))
+        if slots.may_share_write_block:
+            slots.may_share_write_block.difference_update(rows + shared_rows)
+        return decoding, new_blocks, copies
 
-    def _grow_or_preempt(self) -> list[tuple[Sequence, int]]:
-        """Blocks are short and every token is known: give each running sequence, oldest first, the block its next
-        token needs, preempting the newest (or, if it is the newest, the sequence itself) until it fits."""
+    def _grow_or_preempt(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
+        """Blocks are short and every token is known: give each decoding sequence, oldest first, the block its next
+        token needs (new, or a private copy of a shared one), preempting the newest (or, if it is the newest, the
+        sequence itself) until it fits. Returns the (sequence, column) entries that changed and the block copies.
+        Sequences still prefilling hold every block their tokens need already."""
         grown: list[tuple[Sequence, int]] = []
+        copies: list[tuple[int, int]] = []
         queue = deque(self.running)
         while queue:
             seq = queue.popleft()
+            if seq.status is not SequenceStatus.RUNNING or self.slots.prefilling[seq.slot]:
+                continue  # preempted along with its parent, or computing its prompt
             while not self.block_manager.can_append(seq):
                 if queue:
-                    self.preempt(queue.pop())  # the newest gives way
+                    newest = queue.pop()  # the newest gives way (unless it left with its parent already)
+                    if newest.status is SequenceStatus.RUNNING:
+                        self.preempt(newest)
                 else:
                     self.preempt(seq)  # older sequences of this batch hold the blocks: seq gives way itself
                     break
             else:
                 column = len(seq.block_table)
-                self.block_manager.may_append(seq)
-                if len(seq.block_table) > column:
+                copy = self.block_manager.may_append(seq)
+                self.slots.may_share_write_block.discard(seq.slot)
+                if copy is not None:
+                    copies.append(copy)
+                    grown.append((seq, (len(seq.token_ids) - 1) // self.block_manager.block_size))
+                elif len(seq.block_table) > column:
                     grown.append((seq, column))
                     self.slots.capacity[seq.slot] = len(seq.block_table) * self.block_manager.block_size
-        return grown
+        return grown, copies
+
+    # ---- forks -----------------------------------------------------------------------------------------------
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Fork a running sequence whose tokens are all known (none in flight) into children that continue from
+        its tokens: each child shares its KV blocks (copy-on-write at the first write into a shared block) and its
+        device rows (next input id, block table, seen tokens), and samples with its own seed from the next step on.
+        Each child is a fresh Sequence with parent's token_ids, num_prompt_tokens and params."""
+        if parent.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"sequence {parent.seq_id} is {parent.status.value}; only a running sequence forks")
+        if self.slots.num_tokens[parent.slot] != len(parent.token_ids) or self.slots.prefilling[parent.slot]:
+            raise RuntimeError(f"sequence {parent.seq_id} has a sampled token in flight or its prompt still running; "
+                               f"read it back (or let the prompt finish) before forking")
+        if len(self.running) + len(children) > self.max_num_seqs:
+            raise ValueError(f"{len(children)} children do not fit beside {len(self.running)} running sequences "
+                             f"(max_num_seqs {self.max_num_seqs})")
+        for child in children:
+            if (child.token_ids, child.num_prompt_tokens, child.params) != \
+                    (parent.token_ids, parent.num_prompt_tokens, parent.params):
+                raise ValueError(f"fork child {child.seq_id} must hold the tokens, prompt length and params of "
+                                 f"sequence {parent.seq_id}")
+            self._fork(parent, child, copy_device_row=True)
+            self._settings_loads.append(child)
+
+    def _fork(self, parent: Sequence, child: Sequence, copy_device_row: bool) -> None:
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running[child] = None
+        self.slots.fork(parent, child, copy_device_row=copy_device_row)
 
     # ---- leaving ---------------------------------------------------------------------------------------------
 
     def preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks and slot; it waits at the front of the queue and is recomputed when blocks allow."""
+        """Free seq's blocks and slot; it waits at the front of the queue and is recomputed when blocks allow. A
+        sequence preempted while its prompt runs takes its waiting children along (they are forked again when it
+        is admitted again); a waiting child preempted alone is recomputed alone."""
         if self.slots.num_tokens[seq.slot] != len(seq.token_ids):
             raise RuntimeError(f"sequence {seq.seq_id} has a sampled token in flight; read it back before preempting")
+        self._detach_child(seq)
+        for child in seq.fork_children:
+            if child.status is SequenceStatus.RUNNING:
+                del self._fork_parent[child]
+                self._release(child)
+                child.status = SequenceStatus.WAITING
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -274,10 +397,17 @@ class Scheduler:
     def abort(self, seq: Sequence) -> None:
         """Drop a request that is no longer wanted (aborted, or its stream was closed); frees its blocks. A token
         still in flight for it is discarded when read back."""
+        self._detach_child(seq)
         if seq in self.running:
             self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _detach_child(self, seq: Sequence) -> None:
+        """A child waiting for its parent's prompt that leaves: its parent no longer starts it."""
+        parent = self._fork_parent.pop(seq, None)
+        if parent is not None:
+            parent.fork_children.remove(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
@@ -297,14 +427,18 @@ class Scheduler:
                 self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
     def postprocess(self, plan: StepPlan, token_ids: list, bad_rows: frozenset[int] = frozenset(),
-                    deliver: Deliver = _ignore) -> None:
+                    deliver: Deliver = _ignore, logprobs: StepLogprobs | None = None) -> None:
         """Apply a launched step's sampled tokens, calling deliver(sequence, its new tokens, text delta) for each
         sequence that got tokens or failed. token_ids: one id per row; for a step with verify passes, each row's
         list of emitted ids. Publishes newly full blocks; frees finished sequences. bad_rows: rows whose logits were
-        not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped."""
+        not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped. logprobs: the
+        step's logprobs, when its plan wanted any (sampled tokens' by row, prompt positions' in plan.scored order)."""
+        if plan.scored or plan.forked_from or plan.prompt_ends:
+            self._apply_prompt_results(plan, bad_rows, logprobs, deliver)
         if plan.drafts:
             self._postprocess_passes(plan, token_ids, bad_rows, deliver)
             return
+        sampled = logprobs.sampled if logprobs is not None else None
         block_size = self.block_manager.block_size
         if plan.num_sampling_rows == plan.num_rows:
             rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
@@ -318,6 +452,8 @@ class Scheduler:
                 self._fail_non_finite(seq, deliver)
                 continue
             seq.token_ids.append(token)
+            if sampled is not None and seq.output.logprobs is not None:
+                seq.output.logprobs.append(sampled.entry(row, token, seq.params.logprobs))
             delta = seq.output.append(token)
             # Every token but the one just sampled now has its KV in the cache; a prefill's were published at launch.
             computed = len(seq.token_ids) - 1
@@ -327,6 +463,39 @@ class Scheduler:
                 seq.status = finished
                 self._release(seq)
             deliver(seq, (token,), delta)
+
+    def _apply_prompt_results(self, plan: StepPlan, bad_rows: frozenset[int], logprobs: StepLogprobs | None,
+                              deliver: Deliver) -> None:
+        """A mixed step's prompt logprobs (children started by a parent's last chunk get the parent's), and the end
+        of the requests whose prompt ended here and that sample nothing (max_new_tokens 0)."""
+        start = 0
+        for row, (first, end) in plan.scored.items():
+            seq = plan.seqs[row]
+            targets = seq.token_ids[first + 1:end + 1]  # position p's logits score token p + 1
+            entries = logprobs.prompt.entries(start, targets, seq.params.prompt_logprobs) if targets else []
+            start += len(targets)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if entries is None:
+                seq.fail("error", f"{NON_FINITE_ERROR} in its prompt")
+                self._release(seq)
+                deliver(seq, (), "")
+                continue
+            if seq.output.prompt_logprobs is None:
+                seq.output.prompt_logprobs = [None] * seq.num_prompt_tokens
+            seq.output.prompt_logprobs[first + 1:end + 1] = entries
+            if end == seq.num_prompt_tokens - 1:
+                seq.prompt_scored = True
+        for child_row, parent_row in plan.forked_from.items():
+            child, parent = plan.seqs[child_row], plan.seqs[parent_row]
+            child.output.prompt_logprobs, child.prompt_scored = parent.output.prompt_logprobs, parent.prompt_scored
+        for row in plan.prompt_ends:
+            seq = plan.seqs[row]
+            if seq.status is SequenceStatus.RUNNING:
+                seq.output.end_of_prompt()
+                seq.status = SequenceStatus.FINISHED
+                self._release(seq)
+                deliver(seq, (), "")
 
     def _fail_non_finite(self, seq: Sequence, deliver: Deliver) -> None:
         seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")

@@ -6,7 +6,9 @@ from the KV pool through its block-table row `block_tables[slots[i]]`. Its input
 (`host_tokens[i]`: a prompt chunk, or a verify pass's last token and drafts) or, for a decode row, from the device:
 the id the previous step sampled, which the host has not read yet (`last_token[slots[i]]`). Logits are computed for
 the last logit_counts[i] new tokens of sequence i: its last one, or every position of a verify pass (`drafts[i]`:
-its draft tokens), or none. The runner (engine.model_runner) uploads the fields in one copy and runs
+its draft tokens), or none; then one logit row per fork child (`forks`: it samples from the last new token of the
+sequence it was forked from, with its own sampler row). Prompt logprobs: `scored` names the positions of prompt
+chunks whose next token is scored. The runner (engine.model_runner) uploads the fields in one copy and runs
 FastModel.prefill on them.
 """
 
@@ -29,10 +31,17 @@ class VarlenBatch:
     host_tokens: dict[int, Sequence[int]]  # sequence index -> its counts[i] input ids; the others are decode rows
     logit_counts: np.ndarray  # int64 [S]: how many of its last new tokens get logits (0, 1, or a pass's all)
     drafts: dict[int, Sequence[int]] = field(default_factory=dict)  # sequence index -> a verify pass's drafts
+    forks: list[tuple[int, int]] = field(default_factory=list)  # (sequence index of the parent, the child's slot)
+    # (sequence index, first position, end position, the tokens at first + 1 .. end): scored prompt positions
+    scored: list[tuple[int, int, int, Sequence[int]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
         return int(self.counts.sum())
+
+    @property
+    def num_logits(self) -> int:
+        return int(self.logit_counts.sum()) + len(self.forks)
 
     @property
     def num_device_tokens(self) -> int:
@@ -44,16 +53,23 @@ def varlen_fields(batch: VarlenBatch, num_padded_tokens: int, num_padded_logit_r
     to num_padded_logit_rows. With drafts, the verify passes' fields too: every sequence with logits is a pass (one
     without drafts checks none), and logit row r is position position_offset[r] of pass position_pass[r]."""
     num_seqs, num_device = len(batch.slots), batch.num_device_tokens
-    num_logits = int(batch.logit_counts.sum())
+    num_logits = batch.num_logits
     fields = [("input_ids", torch.int64, (num_padded_tokens,)), ("positions", torch.int32, (num_padded_tokens,)),
               ("cu_seqlens", torch.int32, (num_seqs + 1,)), ("context_lens", torch.int32, (num_seqs,)),
               ("slots", torch.int64, (num_seqs,)), ("last_token_rows", torch.int64, (num_padded_logit_rows,)),
               ("logit_slots", torch.int64, (num_logits,)),
               ("device_token_rows", torch.int64, (num_device,)), ("device_slots", torch.int64, (num_device,))]
     if batch.drafts:
-        fields += pass_fields(num_logits, int(np.count_nonzero(batch.logit_counts)),
+        fields += pass_fields(num_logits, int(np.count_nonzero(batch.logit_counts)) + len(batch.forks),
                               sum(len(draft) for draft in batch.drafts.values()))
+    if batch.scored:
+        fields += scored_fields(sum(len(targets) for *_, targets in batch.scored))
     return fields
+
+
+def scored_fields(num_scored: int) -> list[Field]:
+    """Prompt logprobs: the packed token row of each scored position and the prompt token it scores."""
+    return [("scored_rows", torch.int64, (num_scored,)), ("scored_targets", torch.int64, (num_scored,))]
 
 
 def pass_fields(num_logits: int, num_passes: int, num_drafts: int) -> list[Field]:
@@ -89,20 +105,29 @@ def fill_varlen(host: dict[str, np.ndarray], batch: VarlenBatch) -> None:
     host["context_lens"][:] = batch.positions + batch.counts
     host["slots"][:] = batch.slots
     counts = batch.logit_counts
-    num_logits = int(counts.sum())
-    offsets = np.arange(num_logits) - np.repeat(np.cumsum(counts) - counts, counts)  # index within its sequence
+    num_seq_logits, num_logits = int(counts.sum()), batch.num_logits
+    offsets = np.arange(num_seq_logits) - np.repeat(np.cumsum(counts) - counts, counts)  # index within its sequence
+    fork_parents = np.array([parent for parent, _ in batch.forks], dtype=np.int64)
+    fork_slots = np.array([child for _, child in batch.forks], dtype=np.int64)
     last_rows = host["last_token_rows"]
-    last_rows[:num_logits] = np.repeat(ends - counts, counts) + offsets
+    last_rows[:num_seq_logits] = np.repeat(ends - counts, counts) + offsets
+    last_rows[num_seq_logits:num_logits] = ends[fork_parents] - 1  # a child samples as its parent's last token
     last_rows[num_logits:] = last_rows[num_logits - 1] if num_logits else 0  # padding rows: computed, never read
-    host["logit_slots"][:] = np.repeat(batch.slots, counts)
-    if batch.drafts:
+    host["logit_slots"][:] = np.concatenate([np.repeat(batch.slots, counts), fork_slots])
+    if batch.drafts:  # every sequence with logits is a pass (one without drafts checks none), and every fork child
         passes = np.flatnonzero(counts)
-        host["position_pass"][:] = np.repeat(np.arange(len(passes)), counts[passes])
-        host["position_offset"][:] = offsets
-        host["pass_slots"][:] = batch.slots[passes]
+        host["position_pass"][:] = np.concatenate([np.repeat(np.arange(len(passes)), counts[passes]),
+                                                   len(passes) + np.arange(len(fork_slots))])
+        host["position_offset"][:] = np.concatenate([offsets, np.zeros(len(fork_slots), dtype=np.int64)])
+        host["pass_slots"][:] = np.concatenate([batch.slots[passes], fork_slots])
         pass_of = {i: p for p, i in enumerate(passes.tolist())}
         width, cursor = draft_width(batch), 0
         for i, draft in batch.drafts.items():
             host["draft_tokens"][cursor:cursor + len(draft)] = draft
             host["draft_index"][cursor:cursor + len(draft)] = pass_of[i] * width + np.arange(len(draft))
             cursor += len(draft)
+    cursor = 0
+    for i, first, end, targets in batch.scored:  # position p of sequence i: token row starts[i] + p - positions[i]
+        host["scored_rows"][cursor:cursor + end - first] = starts[i] - batch.positions[i] + np.arange(first, end)
+        host["scored_targets"][cursor:cursor + end - first] = targets
+        cursor += end - first

@@ -22,28 +22,17 @@ from hayabusa.engine.reference_generate import reference_outputs
 from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.weights import EMBED_IN
-from hayabusa.tokenizer import Tokenizer
 
-from hf_oracle import random_hf_model
+from paged_engine import SAMPLED, TOKENIZER, make_engine, small_model
 
-TOKENIZER = Tokenizer.from_pretrained()
 PROMPTS = [[5, 17, 9, 3], [77, 1, 2, 3, 4, 5], [30, 31], [8] * 7, [40, 41, 42, 43, 44]]
-SAMPLED = SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
-                         repetition_penalty=1.3, seed=7, ignore_eos=True)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    _, config, state_dict = random_hf_model(43, hidden=64, heads=2, layers=2, vocab=101, max_positions=64,
-                                            tied=False)
-    return config, state_dict
-
-
-def make_engine(config, state_dict, **kwargs) -> PagedEngine:
-    kwargs = {"kv_cache_blocks": 64, "block_size": 4, **kwargs}
-    return PagedEngine(config, state_dict, TOKENIZER, device="cpu", ops="torch", **kwargs)
+    return small_model()
 
 
 def reference(config, state_dict, prompts, params):
@@ -67,7 +56,8 @@ def spy_sampling_rows(engine: PagedEngine) -> dict[int, int]:
 def spy_shapes(engine: PagedEngine, shapes: list[tuple[str, int]]) -> None:
     """Record the rows of every decode (batch) and prefill (tokens) the model runs."""
     decode, prefill = engine.model.decode, engine.model.prefill
-    engine.model.decode = lambda inputs, kv: (shapes.append(("decode", len(inputs.positions))), decode(inputs, kv))[1]
+    engine.model.decode = lambda inputs, kv, **kw: (shapes.append(("decode", len(inputs.positions))),
+                                                    decode(inputs, kv, **kw))[1]
     engine.model.prefill = lambda inputs, kv: (shapes.append(("prefill", len(inputs.input_ids))),
                                                prefill(inputs, kv))[1]
 

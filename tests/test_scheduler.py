@@ -76,6 +76,10 @@ def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
         if row in plan.chunks:  # a prompt chunk: known tokens, its blocks all allocated; it samples at the end
             assert position + count <= len(seq) <= len(seq.block_table) * manager.block_size
             assert samples == (position + count == len(seq))
+        elif row in plan.forked_from:  # a fork child starting with its parent's last chunk: its blocks, its logits
+            parent = plan.seqs[plan.forked_from[row]]
+            assert count == 0 and samples == plan.tokens_per_row[parent.slot]
+            assert seq.block_table == parent.block_table and seq.request_id == parent.request_id
         elif count:  # a decode row: one token, in a block it holds, never past max_new_tokens
             assert count == 1 and samples
             assert position < len(seq.block_table) * manager.block_size
@@ -219,7 +223,8 @@ def test_blocks_short_with_tokens_in_flight_asks_for_them_first() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 3)), min_size=1, max_size=12),
+    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 3), st.integers(1, 3)),
+                      min_size=1, max_size=12),
     num_blocks=st.integers(6, 20),
     block_size=st.integers(1, 4),
     max_num_seqs=st.integers(1, 6),
@@ -231,14 +236,18 @@ def test_every_request_finishes_with_its_unconstrained_tokens(lagged, requests, 
     scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=budget or 24, max_model_len=24, chunked_prefill=budget is not None)
     seqs = []
-    for i, (prompt_len, max_new, family) in enumerate(requests):
+    for i, (prompt_len, max_new, family, num_completions) in enumerate(requests):
         prompt = [family + 1] * 4 + list(range(prompt_len))  # shared prefixes within a family
         try:
-            scheduler.check_fits(len(prompt), max_new)
+            scheduler.check_fits(len(prompt), max_new, num_completions)
         except ValueError:
             continue
-        seqs.append(make_seq(i, prompt, max_new))
-        scheduler.add(seqs[-1])
+        seq = make_seq(i, prompt, max_new)
+        # More completions of the prompt: forked at admission, sharing its blocks (the fake model is deterministic,
+        # so each must end with the same tokens, whatever copies, preemptions and recomputes it went through).
+        seq.fork_children = [seq.fork(100 * (i + 1) + j, seed=j, index=j) for j in range(1, num_completions)]
+        scheduler.add(seq)
+        seqs += [seq, *seq.fork_children]
     run_to_completion(scheduler, lagged)
     for seq in seqs:
         prompt = seq.token_ids[:seq.num_prompt_tokens]
