@@ -130,14 +130,16 @@ def blocks_in_use_per_plan(engine: PagedEngine) -> list[int]:
     return usage
 
 
+# Budget 3: the 10-token prompt runs in 4 chunks while the other 3 completions wait, forked, for its last one.
+@pytest.mark.parametrize("budget", [None, 3], ids=["whole-prompt", "chunked"])
 @pytest.mark.parametrize("kv_cache_blocks", [64, 8], ids=["roomy", "preempting"])
-def test_n_completions_share_the_prompt_and_equal_independent_seeded_runs(model, kv_cache_blocks) -> None:
+def test_n_completions_share_the_prompt_and_equal_independent_seeded_runs(model, kv_cache_blocks, budget) -> None:
     config, state_dict = model
     n_params = replace(SAMPLED, num_return_sequences=4)
     independent = make_engine(config, state_dict).generate(
         [LONG_PROMPT] * 4, [replace(SAMPLED, seed=completion_seed(SAMPLED.seed, j)) for j in range(4)])
     assert completion_seed(SAMPLED.seed, 0) == SAMPLED.seed  # completion 0 is the request's n=1 output
-    engine = make_engine(config, state_dict, kv_cache_blocks=kv_cache_blocks)
+    engine = make_engine(config, state_dict, kv_cache_blocks=kv_cache_blocks, max_num_batched_tokens=budget)
     usage = blocks_in_use_per_plan(engine)
     preempted = []
     preempt = engine.scheduler.preempt

@@ -38,11 +38,12 @@ def hf():
     return random_hf_model(7, hidden=64, heads=4, layers=2, vocab=101, max_positions=64)
 
 
-def make_engine(hf, backend: str = "reference", device: torch.device = CPU) -> Engine:
+def make_engine(hf, backend: str = "reference", device: torch.device = CPU,
+                max_num_batched_tokens: int | None = None) -> Engine:
     _, config, state_dict = hf
     state_dict = {name: tensor.to(device) for name, tensor in state_dict.items()}
     return Engine(config, state_dict, TOKENIZER, backend=backend, device=device,
-                  kv_cache_blocks=32, block_size=4)
+                  kv_cache_blocks=32, block_size=4, max_num_batched_tokens=max_num_batched_tokens)
 
 
 def hf_logprobs(hf, tokens: list[int]) -> torch.Tensor:
@@ -72,8 +73,10 @@ def assert_logprobs_match_transformers(hf, output, params: SamplingParams) -> No
         assert_entry(output.prompt_logprobs[p], expected[p - 1], prompt[p], params.prompt_logprobs)
 
 
-def test_logprobs_equal_transformers_whatever_the_prefix_cache_holds(hf) -> None:
-    engine = make_engine(hf)
+# Budget 5: the prompts (7 and 12 tokens) run in chunks beside the decodes, each chunk scoring its own positions.
+@pytest.mark.parametrize("budget", [None, 5], ids=["whole-prompts", "chunked"])
+def test_logprobs_equal_transformers_whatever_the_prefix_cache_holds(hf, budget) -> None:
+    engine = make_engine(hf, max_num_batched_tokens=budget)
     engine.generate(PROMPTS, max_new_tokens=2)  # publishes the prompts' blocks: a plain request would hit them
     outputs = engine.generate(PROMPTS, [GREEDY, SAMPLED])
     assert len(outputs) == 3  # the sampled prompt's two completions come second and third
