@@ -8,6 +8,7 @@ num_return_sequences completions seeds completion j with `completion_seed(seed, 
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,13 @@ class SamplingParams:
     # alternatives; of each prompt token (but the first) with its `prompt_logprobs` alternatives. None: off.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Beam search (transformers' names and meaning; engine.beam_search): num_beams > 1 keeps that many hypotheses
+    # and returns the num_return_sequences best, best first. A hypothesis scores its summed log-probabilities over
+    # generated_tokens ** length_penalty. early_stopping: True ends once num_beams hypotheses are done; False when
+    # the best running beam, scored at its current length, cannot beat them; "never" when it cannot at any length.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +71,33 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float) \
+                or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams == 1:
+            return
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams}): beam search returns its best hypotheses")
+        refused = {
+            "do_sample=True": self.do_sample and "beam sampling is not supported; use num_beams with do_sample=False, "
+                                                 "or do_sample=True with num_return_sequences for several samples",
+            "logprobs": self.logprobs is not None and "a beam's tokens are ranked by its sequence score (out.score); "
+                                                      "score the returned sequences with Engine.score",
+            "prompt_logprobs": self.prompt_logprobs is not None and "use Engine.score for the prompt's logprobs",
+            "stop": bool(self.stop) and "beams end on eos or max_new_tokens only",
+            "max_new_tokens=0": self.max_new_tokens == 0 and "beam search generates at least one token",
+        }
+        for option, why in refused.items():
+            if why:
+                raise ValueError(f"{option} is not supported with num_beams > 1: {why}")
 
     @property
     def greedy(self) -> bool:
