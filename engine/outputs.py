@@ -55,6 +55,9 @@ class GenerationOutput:
     logprobs: list[TokenLogprobs] | None = None  # per token of token_ids, when SamplingParams.logprobs asked
     # Per prompt token, when SamplingParams.prompt_logprobs asked: None for the first (it has no prefix).
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # Beam search (num_beams > 1): the hypothesis' summed logprobs / len(token_ids) ** length_penalty, the number
+    # transformers returns as sequences_scores. None otherwise.
+    score: float | None = None
 
 
 @dataclass(frozen=True)

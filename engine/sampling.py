@@ -9,6 +9,7 @@ seeds completion j with `completion_seed(seed, j)`.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,6 +57,13 @@ class SamplingParams:
     # alternatives; of each prompt token (but the first) with its `prompt_logprobs` alternatives. None: off.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # Beam search (transformers' names and meaning; engine.beam_search): num_beams > 1 keeps that many hypotheses
+    # and returns the num_return_sequences best, best first. A hypothesis scores its summed log-probabilities over
+    # generated_tokens ** length_penalty. early_stopping: True ends once num_beams hypotheses are done; False when
+    # the best running beam, scored at its current length, cannot beat them; "never" when it cannot at any length.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
@@ -122,6 +130,38 @@ class SamplingParams:
         if self.prompt_lookup_num_tokens is not None and wants_logprobs:
             raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a verify "
                              "pass samples several tokens per step); drop one of them")
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float) \
+                or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams == 1:
+            return
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams}): beam search returns its best hypotheses")
+        refused = {
+            "do_sample=True": self.do_sample and "beam sampling is not supported; use num_beams with do_sample=False, "
+                                                 "or do_sample=True with num_return_sequences for several samples",
+            "logprobs": self.logprobs is not None and "a beam's tokens are ranked by its sequence score (out.score); "
+                                                      "score the returned sequences with Engine.score",
+            "prompt_logprobs": self.prompt_logprobs is not None and "use Engine.score for the prompt's logprobs",
+            "stop": bool(self.stop) and "beams end on eos or max_new_tokens only",
+            "max_new_tokens=0": self.max_new_tokens == 0 and "beam search generates at least one token",
+            "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens is not None
+            and "beams are scored a token at a time",
+            "no_repeat_ngram_size": bool(self.no_repeat_ngram_size) and "not implemented for beams yet",
+            "bad_words_ids": bool(self.bad_words_ids) and "not implemented for beams yet",
+            "min_new_tokens": bool(self.min_new_tokens) and "not implemented for beams yet",
+        }
+        for option, why in refused.items():
+            if why:
+                raise ValueError(f"{option} is not supported with num_beams > 1: {why}")
 
     @property
     def greedy(self) -> bool:
