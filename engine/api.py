@@ -123,10 +123,6 @@ class Engine:
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
         for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
             self._check_fits(i, ids, p)
-            if p.num_beams > 1:
-                raise ValueError(f"prompt {i}: num_beams {p.num_beams}: beam search is not in the paged engine yet "
-                                 f"(hayabusa.engine.reference_generate.reference_outputs runs it on the reference "
-                                 f"model)")
         return self.paged.generate(prompt_ids, params)
 
     def score(self, contexts: Prompt | Sequence[Prompt], continuations: Prompt | Sequence[Prompt]) -> list[ScoreOutput]:

@@ -162,6 +162,17 @@ class BlockManager:
         child.block_table = list(parent.block_table)
         child.num_cached_tokens = parent.num_cached_tokens
 
+    def reassign(self, seqs: list[PagedSequence], parents: list[PagedSequence]) -> None:
+        """Give seqs[i] the block table of parents[i] by reference (beam search; parents may be among seqs and
+        repeat): every parent's table is read before any is replaced; blocks nobody holds any more are freed."""
+        tables = [list(parent.block_table) for parent in parents]
+        for table in tables:  # every new reference before any old one goes: a block passed on is never freed
+            for block_id in table:
+                self.blocks[block_id].ref_count += 1
+        for seq, table in zip(seqs, tables, strict=True):
+            self._release(seq.block_table)
+            seq.block_table = table
+
     def is_shared(self, seq: PagedSequence, position: int) -> bool:
         """Whether the block that holds `position` of seq is held by another sequence too."""
         return self.blocks[seq.block_table[position // self.block_size]].ref_count > 1

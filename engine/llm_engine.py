@@ -30,13 +30,14 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
+from hayabusa.engine.beam_group import BeamGroup
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
 from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.model_runner import InFlight, ModelRunner
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
-from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed
+from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed, eos_token_ids
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.weights import EMBED_IN
@@ -107,11 +108,14 @@ class PagedEngine:
         if bad:
             raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
         check_option_ids(params, self.config.vocab_size)
-        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens, params.num_return_sequences)
+        num_sequences = max(params.num_return_sequences, params.num_beams)
+        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens, num_sequences, params.num_beams)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
         seq = Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
         seq.fork_children = [seq.fork(next(self._seq_ids), completion_seed(seq.seed, index), index)
-                             for index in range(1, params.num_return_sequences)]
+                             for index in range(1, num_sequences)]
+        if params.num_beams > 1:
+            BeamGroup([seq, *seq.fork_children], eos_token_ids(params, self.config.eos_token_id), self.device)
         return seq
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
@@ -144,10 +148,12 @@ class PagedEngine:
         self._aborts.clear()
 
     def _finish_request(self, seqs: list[Sequence], reason: str, message: str) -> None:
-        for seq in list(seqs):
-            if not seq.is_finished:
-                self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
-                seq.fail(reason, message)
+        ended = [seq for seq in seqs if not seq.is_finished]
+        for seq in ended:
+            self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
+            seq.fail(reason, message)
+        for seq in ended:  # all ended first: the last delivery closes the request
+            if seq.index < seq.params.num_return_sequences:  # beams past the n returned have no output
                 self._deliver(seq, (), "")
 
     # ---- stepping --------------------------------------------------------------------------------------------
@@ -194,7 +200,7 @@ class PagedEngine:
                 self.scheduler.publish_prefilled(plan)
             if previous is not None:
                 self._process(previous, *results)
-        if plan.drafts:  # verify passes: the next drafts start from their tokens, so read them back at once
+        if plan.drafts or plan.beams:  # the next drafts or beams start from these tokens: read them back at once
             launched, self._in_flight = self._in_flight, None
             results = self.runner.collect(launched)
             with self._cond:
@@ -203,14 +209,14 @@ class PagedEngine:
     def _process(self, step: InFlight, token_ids: list, bad_rows: frozenset[int],
                  logprobs: StepLogprobs | None) -> None:
         """Hand one read-back step's tokens (and logprobs) to their requests (under the lock)."""
-        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver, logprobs)
+        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver, logprobs, step.beam_steps)
 
     def _deliver(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
         """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
         (generate() reads the final output)."""
         finished = seq.status is SequenceStatus.FINISHED
-        if finished and all(other.is_finished for other in self._requests[seq.request_id]):
-            del self._requests[seq.request_id]
+        if finished and all(other.is_finished for other in self._requests.get(seq.request_id, ())):
+            self._requests.pop(seq.request_id, None)  # (a beam group delivers its outputs after all its beams end)
         if seq.delivery is Delivery.UPDATES:
             output = seq.output
             new_logprobs = prompt_logprobs = None
@@ -289,7 +295,7 @@ class PagedEngine:
         outputs: list[GenerationOutput] = []
         for seqs, p in zip(completions, params, strict=True):
             if isinstance(seqs, list):
-                outputs += [seq.output.result() for seq in seqs]
+                outputs += [seq.output.result() for seq in seqs[: p.num_return_sequences]]  # beams: the best n
             else:  # refused: one copy of the error per completion asked for
                 outputs += [seqs] * (p.num_return_sequences if isinstance(p, SamplingParams) else 1)
         return outputs

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hayabusa.engine.beam_group import BeamGroup
+from hayabusa.engine.beam_search import BeamStep
 from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
@@ -114,6 +116,10 @@ class InFlight:
     readback: Readback
     # A step with verify passes: (emitted ids [P, K + 1], their counts [P]) on the device, and each pass's row.
     passes: tuple[Tensor, Tensor, list[int]] | None = None
+    # A step with beams: per group of plan.beams its rows' logits [rows, vocab] (device); `collect` scores them into
+    # beam_steps (a group whose rows' logits were not finite gets None).
+    beam_logits: list[Tensor] = field(default_factory=list)
+    beam_steps: list[tuple[BeamGroup, BeamStep | None]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -255,6 +261,8 @@ class ModelRunner:
         readback = step.readback
         ResultRing.wait(readback)
         bad_rows = self.sampler.nonfinite_rows(readback.row_max_bits)
+        step.beam_steps = [(group, None if bad_rows.intersection(rows) else group.score(logits))
+                           for (group, rows), logits in zip(step.plan.beams, step.beam_logits, strict=True)]
         if step.passes is None:
             return readback.ids.tolist(), bad_rows, readback.logprobs
         emitted, counts, pass_rows = step.passes
@@ -330,6 +338,9 @@ class ModelRunner:
         drafts = {index_of[row]: draft for row, draft in plan.drafts.items()}
         for row, draft in plan.drafts.items():
             host_tokens[index_of[row]] = [plan.seqs[row].token_ids[-1], *draft]
+        for group, group_rows in plan.beams:  # a started group's beams: the tokens its search appended
+            if group.started:
+                host_tokens.update((index_of[row], plan.seqs[row].token_ids[-1:]) for row in group_rows)
         logit_counts = np.minimum(plan.tokens_per_row[rows], 1)
         for i, draft in drafts.items():
             logit_counts[i] = len(draft) + 1
@@ -369,7 +380,12 @@ class ModelRunner:
                     views["logit_slots"], plan.num_rows)
         readback = self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, plan.num_rows),
                                          sampled, prompt)
-        return InFlight(plan, readback, passes)
+        beam_logits = []
+        if plan.beams:  # logit row of a row with one logit: the count of logit rows up to and including it, - 1
+            logit_row = np.cumsum(logit_counts) - 1
+            beam_logits = [logits[torch.as_tensor(logit_row[[index_of[row] for row in group_rows]],
+                                                  device=self.device)] for _, group_rows in plan.beams]
+        return InFlight(plan, readback, passes, beam_logits)
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
         """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is

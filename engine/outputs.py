@@ -120,6 +120,7 @@ class OutputBuilder:
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
         self._speculation = [0, 0, 0]  # SpeculationStats' fields
+        self.score: float | None = None  # beam search: the hypothesis's sequences_scores
 
     @property
     def finished(self) -> bool:
@@ -222,4 +223,5 @@ class OutputBuilder:
             if self.params.prompt_lookup_num_tokens is not None else None,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             prompt_logprobs=self.prompt_logprobs,
+            score=self.score,
         )

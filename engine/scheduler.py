@@ -30,6 +30,11 @@ share its blocks and wait, computing nothing, while its prompt runs in chunks); 
 starts them too, sampling their first tokens from its logits with their own seeds. `fork` forks a running sequence
 the same way at any later point. A fork writes into a shared block only after a copy-on-write (the plan's
 `block_copies`), and a preempted child is recomputed alone, like any sequence.
+
+Beam search (engine.beam_group): a request of num_beams beams is admitted like one of num_beams completions, but its
+beams are scored together: the prompt's last chunk gives the one row the search starts from, and every later step
+feeds each beam the token the search appended (from the host: steps with beams are read back at once) and scores all
+its rows. A beam preempted for blocks takes its whole group along; the search restarts from the prompt.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from hayabusa.engine.beam_group import BeamGroup
+from hayabusa.engine.beam_search import BeamStep
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
 from hayabusa.engine.logprobs import StepLogprobs
@@ -88,6 +95,9 @@ class StepPlan:
     # (SamplingParams.prompt_logprobs), ascending by row.
     scored: dict[int, tuple[int, int]] = field(default_factory=dict)
     prompt_ends: list[int] = field(default_factory=list)  # mixed steps: rows whose prompt ends here, sampling nothing
+    # Mixed steps: the beam groups this step scores, with their rows in BeamGroup.scored_seqs order. Once a group
+    # started, its rows are fed from the host (the tokens the search appended) and sample nothing themselves.
+    beams: list[tuple[BeamGroup, list[int]]] = field(default_factory=list)
     wants_logprobs: bool = False  # some sampling row's request wants its sampled tokens' logprobs
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
@@ -127,14 +137,19 @@ class Scheduler:
         self.slots = SlotTable(max_num_seqs, block_manager.block_size)
         self._settings_loads: list[Sequence] = []  # forked after the last launch: their sampler rows need loading
         self._fork_parent: dict[Sequence, Sequence] = {}  # children admitted with a parent still prefilling
+        self.beam_groups: dict[BeamGroup, None] = {}  # running beam groups that started (admission order)
+        self._table_rewrites: dict[Sequence, None] = {}  # beams whose whole block-table row the next step rewrites
 
-    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1) -> None:
+    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1,
+                   num_beams: int = 1) -> None:
         """Raise ValueError for a request that could never run: past the context, bigger than the KV pool, or more
-        completions than can run at once."""
+        completions (or beams) than can run at once. Beams must fit the pool however far they diverge (a preempted
+        group restarts from its prompt, so a group that fits only partly would never finish)."""
         if num_prompt_tokens < 1:
             raise ValueError("the prompt is empty; at least one token is needed")
         if num_sequences > self.max_num_seqs:
-            raise ValueError(f"num_return_sequences {num_sequences} is more than the {self.max_num_seqs} sequences "
+            name = "num_beams" if num_beams > 1 else "num_return_sequences"
+            raise ValueError(f"{name} {num_sequences} is more than the {self.max_num_seqs} sequences "
                              f"the engine runs at once (max_num_seqs)")
         check_context_fits(num_prompt_tokens, max_new_tokens, self.max_model_len)
         # The last sampled token is never written to the cache.
@@ -143,10 +158,20 @@ class Scheduler:
             raise ValueError(f"{num_prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} need {blocks} KV "
                              f"blocks of {self.block_manager.block_size} tokens; the pool holds only "
                              f"{self.block_manager.num_blocks} (raise kv_cache_blocks or lower max_new_tokens)")
+        if num_beams > 1:
+            shared = num_prompt_tokens // self.block_manager.block_size  # the prompt's full blocks
+            beam_blocks = shared + num_beams * (blocks - shared)
+            if beam_blocks > self.block_manager.num_blocks:
+                raise ValueError(f"num_beams {num_beams} with {num_prompt_tokens} prompt tokens + max_new_tokens "
+                                 f"{max_new_tokens} need up to {beam_blocks} KV blocks of "
+                                 f"{self.block_manager.block_size} tokens; the pool holds only "
+                                 f"{self.block_manager.num_blocks} (raise kv_cache_blocks, lower num_beams or "
+                                 f"max_new_tokens)")
 
     def add(self, seq: Sequence) -> None:
         """Queue a new request: one sequence, with its other completions in seq.fork_children."""
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens, 1 + len(seq.fork_children))
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens, 1 + len(seq.fork_children),
+                        seq.params.num_beams)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -159,7 +184,7 @@ class Scheduler:
         now on. None: blocks are short, or a request drafts (prompt lookup reads every token), while results are in
         flight; read them back, then schedule again."""
         slots = self.slots
-        if results_in_flight and slots.num_speculating:
+        if results_in_flight and (slots.num_speculating or slots.num_beam_rows):
             return None
         grown = self._grow_decode_rows(results_in_flight)
         if grown is None:
@@ -175,7 +200,9 @@ class Scheduler:
                                                  - (num_decode_tokens if self.chunked_prefill else 0))
             if chunks and not self.chunked_prefill:
                 decoding[:], drafts = False, {}  # the decode rows wait for the prefills
-        if chunks or drafts:
+        if self._table_rewrites:  # whole rows for reordered beams (their growth entries are in them)
+            new_blocks = self._rewrite_beam_tables(new_blocks)
+        if chunks or drafts or self.beam_groups:
             plan = self._mixed_plan(decoding, chunks, admitted, drafts, new_blocks)
         else:  # a decode step
             num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
@@ -204,6 +231,7 @@ class Scheduler:
         for row, draft in drafts.items():  # the last token and the drafts; each position may emit a token
             num_new_tokens[row] = tokens_per_row[row] = len(draft) + 1
         forked_from: dict[int, int] = {}
+        beams = [(group, [seq.slot for seq in group.seqs]) for group in self.beam_groups]
         scored: dict[int, tuple[int, int]] = {}
         prompt_ends: list[int] = []
         for seq, start, end in chunks:
@@ -218,6 +246,10 @@ class Scheduler:
             # The prompt's last chunk samples (unless max_new_tokens is 0), and starts the children waiting on it.
             samples = int(slots.max_tokens[row] > end)
             tokens_per_row[row] = samples
+            if seq.beam_group is not None:  # the search starts from this one row; the beams wait for it
+                beams.append((seq.beam_group, [row]))
+                seq.fork_children = []
+                continue
             for child in seq.fork_children:
                 forked_from[child.slot], tokens_per_row[child.slot] = row, samples
             if not samples:
@@ -231,7 +263,8 @@ class Scheduler:
             slots.seqs[row].params.logprobs is not None for row in np.flatnonzero(tokens_per_row).tolist())
         return StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode, num_new_tokens,
                         sorted(seq.slot for seq, _, _ in chunks), admitted, drafts,
-                        forked_from, dict(sorted(scored.items())), sorted(prompt_ends), wants_logprobs)
+                        forked_from, dict(sorted(scored.items())), sorted(prompt_ends), beams,
+                        wants_logprobs=wants_logprobs)
 
     def _plan_chunks(self, budget: int) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
         """(sequence, first token, end) of each prompt chunk that fits `budget` tokens, continuing prefills first,
@@ -269,6 +302,15 @@ class Scheduler:
                     self.slots.prefilling[child.slot] = False
                     del self._fork_parent[child]
         return chunks, admitted
+
+    def _rewrite_beam_tables(self, new_blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """new_blocks with the entries of reordered beams replaced by their whole block-table rows (one entry per
+        table cell and step: a scatter with repeated indices has no defined order)."""
+        rewrites, self._table_rewrites = self._table_rewrites, {}
+        rows = {seq.slot for seq in rewrites if seq.status is SequenceStatus.RUNNING}
+        kept = [entry for entry in new_blocks if entry[0] not in rows]
+        return kept + [(seq.slot, column, block_id) for seq in rewrites if seq.slot in rows
+                       for column, block_id in enumerate(seq.block_table)]
 
     @staticmethod
     def _add_chunk(chunks: list[tuple[Sequence, int, int]], seq: Sequence, budget: int) -> int:
@@ -320,31 +362,34 @@ class Scheduler:
         sequence itself) until it fits. Returns the (sequence, column) entries that changed and the block copies.
         Sequences still prefilling hold every block their tokens need already."""
         grown: list[tuple[Sequence, int]] = []
-        copies: list[tuple[int, int]] = []
+        copies: list[tuple[Sequence, tuple[int, int]]] = []
         queue = deque(self.running)
         while queue:
             seq = queue.popleft()
             if seq.status is not SequenceStatus.RUNNING or self.slots.prefilling[seq.slot]:
-                continue  # preempted along with its parent, or computing its prompt
-            while not self.block_manager.can_append(seq):
+                continue  # preempted along with its parent or beam group, or computing its prompt
+            while seq.status is SequenceStatus.RUNNING and not self.block_manager.can_append(seq):
                 if queue:
-                    newest = queue.pop()  # the newest gives way (unless it left with its parent already)
+                    newest = queue.pop()  # the newest gives way (unless it left with its parent or group already)
                     if newest.status is SequenceStatus.RUNNING:
                         self.preempt(newest)
                 else:
                     self.preempt(seq)  # older sequences of this batch hold the blocks: seq gives way itself
-                    break
-            else:
+            if seq.status is SequenceStatus.RUNNING:
                 column = len(seq.block_table)
                 copy = self.block_manager.may_append(seq)
                 self.slots.may_share_write_block.discard(seq.slot)
                 if copy is not None:
-                    copies.append(copy)
+                    copies.append((seq, copy))
                     grown.append((seq, (len(seq.token_ids) - 1) // self.block_manager.block_size))
                 elif len(seq.block_table) > column:
                     grown.append((seq, column))
                     self.slots.capacity[seq.slot] = len(seq.block_table) * self.block_manager.block_size
-        return grown, copies
+        # A beam group preempted after some of its beams grew: their blocks went back (a freed copy target may be
+        # another sequence's block by now), so only what running sequences got counts.
+        running = SequenceStatus.RUNNING
+        return ([(seq, column) for seq, column in grown if seq.status is running],
+                [copy for seq, copy in copies if seq.status is running])
 
     # ---- forks -----------------------------------------------------------------------------------------------
 
@@ -383,6 +428,9 @@ class Scheduler:
         is admitted again); a waiting child preempted alone is recomputed alone."""
         if self.slots.num_tokens[seq.slot] != len(seq.token_ids):
             raise RuntimeError(f"sequence {seq.seq_id} has a sampled token in flight; read it back before preempting")
+        if seq.beam_group is not None:
+            self._preempt_beams(seq.beam_group)
+            return
         self._detach_child(seq)
         for child in seq.fork_children:
             if child.status is SequenceStatus.RUNNING:
@@ -398,10 +446,27 @@ class Scheduler:
         """Drop a request that is no longer wanted (aborted, or its stream was closed); frees its blocks. A token
         still in flight for it is discarded when read back."""
         self._detach_child(seq)
+        if seq.beam_group is not None:
+            self.beam_groups.pop(seq.beam_group, None)
         if seq in self.running:
             self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+    def _preempt_beams(self, group: BeamGroup) -> None:
+        """Free every beam of the group; it waits at the front of the queue as its prompt (with its other beams to
+        fork again) and its search restarts."""
+        self.beam_groups.pop(group, None)
+        for seq in group.seqs:
+            self._fork_parent.pop(seq, None)
+            if seq.status is SequenceStatus.RUNNING:
+                self._release(seq)
+            seq.status = SequenceStatus.WAITING
+        group.restart()
+        first = group.seqs[0]
+        first.fork_children = group.seqs[1:]
+        first.num_preemptions += 1
+        self.waiting.appendleft(first)
 
     def _detach_child(self, seq: Sequence) -> None:
         """A child waiting for its parent's prompt that leaves: its parent no longer starts it."""
@@ -427,14 +492,18 @@ class Scheduler:
                 self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
     def postprocess(self, plan: StepPlan, token_ids: list, bad_rows: frozenset[int] = frozenset(),
-                    deliver: Deliver = _ignore, logprobs: StepLogprobs | None = None) -> None:
+                    deliver: Deliver = _ignore, logprobs: StepLogprobs | None = None,
+                    beam_steps: Seq[tuple[BeamGroup, BeamStep | None]] = ()) -> None:
         """Apply a launched step's sampled tokens, calling deliver(sequence, its new tokens, text delta) for each
         sequence that got tokens or failed. token_ids: one id per row; for a step with verify passes, each row's
         list of emitted ids. Publishes newly full blocks; frees finished sequences. bad_rows: rows whose logits were
         not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped. logprobs: the
-        step's logprobs, when its plan wanted any (sampled tokens' by row, prompt positions' in plan.scored order)."""
+        step's logprobs, when its plan wanted any (sampled tokens' by row, prompt positions' in plan.scored order).
+        beam_steps: per group of plan.beams, what its search decided (None: its logits were not finite)."""
         if plan.scored or plan.forked_from or plan.prompt_ends:
             self._apply_prompt_results(plan, bad_rows, logprobs, deliver)
+        if plan.beams:
+            self._apply_beam_steps(beam_steps, deliver)
         if plan.drafts:
             self._postprocess_passes(plan, token_ids, bad_rows, deliver)
             return
@@ -446,8 +515,8 @@ class Scheduler:
             rows = ((plan.seqs[row], token_ids[row], row) for row in plan.tokens_per_row.nonzero()[0].tolist())
         running, finished = SequenceStatus.RUNNING, SequenceStatus.FINISHED
         for seq, token, row in rows:  # once per sequence per step: kept lean
-            if seq.status is not running:
-                continue  # finished (eos, stop string, abort) after this step was planned: its row is stale
+            if seq.status is not running or plan.beams and seq.beam_group is not None:
+                continue  # finished (eos, stop string, abort) after this step was planned, or a beam (done above)
             if bad_rows and row in bad_rows:
                 self._fail_non_finite(seq, deliver)
                 continue
@@ -497,6 +566,37 @@ class Scheduler:
                 self._release(seq)
                 deliver(seq, (), "")
 
+    def _apply_beam_steps(self, beam_steps: Seq[tuple[BeamGroup, BeamStep | None]], deliver: Deliver) -> None:
+        """Reorder each group's beams by its step (engine.beam_group), or end it: with its best hypotheses when its
+        search is done, with an error when its logits were not finite. Steps with beams are read back at once, so
+        every token is known here."""
+        slots, block_size = self.slots, self.block_manager.block_size
+        for group, step in beam_steps:
+            if any(seq.status is not SequenceStatus.RUNNING for seq in group.seqs):
+                continue  # aborted meanwhile
+            if step is None or step.done:
+                self.beam_groups.pop(group, None)
+                for seq in group.seqs:
+                    seq.status = SequenceStatus.FINISHED
+                    self._release(seq)
+                if step is None:
+                    for seq in group.seqs:
+                        seq.fail("error", f"{NON_FINITE_ERROR} at beam step {group.search.steps}")
+                    results = group.seqs[: group.params.num_return_sequences]
+                else:
+                    results = group.finish()
+                for seq in results:
+                    deliver(seq, seq.token_ids[seq.num_prompt_tokens:], seq.output.result().text)
+                continue
+            group.reorder(step, self.block_manager)
+            self.beam_groups[group] = None
+            for seq in group.seqs:
+                slot = seq.slot
+                slots.num_tokens[slot] = len(seq.token_ids)
+                slots.capacity[slot] = len(seq.block_table) * block_size
+                slots.may_share_write_block.add(slot)
+                self._table_rewrites[seq] = None
+
     def _fail_non_finite(self, seq: Sequence, deliver: Deliver) -> None:
         seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
         self._release(seq)
@@ -510,7 +610,7 @@ class Scheduler:
         manager, slots = self.block_manager, self.slots
         for row in plan.tokens_per_row.nonzero()[0].tolist():
             seq = plan.seqs[row]
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not SequenceStatus.RUNNING or seq.beam_group is not None:
                 continue
             if row in bad_rows:
                 self._fail_non_finite(seq, deliver)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from hayabusa.engine.sampling import SamplingParams, request_seed
 
 if TYPE_CHECKING:
+    from hayabusa.engine.beam_group import BeamGroup
     from hayabusa.engine.outputs import OutputBuilder
 
 
@@ -55,6 +56,7 @@ class Sequence:
         # The request's other completions, forked from this sequence when it is first admitted: its prefill serves
         # them all, and they share its prompt's KV blocks.
         self.fork_children: list[Sequence] = []
+        self.beam_group: BeamGroup | None = None  # the request's beams, when it runs beam search (num_beams > 1)
         self.text_deltas: list[str] = []  # produced but not yet taken by a stream() reader
 
     def fork(self, seq_id: int, seed: int, index: int | None = None) -> Sequence:

@@ -99,7 +99,6 @@ def test_logits_equal_the_reference_forward() -> None:
     ([[1, 2, 3]], {"temperature": -1.0}, "temperature must be >= 0"),
     ([[1, 2, 3]], {"top_p": 0.0}, "top_p must be in"),
     ([[1, 2, 3]], {"beam_width": 3}, "unknown sampling parameter 'beam_width'"),
-    ([[1, 2, 3]], {"num_beams": 2}, "prompt 0: num_beams 2: beam search is not in the paged engine yet"),
     ([[1, 2, 3]], {"num_beams": 2, "do_sample": True}, "do_sample=True is not supported with num_beams > 1"),
     (b"abc", {}, r"prompts is bytes; pass text as str \(e.g. data.decode\('utf-8'\)\) or token ids as a list of int"),
     ([b"abc"], {}, "prompt 0 is bytes"),  # bytes iterate as ints: they once passed for token ids [97, 98, 99]
