@@ -78,6 +78,8 @@ def markdown_report(results: dict[str, Any]) -> str:
          _decode_table),
         ("prefill", "## Prefill: time to first token (one prompt)", _prefill_table),
         ("throughput", "## Offline throughput (all requests at once)", _throughput_table),
+        ("speculation", "## Prompt-lookup speculation (one request continuing a passage of its prompt)",
+         _speculation_table),
         ("load", "## Weight load (checkpoint dir to ready model, warm page cache)", _load_table),
         ("tokenizer", "## Tokenizer", _tokenizer_table),
     ]
@@ -137,6 +139,15 @@ def _throughput_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "set", "requests", "prompt", "generated", "s", "generated tokens / s", "vs eager"],
                   [[r["engine"], r["case"], str(r["batch"]), *lengths(r), _fmt(r["ms"] / 1e3),
                     _fmt(r["tokens_per_s"], 1), _speedup(rows, r, "tokens_per_s", True)] for r in rows])
+
+
+def _speculation_table(rows: list[dict[str, Any]]) -> list[str]:
+    return _table(["engine", "drafts", "prompt", "generated", "ms", "ms without", "speed-up", "acceptance",
+                   "tokens / forward pass"],
+                  [[r["engine"], r["case"].rsplit("-", 1)[1], str(r["prompt_len"]), str(r["gen_len"]), _fmt(r["ms"]),
+                    _fmt(r["extra"]["plain_ms"]), f"{r['extra']['speedup']:.2f}x",
+                    f"{100 * r['extra']['acceptance_rate']:.0f}%", _fmt(r["extra"]["tokens_per_forward_pass"])]
+                   for r in rows])
 
 
 def _load_table(rows: list[dict[str, Any]]) -> list[str]:

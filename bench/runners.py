@@ -56,6 +56,12 @@ class BenchRunner(ABC):
         """(cold, warm) ms of a start in a fresh process, for engines that compile kernels; None otherwise."""
         return None
 
+    def generate_prompt_lookup(self, prompts: list[list[int]], gen_lens: list[int],
+                               num_draft_tokens: int) -> tuple[int, int]:
+        """Greedy-generate as `generate` does, with prompt-lookup speculation of num_draft_tokens tokens; returns
+        (draft tokens checked, drafts accepted) over all requests."""
+        raise EngineUnavailable("prompt-lookup acceptance is measured on hayabusa's engine only")
+
     def _free(self) -> None:
         gc.collect()
         if self.device.type == "cuda":
@@ -104,7 +110,18 @@ class HayabusaRunner(BenchRunner):
         return measure_starts(self.model_dir, self.dtype, self.device, self.backend)
 
     def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
-        params = [self._params_cls(max_new_tokens=n, do_sample=False, ignore_eos=True) for n in gen_lens]
+        return self._generate(prompts, gen_lens, None)[0]
+
+    def generate_prompt_lookup(self, prompts: list[list[int]], gen_lens: list[int],
+                               num_draft_tokens: int) -> tuple[int, int]:
+        outputs = self._generate(prompts, gen_lens, num_draft_tokens)[1]
+        return (sum(out.speculation.draft_tokens for out in outputs),
+                sum(out.speculation.accepted_tokens for out in outputs))
+
+    def _generate(self, prompts: list[list[int]], gen_lens: list[int],
+                  prompt_lookup_num_tokens: int | None) -> tuple[GenerateResult, list]:
+        params = [self._params_cls(max_new_tokens=n, do_sample=False, ignore_eos=True,
+                                   prompt_lookup_num_tokens=prompt_lookup_num_tokens) for n in gen_lens]
         batches = static_batches(len(prompts), self.static_batch)
         outputs = []
         for batch in batches:
@@ -117,9 +134,9 @@ class HayabusaRunner(BenchRunner):
         decode_s = (sum(o.timings.total_s - o.timings.time_to_first_token_s for o in outputs) / len(outputs)
                     if len(batches) == 1 else None)
         if self.static_batch is None:  # paged: each request stops at its own length
-            return GenerateResult(sum(gen_lens), decode_s)
+            return GenerateResult(sum(gen_lens), decode_s), outputs
         # a contiguous batch steps until its longest request is done
-        return GenerateResult(sum((b.stop - b.start) * max(gen_lens[b]) for b in batches), decode_s)
+        return GenerateResult(sum((b.stop - b.start) * max(gen_lens[b]) for b in batches), decode_s), outputs
 
 
 class TransformersRunner(BenchRunner):

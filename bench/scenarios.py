@@ -12,7 +12,7 @@ from hayabusa.bench import roofline
 from hayabusa.bench.records import BenchRecord
 from hayabusa.bench.runners import BenchRunner, GenerateResult
 from hayabusa.bench.timing import median, time_ms, time_once_ms
-from hayabusa.bench.workloads import SuiteSizes, mixed_lengths, random_prompts
+from hayabusa.bench.workloads import SuiteSizes, grounded_prompts, mixed_lengths, random_prompts
 from hayabusa.engine.config import ModelConfig
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -82,6 +82,31 @@ def run_prefill(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig,
     return BenchRecord(runner.name, "prefill", f"prompt{prompt_len}", 1, run_len, 1, None, ms, run_len * 1e3 / ms,
                        roofline.pct_of_floor(floor_ms, ms), "matmul", sizes.repeats, timing.samples_ms,
                        timing.warmup_ms, {"flops": flops, "floor_ms": floor_ms, "requested_prompt_len": prompt_len})
+
+
+PROMPT_LOOKUP_NUM_TOKENS = 10  # transformers' default draft length
+
+
+def run_speculation(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
+    """One input-grounded request (grounded_prompts: a passage, then its start quoted again), decode_gen_len greedy
+    tokens with prompt-lookup speculation: its time, the drafts' acceptance rate and the tokens each forward pass
+    yields (a pass emits one token of its own plus the drafts it accepts), against the same request without it."""
+    prompts, gen_lens = grounded_prompts(1, sizes.decode_prompt_len, seed=5000), [sizes.decode_gen_len]
+    counts: list[tuple[int, int]] = []
+    timing = time_ms(lambda: counts.append(runner.generate_prompt_lookup(prompts, gen_lens, PROMPT_LOOKUP_NUM_TOKENS)),
+                     runner.device, sizes.repeats, sizes.warmup)
+    plain = time_ms(lambda: runner.generate(prompts, gen_lens), runner.device, sizes.repeats, sizes.warmup)
+    drafted, accepted = counts[-1]
+    ms, plain_ms = median(timing.samples_ms), median(plain.samples_ms)
+    return BenchRecord(
+        runner.name, "speculation", f"prompt-lookup-{PROMPT_LOOKUP_NUM_TOKENS}", 1, len(prompts[0]), gen_lens[0],
+        None, ms, gen_lens[0] * 1e3 / ms, None, None, sizes.repeats, timing.samples_ms, timing.warmup_ms,
+        {"draft_tokens": drafted, "accepted_tokens": accepted,
+         "acceptance_rate": accepted / drafted if drafted else 0.0,
+         # the prefill pass yields the first token; each later pass one of its own plus its accepted drafts
+         "tokens_per_forward_pass": gen_lens[0] / (gen_lens[0] - accepted), "plain_ms": plain_ms,
+         "speedup": plain_ms / ms},
+    )
 
 
 def throughput_workloads(sizes: SuiteSizes) -> Iterator[tuple[str, list[list[int]], list[int]]]:

@@ -165,6 +165,8 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
         cases += [("prefill", f"prompt {n}", partial(scenarios.run_prefill, sizes=sizes, config=config,
                                                      device_roofline=device_roofline, prompt_len=n))
                   for n in sizes.prefill_prompt_lens]
+    if "speculation" in chosen:
+        cases.append(("speculation", "prompt lookup", partial(scenarios.run_speculation, sizes=sizes)))
     if "throughput" in chosen:
         cases += [("throughput", case, partial(scenarios.run_throughput, sizes=sizes, case=case, prompts=prompts,
                                                gen_lens=gen_lens))

@@ -84,6 +84,12 @@ def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
     return [torch.randint(0, PROMPT_VOCAB_LIMIT, (n,), generator=generator).tolist() for n in lengths]
 
 
+def grounded_prompts(count: int, passage_len: int, seed: int) -> list[list[int]]:
+    """Input-grounded prompts: a passage, then its first quarter again, so the natural continuation quotes the rest of
+    the passage (what prompt-lookup speculation drafts from)."""
+    return [passage + passage[: passage_len // 4] for passage in random_prompts([passage_len] * count, seed)]
+
+
 def mixed_lengths(count: int, length_range: tuple[int, int], seed: int) -> list[int]:
     low, high = length_range
     if not 1 <= low <= high:
@@ -95,7 +101,9 @@ def mixed_lengths(count: int, length_range: tuple[int, int], seed: int) -> list[
 def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
     """Raise before anything runs if a decode / throughput workload needs more positions than the model has
     (prefill cuts its longest prompt to fit instead: see scenarios.run_prefill)."""
+    grounded_len = sizes.decode_prompt_len + sizes.decode_prompt_len // 4  # grounded_prompts
     for what, prompt_len, gen_len in (("decode", sizes.decode_prompt_len, sizes.decode_gen_len),
+                                      ("speculation", grounded_len, sizes.decode_gen_len),
                                       ("long decode", sizes.long_decode_prompt_len or 0, sizes.decode_gen_len),
                                       ("throughput", sizes.throughput_prompt_len, sizes.throughput_gen_len),
                                       ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1])):
@@ -113,7 +121,7 @@ def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
 
 def longest_sequence(sizes: SuiteSizes) -> int:
     """Most tokens (prompt + generated) any one sequence of these workloads holds."""
-    longest_prompt = max(sizes.decode_prompt_len, sizes.long_decode_prompt_len or 0)
+    longest_prompt = max(sizes.decode_prompt_len + sizes.decode_prompt_len // 4, sizes.long_decode_prompt_len or 0)
     return max(longest_prompt + sizes.decode_gen_len, max(sizes.prefill_prompt_lens) + 1,
                sizes.throughput_prompt_len + sizes.throughput_gen_len,
                sizes.mixed_prompt_lens[1] + sizes.mixed_gen_lens[1])

@@ -18,9 +18,9 @@ import torch
 from hayabusa.engine.config import ModelConfig, check_context_fits
 from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.outputs import GenerationOutput
+from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling import SamplingParams, check_option_ids
 from hayabusa.engine.weights import EMBED_IN, load_model_files
 from hayabusa.tokenizer import Tokenizer
 
@@ -54,13 +54,14 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, devi
 class Engine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
-                 model_dir: Path | None = None, warmup: bool = False) -> None:
+                 model_dir: Path | None = None, warmup: bool = False, max_num_batched_tokens: int | None = None
+                 ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
-        self.device = device
+        self.device = device = torch.device(device)
         self.model_dir = model_dir
         # On a CPU: torch's thread count for this model (process-wide; see cpu_threads.py). None on a GPU.
         self.cpu_threads: ThreadChoice | None = None
@@ -73,13 +74,15 @@ class Engine:
 
         # add_request / abort / step / stats for a serving loop (see PagedEngine)
         self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
-                                 kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup)
+                                 kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup,
+                                 max_num_batched_tokens=max_num_batched_tokens)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None, backend: str | None = None,
                         kv_cache_blocks: int | None = None, block_size: int = 16,
-                        revision: str | None = None, warmup: bool | None = None) -> Engine:
+                        revision: str | None = None, warmup: bool | None = None,
+                        max_num_batched_tokens: int | None = None) -> Engine:
         """Load a local model directory, a hub id (e.g. "abeja/gpt-neox-japanese-2.7b") or a random preset.
 
         A preset name (tiny, small, 2.7b) that is not a local directory loads a random-weight checkpoint of that
@@ -88,6 +91,8 @@ class Engine:
         Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
         cuda, reference on cpu. warmup (default: with the triton backend on cuda) runs every kernel shape the engine
         can launch before returning, with a progress bar, so that no request waits for a compile.
+        max_num_batched_tokens: tokens per engine step (default 512): prompts run in chunks of what the decoding
+        requests leave of it, so it bounds how long they wait for their next token when a long prompt arrives.
         """
         device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
         if backend is None:
@@ -99,15 +104,20 @@ class Engine:
         if warmup is None:
             warmup = default_warmup(device, backend)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
-                   block_size=block_size, model_dir=model_dir, warmup=warmup)
+                   block_size=block_size, model_dir=model_dir, warmup=warmup,
+                   max_num_batched_tokens=max_num_batched_tokens)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  **kwargs: Any) -> list[GenerationOutput]:
-        """Generate for one prompt or a list of prompts (strings or token-id lists); one output per prompt.
+        """Generate for one prompt or a list of prompts (strings or token-id lists): num_return_sequences outputs
+        per prompt (default 1), each prompt's consecutively, in prompt order.
 
-        Sampling options come as a SamplingParams (one, or one per prompt) or as keyword arguments:
-        max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos.
+        Sampling options come as a SamplingParams (one, or one per prompt) or as keyword arguments with its field
+        names, which are transformers' generate options (README: generate options): max_new_tokens, do_sample,
+        temperature, top_k, top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
+        min_new_tokens, eos_token_id, seed, stop, ignore_eos, num_return_sequences, prompt_lookup_num_tokens,
+        max_matching_ngram_size; and logprobs, prompt_logprobs (OpenAI's).
         """
         prompt_ids = self._encode_prompts(prompts)
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
@@ -115,11 +125,29 @@ class Engine:
             self._check_fits(i, ids, p)
         return self.paged.generate(prompt_ids, params)
 
+    def score(self, contexts: Prompt | Sequence[Prompt], continuations: Prompt | Sequence[Prompt]) -> list[ScoreOutput]:
+        """The log-likelihood of each continuation given its context (pairs: one context per continuation, or one
+        pair of strings / token-id lists), from the model's raw logits: its sum, per token, and whether each token
+        is the greedy pick. Strings are encoded separately, so the continuation's tokens are exactly its own
+        encoding (pass token ids to choose the split). All pairs run batched; shared contexts hit the prefix cache.
+        """
+        context_ids = self._encode_prompts(contexts, "context")
+        continuation_ids = self._encode_prompts(continuations, "continuation")
+        if len(context_ids) != len(continuation_ids):
+            raise ValueError(f"got {len(context_ids)} contexts but {len(continuation_ids)} continuations")
+        for i, (context, continuation) in enumerate(zip(context_ids, continuation_ids, strict=True)):
+            self._check_fits(i, context + continuation, SamplingParams(max_new_tokens=0), "pair")
+        return self.paged.score(list(zip(context_ids, continuation_ids, strict=True)))
+
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
-        """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text."""
+        """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text (one
+        completion: num_return_sequences must be 1)."""
         (ids,) = self._encode_prompts([prompt])
         (params,) = self._sampling_params(sampling_params, kwargs, 1)
         self._check_fits(0, ids, params)
+        if params.num_beams > 1:
+            raise ValueError("num_beams > 1 does not stream: beam search knows its outputs only at the end (as in "
+                             "transformers); use generate")
         yield from self.paged.stream(ids, params)
 
     def logits(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
@@ -136,25 +164,27 @@ class Engine:
     def close(self) -> None:
         self.paged.close()
 
-    def _encode_prompts(self, prompts: Prompt | Sequence[Prompt]) -> list[list[int]]:
-        _refuse_bytes("prompts", prompts)
+    def _encode_prompts(self, prompts: Prompt | Sequence[Prompt], what: str = "prompt") -> list[list[int]]:
+        """what: how errors name the texts (prompt, context, continuation)."""
+        _refuse_bytes(f"{what}s", prompts)
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
                                         all(isinstance(t, int) for t in prompts)):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not prompts:
-            raise ValueError("prompts must be a string, a list of token ids, or a non-empty list of those")
+            raise ValueError(f"{what}s must be a string, a list of token ids, or a non-empty list of those")
         encoded = []
         for i, prompt in enumerate(prompts):
-            _refuse_bytes(f"prompt {i}", prompt)
+            _refuse_bytes(f"{what} {i}", prompt)
             if isinstance(prompt, str):
                 ids = self.tokenizer.encode(prompt)
             elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
                 ids = list(prompt)
-                self._check_ids(f"prompt {i}", ids)
+                self._check_ids(f"{what} {i}", ids)
             else:
-                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
+                raise ValueError(f"{what} {i} must be a string or a list of token ids, got {type(prompt).__name__}")
             if not ids:
-                raise ValueError(f"prompt {i} is empty")
+                raise ValueError(f"{what} {i} is empty" + (" (the first token of a text has no logprob: give the "
+                                                           "context at least one token)" if what == "context" else ""))
             encoded.append(ids)
         return encoded
 
@@ -178,11 +208,12 @@ class Engine:
             raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
         return [replace(p, **kwargs) if kwargs else p for p in sampling_params]
 
-    def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams, what: str = "prompt") -> None:
         try:
             check_context_fits(len(prompt_ids), params.max_new_tokens, self.config.max_position_embeddings)
+            check_option_ids(params, self.config.vocab_size)
         except ValueError as err:
-            raise ValueError(f"prompt {index}: {err}") from None
+            raise ValueError(f"{what} {index}: {err}") from None
 
 
 def _refuse_bytes(what: str, value: object) -> None:

@@ -8,6 +8,11 @@ chained over all blocks before it (so equal hashes mean equal prefixes). A later
 with the same full blocks takes them by reference instead of recomputing them. Freed blocks keep their
 contents and hash until they are handed out again, so a preempted or finished prompt can still be hit.
 Release never copies: dropping the last reference puts the block back on the free list.
+
+Forks (n completions of one prompt, beams): `fork` gives a child every block of its parent by reference. Only a
+block that is not full can still be written, and whoever writes into a block that others hold first takes a
+private copy (`copy_on_write`, or `may_append` at a decode step); the model runner copies the KV of the block.
+So a fork costs blocks only where its children diverge.
 """
 
 from __future__ import annotations
@@ -73,15 +78,19 @@ class BlockManager:
 
     # ---- prompt (prefill) allocation -------------------------------------------------------------------------
 
-    def _cache_hits(self, token_ids: list[int]) -> list[int]:
-        """Block ids of the leading full blocks already computed for this exact prefix.
+    def _cache_hits(self, token_ids: list[int], max_cached_tokens: int | None = None) -> list[int]:
+        """Block ids of the leading full blocks already computed for this exact prefix, within its first
+        max_cached_tokens tokens.
 
-        The last token is never taken from the cache: its logits are needed, so at least one token is always
-        computed (a prompt that is an exact multiple of block_size still recomputes its last block).
+        By default the last token is never taken from the cache: its logits are needed, so at least one token is
+        always computed (a prompt that is an exact multiple of block_size still recomputes its last block). A
+        sequence that needs logits from an earlier position on (prompt logprobs) passes a smaller limit.
         """
+        if max_cached_tokens is None:
+            max_cached_tokens = len(token_ids) - 1
         hits: list[int] = []
         prefix_hash = b""
-        for i in range((len(token_ids) - 1) // self.block_size):
+        for i in range(max_cached_tokens // self.block_size):
             block_tokens = token_ids[i * self.block_size:(i + 1) * self.block_size]
             prefix_hash = chained_block_hash(block_tokens, prefix_hash)
             block_id = self.hash_to_block_id.get(prefix_hash)
@@ -95,15 +104,16 @@ class BlockManager:
         revived = sum(1 for block_id in hits if self.blocks[block_id].ref_count == 0)
         return self.blocks_needed(num_tokens) - len(hits) + revived <= self.num_free_blocks
 
-    def can_allocate(self, seq: PagedSequence) -> bool:
+    def can_allocate(self, seq: PagedSequence, max_cached_tokens: int | None = None) -> bool:
         """Whether every block of seq's tokens can be had now (cache hits on free blocks still take one)."""
-        return self._fits(len(seq.token_ids), self._cache_hits(seq.token_ids))
+        return self._fits(len(seq.token_ids), self._cache_hits(seq.token_ids, max_cached_tokens))
 
-    def allocate(self, seq: PagedSequence) -> None:
-        """Give seq a block table covering all its tokens; sets seq.num_cached_tokens to the prefix-cache hit."""
+    def allocate(self, seq: PagedSequence, max_cached_tokens: int | None = None) -> None:
+        """Give seq a block table covering all its tokens; sets seq.num_cached_tokens to the prefix-cache hit (at
+        most max_cached_tokens; default all but the last token)."""
         if seq.block_table:
             raise ValueError(f"sequence already holds blocks {seq.block_table}; deallocate it first")
-        hits = self._cache_hits(seq.token_ids)
+        hits = self._cache_hits(seq.token_ids, max_cached_tokens)
         if not self._fits(len(seq.token_ids), hits):
             raise ValueError(
                 f"cannot allocate {self.blocks_needed(len(seq.token_ids))} blocks: {self.num_free_blocks} free"
@@ -129,26 +139,77 @@ class BlockManager:
 
     def deallocate(self, seq: PagedSequence) -> None:
         """Drop seq's references; blocks nobody else holds go back on the free list, contents kept for hits."""
-        for block_id in reversed(seq.block_table):
+        self._release(seq.block_table)
+        seq.block_table = []
+        seq.num_cached_tokens = 0
+
+    def _release(self, block_ids: list[int]) -> None:
+        for block_id in reversed(block_ids):
             block = self.blocks[block_id]
             assert block.ref_count > 0, f"block {block_id} released more often than taken"
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free_block_ids.append(block_id)
-        seq.block_table = []
-        seq.num_cached_tokens = 0
+
+    # ---- forks -----------------------------------------------------------------------------------------------
+
+    def fork(self, parent: PagedSequence, child: PagedSequence) -> None:
+        """Give child every block of parent by reference (child's tokens are parent's); no block is copied now."""
+        if child.block_table:
+            raise ValueError(f"the fork child already holds blocks {child.block_table}; deallocate it first")
+        for block_id in parent.block_table:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(parent.block_table)
+        child.num_cached_tokens = parent.num_cached_tokens
+
+    def reassign(self, seqs: list[PagedSequence], parents: list[PagedSequence]) -> None:
+        """Give seqs[i] the block table of parents[i] by reference (beam search; parents may be among seqs and
+        repeat): every parent's table is read before any is replaced; blocks nobody holds any more are freed."""
+        tables = [list(parent.block_table) for parent in parents]
+        for table in tables:  # every new reference before any old one goes: a block passed on is never freed
+            for block_id in table:
+                self.blocks[block_id].ref_count += 1
+        for seq, table in zip(seqs, tables, strict=True):
+            self._release(seq.block_table)
+            seq.block_table = table
+
+    def is_shared(self, seq: PagedSequence, position: int) -> bool:
+        """Whether the block that holds `position` of seq is held by another sequence too."""
+        return self.blocks[seq.block_table[position // self.block_size]].ref_count > 1
+
+    def copy_on_write(self, seq: PagedSequence, position: int) -> tuple[int, int] | None:
+        """Before seq writes the KV of `position` into a block it shares: give seq a private block in its place.
+        Returns (source, destination) block ids, whose KV the caller must copy before the write; None when seq
+        holds that block alone."""
+        index = position // self.block_size
+        source = seq.block_table[index]
+        if self.blocks[source].ref_count == 1:
+            return None
+        if not self.free_block_ids:
+            raise ValueError("no free block for a copy-on-write")
+        destination = self._take_free_block()
+        self.blocks[source].ref_count -= 1
+        seq.block_table[index] = destination
+        return source, destination
 
     # ---- decode growth ---------------------------------------------------------------------------------------
 
     def can_append(self, seq: PagedSequence) -> bool:
-        """Whether the next decode step (which writes the last token of seq) has its slot or a free block."""
+        """Whether the next decode step (which writes the last token of seq) has its slot or a free block: a new
+        block, or a private copy of a shared one."""
         missing = self.blocks_needed(len(seq.token_ids)) - len(seq.block_table)
+        if missing == 0 and self.is_shared(seq, len(seq.token_ids) - 1):
+            missing = 1
         return missing <= self.num_free_blocks
 
-    def may_append(self, seq: PagedSequence) -> None:
-        """Grow seq's block table to cover its last token (at most one new block per decode step)."""
-        while len(seq.block_table) < self.blocks_needed(len(seq.token_ids)):
-            seq.block_table.append(self._take_free_block())
+    def may_append(self, seq: PagedSequence) -> tuple[int, int] | None:
+        """Make room for the KV of seq's last token: a new block (at most one per decode step), or a private copy
+        of the block it shares. Returns the block copy the runner must make first (see copy_on_write), or None."""
+        if len(seq.block_table) < self.blocks_needed(len(seq.token_ids)):
+            while len(seq.block_table) < self.blocks_needed(len(seq.token_ids)):
+                seq.block_table.append(self._take_free_block())
+            return None
+        return self.copy_on_write(seq, len(seq.token_ids) - 1)
 
     def append_block(self, seq: PagedSequence) -> int:
         """Give seq one more block (the scheduler knows, from its in-flight token counts, that it needs one)."""
@@ -157,6 +218,11 @@ class BlockManager:
         block_id = self._take_free_block()
         seq.block_table.append(block_id)
         return block_id
+
+    def trim(self, seq: PagedSequence, num_blocks: int) -> None:
+        """Release seq's blocks past its first num_blocks (they hold only the KV of rejected draft tokens)."""
+        self._release(seq.block_table[num_blocks:])
+        del seq.block_table[num_blocks:]
 
     # ---- prefix publishing -----------------------------------------------------------------------------------
 

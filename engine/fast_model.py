@@ -3,9 +3,10 @@
 Per layer: ln_linear(input_layernorm -> qkv) -> prefill_attention | decode_attention (rotary and the cache write
 inside) -> linear(dense, + residual, + dense_bias on the last layer) -> ln_linear(post_attention_layernorm ->
 dense_h_to_4h, GELU) -> linear(dense_4h_to_h, + residual). Then ln_linear(final_layer_norm -> embed_out) on the
-last token of each sequence only. The residual stream h is updated in place: h = h + attn(ln1(h)), then
-h = h + mlp(ln2(h)). At decode sizes each op is one launch (the LayerNorms run in the next GEMM's prologue): five
-per layer, plus the embedding gather and the LM head.
+last token of each sequence only (`prefill`); a caller that needs logits at more positions (prompt logprobs) takes
+the residual stream from `prefill_hidden` and runs `lm_head` on the rows it wants. The residual stream h is updated
+in place: h = h + attn(ln1(h)), then h = h + mlp(ln2(h)). At decode sizes each op is one launch (the LayerNorms
+run in the next GEMM's prologue): five per layer, plus the embedding gather and the LM head.
 
 The op set is pluggable: `load_ops("triton")` runs the Triton kernels, `load_ops("torch")` their plain-PyTorch
 `*_ref` twins (same signatures and cache writes), which lets CPU tests drive the whole paged engine at scale
@@ -128,17 +129,21 @@ class FastModel:
 
     def prefill(self, inputs: PrefillInputs, kv_caches: KVCaches) -> Tensor:
         """Logits of each sequence's last new token: [S, vocab] in the model dtype; writes the new tokens' KV."""
-        hidden = self._layers(inputs.input_ids, self._prefill_attend(inputs), kv_caches)
-        return self._logits(hidden[inputs.last_token_rows])
+        return self.lm_head(self.prefill_hidden(inputs, kv_caches)[inputs.last_token_rows])
 
-    def decode(self, inputs: DecodeInputs, kv_caches: KVCaches) -> Tensor:
-        """Logits of the one new token per sequence: [B, vocab] in the model dtype; writes its KV."""
+    def prefill_hidden(self, inputs: PrefillInputs, kv_caches: KVCaches) -> Tensor:
+        """The residual stream after the last layer, every new token: [T, hidden]; writes the new tokens' KV."""
+        return self._layers(inputs.input_ids, self._prefill_attend(inputs), kv_caches)
+
+    def decode(self, inputs: DecodeInputs, kv_caches: KVCaches, logits_out: Tensor | None = None) -> Tensor:
+        """Logits of the one new token per sequence: [B, vocab] in the model dtype (into logits_out when given);
+        writes its KV."""
         def attend(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, checked: bool) -> Tensor:
             return self.ops.decode_attention(qkv, inputs.positions, inputs.block_tables, k_cache, v_cache,
                                              self.cos, self.sin, self.config.rotary_dims,
                                              check_indices=inputs.check_indices, checked=checked)
 
-        return self._logits(self._layers(inputs.input_ids, attend, kv_caches))
+        return self.lm_head(self._layers(inputs.input_ids, attend, kv_caches), out=logits_out)
 
     def prefill_hidden_states(self, inputs: PrefillInputs, kv_caches: KVCaches) -> list[Tensor]:
         """Like ReferenceModel.hidden_states: each layer's input, then the final LayerNorm output; [T, hidden]."""
@@ -181,7 +186,8 @@ class FastModel:
             h = self.ops.linear(activated, layer.mlp_out_weight, residual=h, out=h, checked=False)
         return h
 
-    def _logits(self, last_hidden: Tensor) -> Tensor:
-        """last_hidden: [S, hidden], the final layer's output of the tokens whose next token is sampled."""
-        return self.ops.ln_linear(last_hidden.contiguous(), self.final_ln_weight, self.final_ln_bias,
-                                  self.config.layer_norm_eps, self.embed_out, checked=False)  # [S, vocab]
+    def lm_head(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:
+        """hidden: [S, hidden], the last layer's output at the positions whose next token is wanted -> logits
+        [S, vocab] in the model dtype (the final LayerNorm fused into the GEMM), into out when given."""
+        return self.ops.ln_linear(hidden.contiguous(), self.final_ln_weight, self.final_ln_bias,
+                                  self.config.layer_norm_eps, self.embed_out, out=out, checked=False)

@@ -10,6 +10,10 @@ step N-1's ids back and processes them (append, detokenize, stop checks, free bl
 N. On a CPU the same code runs, each launch simply finishing before it returns. Stop conditions are exact despite
 the lag (see engine.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
 
+A request of num_return_sequences = n completions runs as n sequences: the first is prefilled, and the other n - 1
+are forked from it in the same step (they share its prompt's KV blocks and sample their first tokens from its
+logits, each with its own seed, see sampling.completion_seed). Its updates carry the completion's `index`.
+
 Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
 background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
 every step serves every running request, whoever submitted it. The lock guarding the queues is not held while
@@ -26,19 +30,25 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
+from hayabusa.engine.beam_group import BeamGroup
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
+from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.model_runner import InFlight, ModelRunner
-from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, Timings
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
+from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed, eos_token_ids
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.weights import EMBED_IN
 from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+# Tokens per step: with chunked prefill a step's prompt chunks fill what the decode rows leave of it, so it bounds how
+# long a running request can wait for its next token; without, whole prompts of up to this many tokens run at once.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED = 8192
+SCORING = SamplingParams(max_new_tokens=0, prompt_logprobs=1)  # score(): the top-1 alternative tells greedy picks
 
 
 class PagedEngine:
@@ -46,13 +56,16 @@ class PagedEngine:
                  device: torch.device | str, kv_cache_blocks: int | None = None, block_size: int = 16,
                  ops: str = "triton", max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                  max_num_batched_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
-                 cuda_graphs: bool = True, warmup: bool = False) -> None:
+                 cuda_graphs: bool = True, warmup: bool = False, chunked_prefill: bool = True) -> None:
         """state_dict: the loader's HF-named weights, all in one dtype on `device` (they are used in place).
 
         ops: "triton" (the kernels) or "torch" (their plain-PyTorch references). kv_cache_blocks: the pool size in
         blocks of block_size tokens; None sizes it from free memory. cuda_graphs: capture the decode step (the
         triton op set on CUDA; capturing runs every decode batch size once). warmup: also run every prefill shape
-        up front (ModelRunner.warm_up), so no request waits for a kernel compile.
+        up front (ModelRunner.warm_up), so no request waits for a kernel compile. max_num_batched_tokens: tokens
+        per step (default 512 with chunked prefill, else max(8192, the context length)). chunked_prefill: split
+        prompts into chunks that run in the same step as the decodes (engine.scheduler); False: a prompt runs
+        whole, in a step of prefills only.
         """
         self.config = config
         self.tokenizer = tokenizer
@@ -62,7 +75,8 @@ class PagedEngine:
             raise ValueError(f"the weights are on {embed.device}, but device={self.device} was asked for")
         max_model_len = config.max_position_embeddings
         if max_num_batched_tokens is None:
-            max_num_batched_tokens = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len)
+            max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS if chunked_prefill \
+                else max(DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED, max_model_len)
         self.model = FastModel(config, state_dict, load_ops(ops))
         self.runner = ModelRunner(self.model, block_size=block_size, num_kv_blocks=kv_cache_blocks,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -71,11 +85,12 @@ class PagedEngine:
             self.runner.warm_up(prefill=warmup)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len)
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
+                                   chunked_prefill=chunked_prefill)
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()  # guards the scheduler and every Sequence; notified after each step
         self._driving = False  # a thread is inside _step()
-        self._requests: dict[int, Sequence] = {}  # unfinished requests by id
+        self._requests: dict[int, list[Sequence]] = {}  # unfinished requests by id: their completions, by index
         self._aborts: list[int] = []  # ids whose abort waits for the driver
         self._updates: list[RequestUpdate] = []  # for step()'s caller: requests submitted with add_request
         self._in_flight: InFlight | None = None  # the launched step whose tokens are not read yet (driver only)
@@ -83,7 +98,8 @@ class PagedEngine:
     # ---- submission ------------------------------------------------------------------------------------------
 
     def _new_sequence(self, prompt_ids: Seq[int], params: SamplingParams, delivery: Delivery) -> Sequence:
-        """Validate one request where it enters; raise ValueError naming the bad value."""
+        """Validate one request where it enters; raise ValueError naming the bad value. Returns its first
+        completion's sequence, the others in its fork_children."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         prompt_ids = list(prompt_ids)
@@ -91,13 +107,21 @@ class PagedEngine:
                or not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
-        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens)
+        check_option_ids(params, self.config.vocab_size)
+        num_sequences = max(params.num_return_sequences, params.num_beams)
+        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens, num_sequences, params.num_beams)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
-        return Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
+        seq = Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
+        seq.fork_children = [seq.fork(next(self._seq_ids), completion_seed(seq.seed, index), index)
+                             for index in range(1, num_sequences)]
+        if params.num_beams > 1:
+            BeamGroup([seq, *seq.fork_children], eos_token_ids(params, self.config.eos_token_id), self.device)
+        return seq
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
-        """Queue one request; returns its id. Its results come back through step(). Raises ValueError (for this
-        request only) if it can never run."""
+        """Queue one request; returns its id. Its results come back through step(), one final update per
+        completion (params.num_return_sequences of them, told apart by RequestUpdate.index). Raises ValueError
+        (for this request only) if it can never run."""
         seq = self._new_sequence(prompt_ids, params, Delivery.UPDATES)
         self._enqueue([seq])
         return seq.seq_id
@@ -106,11 +130,11 @@ class PagedEngine:
         with self._cond:  # all at once: they can share the first prefill batch
             for seq in seqs:
                 self.scheduler.add(seq)
-                self._requests[seq.seq_id] = seq
+                self._requests[seq.request_id] = [seq, *seq.fork_children]
 
     def abort(self, request_id: int) -> None:
-        """Finish a request with finish_reason "abort" and free its blocks (from any thread). A request that has
-        finished already, or an id never issued, is left alone."""
+        """Finish a request (each of its unfinished completions) with finish_reason "abort" and free its blocks
+        (from any thread). A request that has finished already, or an id never issued, is left alone."""
         if isinstance(request_id, bool) or not isinstance(request_id, int):
             raise ValueError(f"request_id must be an int, got {request_id!r}")
         with self._cond:
@@ -120,12 +144,17 @@ class PagedEngine:
 
     def _apply_aborts(self) -> None:
         for request_id in self._aborts:
-            seq = self._requests.get(request_id)
-            if seq is not None:
-                self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
-                seq.fail("abort", "aborted")
-                self._deliver(seq, None, "")
+            self._finish_request(self._requests.get(request_id, []), "abort", "aborted")
         self._aborts.clear()
+
+    def _finish_request(self, seqs: list[Sequence], reason: str, message: str) -> None:
+        ended = [seq for seq in seqs if not seq.is_finished]
+        for seq in ended:
+            self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
+            seq.fail(reason, message)
+        for seq in ended:  # all ended first: the last delivery closes the request
+            if seq.index < seq.params.num_return_sequences:  # beams past the n returned have no output
+                self._deliver(seq, (), "")
 
     # ---- stepping --------------------------------------------------------------------------------------------
 
@@ -167,25 +196,38 @@ class PagedEngine:
         self._in_flight = self.runner.launch(plan) if plan.has_work else None
         results = self.runner.collect(previous) if previous is not None else None  # the device runs step N meanwhile
         with self._cond:
-            if plan.is_prefill:
+            if plan.chunks:
                 self.scheduler.publish_prefilled(plan)
             if previous is not None:
                 self._process(previous, *results)
+        if plan.drafts or plan.beams:  # the next drafts or beams start from these tokens: read them back at once
+            launched, self._in_flight = self._in_flight, None
+            results = self.runner.collect(launched)
+            with self._cond:
+                self._process(launched, *results)
 
-    def _process(self, step: InFlight, token_ids: list[int], bad_rows: frozenset[int]) -> None:
-        """Hand one read-back step's tokens to their requests (under the lock)."""
-        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver)
+    def _process(self, step: InFlight, token_ids: list, bad_rows: frozenset[int],
+                 logprobs: StepLogprobs | None) -> None:
+        """Hand one read-back step's tokens (and logprobs) to their requests (under the lock)."""
+        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver, logprobs, step.beam_steps)
 
-    def _deliver(self, seq: Sequence, token: int | None, delta: str) -> None:
+    def _deliver(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
         """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
         (generate() reads the final output)."""
-        if seq.status is SequenceStatus.FINISHED:
-            del self._requests[seq.seq_id]
-            if seq.delivery is Delivery.UPDATES:
-                self._updates.append(RequestUpdate(seq.seq_id, [] if token is None else [token], delta,
-                                                   seq.output.result()))
-        elif seq.delivery is Delivery.UPDATES:
-            self._updates.append(RequestUpdate(seq.seq_id, [token], delta, None))
+        finished = seq.status is SequenceStatus.FINISHED
+        if finished and all(other.is_finished for other in self._requests.get(seq.request_id, ())):
+            self._requests.pop(seq.request_id, None)  # (a beam group delivers its outputs after all its beams end)
+        if seq.delivery is Delivery.UPDATES:
+            output = seq.output
+            new_logprobs = prompt_logprobs = None
+            if output.logprobs is not None or output.prompt_logprobs is not None:
+                if tokens and output.logprobs is not None:
+                    new_logprobs = output.logprobs[-len(tokens):]
+                if len(output.token_ids) == len(tokens):  # its first update: its first tokens, or its end
+                    prompt_logprobs = output.prompt_logprobs
+            self._updates.append(RequestUpdate(seq.request_id, list(tokens), delta,
+                                               output.result() if finished else None, seq.index, new_logprobs,
+                                               prompt_logprobs))
         if delta and seq.delivery is Delivery.STREAM:
             seq.text_deltas.append(delta)
 
@@ -193,10 +235,8 @@ class PagedEngine:
         """A step raised (e.g. out of memory): fail every request, so that no caller waits forever."""
         with self._cond:
             self._in_flight = None
-            for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                self.scheduler.abort(seq)
-                seq.fail("error", message)
-                self._deliver(seq, None, "")
+            for seqs in list(self._requests.values()):
+                self._finish_request(seqs, "error", message)
 
     def _claim_driver(self, done: Callable[[], bool]) -> bool:
         """Become the one thread that steps, unless done() (read under the lock) holds first."""
@@ -236,26 +276,69 @@ class PagedEngine:
     # ---- public generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[GenerationOutput]:
-        """One output per prompt, in order. A request that can never run, or that fails on its own, gets an output
-        with finish_reason "error" and the reason in .error while the others run; an aborted one "abort". If an
-        engine step fails, the thread that ran it re-raises the error and every request fails with it."""
+        """The outputs of each prompt in order: num_return_sequences of them per prompt, consecutively. A request
+        that can never run, or that fails on its own, gets outputs with finish_reason "error" and the reason in
+        .error while the others run; an aborted one "abort". If an engine step fails, the thread that ran it
+        re-raises the error and every request fails with it."""
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        seqs: list[Sequence | GenerationOutput] = []
+        requests: list[Sequence | GenerationOutput] = []
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                seqs.append(self._new_sequence(prompt, p, Delivery.RESULT))
+                requests.append(self._new_sequence(prompt, p, Delivery.RESULT))
             except ValueError as err:
-                seqs.append(_failed_output(list(prompt), f"request {index}: {err}"))
-        live = [seq for seq in seqs if isinstance(seq, Sequence)]
-        self._enqueue(live)
-        self._drive_until(lambda: all(seq.is_finished for seq in live))
-        return [seq if isinstance(seq, GenerationOutput) else seq.output.result() for seq in seqs]
+                requests.append(_failed_output(list(prompt), f"request {index}: {err}"))
+        completions = [[seq, *seq.fork_children] if isinstance(seq, Sequence) else seq for seq in requests]
+        self._enqueue([seq for seq in requests if isinstance(seq, Sequence)])
+        self._drive_until(lambda: all(seq.is_finished for seqs in completions if isinstance(seqs, list)
+                                      for seq in seqs))
+        outputs: list[GenerationOutput] = []
+        for seqs, p in zip(completions, params, strict=True):
+            if isinstance(seqs, list):
+                outputs += [seq.output.result() for seq in seqs[: p.num_return_sequences]]  # beams: the best n
+            else:  # refused: one copy of the error per completion asked for
+                outputs += [seqs] * (p.num_return_sequences if isinstance(p, SamplingParams) else 1)
+        return outputs
+
+    def score(self, pairs: Seq[tuple[Seq[int], Seq[int]]]) -> list[ScoreOutput]:
+        """The log-likelihood of each continuation after its context, (context ids, continuation ids) per pair, in
+        order. Each pair is one prefill-only request whose prompt is context + continuation: the LM head runs at
+        the continuation's positions only, and the context's full blocks may come from the prefix cache (contexts
+        shared between pairs are computed once). Raises ValueError for a pair that can never run, RuntimeError for
+        one that failed (non-finite logits)."""
+        seqs = []
+        for index, (context, continuation) in enumerate(pairs):
+            if not context or not continuation:
+                raise ValueError(f"pair {index}: the {'context' if not context else 'continuation'} is empty (the "
+                                 f"first token of a text has no logprob: give the context at least one token)")
+            try:
+                seq = self._new_sequence([*context, *continuation], SCORING, Delivery.RESULT)
+            except ValueError as err:
+                raise ValueError(f"pair {index}: {err}") from None
+            seq.score_from = len(context)
+            seqs.append(seq)
+        self._enqueue(seqs)
+        self._drive_until(lambda: all(seq.is_finished for seq in seqs))
+        scores = []
+        for index, seq in enumerate(seqs):
+            output = seq.output.result()
+            if output.finish_reason != "length":
+                raise RuntimeError(f"pair {index} could not be scored: {output.error}")
+            entries = output.prompt_logprobs[seq.score_from:]
+            logprobs = [entry.logprob for entry in entries]
+            scores.append(ScoreOutput(total_logprob=sum(logprobs), token_logprobs=logprobs,
+                                      is_greedy=all(entry.top[0][0] == entry.token_id for entry in entries),
+                                      token_ids=[entry.token_id for entry in entries]))
+        return scores
 
     def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[str]:
         """Yield text deltas as tokens are sampled; they join to generate()'s text. Closing the iterator early
-        aborts the request and frees its blocks. Raises ValueError at once for a request that can never run, and
-        RuntimeError at the end if the request failed."""
+        aborts the request and frees its blocks. Raises ValueError at once for a request that can never run or asks
+        for several completions, and RuntimeError at the end if the request failed."""
+        if isinstance(params, SamplingParams) and params.num_return_sequences > 1:
+            raise ValueError(f"stream() yields the text of one completion, but num_return_sequences is "
+                             f"{params.num_return_sequences}; use generate(), or add_request() and step(), whose "
+                             f"updates carry each completion's index")
         seq = self._new_sequence(prompt_ids, params, Delivery.STREAM)
         self._enqueue([seq])
         return self._stream(seq)
@@ -279,8 +362,7 @@ class PagedEngine:
     def close(self) -> None:
         """Release the KV pool and graphs; the engine cannot be used afterwards."""
         with self._cond:
-            self.runner.graphs.clear()
-            self.runner.kv_caches.clear()
+            self.runner.close()
 
 
 def _never() -> bool:

@@ -1,19 +1,33 @@
 """Runs FastModel on planned steps: owns the paged KV pool and the per-slot device state, launches each step
 without waiting for it, and reads its sampled ids back when the engine asks (one step later).
 
-KV pool: per layer a (k_cache, v_cache) pair [num_blocks, block_size, heads, head_dim] in the model dtype. Its size
-is given (`num_kv_blocks`) or taken from free memory: on CUDA what is left after the weights, minus room for the
-activations of the largest prefill; on a CPU half of the available RAM (the same minus), capped at
-CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small models).
+KV pool: one tensor [layers, 2, num_blocks, block_size, heads, head_dim] in the model dtype, whose per-layer
+(k_cache, v_cache) views the model reads, so that a step's copy-on-write block copies (forked sequences) are one
+batched index copy across every layer. Its size is given (`num_kv_blocks`) or taken from free memory: on CUDA what
+is left after the weights, minus room for the activations of the largest prefill; on a CPU half of the available
+RAM (the same minus), capped at CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small
+models).
 
 Per-slot state (rows are engine.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
 extra last row absorbs the padding entries of a step's block-table update, and the SlotSampler's tensors (the
-next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves).
+next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves)
+and are copied to forked ones.
+
+Before a step's forward, in stream order, its bookkeeping (one small upload, only when there is any): slot-row moves
+and fork copies, sampler settings of sequences forked since the last step, copy-on-write KV block copies.
 
 A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
 then the block-table scatter, FastModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
-last_token[:B] (on CUDA one graph replay, captured per batch size B, greedy-only or general); then the read-back
-copy. Nothing in it waits for the host.
+last_token[:B] (on CUDA one graph replay, captured per batch size B and sampler mode); then the read-back
+copy. Nothing in it waits for the host. When a row's request wants logprobs, they are computed after the sampler
+(outside the graph, from the logits it left in its static output buffer `decode_logits`) and ride the same
+read-back; a step with no such row launches exactly what it did without the feature.
+
+A mixed step (prompt chunks, verify passes, decode rows: engine.varlen) runs eagerly. When a chunk scores prompt
+positions (prompt logprobs) it runs the layers (`FastModel.prefill_hidden`), the LM head on the rows that sample,
+and the LM head on the scored positions in chunks (engine.logprobs.prompt_logprobs); else `FastModel.prefill`,
+which computes logits at the sampling rows only. Fork children started by their parent's last chunk sample from the
+parent's last-token row.
 
 Shapes (the triton op set): a decode of n rows runs as the smallest graph batch size B >= n, the extra rows at
 position -1 (the kernels skip them); a prefill of T new tokens runs T padded to prefill_bucket(T) (powers of two
@@ -26,7 +40,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +48,23 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hayabusa.engine.beam_group import BeamGroup
+from hayabusa.engine.beam_search import BeamStep
 from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
-from hayabusa.engine.sampler import SlotSampler, settings_row
+from hayabusa.engine.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
+from hayabusa.engine.sampler import SamplerMode, SlotSampler
 from hayabusa.engine.scheduler import StepPlan
 from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
+from hayabusa.engine.varlen import (
+    VarlenBatch,
+    draft_width,
+    fill_varlen,
+    pass_fields,
+    scored_fields,
+    varlen_fields,
+)
 
 CPU_DEFAULT_SEQUENCES = 4
 CPU_KV_MEMORY_FRACTION = 0.5  # of the RAM available once the weights are loaded
@@ -89,6 +114,12 @@ class InFlight:
 
     plan: StepPlan
     readback: Readback
+    # A step with verify passes: (emitted ids [P, K + 1], their counts [P]) on the device, and each pass's row.
+    passes: tuple[Tensor, Tensor, list[int]] | None = None
+    # A step with beams: per group of plan.beams its rows' logits [rows, vocab] (device); `collect` scores them into
+    # beam_steps (a group whose rows' logits were not finite gets None).
+    beam_logits: list[Tensor] = field(default_factory=list)
+    beam_steps: list[tuple[BeamGroup, BeamStep | None]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -113,29 +144,30 @@ class ModelRunner:
         if num_kv_blocks is None:
             num_kv_blocks = self._blocks_that_fit(max_num_batched_tokens, gpu_memory_utilization)
         self.num_kv_blocks = num_kv_blocks
-        shape = (num_kv_blocks, block_size, config.num_attention_heads, config.head_dim)
+        shape = (config.num_hidden_layers, 2, num_kv_blocks, block_size, config.num_attention_heads, config.head_dim)
         # Zeroed, not empty: a kernel's masked tile never sees stale NaN bit patterns.
-        self.kv_caches = [(torch.zeros(shape, dtype=model.dtype, device=self.device),
-                           torch.zeros(shape, dtype=model.dtype, device=self.device))
-                          for _ in range(config.num_hidden_layers)]
+        self.kv_pool = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_pool]  # contiguous views
 
         self.block_tables = torch.zeros(max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
                                         device=self.device)
         self._trash_entry = max_num_seqs * self.max_blocks_per_seq  # flat index into the extra last row
-        self.sampler = SlotSampler(max_num_seqs, config.vocab_size, model.dtype, self.device)
+        self.sampler = SlotSampler(max_num_seqs, config.vocab_size, model.dtype, self.device,
+                                   max_model_len=config.max_position_embeddings, eos_token_id=config.eos_token_id)
+        # Where every decode step (eager or graph) writes its logits, so that logprobs can read them after a replay.
+        self.decode_logits = torch.empty(max_num_seqs, config.vocab_size, dtype=model.dtype, device=self.device)
         self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
         self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
-                                        PackedUpload.nbytes(self._prefill_fields(
-                                            max_num_seqs, self._padded_tokens(self.max_prefill_tokens),
-                                            max_num_seqs * config.max_position_embeddings, True))), self.device)
-        self.move_uploads = PackedUpload(2 * max_num_seqs * 8, self.device)
+                                        self._largest_varlen_upload()), self.device)
+        self.bookkeeping_uploads = PackedUpload(PackedUpload.nbytes(self._bookkeeping_fields(*(max_num_seqs,) * 3)),
+                                                self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
         self._decode_layouts: dict[int, Layout] = {}
         # The torch op set reads indices back to the host (a sync no graph capture allows); it runs eagerly.
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and self.bucketed
         self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
             else contextlib.nullcontext
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (batch size, greedy only) -> graph
+        self.graphs: dict[tuple[int, SamplerMode], torch.cuda.CUDAGraph] = {}  # (batch size, sampler mode) -> graph
 
     def _blocks_that_fit(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
         block_bytes = kv_block_bytes(self.config, self.block_size, self.model.dtype)
@@ -172,6 +204,11 @@ class ModelRunner:
         """The batch a step of num_rows rows runs at: the smallest graph size that holds them (bucketed)."""
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_rows)] if self.bucketed else num_rows
 
+    def _padded_logit_rows(self, num_rows: int) -> int:
+        """The rows an LM head of num_rows runs at: a graph batch size, or past the largest (verify passes) a
+        prefill bucket."""
+        return self.decode_batch_size(num_rows) if num_rows <= self.max_num_seqs else self._padded_tokens(num_rows)
+
     def _padded_tokens(self, num_tokens: int) -> int:
         return prefill_bucket(num_tokens) if self.bucketed else num_tokens
 
@@ -179,15 +216,27 @@ class ModelRunner:
         return [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
                 ("table_index", torch.int64, (batch,))]
 
-    def _prefill_fields(self, num_seqs: int, num_tokens: int, num_seen: int, settings: bool) -> list[Field]:
-        fields = [("input_ids", torch.int64, (num_tokens,)), ("positions", torch.int32, (num_tokens,)),
-                  ("cu_seqlens", torch.int32, (num_seqs + 1,)), ("context_lens", torch.int32, (num_seqs,)),
-                  ("last_token_rows", torch.int64, (self.decode_batch_size(num_seqs),)),
-                  ("block_rows", torch.int32, (num_seqs, self.max_blocks_per_seq))]
-        if settings:
-            fields += [("float_settings", torch.float32, (num_seqs, 3)), ("int_settings", torch.int64, (num_seqs, 3)),
-                       ("seen_index", torch.int64, (num_seen,))]
-        return fields
+    def _table_fields(self, num_entries: int) -> list[Field]:
+        """Block-table entries a step adds: flat index slot * max_blocks_per_seq + column, and the block id."""
+        return [("table_index", torch.int64, (num_entries,)), ("table_block", torch.int32, (num_entries,))]
+
+    def _largest_varlen_upload(self) -> int:
+        """Bytes of the largest varlen step: max_prefill_tokens over max_num_seqs rows, every block-table entry of
+        every slot, and the sampler settings of max_num_seqs admitted rows with all their tokens seen."""
+        rows, length = self.max_num_seqs, self.config.max_position_embeddings
+        largest = VarlenBatch(np.arange(rows), np.zeros(rows, np.int64), np.ones(rows, np.int64), {},
+                              np.ones(rows, np.int64))
+        fields = varlen_fields(largest, self._padded_tokens(self.max_prefill_tokens), self.decode_batch_size(rows))
+        fields += self._table_fields(rows * (self.max_blocks_per_seq + 1))
+        fields += pass_fields(self.max_prefill_tokens, rows, self.max_prefill_tokens)
+        fields += scored_fields(self.max_prefill_tokens)
+        return PackedUpload.nbytes(fields + self.sampler.settings_fields(rows, rows * length))
+
+    @staticmethod
+    def _bookkeeping_fields(num_moves: int, num_loads: int, num_copies: int) -> list[Field]:
+        """Slot-row moves, the settings of forked rows (their seen masks are copied with the row) and block copies."""
+        return [("moves", torch.int64, (2, num_moves)), ("block_copies", torch.int64, (2, num_copies)),
+                *SlotSampler.settings_fields(num_loads, 0)]
 
     def _decode_layout(self, batch: int) -> Layout:
         layout = self._decode_layouts.get(batch)
@@ -201,25 +250,49 @@ class ModelRunner:
         """Start one planned step on the device; its sampled ids are read with `collect`."""
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
         with self._on_device():
-            self._apply_moves(plan.slot_moves)
-            readback = self._launch_prefill(plan) if plan.is_prefill else self._launch_decode(plan)
-        return InFlight(plan, readback)
+            self._apply_bookkeeping(plan)
+            if plan.is_mixed:
+                return self._launch_mixed(plan)
+            return InFlight(plan, self._launch_decode(plan))
 
-    def collect(self, step: InFlight) -> tuple[list[int], frozenset[int]]:
-        """(sampled id per row, rows whose logits were not finite); waits for the step if it is still running."""
-        ResultRing.wait(step.readback)
-        return step.readback.ids.tolist(), self.sampler.nonfinite_rows(step.readback.row_max_bits)
+    def collect(self, step: InFlight) -> tuple[list, frozenset[int], StepLogprobs | None]:
+        """(sampled id per row, or with verify passes each row's emitted ids; rows whose logits were not finite; the
+        step's logprobs when its plan wanted any); waits for the step if it is still running."""
+        readback = step.readback
+        ResultRing.wait(readback)
+        bad_rows = self.sampler.nonfinite_rows(readback.row_max_bits)
+        step.beam_steps = [(group, None if bad_rows.intersection(rows) else group.score(logits))
+                           for (group, rows), logits in zip(step.plan.beams, step.beam_logits, strict=True)]
+        if step.passes is None:
+            return readback.ids.tolist(), bad_rows, readback.logprobs
+        emitted, counts, pass_rows = step.passes
+        row_tokens: list[list[int]] = [[] for _ in range(step.plan.num_rows)]
+        for row, tokens, count in zip(pass_rows, emitted.tolist(), counts.tolist(), strict=True):
+            row_tokens[row] = tokens[:count]
+        return row_tokens, bad_rows, readback.logprobs
 
-    def _apply_moves(self, moves: tuple[list[int], list[int]]) -> None:
-        """Copy moved sequences' rows of every per-slot tensor (all sources read before any row is written)."""
-        destinations, sources = moves
-        if not destinations:
+    def _apply_bookkeeping(self, plan: StepPlan) -> None:
+        """Before the step: copy moved and forked sequences' rows of every per-slot tensor (all sources read before
+        any row is written), load forked sequences' sampler settings, copy shared KV blocks before their writes."""
+        (destinations, sources), loads, copies = plan.slot_moves, plan.settings_loads, plan.block_copies
+        if not (destinations or loads or copies):
             return
-        layout = self.move_uploads.layout([("rows", torch.int64, (2, len(destinations)))])
-        self.move_uploads.host_views(layout)["rows"][:] = (destinations, sources)
-        rows = self.move_uploads.upload(layout)["rows"]  # async: a blocking copy would wait for the device
-        for tensor in self._per_slot:
-            tensor.index_copy_(0, rows[0], tensor.index_select(0, rows[1]))
+        layout = self.bookkeeping_uploads.layout(self._bookkeeping_fields(len(destinations), len(loads), len(copies)))
+        host = self.bookkeeping_uploads.host_views(layout)
+        host["moves"][:] = (destinations, sources)
+        self.sampler.fill_settings(host, [seq.slot for seq in loads], loads, seen=False)
+        if copies:
+            host["block_copies"][:] = np.asarray(copies).T
+        views = self.bookkeeping_uploads.upload(layout)  # async: a blocking copy would wait for the device
+        if destinations:
+            rows = views["moves"]
+            for tensor in self._per_slot:
+                tensor.index_copy_(0, rows[0], tensor.index_select(0, rows[1]))
+        if loads:
+            self.sampler.load(views)
+        if copies:
+            blocks = views["block_copies"]  # [2, copies]: sources, destinations
+            self.kv_pool.index_copy_(2, blocks[1], self.kv_pool.index_select(2, blocks[0]))
 
     def _launch_decode(self, plan: StepPlan) -> Readback:
         rows = plan.num_rows
@@ -235,84 +308,139 @@ class ModelRunner:
             table_block[i] = block_id
         table_index[len(plan.new_blocks):] = self._trash_entry
         views = self.uploads.upload(layout)
-        graph = self.graphs.get((batch, plan.greedy_only))
+        graph = self.graphs.get((batch, plan.sampler_mode))
         if graph is not None:
             graph.replay()
         else:
-            self._decode_body(batch, plan.greedy_only, views)
-        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows))
+            self._decode_body(batch, plan.sampler_mode, views)
+        sampled = token_logprobs(self.decode_logits[:rows], self.sampler.last_token[:rows]) \
+            if plan.wants_logprobs else None
+        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, rows), sampled)
 
-    def _decode_body(self, batch: int, greedy_only: bool, views: dict[str, Tensor]) -> None:
-        """What a decode graph holds: reads only static device buffers."""
+    def _decode_body(self, batch: int, mode: SamplerMode, views: dict[str, Tensor]) -> None:
+        """What a decode graph holds: reads and writes only static device buffers (its logits: decode_logits)."""
         self.block_tables.view(-1).index_copy_(0, views["table_index"], views["table_block"])
         inputs = DecodeInputs(input_ids=self.sampler.last_token[:batch], positions=views["positions"],
                               block_tables=self.block_tables[:batch], check_indices=False)
-        logits = self.model.decode(inputs, self.kv_caches)  # [batch, vocab]
-        self.sampler.sample(logits, slice(0, batch), greedy_only)
+        logits = self.model.decode(inputs, self.kv_caches, logits_out=self.decode_logits[:batch])  # [batch, vocab]
+        self.sampler.sample(logits, slice(0, batch), mode)
 
-    def _launch_prefill(self, plan: StepPlan) -> Readback:
-        num_seqs, rows = plan.num_rows, slice(plan.first_slot, plan.first_slot + plan.num_rows)
-        inputs, views = self._pack_prefill(plan.seqs, plan.first_slot, settings=True)
-        self.sampler.load(rows, views["float_settings"], views["int_settings"],
-                          views["seen_index"] if views["seen_index"].numel() else None)
-        logits = self.model.prefill(inputs, self.kv_caches)[:num_seqs]  # [num_seqs, vocab]
-        self.sampler.sample(logits, rows, plan.greedy_only)
-        return self.results.copy_out(self.sampler.last_token, self.sampler.row_max, rows)
+    def _launch_mixed(self, plan: StepPlan) -> InFlight:
+        """One varlen forward over every row that computes tokens: decode rows (input from last_token), prompt
+        chunks and verify passes (input from the host); then the rows that reached the end of their prompt (and the
+        fork children they start), the decode rows and every position of a verify pass sample. Runs eagerly (its
+        shapes vary); decode-only steps keep their graphs."""
+        rows = np.flatnonzero(plan.num_new_tokens)
+        counts = plan.num_new_tokens[rows]
+        index_of = {row: i for i, row in enumerate(rows.tolist())}
+        host_tokens = {index_of[row]: plan.seqs[row].token_ids[plan.positions[row]:plan.positions[row] + counts[i]]
+                       for row, i in ((row, index_of[row]) for row in plan.chunks)}
+        drafts = {index_of[row]: draft for row, draft in plan.drafts.items()}
+        for row, draft in plan.drafts.items():
+            host_tokens[index_of[row]] = [plan.seqs[row].token_ids[-1], *draft]
+        for group, group_rows in plan.beams:  # a started group's beams: the tokens its search appended
+            if group.started:
+                host_tokens.update((index_of[row], plan.seqs[row].token_ids[-1:]) for row in group_rows)
+        logit_counts = np.minimum(plan.tokens_per_row[rows], 1)
+        for i, draft in drafts.items():
+            logit_counts[i] = len(draft) + 1
+        forks = [(index_of[parent], child) for child, parent in plan.forked_from.items() if plan.tokens_per_row[child]]
+        scored = [(index_of[row], first, end, plan.seqs[row].token_ids[first + 1:end + 1])
+                  for row, (first, end) in plan.scored.items() if end > first]
+        batch = VarlenBatch(rows, plan.positions[rows], counts, host_tokens, logit_counts, drafts, forks, scored)
+        admitted = [plan.seqs[row] for row in plan.admitted]
+        inputs, views = self._pack_varlen(batch, plan.new_blocks, plan.admitted, admitted)
+        if admitted:
+            self.sampler.load(views)
+            self.sampler.load_processors(plan.admitted, admitted)
+        num_logits = batch.num_logits
+        prompt = None
+        if scored:
+            hidden = self.model.prefill_hidden(inputs, self.kv_caches)  # [T, hidden]
+            logits = self.model.lm_head(hidden[inputs.last_token_rows])[:num_logits]  # [logit rows, vocab]
+            # The LM head runs at the padded row counts only (the shapes warm-up compiled), as in any step.
+            prompt = prompt_logprobs(self.model.lm_head, hidden, views["scored_rows"], views["scored_targets"],
+                                     self._padded_logit_rows, min(PROMPT_CHUNK_ROWS, self.max_num_seqs))
+        else:
+            logits = self.model.prefill(inputs, self.kv_caches)[:num_logits]  # [logit rows, vocab]
+        passes = sampled = None
+        if drafts:
+            num_passes = views["pass_slots"].shape[0]
+            pass_drafts = torch.full((num_passes * draft_width(batch),), -1, dtype=torch.int64, device=self.device)
+            pass_drafts.index_copy_(0, views["draft_index"], views["draft_tokens"])
+            emitted, emitted_counts = self.sampler.sample_positions(
+                logits, views["position_pass"], views["position_offset"], views["pass_slots"],
+                pass_drafts.view(num_passes, -1), plan.sampler_mode)
+            pass_rows = rows[np.flatnonzero(logit_counts)].tolist() + [child for _, child in forks]
+            passes = (emitted, emitted_counts, pass_rows)
+        elif num_logits:  # else only prompt chunks short of their end: their KV is all this step makes
+            self.sampler.sample(logits, views["logit_slots"], plan.sampler_mode)
+            if plan.wants_logprobs:  # by slot row, as in a decode step
+                sampled = token_logprobs(logits, self.sampler.last_token[views["logit_slots"]]).scatter(
+                    views["logit_slots"], plan.num_rows)
+        readback = self.results.copy_out(self.sampler.last_token, self.sampler.row_max, slice(0, plan.num_rows),
+                                         sampled, prompt)
+        beam_logits = []
+        if plan.beams:  # logit row of a row with one logit: the count of logit rows up to and including it, - 1
+            logit_row = np.cumsum(logit_counts) - 1
+            beam_logits = [logits[torch.as_tensor(logit_row[[index_of[row] for row in group_rows]],
+                                                  device=self.device)] for _, group_rows in plan.beams]
+        return InFlight(plan, readback, passes, beam_logits)
 
     def prepare_prefill(self, seqs: list[PagedSequence], first_slot: int = 0) -> PrefillInputs:
         """Pack every sequence's tokens past its prefix-cache hit into slots first_slot...; the cached prefix is
         read from the pool. seqs need block tables from this pool's BlockManager (`hayabusa verify` packs its
         prompts here, into idle slots). Rows past the real tokens pad a bucket (see the module docstring)."""
-        return self._pack_prefill(seqs, first_slot, settings=False)[0]
+        slots = np.arange(first_slot, first_slot + len(seqs))
+        batch = VarlenBatch(slots, np.array([seq.num_cached_tokens for seq in seqs], dtype=np.int64),
+                            np.array([len(seq.token_ids) - seq.num_cached_tokens for seq in seqs], dtype=np.int64),
+                            {i: seq.token_ids[seq.num_cached_tokens:] for i, seq in enumerate(seqs)},
+                            np.ones(len(seqs), dtype=np.int64))
+        entries = [(slot, column, block_id) for slot, seq in zip(slots.tolist(), seqs, strict=True)
+                   for column, block_id in enumerate(seq.block_table)]
+        return self._pack_varlen(batch, entries, [], [])[0]
 
-    def _pack_prefill(self, seqs: list, first_slot: int, settings: bool) -> tuple[PrefillInputs, dict[str, Tensor]]:
-        num_seqs = len(seqs)
-        new_tokens = [len(seq.token_ids) - seq.num_cached_tokens for seq in seqs]
-        num_tokens = sum(new_tokens)
-        penalized = [i for i, seq in enumerate(seqs) if settings and seq.params.repetition_penalty != 1.0]
-        num_seen = sum(len(seqs[i].token_ids) for i in penalized)
-        layout = self.uploads.layout(self._prefill_fields(num_seqs, self._padded_tokens(num_tokens), num_seen,
-                                                          settings))
+    def _pack_varlen(self, batch: VarlenBatch, table_entries: list[tuple[int, int, int]], loaded_slots: list[int],
+                     loaded: list) -> tuple[PrefillInputs, dict[str, Tensor]]:
+        """Upload a varlen batch with the block-table entries it adds and the sampler settings of the sequences it
+        loads, in one copy; scatter the entries and bring in the decode rows' input ids (both on the device)."""
+        num_tokens = batch.num_tokens
+        fields = varlen_fields(batch, self._padded_tokens(num_tokens),
+                               self._padded_logit_rows(max(batch.num_logits, 1)))
+        fields += self._table_fields(len(table_entries))
+        fields += self.sampler.settings_fields(len(loaded), self.sampler.num_seen_tokens(loaded))
+        if batch.scored:
+            fields += scored_fields(sum(len(targets) for *_, targets in batch.scored))
+        layout = self.uploads.layout(fields)
         host = self.uploads.host_views(layout)
-        cu_seqlens, block_rows = host["cu_seqlens"], host["block_rows"]
-        cu_seqlens[0] = 0
-        for i, seq in enumerate(seqs):
-            start, end = cu_seqlens[i], cu_seqlens[i] + new_tokens[i]
-            host["input_ids"][start:end] = seq.token_ids[seq.num_cached_tokens:]
-            host["positions"][start:end] = np.arange(seq.num_cached_tokens, len(seq.token_ids))
-            cu_seqlens[i + 1] = end
-            host["context_lens"][i] = len(seq.token_ids)
-            block_rows[i, : len(seq.block_table)] = seq.block_table
-            block_rows[i, len(seq.block_table):] = -1
-            if settings:
-                host["float_settings"][i], host["int_settings"][i] = settings_row(seq.params, seq.seed,
-                                                                                  seq.num_completion_tokens)
-        host["input_ids"][num_tokens:] = 0  # bucket padding: computed, never attended or read
-        host["positions"][num_tokens:] = 0
-        last_rows = host["last_token_rows"]
-        last_rows[:num_seqs] = cu_seqlens[1:] - 1
-        last_rows[num_seqs:] = last_rows[num_seqs - 1]
-        if num_seen:
-            vocab, cursor, seen_index = self.config.vocab_size, 0, host["seen_index"]
-            for i in penalized:
-                tokens = seqs[i].token_ids
-                seen_index[cursor:cursor + len(tokens)] = np.asarray(tokens, dtype=np.int64) + (first_slot + i) * vocab
-                cursor += len(tokens)
+        fill_varlen(host, batch)
+        if table_entries:
+            slots, columns, block_ids = np.array(table_entries, dtype=np.int64).T
+            host["table_index"][:] = slots * self.max_blocks_per_seq + columns
+            host["table_block"][:] = block_ids
+        self.sampler.fill_settings(host, loaded_slots, loaded)
         views = self.uploads.upload(layout)
-        rows = slice(first_slot, first_slot + num_seqs)
-        self.block_tables[rows] = views["block_rows"]
+        self.block_tables.view(-1).index_copy_(0, views["table_index"], views["table_block"])
+        views["input_ids"].index_copy_(0, views["device_token_rows"],
+                                       self.sampler.last_token.index_select(0, views["device_slots"]))
         inputs = PrefillInputs(input_ids=views["input_ids"], positions=views["positions"],
                                cu_seqlens=views["cu_seqlens"], context_lens=views["context_lens"],
-                               block_tables=self.block_tables[rows], last_token_rows=views["last_token_rows"],
-                               max_seqlen_q=max(new_tokens), check_indices=False,
-                               num_padding_rows=views["input_ids"].shape[0] - num_tokens)
+                               block_tables=self.block_tables.index_select(0, views["slots"]),
+                               last_token_rows=views["last_token_rows"], max_seqlen_q=int(batch.counts.max()),
+                               check_indices=False, num_padding_rows=views["input_ids"].shape[0] - num_tokens)
         return inputs, views
+
+    def close(self) -> None:
+        """Release the KV pool and the graphs; the runner cannot be used afterwards."""
+        self.graphs.clear()
+        self.kv_caches.clear()
+        self.kv_pool = None
 
     # ---- warm-up ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def warm_up(self, *, prefill: bool, progress: bool = True) -> None:
-        """Run every decode batch size (capturing its greedy and general graphs on CUDA) and, with prefill, every
+        """Run every decode batch size (capturing a graph per sampler mode on CUDA) and, with prefill, every
         prefill bucket, so that no request waits for a kernel compile. Only while no request runs: it writes
         through idle slots and KV blocks."""
         shapes = [("decode", batch) for batch in reversed(self.batch_sizes)]  # largest first: graphs share its pool
@@ -334,15 +462,15 @@ class ModelRunner:
         host["positions"][:] = -1  # every row padding: no cache writes
         host["table_index"][:] = self._trash_entry
         views = self.uploads.upload(layout)
-        for greedy_only in (True, False):
-            self._decode_body(batch, greedy_only, views)  # compiles outside any capture
+        for mode in SamplerMode:
+            self._decode_body(batch, mode, views)  # compiles outside any capture
             if self.use_cuda_graphs:
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._decode_body(batch, greedy_only, views)
+                    self._decode_body(batch, mode, views)
                 pool = graph.pool() if pool is None else pool
-                self.graphs[(batch, greedy_only)] = graph
+                self.graphs[(batch, mode)] = graph
         return pool
 
     def _warm_prefill(self, num_tokens: int) -> None:

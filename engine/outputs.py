@@ -9,8 +9,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.logprobs import TokenLogprobs
+from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -28,6 +30,19 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class SpeculationStats:
+    """Prompt-lookup speculation of one request (prompt_lookup_num_tokens)."""
+
+    draft_tokens: int  # tokens drafted and checked
+    accepted_tokens: int  # drafts the model agreed with
+    verify_passes: int  # forward passes that checked drafts
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     text: str  # generated text only; eos and a matched stop string are not part of it
     token_ids: list[int]  # generated ids, including the eos or the token that completed a stop string
@@ -36,16 +51,37 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     timings: Timings
     error: str | None = None  # why a request failed on its own (the others in the call still ran), or "aborted"
+    speculation: SpeculationStats | None = None  # with prompt_lookup_num_tokens
+    logprobs: list[TokenLogprobs] | None = None  # per token of token_ids, when SamplingParams.logprobs asked
+    # Per prompt token, when SamplingParams.prompt_logprobs asked: None for the first (it has no prefix).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    # Beam search (num_beams > 1): the hypothesis' summed logprobs / len(token_ids) ** length_penalty, the number
+    # transformers returns as sequences_scores. None otherwise.
+    score: float | None = None
 
 
 @dataclass(frozen=True)
-class RequestUpdate:
-    """What one engine step made known about one request (the paged engine's `step()` returns these)."""
+class ScoreOutput:
+    """How likely a continuation is after its context (Engine.score), from the model's raw logits."""
+
+    total_logprob: float  # log p(continuation | context): the sum of token_logprobs
+    token_logprobs: list[float]  # per continuation token, given the context and the continuation before it
+    is_greedy: bool  # every continuation token is the most likely token at its position (greedy decoding's pick)
+    token_ids: list[int]  # the continuation's tokens
+
+
+class RequestUpdate(NamedTuple):
+    """What one engine step made known about one completion of a request (the paged engine's `step()` returns
+    these). Immutable; a NamedTuple, because the engine builds one per running completion per step and a frozen
+    dataclass of these fields costs about three times as much to build."""
 
     request_id: int
-    new_token_ids: list[int]  # tokens of this request that became known this step (usually 1)
+    new_token_ids: list[int]  # tokens of this completion that became known this step (usually 1)
     text_delta: str  # text that became final (text that could still start a stop string is held back)
-    finished: GenerationOutput | None  # the final output on the request's last update, else None
+    finished: GenerationOutput | None  # the final output on the completion's last update, else None
+    index: int = 0  # which of the request's num_return_sequences completions this is about
+    new_logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked for logprobs
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # on the completion's first update, when asked
 
 
 @dataclass(frozen=True)
@@ -68,10 +104,13 @@ class OutputBuilder:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.eos_token_id = eos_token_id
+        self._tokenizer = tokenizer
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # set by the prefill that scores the prompt
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self._stop_id = None if params.ignore_eos else eos_token_id
+        self._stop_ids = frozenset() if params.ignore_eos else frozenset(eos_token_ids(params, eos_token_id))
         self._stops = params.stop
         self._max_new_tokens = params.max_new_tokens
         self._decoder = StreamDecoder(tokenizer)
@@ -80,10 +119,24 @@ class OutputBuilder:
         self._created = time.perf_counter()
         self._first_token_at: float | None = None
         self._finished_at: float | None = None
+        self._speculation = [0, 0, 0]  # SpeculationStats' fields
+        self.score: float | None = None  # beam search: the hypothesis's sequences_scores
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def fork(self) -> OutputBuilder:
+        """A builder for a fork of this unfinished request: its prompt, params and tokens so far (their text counts
+        as already released), timed from the same start."""
+        child = OutputBuilder(self._tokenizer, self.prompt_ids, self.params, self.eos_token_id)
+        for token_id in self.token_ids:
+            child.append(token_id)
+        child._created, child._first_token_at = self._created, self._first_token_at
+        child.prompt_logprobs = self.prompt_logprobs
+        if self.logprobs is not None:
+            child.logprobs = list(self.logprobs)
+        return child
 
     def append(self, token_id: int) -> str:
         """Record one sampled token; return the text that became final (may be "")."""
@@ -92,7 +145,7 @@ class OutputBuilder:
         if self._first_token_at is None:
             self._first_token_at = time.perf_counter()
         self.token_ids.append(token_id)
-        if token_id == self._stop_id:
+        if token_id in self._stop_ids:
             return self._finish("stop", self._held + self._decoder.flush())
         text = self._decoder.push(token_id)
         if self._stops:
@@ -102,6 +155,10 @@ class OutputBuilder:
         if text:
             self._final.append(text)
         return text
+
+    def end_of_prompt(self) -> None:
+        """Finish a request that generates nothing (max_new_tokens 0) once its prompt is processed."""
+        self._finish("length", "")
 
     def _append_checking_stops(self, text: str) -> str:
         """append() for a request with stop strings: text is everything decoded since the last delta."""
@@ -134,6 +191,12 @@ class OutputBuilder:
             self._final.append(delta)
         return delta
 
+    def count_verify_pass(self, num_drafts: int, num_accepted: int) -> None:
+        """One forward pass checked num_drafts draft tokens and agreed with the first num_accepted."""
+        self._speculation[0] += num_drafts
+        self._speculation[1] += num_accepted
+        self._speculation[2] += 1
+
     def abort(self, reason: str, error: str) -> None:
         """Finish early ("abort" or "error"): the output keeps the tokens and the text released so far."""
         if self.finish_reason is None:
@@ -156,4 +219,9 @@ class OutputBuilder:
                 total_s=self._finished_at - self._created,
             ),
             error=self.error,
+            speculation=SpeculationStats(*self._speculation)
+            if self.params.prompt_lookup_num_tokens is not None else None,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=self.prompt_logprobs,
+            score=self.score,
         )

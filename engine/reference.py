@@ -85,6 +85,12 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def reorder(self, rows: Tensor) -> None:
+        """Row i becomes a copy of row rows[i] (rows: int64 [new_batch]); beam search continues each new beam from
+        its parent's cache this way."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+
 
 class ReferenceModel:
     def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor]) -> None:

@@ -1,6 +1,8 @@
 """Generation on the reference model: one left-padded batch, a contiguous KV cache, a token per step.
 
-The plain loop users run on a CPU and the oracle the paged engine's outputs are compared with.
+The plain loop users run on a CPU and the oracle the paged engine's outputs are compared with. It computes sampled
+tokens' logprobs (SamplingParams.logprobs) and refuses what only the paged engine does: prompt logprobs, several
+completions per prompt, max_new_tokens 0. `reference_outputs` also runs beam search (engine.reference_beams).
 """
 
 from __future__ import annotations
@@ -9,8 +11,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from hayabusa.engine.logprobs import token_logprobs
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
 from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.reference_beams import reference_beam_outputs
 from hayabusa.engine.sampling import SamplingParams, request_seed, sample_next_tokens
 from hayabusa.tokenizer import Tokenizer
 
@@ -21,6 +25,12 @@ GenerationEvent = tuple[int, str, GenerationOutput | None]
 def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
                        params: Sequence[SamplingParams]) -> Iterator[GenerationEvent]:
     """Run all prompts as one batch; yield text deltas as tokens are sampled. Inputs are validated by the caller."""
+    for p in params:
+        if p.num_beams > 1:
+            raise ValueError("beam search does not stream; reference_outputs runs it (engine.reference_beams)")
+        if p.prompt_logprobs is not None or p.num_return_sequences != 1 or p.max_new_tokens == 0:
+            raise ValueError("the reference loop generates one completion of at least one token per prompt, without "
+                             "prompt logprobs; the paged engine (Engine.generate) does the rest")
     eos = model.config.eos_token_id
     builders = [OutputBuilder(tokenizer, prompt, p, eos) for prompt, p in zip(prompts, params, strict=True)]
     seeds = [request_seed(p) for p in params]
@@ -42,11 +52,15 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     cache = model.new_cache(batch, max_len)
     logits = model(input_ids, positions, cache, key_mask[:, :longest], last_token_only=True)[:, 0]
     while True:
-        tokens = sample_next_tokens(logits, params, seen, seeds, [len(b.token_ids) for b in builders])
+        tokens = sample_next_tokens(logits, params, seen, seeds, [len(b.token_ids) for b in builders], eos)
+        logprobs = token_logprobs(logits, tokens).copy_to_host(pinned=False) \
+            if any(b.logprobs is not None for b in builders) else None
         for b, token in enumerate(tokens.tolist()):
             if builders[b].finished:
                 continue
             seen[b].append(token)
+            if builders[b].logprobs is not None:
+                builders[b].logprobs.append(logprobs.entry(b, token, params[b].logprobs))
             delta = builders[b].append(token)
             yield b, delta, builders[b].result() if builders[b].finished else None
         if all(builder.finished for builder in builders):
@@ -59,9 +73,14 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
 
 def reference_outputs(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
                       params: Sequence[SamplingParams]) -> list[GenerationOutput]:
-    """reference_generate run to the end: every request's output, in prompt order."""
-    outputs: dict[int, GenerationOutput] = {}
-    for index, _, finished in reference_generate(model, tokenizer, prompts, params):
-        if finished is not None:
-            outputs[index] = finished
-    return [outputs[i] for i in range(len(prompts))]
+    """Every request's outputs in prompt order: reference_generate run to the end, or for a beam request
+    (num_beams > 1) its num_return_sequences best hypotheses, consecutive and best first."""
+    outputs = {i: reference_beam_outputs(model, tokenizer, prompts[i], p) for i, p in enumerate(params)
+               if p.num_beams > 1}
+    plain = [i for i, p in enumerate(params) if p.num_beams == 1]
+    if plain:
+        events = reference_generate(model, tokenizer, [prompts[i] for i in plain], [params[i] for i in plain])
+        for index, _, finished in events:
+            if finished is not None:
+                outputs[plain[index]] = [finished]
+    return [out for i in range(len(prompts)) for out in outputs[i]]

@@ -1,18 +1,34 @@
 """Sampling parameters and batched next-token selection, on the logits' device with no host sync.
 
-Processing order follows transformers' generate: repetition penalty on the raw logits, then temperature,
-top-k, top-p. Random draws are counter-based: the noise for a request's n-th token is a hash of
-(seed, n, token id), so a seeded request gives the same tokens whatever else shares its batch.
+Processing order follows transformers' generate: the processors (repetition penalty, no_repeat_ngram_size,
+bad_words_ids, min_new_tokens) on the raw logits, then, when sampling, the warpers: temperature, top-k, top-p, min-p,
+typical-p. Random draws are counter-based: the noise for a request's n-th token is a hash of (seed, n, token id), so a
+seeded request gives the same tokens whatever else shares its batch. A request of num_return_sequences completions
+seeds completion j with `completion_seed(seed, j)`.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from hayabusa.engine.logits_processors import (
+    MAX_BAD_WORD_TOKENS,
+    MAX_BAD_WORDS,
+    MAX_NO_REPEAT_NGRAM_SIZE,
+    bad_word_patterns,
+    banned_tokens,
+    mask_min_p,
+    mask_typical,
+    padded_history,
+    split_bad_words,
+)
+from hayabusa.engine.logprobs import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -26,14 +42,41 @@ class SamplingParams:
     seed: int | None = None  # None: a fresh random seed per request
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # transformers' generate options, same names and meaning:
+    min_new_tokens: int = 0  # eos is forbidden until this many tokens are generated
+    no_repeat_ngram_size: int = 0  # 0: off; else no n-gram of this size occurs twice (prompt included)
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences that are never completed
+    min_p: float = 0.0  # 0: off (sampling only)
+    typical_p: float = 1.0  # 1: off (sampling only)
+    eos_token_id: int | tuple[int, ...] | None = None  # None: the model's; several: stop at any of them
+    # Prompt-lookup speculation: draft this many tokens from the sequence's own n-grams, verify them in one pass.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None  # None: 2
+    num_return_sequences: int = 1  # completions of the prompt; they share its KV blocks
+    # Logprobs from the raw logits (engine.logprobs): of each generated token with its `logprobs` most likely
+    # alternatives; of each prompt token (but the first) with its `prompt_logprobs` alternatives. None: off.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Beam search (transformers' names and meaning; engine.beam_search): num_beams > 1 keeps that many hypotheses
+    # and returns the num_return_sequences best, best first. A hypothesis scores its summed log-probabilities over
+    # generated_tokens ** length_penalty. early_stopping: True ends once num_beams hypotheses are done; False when
+    # the best running beam, scored at its current length, cannot beat them; "never" when it cannot at any length.
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
+        object.__setattr__(self, "bad_words_ids", _token_lists("bad_words_ids", self.bad_words_ids))
+        if self.eos_token_id is not None:
+            eos = (self.eos_token_id,) if _is_natural(self.eos_token_id) else self.eos_token_id
+            if not _is_token_list(eos):
+                raise ValueError(f"eos_token_id must be a token id or a non-empty list of token ids (integers >= 0), "
+                                 f"got {self.eos_token_id!r}")
+            object.__setattr__(self, "eos_token_id", tuple(eos))
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0 (0: only score the prompt), "
+                             f"got {self.max_new_tokens!r}")
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -47,10 +90,125 @@ class SamplingParams:
                              f"got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+        self._check_processors()
+        self._check_completions()
+
+    def _check_processors(self) -> None:
+        if not _is_natural(self.min_new_tokens):
+            raise ValueError(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if not _is_natural(self.no_repeat_ngram_size) or self.no_repeat_ngram_size > MAX_NO_REPEAT_NGRAM_SIZE:
+            raise ValueError(f"no_repeat_ngram_size must be an integer in [0, {MAX_NO_REPEAT_NGRAM_SIZE}] (0 disables "
+                             f"it), got {self.no_repeat_ngram_size!r}")
+        too_long = [word for word in self.bad_words_ids if len(word) > MAX_BAD_WORD_TOKENS]
+        if too_long:
+            raise ValueError(f"bad_words_ids holds a word of {len(too_long[0])} tokens; at most {MAX_BAD_WORD_TOKENS} "
+                             f"are supported")
+        num_multi = len({word for word in self.bad_words_ids if len(word) > 1})
+        if num_multi > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words_ids holds {num_multi} words of several tokens; at most {MAX_BAD_WORDS} are "
+                             f"supported (single-token words are not limited)")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not 0 < self.typical_p <= 1:
+            raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p!r}")
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            if value is not None and (not _is_natural(value) or value < 1):
+                raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+        if self.max_matching_ngram_size is not None and self.prompt_lookup_num_tokens is None:
+            raise ValueError("max_matching_ngram_size needs prompt_lookup_num_tokens (it sizes prompt-lookup drafts)")
+
+    def _check_completions(self) -> None:
+        if not _is_natural(self.num_return_sequences) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be an integer >= 1, got {self.num_return_sequences!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        wants_logprobs = self.logprobs is not None or self.prompt_logprobs is not None
+        if self.prompt_lookup_num_tokens is not None and wants_logprobs:
+            raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a verify "
+                             "pass samples several tokens per step); drop one of them")
+        self._check_beams()
+
+    def _check_beams(self) -> None:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
+        if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float) \
+                or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_beams == 1:
+            return
+        if self.num_return_sequences > self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams}): beam search returns its best hypotheses")
+        refused = {
+            "do_sample=True": self.do_sample and "beam sampling is not supported; use num_beams with do_sample=False, "
+                                                 "or do_sample=True with num_return_sequences for several samples",
+            "logprobs": self.logprobs is not None and "a beam's tokens are ranked by its sequence score (out.score); "
+                                                      "score the returned sequences with Engine.score",
+            "prompt_logprobs": self.prompt_logprobs is not None and "use Engine.score for the prompt's logprobs",
+            "stop": bool(self.stop) and "beams end on eos or max_new_tokens only",
+            "max_new_tokens=0": self.max_new_tokens == 0 and "beam search generates at least one token",
+            "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens is not None
+            and "beams are scored a token at a time",
+            "no_repeat_ngram_size": bool(self.no_repeat_ngram_size) and "not implemented for beams yet",
+            "bad_words_ids": bool(self.bad_words_ids) and "not implemented for beams yet",
+            "min_new_tokens": bool(self.min_new_tokens) and "not implemented for beams yet",
+        }
+        for option, why in refused.items():
+            if why:
+                raise ValueError(f"{option} is not supported with num_beams > 1: {why}")
 
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+    @property
+    def needs_processors(self) -> bool:
+        """Whether any option beyond temperature, top-k, top-p and the repetition penalty is in effect."""
+        warped = not self.greedy and (self.min_p > 0 or self.typical_p < 1)
+        return bool(self.min_new_tokens or self.no_repeat_ngram_size or self.bad_words_ids or warped)
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling reads the row's token history (n-gram and multi-token bad-word rules)."""
+        return self.no_repeat_ngram_size > 0 or any(len(word) > 1 for word in self.bad_words_ids)
+
+
+def check_option_ids(params: SamplingParams, vocab_size: int) -> None:
+    """Raise ValueError if a token id among the options lies outside the model's vocabulary."""
+    for name, ids in (("bad_words_ids", [t for word in params.bad_words_ids for t in word]),
+                      ("eos_token_id", params.eos_token_id or ())):
+        outside = [t for t in ids if t >= vocab_size]
+        if outside:
+            raise ValueError(f"{name} holds token id {outside[0]} outside the vocabulary [0, {vocab_size})")
+
+
+def eos_token_ids(params: SamplingParams, model_eos: int | None) -> tuple[int, ...]:
+    """The ids that end a request: params.eos_token_id, or the model's."""
+    if params.eos_token_id is not None:
+        return params.eos_token_id
+    return () if model_eos is None else (model_eos,)
+
+
+def _is_natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_token_list(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0 \
+        and all(_is_natural(t) for t in value)
+
+
+def _token_lists(name: str, value: object) -> tuple[tuple[int, ...], ...]:
+    """A list of non-empty token-id lists as a tuple of tuples; ValueError naming `name` otherwise."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not all(map(_is_token_list, value)):
+        raise ValueError(f"{name} must be a list of non-empty lists of token ids (integers >= 0), got {value!r}")
+    return tuple(tuple(word) for word in value)
 
 
 def request_seed(params: SamplingParams) -> int:
@@ -58,21 +216,33 @@ def request_seed(params: SamplingParams) -> int:
     return params.seed if params.seed is not None else random.getrandbits(62)
 
 
+def completion_seed(seed: int, index: int) -> int:
+    """The seed of completion `index` of a request seeded `seed` (num_return_sequences > 1). Completion 0 keeps the
+    request's seed, so it equals the request's num_return_sequences=1 output; completion j > 0 takes the SplitMix64
+    hash of (seed, j), below 2**63. So completion j equals a num_return_sequences=1 request with this seed."""
+    if index == 0:
+        return seed
+    key = _splitmix64(_splitmix64(torch.tensor(seed ^ _COMPLETION_SALT, dtype=torch.int64)) ^ index)
+    return int(key) & ((1 << 63) - 1)
+
+
 def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],
-                       seeds: Sequence[int], steps: Sequence[int]) -> Tensor:
+                       seeds: Sequence[int], steps: Sequence[int], eos_token_id: int | None = None) -> Tensor:
     """logits: [B, V] (any float dtype) -> next token ids, LongTensor [B] on the logits' device.
 
-    The list-based entry of the reference loop: seen_tokens[b] (prompt + generated) feed the repetition
-    penalty; seeds[b] and steps[b] key the noise. The paged engine keeps the same per-row settings on the device
-    (engine.sampler) and calls `sample_rows` directly.
+    The list-based entry of the reference loop: seen_tokens[b] (prompt + generated) feed the repetition penalty and
+    the history rules; seeds[b] and steps[b] (tokens generated so far) key the noise; eos_token_id is the model's
+    (min_new_tokens forbids it, or params.eos_token_id). The paged engine keeps the same per-row settings on the
+    device (engine.sampler) and calls `sample_rows` directly.
     """
     batch, vocab = logits.shape
     if not len(params) == len(seen_tokens) == len(seeds) == len(steps) == batch:
         raise ValueError(f"logits hold {batch} rows but got {len(params)} params, {len(seen_tokens)} token lists, "
                          f"{len(seeds)} seeds, {len(steps)} steps")
-    if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
+    if all(p.greedy and p.repetition_penalty == 1.0 and not p.needs_processors for p in params):
         return logits.argmax(dim=-1)
     device = logits.device
+    processed = any(p.needs_processors for p in params)
     return sample_rows(
         logits,
         temperature=torch.tensor([effective_temperature(p) for p in params], device=device),
@@ -82,7 +252,30 @@ def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_to
         seeds=torch.tensor(list(seeds), dtype=torch.int64, device=device),
         steps=torch.tensor(list(steps), dtype=torch.int64, device=device),
         seen=seen_mask(seen_tokens, vocab, device),
+        banned=_listed_bans(params, seen_tokens, steps, eos_token_id, vocab, device) if processed else None,
+        min_p=torch.tensor([p.min_p for p in params], device=device) if processed else None,
+        typical_p=torch.tensor([p.typical_p for p in params], device=device) if processed else None,
     )
+
+
+def _listed_bans(params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]], steps: Sequence[int],
+                 eos_token_id: int | None, vocab: int, device: torch.device) -> Tensor:
+    """banned_tokens for host token lists: bool [B, V]."""
+    eos = [eos_token_ids(p, eos_token_id) for p in params]
+    words = [split_bad_words(p.bad_words_ids, e) for p, e in zip(params, eos, strict=True)]
+
+    def ids_tensor(values: Sequence) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return banned_tokens(
+        history=padded_history(seen_tokens, max(map(len, seen_tokens)) + 1, device),
+        lengths=ids_tensor([len(tokens) for tokens in seen_tokens]),
+        ngram_sizes=ids_tensor([p.no_repeat_ngram_size for p in params]),
+        patterns=ids_tensor([bad_word_patterns(multi) for _, multi in words]),
+        num_patterns=ids_tensor([len(multi) for _, multi in words]),
+        static_bans=seen_mask([single for single, _ in words], vocab, device), has_static_bans=ids_tensor([1]) > 0,
+        eos_mask=seen_mask(eos, vocab, device), completion_lengths=ids_tensor(list(steps)),
+        min_new_tokens=ids_tensor([p.min_new_tokens for p in params]))
 
 
 def effective_temperature(params: SamplingParams) -> float:
@@ -91,17 +284,26 @@ def effective_temperature(params: SamplingParams) -> float:
 
 
 def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor, penalty: Tensor,
-                seeds: Tensor, steps: Tensor, seen: Tensor) -> Tensor:
+                seeds: Tensor, steps: Tensor, seen: Tensor, banned: Tensor | None = None, min_p: Tensor | None = None,
+                typical_p: Tensor | None = None) -> Tensor:
     """logits [B, V] -> token ids int64 [B]; every setting is a per-row device tensor [B], seen is bool [B, V].
 
-    temperature 0 marks a greedy row (argmax after the penalty). No host sync and no data-dependent branch, so a
-    CUDA graph can capture it. A penalty of 1.0 leaves a row exactly as it was (x / 1 and x * 1 are exact).
+    temperature 0 marks a greedy row (argmax after the processors). banned: bool [B, V] from the processors that
+    forbid tokens (logits_processors.banned_tokens), min_p and typical_p: [B] (warpers after top-p); None skips them.
+    No host sync and no data-dependent branch, so a CUDA graph can capture it. A penalty of 1.0 leaves a row exactly
+    as it was (x / 1 and x * 1 are exact).
     """
     x = apply_penalty(logits.float(), seen, penalty)
+    if banned is not None:
+        x = x.masked_fill(banned, -torch.inf)
     greedy = temperature == 0
     greedy_tokens = x.argmax(dim=-1)
     scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
     scaled = mask_top_k_top_p(scaled, top_k, top_p)
+    if min_p is not None:
+        scaled = mask_min_p(scaled, min_p)
+    if typical_p is not None:
+        scaled = mask_typical(scaled, typical_p)
     sampled = (scaled + gumbel_noise(seeds, steps, x.shape[-1])).argmax(dim=-1)  # Gumbel-max: a softmax draw
     return torch.where(greedy, greedy_tokens, sampled)
 
@@ -156,6 +358,7 @@ def _to_signed(value: int) -> int:
 _GOLDEN = _to_signed(0x9E3779B97F4A7C15)
 _MIX1 = _to_signed(0xBF58476D1CE4E5B9)
 _MIX2 = _to_signed(0x94D049BB133111EB)
+_COMPLETION_SALT = 0x5EED_F0E4  # completion seeds are not the noise keys of (seed, step)
 
 
 def _logical_shift_right(x: Tensor, bits: int) -> Tensor:

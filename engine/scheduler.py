@@ -1,10 +1,18 @@
 """Continuous batching: which sequences run in the next step, and what happens when KV blocks run out.
 
-Each step is either a prefill (waiting sequences, oldest first, up to a token budget) or a decode (every running
-sequence, one token each). Prefills go first so new requests join while others decode. When a running sequence
-needs a block and none is free, the newest running sequence is preempted: its blocks are released and it goes
-back to the front of the queue to be recomputed (prompt + tokens so far) later. Nothing is dropped, and the
-oldest sequence always makes progress, because any single request is checked to fit the whole pool when added.
+Each step runs every running sequence that has a token to decode (one each), and, within the step's token budget
+(max_num_batched_tokens, decode rows counted first), chunks of prompts: first the sequences whose prefill is under
+way (oldest first), then waiting sequences, admitted in FIFO order while slots and blocks allow. A prompt longer
+than what is left of the budget is split into chunks over several steps (chunked prefill): a long prompt never
+stalls the running requests for more than one budget's worth of tokens. A step with any prefill chunk is a mixed
+step (one varlen forward over decode rows and chunks); a step without one is a decode step (CUDA graphs). With
+chunked_prefill=False a prompt is never split and a step with prefills runs no decode rows (the engine before
+chunked prefill: new requests join at once, the others wait).
+
+When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
+released and it goes back to the front of the queue to be recomputed (prompt + tokens so far) later. Nothing is
+dropped, and the oldest sequence always makes progress, because any single request is checked to fit the whole pool
+when added. A prompt's blocks are all allocated when it is admitted.
 
 The host reads sampled tokens back one step behind the device, so a plan is made while the previous step's
 tokens are still in flight (`SlotTable.num_tokens` counts them):
@@ -16,71 +24,133 @@ tokens are still in flight (`SlotTable.num_tokens` counts them):
 - preemption needs every token known (a recomputed sequence re-prefills its tokens): when blocks run short,
   `schedule` returns None and the engine reads the in-flight step back first, so preemption sees exactly what an
   engine without the lag would see.
+
+Forks: a request of n completions is admitted as one sequence plus n - 1 children forked from it at once (they
+share its blocks and wait, computing nothing, while its prompt runs in chunks); the step that runs its last chunk
+starts them too, sampling their first tokens from its logits with their own seeds. `fork` forks a running sequence
+the same way at any later point. A fork writes into a shared block only after a copy-on-write (the plan's
+`block_copies`), and a preempted child is recomputed alone, like any sequence.
+
+Beam search (engine.beam_group): a request of num_beams beams is admitted like one of num_beams completions, but its
+beams are scored together: the prompt's last chunk gives the one row the search starts from, and every later step
+feeds each beam the token the search appended (from the host: steps with beams are read back at once) and scores all
+its rows. A beam preempted for blocks takes its whole group along; the search restarts from the prompt.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from hayabusa.engine.beam_group import BeamGroup
+from hayabusa.engine.beam_search import BeamStep
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import check_context_fits
+from hayabusa.engine.logprobs import StepLogprobs
+from hayabusa.engine.prompt_lookup import plan_drafts
+from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sequence import Sequence, SequenceStatus
-from hayabusa.engine.slots import NO_MOVES, SlotTable, needs_general_sampler
+from hayabusa.engine.slots import NO_MOVES, SlotTable
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
-Deliver = Callable[[Sequence, "int | None", str], None]  # (sequence, its new token or None, its text delta)
+Deliver = Callable[[Sequence, "Seq[int]", str], None]  # (sequence, its new tokens, its text delta)
 
 
-def _ignore(seq: Sequence, token: int | None, delta: str) -> None:
+def _ignore(seq: Sequence, tokens: Seq[int], delta: str) -> None:
     pass
 
 
 @dataclass
 class StepPlan:
-    """One step's work. Row r of the step is slot first_slot + r."""
+    """One step's work; row r is slot r (engine.slots).
 
-    is_prefill: bool
-    seqs: list[Sequence]  # one per row; prefill: the newly admitted sequences; decode: every running slot in order
-    first_slot: int
-    # Tokens each row samples this step: bool [rows] today (0 or 1); a count with speculation, 0 for a prefill chunk.
+    A decode step (num_new_tokens None) computes, for each row with a position >= 0, one token fed from the device
+    (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
+    on: a decode row its one token from the device; a row in `chunks` the tokens seq.token_ids[positions[r]:
+    positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end); a
+    row in `drafts` its last token and its drafts from the host (a verify pass); a row in `forked_from` computes
+    nothing and samples from the logits of the row it was forked from (a fork child starting with its parent's last
+    prompt chunk).
+    """
+
+    seqs: list[Sequence]  # every running slot in order
+    # Tokens each row samples this step: 0 or 1; up to its drafts + 1 for a verify pass (how many, its read-back
+    # says); 0 for a prompt chunk short of its end.
     tokens_per_row: np.ndarray
-    positions: np.ndarray | None  # decode: int64 [rows], the position each row writes, -1 for a row with none
-    new_blocks: list[tuple[int, int, int]]  # decode: (slot, column, block id) entries the block table gains
-    greedy_only: bool  # every row is served by the greedy fast path
+    positions: np.ndarray  # int64 [rows]: the first position each row computes, -1 for a row with nothing to compute
+    new_blocks: list[tuple[int, int, int]]  # (slot, column, block id) entries the block tables gain
+    sampler_mode: SamplerMode  # the cheapest that serves every row (engine.sampler)
+    num_new_tokens: np.ndarray | None = None  # mixed steps: int64 [rows], tokens each row computes
+    chunks: list[int] = field(default_factory=list)  # mixed steps: rows fed from the host, ascending
+    admitted: list[int] = field(default_factory=list)  # mixed steps: rows whose sampler state loads this step
+    # Mixed steps: row -> prompt-lookup draft tokens; the row feeds its last token and them from the host and
+    # emits up to len + 1 tokens (a verify pass, engine.prompt_lookup). The step is read back at once.
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    forked_from: dict[int, int] = field(default_factory=dict)  # mixed steps: child row -> the parent row it samples as
+    # Mixed steps: chunk row -> (first, end): the positions whose next prompt token's logprob this step computes
+    # (SamplingParams.prompt_logprobs), ascending by row.
+    scored: dict[int, tuple[int, int]] = field(default_factory=dict)
+    prompt_ends: list[int] = field(default_factory=list)  # mixed steps: rows whose prompt ends here, sampling nothing
+    # Mixed steps: the beam groups this step scores, with their rows in BeamGroup.scored_seqs order. Once a group
+    # started, its rows are fed from the host (the tokens the search appended) and sample nothing themselves.
+    beams: list[tuple[BeamGroup, list[int]]] = field(default_factory=list)
+    wants_logprobs: bool = False  # some sampling row's request wants its sampled tokens' logprobs
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
+    settings_loads: Seq[Sequence] = ()  # running sequences forked since the last launch: their sampler rows load
+    block_copies: Seq[tuple[int, int]] = ()  # (source, destination) KV blocks, copy-on-write before the step
 
     def __post_init__(self) -> None:
         self.num_rows = len(self.seqs)
         self.num_sampling_rows = int(np.count_nonzero(self.tokens_per_row))
-        self.has_work = self.num_sampling_rows > 0  # else nothing is launched
+        # Else nothing is launched. (A decode row computes exactly when it samples.)
+        self.has_work = self.num_sampling_rows > 0 or self.is_mixed and bool(self.num_new_tokens.any())
+
+    @property
+    def is_mixed(self) -> bool:
+        return self.num_new_tokens is not None
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, chunked_prefill: bool = True) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
-        if max_num_batched_tokens < max_model_len:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if not chunked_prefill and max_num_batched_tokens < max_model_len:
             # A recomputed sequence may hold up to max_model_len tokens and must fit one prefill batch.
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
-                             f"({max_model_len})")
+                             f"({max_model_len}) without chunked prefill")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: dict[Sequence, None] = {}  # admission order, oldest first (an ordered set)
+        self.prefilling: dict[Sequence, None] = {}  # running sequences whose tokens are not all computed yet
         self.slots = SlotTable(max_num_seqs, block_manager.block_size)
+        self._settings_loads: list[Sequence] = []  # forked after the last launch: their sampler rows need loading
+        self._fork_parent: dict[Sequence, Sequence] = {}  # children admitted with a parent still prefilling
+        self.beam_groups: dict[BeamGroup, None] = {}  # running beam groups that started (admission order)
+        self._table_rewrites: dict[Sequence, None] = {}  # beams whose whole block-table row the next step rewrites
 
-    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        """Raise ValueError for a request that could never run: past the context, or bigger than the KV pool."""
+    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1,
+                   num_beams: int = 1) -> None:
+        """Raise ValueError for a request that could never run: past the context, bigger than the KV pool, or more
+        completions (or beams) than can run at once. Beams must fit the pool however far they diverge (a preempted
+        group restarts from its prompt, so a group that fits only partly would never finish)."""
         if num_prompt_tokens < 1:
             raise ValueError("the prompt is empty; at least one token is needed")
+        if num_sequences > self.max_num_seqs:
+            name = "num_beams" if num_beams > 1 else "num_return_sequences"
+            raise ValueError(f"{name} {num_sequences} is more than the {self.max_num_seqs} sequences "
+                             f"the engine runs at once (max_num_seqs)")
         check_context_fits(num_prompt_tokens, max_new_tokens, self.max_model_len)
         # The last sampled token is never written to the cache.
         blocks = self.block_manager.blocks_needed(num_prompt_tokens + max_new_tokens - 1)
@@ -88,9 +158,20 @@ class Scheduler:
             raise ValueError(f"{num_prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} need {blocks} KV "
                              f"blocks of {self.block_manager.block_size} tokens; the pool holds only "
                              f"{self.block_manager.num_blocks} (raise kv_cache_blocks or lower max_new_tokens)")
+        if num_beams > 1:
+            shared = num_prompt_tokens // self.block_manager.block_size  # the prompt's full blocks
+            beam_blocks = shared + num_beams * (blocks - shared)
+            if beam_blocks > self.block_manager.num_blocks:
+                raise ValueError(f"num_beams {num_beams} with {num_prompt_tokens} prompt tokens + max_new_tokens "
+                                 f"{max_new_tokens} need up to {beam_blocks} KV blocks of "
+                                 f"{self.block_manager.block_size} tokens; the pool holds only "
+                                 f"{self.block_manager.num_blocks} (raise kv_cache_blocks, lower num_beams or "
+                                 f"max_new_tokens)")
 
     def add(self, seq: Sequence) -> None:
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens)
+        """Queue a new request: one sequence, with its other completions in seq.fork_children."""
+        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens, 1 + len(seq.fork_children),
+                        seq.params.num_beams)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -100,86 +181,262 @@ class Scheduler:
 
     def schedule(self, results_in_flight: bool = False) -> StepPlan | None:
         """The next step, with block tables and slots ready for it; its sampled tokens count as in flight from
-        now on. None: blocks are short while results are in flight; read them back, then schedule again."""
-        prefill = self._admit()
-        if prefill:
-            first_slot = prefill[0].slot
-            self.slots.num_tokens[first_slot:first_slot + len(prefill)] += 1
-            plan = StepPlan(True, prefill, first_slot, np.ones(len(prefill), dtype=bool), None, [],
-                            greedy_only=not any(needs_general_sampler(seq.params) for seq in prefill))
-        else:
-            plan = self._schedule_decode(results_in_flight)
-        if plan is not None and plan.has_work:  # an idle plan is not launched: its moves wait for the next one
-            plan.slot_moves = self.slots.take_moves()
+        now on. None: blocks are short, or a request drafts (prompt lookup reads every token), while results are in
+        flight; read them back, then schedule again."""
+        slots = self.slots
+        if results_in_flight and (slots.num_speculating or slots.num_beam_rows):
+            return None
+        grown = self._grow_decode_rows(results_in_flight)
+        if grown is None:
+            return None
+        decoding, new_blocks, copies = grown
+        drafts = plan_drafts(slots, self.block_manager, decoding, self.max_num_batched_tokens - int(decoding.sum()),
+                             new_blocks) if slots.num_speculating else {}
+        chunks: list[tuple[Sequence, int, int]] = []
+        admitted: list[int] = []
+        if self.prefilling or self.waiting:
+            num_decode_tokens = int(decoding.sum()) + sum(map(len, drafts.values()))
+            chunks, admitted = self._plan_chunks(self.max_num_batched_tokens
+                                                 - (num_decode_tokens if self.chunked_prefill else 0))
+            if chunks and not self.chunked_prefill:
+                decoding[:], drafts = False, {}  # the decode rows wait for the prefills
+        if self._table_rewrites:  # whole rows for reordered beams (their growth entries are in them)
+            new_blocks = self._rewrite_beam_tables(new_blocks)
+        if chunks or drafts or self.beam_groups:
+            plan = self._mixed_plan(decoding, chunks, admitted, drafts, new_blocks)
+        else:  # a decode step
+            num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
+            positions = num_tokens * decoding - 1  # decode rows write num_tokens - 1; -1: nothing to compute
+            num_tokens += decoding
+            plan = StepPlan(slots.running(), decoding, positions, new_blocks, slots.sampler_mode,
+                            wants_logprobs=slots.num_logprob_rows > 0)
+        if plan.has_work:  # an idle plan is not launched: its moves, loads and copies wait for the next one
+            plan.slot_moves = slots.take_moves()
+            # Children that left before this launch (aborted) hold no row any more.
+            plan.settings_loads = [seq for seq in self._settings_loads if seq.slot >= 0]
+            self._settings_loads = []
+            plan.block_copies = copies
+        elif copies:
+            raise RuntimeError("a copy-on-write was planned for a step that launches nothing")
         return plan
 
-    def _admit(self) -> list[Sequence]:
-        prefill: list[Sequence] = []
-        num_batched_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            if num_batched_tokens + len(seq) > self.max_num_batched_tokens \
-                    or not self.block_manager.can_allocate(seq):
-                break  # FIFO: later requests wait behind the oldest one
-            self.block_manager.allocate(seq)
-            num_batched_tokens += len(seq) - seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.running[self.waiting.popleft()] = None
-            self.slots.assign(seq)
-            prefill.append(seq)
-        return prefill
+    def _mixed_plan(self, decoding: np.ndarray, chunks: list[tuple[Sequence, int, int]], admitted: list[int],
+                    drafts: dict[int, list[int]], new_blocks: list[tuple[int, int, int]]) -> StepPlan:
+        slots = self.slots
+        tokens_per_row = np.zeros(slots.count, dtype=np.int64)  # admissions took the slots past the decode rows
+        tokens_per_row[: len(decoding)] = decoding
+        num_tokens = slots.num_tokens[: slots.count]  # a view: updates the slot table
+        positions = num_tokens * (tokens_per_row > 0) - 1
+        num_new_tokens = tokens_per_row.copy()
+        for row, draft in drafts.items():  # the last token and the drafts; each position may emit a token
+            num_new_tokens[row] = tokens_per_row[row] = len(draft) + 1
+        forked_from: dict[int, int] = {}
+        beams = [(group, [seq.slot for seq in group.seqs]) for group in self.beam_groups]
+        scored: dict[int, tuple[int, int]] = {}
+        prompt_ends: list[int] = []
+        for seq, start, end in chunks:
+            row = seq.slot
+            positions[row], num_new_tokens[row] = start, end - start
+            if seq.scores_prompt:  # position p's logits score prompt token p + 1
+                first, last = max(start, seq.score_from - 1), min(end, seq.num_prompt_tokens - 1)
+                if first < last or end == len(seq.token_ids):  # the last chunk always: it completes the list
+                    scored[row] = (first, max(first, last))
+            if end < len(seq.token_ids):
+                continue
+            # The prompt's last chunk samples (unless max_new_tokens is 0), and starts the children waiting on it.
+            samples = int(slots.max_tokens[row] > end)
+            tokens_per_row[row] = samples
+            if seq.beam_group is not None:  # the search starts from this one row; the beams wait for it
+                beams.append((seq.beam_group, [row]))
+                seq.fork_children = []
+                continue
+            for child in seq.fork_children:
+                forked_from[child.slot], tokens_per_row[child.slot] = row, samples
+            if not samples:
+                prompt_ends += [row, *(child.slot for child in seq.fork_children)]
+            seq.fork_children = []
+        for row in admitted:
+            new_blocks += [(row, column, block_id) for column, block_id in enumerate(slots.seqs[row].block_table)]
+        # A speculating row's exact count is set when its step is read back, which the engine does at once.
+        num_tokens += np.minimum(tokens_per_row, 1)
+        wants_logprobs = slots.num_logprob_rows > 0 and any(
+            slots.seqs[row].params.logprobs is not None for row in np.flatnonzero(tokens_per_row).tolist())
+        return StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode, num_new_tokens,
+                        sorted(seq.slot for seq, _, _ in chunks), admitted, drafts,
+                        forked_from, dict(sorted(scored.items())), sorted(prompt_ends), beams,
+                        wants_logprobs=wants_logprobs)
 
-    def _schedule_decode(self, results_in_flight: bool) -> StepPlan | None:
+    def _plan_chunks(self, budget: int) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
+        """(sequence, first token, end) of each prompt chunk that fits `budget` tokens, continuing prefills first,
+        then newly admitted sequences (FIFO); and the slots of the admitted ones."""
+        chunks: list[tuple[Sequence, int, int]] = []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            budget -= self._add_chunk(chunks, seq, budget)
+        admitted: list[int] = []
+        while budget > 0 and self.waiting:
+            seq = self.waiting[0]
+            if len(self.running) + 1 + len(seq.fork_children) > self.max_num_seqs \
+                    or not self.block_manager.can_allocate(seq, seq.num_cacheable_tokens) \
+                    or not self.chunked_prefill and len(seq) > budget:
+                break  # FIFO: later requests wait behind the oldest one
+            self.block_manager.allocate(seq, seq.num_cacheable_tokens)
+            seq.status = SequenceStatus.RUNNING
+            seq.num_computed_tokens = seq.num_cached_tokens
+            self.running[self.waiting.popleft()] = None
+            self.prefilling[seq] = None
+            admitted.append(self.slots.assign(seq))
+            for child in seq.fork_children:  # they share its blocks and wait for its last chunk
+                self._fork(seq, child, copy_device_row=False)
+                self._fork_parent[child] = seq
+                admitted.append(child.slot)
+            budget -= self._add_chunk(chunks, seq, budget)
+        for seq, _, end in chunks:
+            seq.num_computed_tokens = end
+            if end == len(seq.token_ids):
+                del self.prefilling[seq]
+                self.slots.prefilling[seq.slot] = False
+                for child in seq.fork_children:
+                    child.num_computed_tokens = end
+                    self.slots.prefilling[child.slot] = False
+                    del self._fork_parent[child]
+        return chunks, admitted
+
+    def _rewrite_beam_tables(self, new_blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        """new_blocks with the entries of reordered beams replaced by their whole block-table rows (one entry per
+        table cell and step: a scatter with repeated indices has no defined order)."""
+        rewrites, self._table_rewrites = self._table_rewrites, {}
+        rows = {seq.slot for seq in rewrites if seq.status is SequenceStatus.RUNNING}
+        kept = [entry for entry in new_blocks if entry[0] not in rows]
+        return kept + [(seq.slot, column, block_id) for seq in rewrites if seq.slot in rows
+                       for column, block_id in enumerate(seq.block_table)]
+
+    @staticmethod
+    def _add_chunk(chunks: list[tuple[Sequence, int, int]], seq: Sequence, budget: int) -> int:
+        start = seq.num_computed_tokens
+        end = min(len(seq.token_ids), start + budget)
+        chunks.append((seq, start, end))
+        return end - start
+
+    def _grow_decode_rows(self, results_in_flight: bool
+                          ) -> tuple[np.ndarray, list[tuple[int, int, int]], list[tuple[int, int]]] | None:
+        """(bool [rows]: the rows with a token to decode, the block-table entries they gain, the block copies to make
+        first): every decode row whose next position lies past its block table gets a block, and a row forked since
+        its last write a private copy of the block it writes if another row holds it too. When blocks are short:
+        None while results are in flight, else preempt (_grow_or_preempt)."""
         slots = self.slots
         num_tokens = slots.num_tokens[: slots.count]
-        active = num_tokens < slots.max_tokens[: slots.count]
+        decoding = (num_tokens < slots.max_tokens[: slots.count]) & ~slots.prefilling[: slots.count]
         # Writing position num_tokens - 1 needs a new block when it lies past the row's block table.
-        rows = (active & (num_tokens > slots.capacity[: slots.count])).nonzero()[0].tolist()
-        grown: list[tuple[Sequence, int]] = []
-        if len(rows) <= self.block_manager.num_free_blocks:
-            for row in rows:
-                seq = slots.seqs[row]
-                grown.append((seq, len(seq.block_table)))
-                self.block_manager.append_block(seq)
-                slots.capacity[row] += self.block_manager.block_size
-        elif results_in_flight:
-            return None
-        else:
-            grown = self._grow_or_preempt()
-            num_tokens = slots.num_tokens[: slots.count]
-            active = num_tokens < slots.max_tokens[: slots.count]
-        positions = num_tokens * active - 1  # num_tokens - 1, or -1 for a row with nothing to compute
-        num_tokens += active  # a view: updates the slot table
-        new_blocks = [(seq.slot, column, seq.block_table[column]) for seq, column in grown]
-        return StepPlan(False, slots.running(), 0, active, positions, new_blocks, greedy_only=slots.num_general == 0)
+        grows = decoding & (num_tokens > slots.capacity[: slots.count])
+        rows = grows.nonzero()[0].tolist()
+        shared_rows = [row for row in sorted(slots.may_share_write_block) if decoding[row] and not grows[row]] \
+            if slots.may_share_write_block else []
+        if len(rows) + len(shared_rows) > self.block_manager.num_free_blocks:
+            if results_in_flight:
+                return None
+            grown, copies = self._grow_or_preempt()
+            decoding = (slots.num_tokens[: slots.count] < slots.max_tokens[: slots.count]) \
+                & ~slots.prefilling[: slots.count]
+            return decoding, [(seq.slot, column, seq.block_table[column]) for seq, column in grown], copies
+        new_blocks, copies = [], []
+        for row in rows:
+            seq = slots.seqs[row]
+            new_blocks.append((row, len(seq.block_table), self.block_manager.append_block(seq)))
+            slots.capacity[row] += self.block_manager.block_size
+        for row in shared_rows:
+            seq, position = slots.seqs[row], int(num_tokens[row]) - 1
+            copy = self.block_manager.copy_on_write(seq, position)
+            if copy is not None:
+                copies.append(copy)
+                column = position // self.block_manager.block_size
+                new_blocks.append((row, column, seq.block_table[column]))
+        if slots.may_share_write_block:
+            slots.may_share_write_block.difference_update(rows + shared_rows)
+        return decoding, new_blocks, copies
 
-    def _grow_or_preempt(self) -> list[tuple[Sequence, int]]:
-        """Blocks are short and every token is known: give each running sequence, oldest first, the block its next
-        token needs, preempting the newest (or, if it is the newest, the sequence itself) until it fits."""
+    def _grow_or_preempt(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
+        """Blocks are short and every token is known: give each decoding sequence, oldest first, the block its next
+        token needs (new, or a private copy of a shared one), preempting the newest (or, if it is the newest, the
+        sequence itself) until it fits. Returns the (sequence, column) entries that changed and the block copies.
+        Sequences still prefilling hold every block their tokens need already."""
         grown: list[tuple[Sequence, int]] = []
+        copies: list[tuple[Sequence, tuple[int, int]]] = []
         queue = deque(self.running)
         while queue:
             seq = queue.popleft()
-            while not self.block_manager.can_append(seq):
+            if seq.status is not SequenceStatus.RUNNING or self.slots.prefilling[seq.slot]:
+                continue  # preempted along with its parent or beam group, or computing its prompt
+            while seq.status is SequenceStatus.RUNNING and not self.block_manager.can_append(seq):
                 if queue:
-                    self.preempt(queue.pop())  # the newest gives way
+                    newest = queue.pop()  # the newest gives way (unless it left with its parent or group already)
+                    if newest.status is SequenceStatus.RUNNING:
+                        self.preempt(newest)
                 else:
                     self.preempt(seq)  # older sequences of this batch hold the blocks: seq gives way itself
-                    break
-            else:
+            if seq.status is SequenceStatus.RUNNING:
                 column = len(seq.block_table)
-                self.block_manager.may_append(seq)
-                if len(seq.block_table) > column:
+                copy = self.block_manager.may_append(seq)
+                self.slots.may_share_write_block.discard(seq.slot)
+                if copy is not None:
+                    copies.append((seq, copy))
+                    grown.append((seq, (len(seq.token_ids) - 1) // self.block_manager.block_size))
+                elif len(seq.block_table) > column:
                     grown.append((seq, column))
                     self.slots.capacity[seq.slot] = len(seq.block_table) * self.block_manager.block_size
-        return grown
+        # A beam group preempted after some of its beams grew: their blocks went back (a freed copy target may be
+        # another sequence's block by now), so only what running sequences got counts.
+        running = SequenceStatus.RUNNING
+        return ([(seq, column) for seq, column in grown if seq.status is running],
+                [copy for seq, copy in copies if seq.status is running])
+
+    # ---- forks -----------------------------------------------------------------------------------------------
+
+    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
+        """Fork a running sequence whose tokens are all known (none in flight) into children that continue from
+        its tokens: each child shares its KV blocks (copy-on-write at the first write into a shared block) and its
+        device rows (next input id, block table, seen tokens), and samples with its own seed from the next step on.
+        Each child is a fresh Sequence with parent's token_ids, num_prompt_tokens and params."""
+        if parent.status is not SequenceStatus.RUNNING:
+            raise ValueError(f"sequence {parent.seq_id} is {parent.status.value}; only a running sequence forks")
+        if self.slots.num_tokens[parent.slot] != len(parent.token_ids) or self.slots.prefilling[parent.slot]:
+            raise RuntimeError(f"sequence {parent.seq_id} has a sampled token in flight or its prompt still running; "
+                               f"read it back (or let the prompt finish) before forking")
+        if len(self.running) + len(children) > self.max_num_seqs:
+            raise ValueError(f"{len(children)} children do not fit beside {len(self.running)} running sequences "
+                             f"(max_num_seqs {self.max_num_seqs})")
+        for child in children:
+            if (child.token_ids, child.num_prompt_tokens, child.params) != \
+                    (parent.token_ids, parent.num_prompt_tokens, parent.params):
+                raise ValueError(f"fork child {child.seq_id} must hold the tokens, prompt length and params of "
+                                 f"sequence {parent.seq_id}")
+            self._fork(parent, child, copy_device_row=True)
+            self._settings_loads.append(child)
+
+    def _fork(self, parent: Sequence, child: Sequence, copy_device_row: bool) -> None:
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running[child] = None
+        self.slots.fork(parent, child, copy_device_row=copy_device_row)
 
     # ---- leaving ---------------------------------------------------------------------------------------------
 
     def preempt(self, seq: Sequence) -> None:
-        """Free seq's blocks and slot; it waits at the front of the queue and is recomputed when blocks allow."""
+        """Free seq's blocks and slot; it waits at the front of the queue and is recomputed when blocks allow. A
+        sequence preempted while its prompt runs takes its waiting children along (they are forked again when it
+        is admitted again); a waiting child preempted alone is recomputed alone."""
         if self.slots.num_tokens[seq.slot] != len(seq.token_ids):
             raise RuntimeError(f"sequence {seq.seq_id} has a sampled token in flight; read it back before preempting")
+        if seq.beam_group is not None:
+            self._preempt_beams(seq.beam_group)
+            return
+        self._detach_child(seq)
+        for child in seq.fork_children:
+            if child.status is SequenceStatus.RUNNING:
+                del self._fork_parent[child]
+                self._release(child)
+                child.status = SequenceStatus.WAITING
         self._release(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
@@ -188,32 +445,69 @@ class Scheduler:
     def abort(self, seq: Sequence) -> None:
         """Drop a request that is no longer wanted (aborted, or its stream was closed); frees its blocks. A token
         still in flight for it is discarded when read back."""
+        self._detach_child(seq)
+        if seq.beam_group is not None:
+            self.beam_groups.pop(seq.beam_group, None)
         if seq in self.running:
             self._release(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
+    def _preempt_beams(self, group: BeamGroup) -> None:
+        """Free every beam of the group; it waits at the front of the queue as its prompt (with its other beams to
+        fork again) and its search restarts."""
+        self.beam_groups.pop(group, None)
+        for seq in group.seqs:
+            self._fork_parent.pop(seq, None)
+            if seq.status is SequenceStatus.RUNNING:
+                self._release(seq)
+            seq.status = SequenceStatus.WAITING
+        group.restart()
+        first = group.seqs[0]
+        first.fork_children = group.seqs[1:]
+        first.num_preemptions += 1
+        self.waiting.appendleft(first)
+
+    def _detach_child(self, seq: Sequence) -> None:
+        """A child waiting for its parent's prompt that leaves: its parent no longer starts it."""
+        parent = self._fork_parent.pop(seq, None)
+        if parent is not None:
+            parent.fork_children.remove(seq)
+
     def _release(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
         del self.running[seq]
+        self.prefilling.pop(seq, None)
         self.slots.release(seq)
 
     # ---- reading a step back ---------------------------------------------------------------------------------
 
     def publish_prefilled(self, plan: StepPlan) -> None:
-        """Publish the full blocks of a launched prefill's tokens for prefix-cache hits. Safe before its results
+        """Publish the full blocks of a launched step's prompt chunks for prefix-cache hits. Safe before its results
         are read: a later step that hits them runs after this one on the device. (Never at planning time: a
         sequence of the same batch could hit a block before its KV exists.)"""
-        for seq in plan.seqs:
+        for row in plan.chunks:
+            seq = plan.seqs[row]
             if seq.status is SequenceStatus.RUNNING:
-                self.block_manager.cache_computed_blocks(seq, len(seq.token_ids))
+                self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
-    def postprocess(self, plan: StepPlan, token_ids: list[int], bad_rows: frozenset[int] = frozenset(),
-                    deliver: Deliver = _ignore) -> None:
-        """Apply a launched step's sampled tokens, calling deliver(sequence, token or None, text delta) for each
-        sequence that got a token or failed. Publishes newly full blocks; frees finished sequences. bad_rows: rows
-        whose logits were not finite; their requests fail alone. Rows of sequences that finished meanwhile are
-        dropped."""
+    def postprocess(self, plan: StepPlan, token_ids: list, bad_rows: frozenset[int] = frozenset(),
+                    deliver: Deliver = _ignore, logprobs: StepLogprobs | None = None,
+                    beam_steps: Seq[tuple[BeamGroup, BeamStep | None]] = ()) -> None:
+        """Apply a launched step's sampled tokens, calling deliver(sequence, its new tokens, text delta) for each
+        sequence that got tokens or failed. token_ids: one id per row; for a step with verify passes, each row's
+        list of emitted ids. Publishes newly full blocks; frees finished sequences. bad_rows: rows whose logits were
+        not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped. logprobs: the
+        step's logprobs, when its plan wanted any (sampled tokens' by row, prompt positions' in plan.scored order).
+        beam_steps: per group of plan.beams, what its search decided (None: its logits were not finite)."""
+        if plan.scored or plan.forked_from or plan.prompt_ends:
+            self._apply_prompt_results(plan, bad_rows, logprobs, deliver)
+        if plan.beams:
+            self._apply_beam_steps(beam_steps, deliver)
+        if plan.drafts:
+            self._postprocess_passes(plan, token_ids, bad_rows, deliver)
+            return
+        sampled = logprobs.sampled if logprobs is not None else None
         block_size = self.block_manager.block_size
         if plan.num_sampling_rows == plan.num_rows:
             rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
@@ -221,14 +515,14 @@ class Scheduler:
             rows = ((plan.seqs[row], token_ids[row], row) for row in plan.tokens_per_row.nonzero()[0].tolist())
         running, finished = SequenceStatus.RUNNING, SequenceStatus.FINISHED
         for seq, token, row in rows:  # once per sequence per step: kept lean
-            if seq.status is not running:
-                continue  # finished (eos, stop string, abort) after this step was planned: its row is stale
+            if seq.status is not running or plan.beams and seq.beam_group is not None:
+                continue  # finished (eos, stop string, abort) after this step was planned, or a beam (done above)
             if bad_rows and row in bad_rows:
-                seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
-                self._release(seq)
-                deliver(seq, None, "")
+                self._fail_non_finite(seq, deliver)
                 continue
             seq.token_ids.append(token)
+            if sampled is not None and seq.output.logprobs is not None:
+                seq.output.logprobs.append(sampled.entry(row, token, seq.params.logprobs))
             delta = seq.output.append(token)
             # Every token but the one just sampled now has its KV in the cache; a prefill's were published at launch.
             computed = len(seq.token_ids) - 1
@@ -237,4 +531,105 @@ class Scheduler:
             if seq.output.finish_reason is not None:
                 seq.status = finished
                 self._release(seq)
-            deliver(seq, token, delta)
+            deliver(seq, (token,), delta)
+
+    def _apply_prompt_results(self, plan: StepPlan, bad_rows: frozenset[int], logprobs: StepLogprobs | None,
+                              deliver: Deliver) -> None:
+        """A mixed step's prompt logprobs (children started by a parent's last chunk get the parent's), and the end
+        of the requests whose prompt ended here and that sample nothing (max_new_tokens 0)."""
+        start = 0
+        for row, (first, end) in plan.scored.items():
+            seq = plan.seqs[row]
+            targets = seq.token_ids[first + 1:end + 1]  # position p's logits score token p + 1
+            entries = logprobs.prompt.entries(start, targets, seq.params.prompt_logprobs) if targets else []
+            start += len(targets)
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if entries is None:
+                seq.fail("error", f"{NON_FINITE_ERROR} in its prompt")
+                self._release(seq)
+                deliver(seq, (), "")
+                continue
+            if seq.output.prompt_logprobs is None:
+                seq.output.prompt_logprobs = [None] * seq.num_prompt_tokens
+            seq.output.prompt_logprobs[first + 1:end + 1] = entries
+            if end == seq.num_prompt_tokens - 1:
+                seq.prompt_scored = True
+        for child_row, parent_row in plan.forked_from.items():
+            child, parent = plan.seqs[child_row], plan.seqs[parent_row]
+            child.output.prompt_logprobs, child.prompt_scored = parent.output.prompt_logprobs, parent.prompt_scored
+        for row in plan.prompt_ends:
+            seq = plan.seqs[row]
+            if seq.status is SequenceStatus.RUNNING:
+                seq.output.end_of_prompt()
+                seq.status = SequenceStatus.FINISHED
+                self._release(seq)
+                deliver(seq, (), "")
+
+    def _apply_beam_steps(self, beam_steps: Seq[tuple[BeamGroup, BeamStep | None]], deliver: Deliver) -> None:
+        """Reorder each group's beams by its step (engine.beam_group), or end it: with its best hypotheses when its
+        search is done, with an error when its logits were not finite. Steps with beams are read back at once, so
+        every token is known here."""
+        slots, block_size = self.slots, self.block_manager.block_size
+        for group, step in beam_steps:
+            if any(seq.status is not SequenceStatus.RUNNING for seq in group.seqs):
+                continue  # aborted meanwhile
+            if step is None or step.done:
+                self.beam_groups.pop(group, None)
+                for seq in group.seqs:
+                    seq.status = SequenceStatus.FINISHED
+                    self._release(seq)
+                if step is None:
+                    for seq in group.seqs:
+                        seq.fail("error", f"{NON_FINITE_ERROR} at beam step {group.search.steps}")
+                    results = group.seqs[: group.params.num_return_sequences]
+                else:
+                    results = group.finish()
+                for seq in results:
+                    deliver(seq, seq.token_ids[seq.num_prompt_tokens:], seq.output.result().text)
+                continue
+            group.reorder(step, self.block_manager)
+            self.beam_groups[group] = None
+            for seq in group.seqs:
+                slot = seq.slot
+                slots.num_tokens[slot] = len(seq.token_ids)
+                slots.capacity[slot] = len(seq.block_table) * block_size
+                slots.may_share_write_block.add(slot)
+                self._table_rewrites[seq] = None
+
+    def _fail_non_finite(self, seq: Sequence, deliver: Deliver) -> None:
+        seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
+        self._release(seq)
+        deliver(seq, (), "")
+
+    def _postprocess_passes(self, plan: StepPlan, row_tokens: list[list[int]], bad_rows: frozenset[int],
+                            deliver: Deliver) -> None:
+        """postprocess for a step with verify passes (read back at once, so nothing else is in flight): rows emit
+        several tokens; a speculating row's token count and blocks shrink to what it kept (the rejected drafts'
+        KV lies past its length, overwritten later; whole blocks of it are freed)."""
+        manager, slots = self.block_manager, self.slots
+        for row in plan.tokens_per_row.nonzero()[0].tolist():
+            seq = plan.seqs[row]
+            if seq.status is not SequenceStatus.RUNNING or seq.beam_group is not None:
+                continue
+            if row in bad_rows:
+                self._fail_non_finite(seq, deliver)
+                continue
+            emitted, delta = [], ""
+            for token in row_tokens[row]:
+                seq.token_ids.append(token)
+                emitted.append(token)
+                delta += seq.output.append(token)
+                if seq.output.finish_reason is not None:
+                    break
+            if row in plan.drafts:
+                seq.output.count_verify_pass(len(plan.drafts[row]), len(row_tokens[row]) - 1)
+            manager.cache_computed_blocks(seq, len(seq.token_ids) - 1)
+            if seq.output.finish_reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                self._release(seq)
+            else:
+                slots.num_tokens[seq.slot] = len(seq.token_ids)
+                manager.trim(seq, manager.blocks_needed(len(seq.token_ids)))  # covers the next write
+                slots.capacity[seq.slot] = len(seq.block_table) * manager.block_size
+            deliver(seq, emitted, delta)

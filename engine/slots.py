@@ -9,22 +9,21 @@ they land in stream order after any step still in flight.
 Host mirrors per row (numpy, updated in place, never rebuilt): `num_tokens`, the tokens including a sampled token
 still in flight (the next decode writes position num_tokens - 1); `max_tokens`, prompt + max_new_tokens (a row
 whose num_tokens reached it has nothing left to compute: its last token is never written to the cache); and
-`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler).
+`capacity`, the positions its block table covers (len(block_table) * block_size, kept by the scheduler);
+`prefilling`, whether its prompt (or recomputed tokens) still has chunks to compute (or, for a fork child admitted
+with its parent, whether the parent's prompt does); and the set `may_share_write_block`: rows forked (or forked
+from) since their last write, whose next write may land in a block another row holds too, so the scheduler checks
+it for a copy-on-write (a set: forks are rare, and an empty set costs a decode step nothing).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampler import SamplerMode, row_mode
 from hayabusa.engine.sequence import Sequence
 
 NO_MOVES: tuple[list[int], list[int]] = ([], [])
-
-
-def needs_general_sampler(params: SamplingParams) -> bool:
-    """Rows that the greedy fast path (one argmax) cannot serve: sampling, or a repetition penalty."""
-    return not params.greedy or params.repetition_penalty != 1.0
 
 
 class SlotTable:
@@ -36,7 +35,13 @@ class SlotTable:
         self.num_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.max_tokens = np.zeros(max_num_seqs, dtype=np.int64)
         self.capacity = np.zeros(max_num_seqs, dtype=np.int64)
-        self.num_general = 0  # rows that need the general sampler
+        self.prefilling = np.zeros(max_num_seqs, dtype=bool)  # its prompt is not all computed yet (no decoding)
+        self.mode_counts = [0] * len(SamplerMode)  # running rows per sampler mode they need
+        self.sampler_mode = SamplerMode.GREEDY  # the cheapest mode that serves every running row
+        self.num_speculating = 0  # running rows with prompt-lookup speculation
+        self.num_logprob_rows = 0  # rows whose requests want their sampled tokens' logprobs
+        self.num_beam_rows = 0  # rows of beam-search requests (engine.beam_group)
+        self.may_share_write_block: set[int] = set()
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
     def assign(self, seq: Sequence) -> int:
@@ -50,7 +55,20 @@ class SlotTable:
         self.num_tokens[slot] = len(seq.token_ids)
         self.max_tokens[slot] = seq.num_prompt_tokens + seq.params.max_new_tokens
         self.capacity[slot] = len(seq.block_table) * self.block_size
-        self.num_general += needs_general_sampler(seq.params)
+        self.prefilling[slot] = True  # a new row computes its tokens (in chunks) before it decodes
+        self._count_mode(seq, 1)
+        return slot
+
+    def fork(self, parent: Sequence, child: Sequence, *, copy_device_row: bool) -> int:
+        """Give child, whose tokens and blocks are parent's (none in flight), the next free row. copy_device_row:
+        the child's device state (next input id, block table row, sampling settings, seen tokens, history) is
+        parent's row, copied at the next launch, and it decodes from the next step on; else the step that admits
+        both loads it, and it waits (prefilling) until the scheduler starts it with its parent's last prompt chunk."""
+        slot = self.assign(child)
+        self.may_share_write_block.update((parent.slot, slot))
+        if copy_device_row:
+            self.prefilling[slot] = False
+            self._moves[slot] = self._moves.get(parent.slot, parent.slot)  # what parent's row holds or will hold
         return slot
 
     def release(self, seq: Sequence) -> None:
@@ -59,17 +77,23 @@ class SlotTable:
         if not 0 <= slot <= last or self.seqs[slot] is not seq:
             raise RuntimeError(f"sequence {seq.seq_id} does not hold slot {slot}")
         seq.slot = -1
-        self.num_general -= needs_general_sampler(seq.params)
+        self._count_mode(seq, -1)
         if slot != last:
             moved = self.seqs[last]
             self.seqs[slot], moved.slot = moved, slot
             self.num_tokens[slot] = self.num_tokens[last]
             self.max_tokens[slot] = self.max_tokens[last]
             self.capacity[slot] = self.capacity[last]
+            self.prefilling[slot] = self.prefilling[last]
             # Chained moves compose: the row takes whatever the last row was itself still waiting to receive.
             self._moves[slot] = self._moves.pop(last, last)
         else:
             self._moves.pop(slot, None)  # nobody needs that row's pending content any more
+        if self.may_share_write_block:
+            self.may_share_write_block.discard(slot)
+            if last in self.may_share_write_block:
+                self.may_share_write_block.remove(last)
+                self.may_share_write_block.add(slot)
         self.seqs[last] = None
         self.count -= 1
 
@@ -79,6 +103,13 @@ class SlotTable:
             return NO_MOVES
         moves, self._moves = self._moves, {}
         return list(moves), list(moves.values())
+
+    def _count_mode(self, seq: Sequence, change: int) -> None:
+        self.num_speculating += change * (seq.params.prompt_lookup_num_tokens is not None)
+        self.num_logprob_rows += change * (seq.params.logprobs is not None)
+        self.num_beam_rows += change * (seq.params.num_beams > 1)
+        self.mode_counts[row_mode(seq.params)] += change
+        self.sampler_mode = max((mode for mode in SamplerMode if self.mode_counts[mode]), default=SamplerMode.GREEDY)
 
     def running(self) -> list[Sequence]:
         return self.seqs[: self.count]

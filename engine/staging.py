@@ -2,8 +2,9 @@
 
 Uploads: the host writes a step's small inputs (positions, new block-table entries, a prefill's tokens) with numpy
 into one host buffer, and one async copy moves them to a device buffer whose views the model reads (a captured
-graph reads the same addresses on every replay). Read-back: the sampled ids and row maxima go to host memory with
-an async copy and an event; the host waits on the event only when it processes that step, one step later.
+graph reads the same addresses on every replay). Read-back: the sampled ids and row maxima (and a step's logprobs,
+when a request asked) go to host memory with an async copy and an event; the host waits on the event only when it
+processes that step, one step later.
 
 On CUDA the host buffers are pinned, so both copies are truly asynchronous, and each side keeps a ring of two: the
 buffer a step writes was last used two steps ago, whose results have been read (so its copies are done). On a CPU
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from hayabusa.engine.logprobs import DeviceLogprobs, StepLogprobs
 
 RING = 2
 _ALIGN = 8
@@ -44,6 +47,11 @@ class PackedUpload:
         self._host_np = [buffer.numpy() for buffer in self._host]
         self._device = torch.zeros(capacity_bytes, dtype=torch.uint8, device=device)
         self._next = 0
+
+    @property
+    def capacity(self) -> int:
+        """Bytes one upload can hold."""
+        return self._device.numel()
 
     @staticmethod
     def nbytes(fields: Sequence[Field]) -> int:
@@ -81,6 +89,7 @@ class Readback:
     ids: np.ndarray  # int64 [rows], a view of host memory
     row_max_bits: np.ndarray  # [rows], the row maxima's bit patterns (int16 or int32, by the logits dtype)
     event: torch.cuda.Event | None
+    logprobs: StepLogprobs | None = None  # when the step computed any
 
 
 class ResultRing:
@@ -94,18 +103,25 @@ class ResultRing:
         self._events = [torch.cuda.Event() if self._pinned else None for _ in range(RING)]
         self._next = 0
 
-    def copy_out(self, ids: Tensor, row_max: Tensor, rows: slice) -> Readback:
+    def copy_out(self, ids: Tensor, row_max: Tensor, rows: slice, sampled_logprobs: DeviceLogprobs | None = None,
+                 prompt_logprobs: DeviceLogprobs | None = None) -> Readback:
         """Start copying ids and row maxima [max_rows] (device) to the host; a step's results are rows of them.
+        Logprobs, when the step computed any, travel in the same read-back (fresh host buffers: they are rare and
+        their size varies).
 
         The whole buffers travel (a few KB: as fast as a slice, and no per-step slicing on the host)."""
         ring = self._next
         self._ids[ring].copy_(ids, non_blocking=self._pinned)
         self._row_max[ring].copy_(row_max, non_blocking=self._pinned)
+        logprobs = None
+        if sampled_logprobs is not None or prompt_logprobs is not None:
+            logprobs = StepLogprobs(*(None if lp is None else lp.copy_to_host(self._pinned)
+                                      for lp in (sampled_logprobs, prompt_logprobs)))
         event = self._events[ring]
         if event is not None:
             event.record()
         self._next = (ring + 1) % RING
-        return Readback(self._ids_np[ring][rows], self._bits_np[ring][rows], event)
+        return Readback(self._ids_np[ring][rows], self._bits_np[ring][rows], event, logprobs)
 
     @staticmethod
     def wait(readback: Readback) -> None:

@@ -37,6 +37,8 @@ def test_results_follow_the_input_order_and_equal_generate(tmp_path) -> None:
     ('{"prompt": 5}', ['in.jsonl:3: "prompt" must be a string or a list of token ids']),
     ('{"max_new_tokens": 5}', ['in.jsonl:3: each line must be a JSON object with a "prompt"']),
     ('{"prompt": "a", "top_p": 0}', ["in.jsonl:3: top_p must be in (0, 1]"]),
+    ('{"prompt": "a", "num_return_sequences": 2}', ["in.jsonl:3: 'num_return_sequences' is not supported by hayabusa "
+                                                    "batch (one text per line)"]),
     ('{"prompt": "a"', ["in.jsonl:3: not valid JSON"]),
 ])
 def test_a_bad_line_is_named_before_any_work(tmp_path, capsys, bad_line, words) -> None:

@@ -221,9 +221,17 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     launches = results["launches_per_decode_step"]  # counted with an H200's configs on a CPU
     assert launches["num_sms"] == 132 and [c["batch"] for c in launches["by_batch"]] == [1, 4]
     assert [c["per_layer"] for c in launches["by_batch"]] == [5, 5]
-    # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason
-    assert {s["engine"] for s in results["skipped"]} == {"hayabusa", "transformers-compile"}
+    # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason; prompt-lookup
+    # acceptance is measured on hayabusa's engine only
+    assert {s["engine"] for s in results["skipped"] if s["scenario"] == "all"} == {"hayabusa", "transformers-compile"}
+    assert [s["engine"] for s in results["skipped"] if s["scenario"] == "speculation"] == ["transformers-eager"]
     assert all(s["reason"] for s in results["skipped"])
+    (speculation,) = [r for r in results["records"] if r["scenario"] == "speculation"]
+    assert speculation["engine"] == "hayabusa-reference" and speculation["gen_len"] == SIZES["smoke"].decode_gen_len
+    extra = speculation["extra"]
+    assert 0 <= extra["accepted_tokens"] <= extra["draft_tokens"] and 0 <= extra["acceptance_rate"] <= 1
+    assert extra["tokens_per_forward_pass"] == speculation["gen_len"] / (speculation["gen_len"]
+                                                                         - extra["accepted_tokens"])
     records = results["records"]
     for record in records:
         assert set(RECORD_KEYS) <= set(record), record

@@ -3,7 +3,9 @@
 A shadow KV cache records, for every slot written, the whole token prefix that produced it (KV depends on
 the prefix, not just the token). After every step each live sequence must read back exactly its own prefix
 from every computed position: that rules out a block owned twice, a wrong prefix-cache hit and a write into
-a shared block. Reference counts must match the block tables, and everything is free at the end.
+a shared block. Forked sequences share every block; the block copies `may_append` asks for are applied to the
+shadow as the model runner applies them to the KV cache. Reference counts must match the block tables, and
+everything is free at the end.
 """
 
 from dataclasses import dataclass, field
@@ -77,9 +79,24 @@ class BlockManagerMachine(RuleBasedStateMachine):
         if not self.manager.can_append(seq):
             self._preempt(seq)
             return
-        self.manager.may_append(seq)
+        copy = self.manager.may_append(seq)
+        if copy is not None:  # what the runner does before the step writes: the block's KV, slot by slot
+            source, destination = copy
+            for slot in range(self.manager.block_size):
+                if (source, slot) in self.shadow:
+                    self.shadow[(destination, slot)] = self.shadow[(source, slot)]
         assert len(seq.block_table) == self.manager.blocks_needed(len(seq.token_ids))
         self._compute(seq, len(seq.token_ids))
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def fork(self, data: st.DataObject) -> None:
+        parent = self.running[data.draw(st.integers(0, len(self.running) - 1))]
+        child = FakeSequence(list(parent.token_ids), num_computed=parent.num_computed)
+        free_before = self.manager.num_free_blocks
+        self.manager.fork(parent, child)
+        assert child.block_table == parent.block_table and self.manager.num_free_blocks == free_before
+        self.running.append(child)
 
     def _preempt(self, seq: FakeSequence) -> None:
         self.manager.deallocate(seq)
@@ -190,3 +207,37 @@ def test_bad_pool_sizes_are_rejected() -> None:
         BlockManager(0, 16)
     with pytest.raises(ValueError, match="block_size must be a positive integer, got -1"):
         BlockManager(4, -1)
+
+
+def test_forked_children_share_blocks_until_they_write() -> None:
+    manager = BlockManager(num_blocks=8, block_size=4)
+    parent = FakeSequence(list(range(6)))  # one full block and a half-full one
+    manager.allocate(parent)
+    children = [FakeSequence(list(parent.token_ids)) for _ in range(3)]
+    for child in children:
+        manager.fork(parent, child)
+    assert manager.num_free_blocks == 6 and [manager.blocks[b].ref_count for b in parent.block_table] == [4, 4]
+    copies = []
+    for seq in children + [parent]:  # each writes its own 7th token into the shared half-full block
+        seq.token_ids.append(100 + len(copies))
+        assert manager.can_append(seq)
+        copies.append(manager.may_append(seq))
+    shared_full, shared_tail = parent.block_table[0], copies[0][0]
+    assert copies[:3] == [(shared_tail, child.block_table[1]) for child in children] and copies[3] is None
+    assert parent.block_table == [shared_full, shared_tail]  # the last holder writes in place
+    assert all(child.block_table[0] == shared_full for child in children)
+    assert manager.num_free_blocks == 3 and manager.blocks[shared_full].ref_count == 4
+    for seq in children + [parent]:
+        manager.deallocate(seq)
+    assert manager.num_free_blocks == 8 and all(block.ref_count == 0 for block in manager.blocks)
+
+
+def test_copy_on_write_needs_a_free_block() -> None:
+    manager = BlockManager(num_blocks=1, block_size=4)
+    parent, child = FakeSequence([1, 2]), FakeSequence([1, 2])
+    manager.allocate(parent)
+    manager.fork(parent, child)
+    child.token_ids.append(3)
+    assert not manager.can_append(child)
+    with pytest.raises(ValueError, match="no free block for a copy-on-write"):
+        manager.may_append(child)

@@ -40,13 +40,13 @@ def finished_outputs(updates) -> dict:
 
 
 def spy_prefills(engine: PagedEngine) -> list[list[tuple[int, int]]]:
-    """Record (tokens, prefix-cache hit) of every sequence in every prefill batch the engine runs."""
+    """Record (tokens, prefix-cache hit) of every sequence with a prompt chunk in every step the engine runs."""
     prefills: list[list[tuple[int, int]]] = []
     launch = engine.runner.launch
 
     def recording_launch(plan):
-        if plan.is_prefill:
-            prefills.append([(len(seq), seq.num_cached_tokens) for seq in plan.seqs])
+        if plan.chunks:
+            prefills.append([(len(plan.seqs[row]), plan.seqs[row].num_cached_tokens) for row in plan.chunks])
         return launch(plan)
 
     engine.runner.launch = recording_launch

@@ -178,7 +178,7 @@ def test_padding_rows_of_a_graph_sized_decode_batch_change_nothing(model) -> Non
         engine.add_request(prompt, SamplingParams(max_new_tokens=4))
     engine.step()  # prefill: the sampled tokens sit in the next decode's input buffer, last_token[0:2]
     plan = engine.scheduler.schedule()
-    assert not plan.is_prefill and plan.new_blocks == []  # both tokens' blocks are in the tables already
+    assert not plan.is_mixed and plan.new_blocks == []  # both tokens' blocks are in the tables already
     inputs = DecodeInputs(input_ids=runner.sampler.last_token[:2].clone(), positions=torch.from_numpy(plan.positions),
                           block_tables=runner.block_tables[:2].clone())
     caches_before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]

@@ -19,30 +19,20 @@ from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.model_runner import graph_batch_sizes, prefill_bucket, prefill_buckets
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_outputs
+from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.weights import EMBED_IN
-from hayabusa.tokenizer import Tokenizer
 
-from hf_oracle import random_hf_model
+from paged_engine import SAMPLED, TOKENIZER, make_engine, small_model
 
-TOKENIZER = Tokenizer.from_pretrained()
 PROMPTS = [[5, 17, 9, 3], [77, 1, 2, 3, 4, 5], [30, 31], [8] * 7, [40, 41, 42, 43, 44]]
-SAMPLED = SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.9, top_k=20, top_p=0.9,
-                         repetition_penalty=1.3, seed=7, ignore_eos=True)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def model():
-    _, config, state_dict = random_hf_model(43, hidden=64, heads=2, layers=2, vocab=101, max_positions=64,
-                                            tied=False)
-    return config, state_dict
-
-
-def make_engine(config, state_dict, **kwargs) -> PagedEngine:
-    kwargs = {"kv_cache_blocks": 64, "block_size": 4, **kwargs}
-    return PagedEngine(config, state_dict, TOKENIZER, device="cpu", ops="torch", **kwargs)
+    return small_model()
 
 
 def reference(config, state_dict, prompts, params):
@@ -66,7 +56,8 @@ def spy_sampling_rows(engine: PagedEngine) -> dict[int, int]:
 def spy_shapes(engine: PagedEngine, shapes: list[tuple[str, int]]) -> None:
     """Record the rows of every decode (batch) and prefill (tokens) the model runs."""
     decode, prefill = engine.model.decode, engine.model.prefill
-    engine.model.decode = lambda inputs, kv: (shapes.append(("decode", len(inputs.positions))), decode(inputs, kv))[1]
+    engine.model.decode = lambda inputs, kv, **kw: (shapes.append(("decode", len(inputs.positions))),
+                                                    decode(inputs, kv, **kw))[1]
     engine.model.prefill = lambda inputs, kv: (shapes.append(("prefill", len(inputs.input_ids))),
                                                prefill(inputs, kv))[1]
 
@@ -274,8 +265,8 @@ def test_warm_up_runs_every_shape_the_engine_can_launch(model) -> None:
     shapes = []
     spy_shapes(engine, shapes)
     engine.runner.warm_up(prefill=True, progress=False)
-    # Each decode batch size twice (greedy-only and general sampling); prefill buckets capped at the token budget.
-    assert sorted(shapes) == sorted([("decode", b) for b in graph_batch_sizes(20)] * 2
+    # Each decode batch size once per sampler mode; prefill buckets capped at the token budget.
+    assert sorted(shapes) == sorted([("decode", b) for b in graph_batch_sizes(20)] * len(SamplerMode)
                                     + [("prefill", min(t, 300)) for t in prefill_buckets(300)])
     assert_same(engine.generate(PROMPTS, [SAMPLED] * 5), reference(config, state_dict, PROMPTS, [SAMPLED] * 5))
 
@@ -298,3 +289,28 @@ def test_backends_run_the_paged_engine_and_the_cpu_pool_fits_the_ram(model, monk
     monkeypatch.setattr(model_runner, "available_host_memory", lambda: 1 << 10)
     with pytest.raises(ValueError, match="pass kv_cache_blocks"):
         make_engine(config, state_dict, kv_cache_blocks=None)
+
+
+@pytest.mark.parametrize("chunked_prefill", [True, False])
+def test_prompt_chunks_beside_decodes_change_no_token(model, chunked_prefill: bool) -> None:
+    """A budget of 5 tokens splits every longer prompt into chunks that run beside the decodes (or, unchunked,
+    whole prompts in steps of their own); a small pool adds preemption and recompute in chunks, and shared prefixes
+    add cache hits. Greedy and seeded outputs equal the reference loop's."""
+    config, state_dict = model
+    prompts = [PROMPTS[i % 5] * (1 + i % 3) + [i] for i in range(10)]
+    params = [SamplingParams(max_new_tokens=6 + i % 5, ignore_eos=True) if i % 3 else SAMPLED for i in range(10)]
+    budget = 5 if chunked_prefill else 64
+    engine = make_engine(config, state_dict, kv_cache_blocks=12, max_num_seqs=4, max_num_batched_tokens=budget,
+                         chunked_prefill=chunked_prefill)
+    plans = []
+    launch = engine.runner.launch
+    engine.runner.launch = lambda plan: (plans.append(plan), launch(plan))[1]
+    preempt = engine.scheduler.preempt
+    preempted = []
+    engine.scheduler.preempt = lambda seq: (preempted.append(seq.seq_id), preempt(seq))
+    assert_same(engine.generate(prompts, params), reference(config, state_dict, prompts, params))
+    mixed = [plan for plan in plans if plan.chunks and plan.tokens_per_row[[r for r in range(plan.num_rows)
+                                                                           if r not in plan.chunks]].any()]
+    cut = [plan for plan in plans if any(not plan.tokens_per_row[row] for row in plan.chunks)]
+    assert bool(mixed) == bool(cut) == chunked_prefill  # decodes beside chunks, and prompts cut short of the end
+    assert preempted and engine.block_manager.num_free_blocks == 12

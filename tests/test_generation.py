@@ -99,6 +99,7 @@ def test_logits_equal_the_reference_forward() -> None:
     ([[1, 2, 3]], {"temperature": -1.0}, "temperature must be >= 0"),
     ([[1, 2, 3]], {"top_p": 0.0}, "top_p must be in"),
     ([[1, 2, 3]], {"beam_width": 3}, "unknown sampling parameter 'beam_width'"),
+    ([[1, 2, 3]], {"num_beams": 2, "do_sample": True}, "do_sample=True is not supported with num_beams > 1"),
     (b"abc", {}, r"prompts is bytes; pass text as str \(e.g. data.decode\('utf-8'\)\) or token ids as a list of int"),
     ([b"abc"], {}, "prompt 0 is bytes"),  # bytes iterate as ints: they once passed for token ids [97, 98, 99]
     (["ok", bytearray(b"abc")], {}, "prompt 1 is bytearray"),
@@ -107,6 +108,12 @@ def test_bad_requests_get_clear_errors(prompts, kwargs, message: str) -> None:
     engine, _ = make_engine(1, vocab=101, max_positions=128)
     with pytest.raises(ValueError, match=message):
         engine.generate(prompts, **kwargs)
+
+
+def test_stream_refuses_beams() -> None:
+    engine, _ = make_engine(1, vocab=101, max_positions=128)
+    with pytest.raises(ValueError, match="num_beams > 1 does not stream"):
+        next(engine.stream([1, 2, 3], num_beams=2))
 
 
 def test_stream_refuses_bytes() -> None:

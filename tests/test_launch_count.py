@@ -7,7 +7,11 @@ import pytest
 import torch
 
 from hayabusa.engine.config import PRESETS
-from hayabusa.engine.kernel_plan import decode_step_launches, engine_specializations
+from hayabusa.engine.kernel_plan import decode_step_launches, engine_specializations, placeholder_model
+from hayabusa.engine.model_runner import ModelRunner
+from hayabusa.engine.sampler import SamplerMode
+from hayabusa.kernels._launch import H200, simulated_device
+from hayabusa.kernels.launch_count import recorded_launches
 
 CONFIG = PRESETS["2.7b"]
 GEMV, ATTENTION = "_gemv_kernel", "_decode_attention_kernel"
@@ -52,3 +56,18 @@ def test_token_counts_and_table_widths_never_pick_a_compiled_variant(module, ker
     # a JITFunction holds the names itself, the interpreter's wrapper in the kwargs it was made with
     unspecialized = getattr(jitted, "do_not_specialize", None) or jitted.kwargs["do_not_specialize"]
     assert argument in unspecialized
+
+
+def test_the_whole_decode_step_with_greedy_sampling_fits_164():
+    """The runner's decode step as a CUDA graph holds it: the block-table scatter, the model, the greedy sampler."""
+    runner = ModelRunner(placeholder_model(CONFIG, torch.float16), block_size=16, num_kv_blocks=128, max_num_seqs=8,
+                         max_num_batched_tokens=512, use_cuda_graphs=False)
+    views = runner._decode_layout(1).device
+    with simulated_device(H200):
+        with recorded_launches():  # first use allocates (split-K tickets): not a step's cost
+            runner._decode_body(1, SamplerMode.GREEDY, views)
+        with recorded_launches() as log:
+            runner._decode_body(1, SamplerMode.GREEDY, views)
+    assert log.torch_ops == ["aten.index_copy_.default", "aten.embedding.default", "aten.max.dim_max"]
+    assert len(log.triton) == 32 * 5 + 1
+    assert len(log.triton) + len(log.torch_ops) == 164

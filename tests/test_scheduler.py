@@ -64,29 +64,37 @@ class FakeDevice:
 
 def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
     manager, slots = scheduler.block_manager, scheduler.slots
-    assert plan.num_rows <= scheduler.max_num_seqs
-    assert slots.count == len(scheduler.running)
+    assert plan.num_rows == slots.count == len(scheduler.running) <= scheduler.max_num_seqs
     for row, seq in enumerate(plan.seqs):
-        assert seq.status is SequenceStatus.RUNNING and seq.slot == plan.first_slot + row
-    if plan.is_prefill:
-        assert sum(len(s) - s.num_cached_tokens for s in plan.seqs) <= scheduler.max_num_batched_tokens
-        for seq in plan.seqs:
-            assert len(seq.block_table) == manager.blocks_needed(len(seq))  # room for every token to compute
-    else:
-        for seq, position, count in zip(plan.seqs, plan.positions.tolist(), plan.tokens_per_row.tolist(),
-                                        strict=True):
-            assert (position >= 0) == bool(count)
-            if count:
-                assert position < len(seq.block_table) * manager.block_size  # its block is there
-                # Never a token past max_new_tokens (the last sampled token is never written to the cache).
-                assert position <= seq.num_prompt_tokens + seq.params.max_new_tokens - 2
+        assert seq.status is SequenceStatus.RUNNING and seq.slot == row
+    num_new_tokens = plan.num_new_tokens if plan.is_mixed else (plan.positions >= 0).astype(int)
+    if plan.is_mixed and scheduler.chunked_prefill:
+        assert 0 < num_new_tokens.sum() <= max(scheduler.max_num_batched_tokens, len(plan.seqs))
+    for row, (seq, position, count, samples) in enumerate(zip(plan.seqs, plan.positions.tolist(), num_new_tokens,
+                                                              plan.tokens_per_row.tolist(), strict=True)):
+        assert (position >= 0) == bool(count)
+        if row in plan.chunks:  # a prompt chunk: known tokens, its blocks all allocated; it samples at the end
+            assert position + count <= len(seq) <= len(seq.block_table) * manager.block_size
+            assert samples == (position + count == len(seq))
+        elif row in plan.forked_from:  # a fork child starting with its parent's last chunk: its blocks, its logits
+            parent = plan.seqs[plan.forked_from[row]]
+            assert count == 0 and samples == plan.tokens_per_row[parent.slot]
+            assert seq.block_table == parent.block_table and seq.request_id == parent.request_id
+        elif count:  # a decode row: one token, in a block it holds, never past max_new_tokens
+            assert count == 1 and samples
+            assert position < len(seq.block_table) * manager.block_size
+            # The last sampled token is never written to the cache.
+            assert position <= seq.num_prompt_tokens + seq.params.max_new_tokens - 2
+        else:
+            assert not samples
     held = [b for seq in scheduler.running for b in seq.block_table]
     assert manager.num_free_blocks + len(set(held)) == manager.num_blocks
 
 
 def run_to_completion(scheduler: Scheduler, lagged: bool = False,
-                      max_steps: int = 10_000) -> list[tuple[list[Sequence], bool]]:
-    """Drive the scheduler with the fake model; check per-step invariants; return the batches (rows with work)."""
+                      max_steps: int = 10_000) -> list[tuple[list[Sequence], list[Sequence]]]:
+    """Drive the scheduler with the fake model; check per-step invariants; return each launched step's (sampling
+    sequences, sequences with a prompt chunk)."""
     batches = []
     device = FakeDevice()
     in_flight: tuple[StepPlan, list[int]] | None = None
@@ -100,10 +108,11 @@ def run_to_completion(scheduler: Scheduler, lagged: bool = False,
         check_plan(scheduler, plan)
         launched = None
         if plan.has_work:
-            batches.append(([s for s, n in zip(plan.seqs, plan.tokens_per_row, strict=True) if n], plan.is_prefill))
+            batches.append(([s for s, n in zip(plan.seqs, plan.tokens_per_row, strict=True) if n],
+                            [plan.seqs[row] for row in plan.chunks]))
             launched = (plan, device.run(plan))
-            if plan.is_prefill:
-                scheduler.publish_prefilled(plan)  # as the engine does once a prefill is launched
+            if plan.chunks:
+                scheduler.publish_prefilled(plan)  # as the engine does once a step is launched
         previous, in_flight = (in_flight, launched) if lagged else (launched, None)
         assert previous is not None or plan.has_work or in_flight is not None, "work is left but nothing ran"
         if previous is not None:
@@ -118,18 +127,37 @@ def expected_completion(prompt: list[int], max_new_tokens: int) -> list[int]:
     return tokens[len(prompt):]
 
 
-def test_prefill_admits_oldest_first_within_the_token_budget() -> None:
+def test_prompt_chunks_fill_the_budget_beside_the_decodes() -> None:
     scheduler = make_scheduler(num_blocks=64, block_size=4, max_num_batched_tokens=20, max_model_len=20)
     seqs = [make_seq(i, [1] * n, 4) for i, n in enumerate([8, 8, 5, 1])]
     for seq in seqs:
         scheduler.add(seq)
+    plan = scheduler.schedule()  # 8 + 8 + the first 4 of 5: the budget is full; the last waits its turn (FIFO)
+    assert plan.seqs == seqs[:3] and plan.chunks == [0, 1, 2] and plan.admitted == [0, 1, 2]
+    assert plan.num_new_tokens.tolist() == [8, 8, 4] and plan.positions.tolist() == [0, 0, 0]
+    assert plan.tokens_per_row.tolist() == [1, 1, 0]  # the cut prompt samples nothing yet
+    plan = scheduler.schedule()  # two decode rows, the cut prompt's last token, and the 1-token prompt joins
+    assert plan.seqs == seqs and plan.chunks == [2, 3] and plan.admitted == [3]
+    assert plan.num_new_tokens.tolist() == [1, 1, 1, 1] and plan.positions.tolist() == [8, 8, 4, 0]
+    assert plan.tokens_per_row.tolist() == [1, 1, 1, 1]
     plan = scheduler.schedule()
-    assert plan.is_prefill and plan.seqs == seqs[:2]  # 8 + 8 + 5 > 20; the last (1) would fit but waits its turn
+    assert not plan.is_mixed and plan.seqs == seqs  # slot order
+    assert plan.positions.tolist() == [9, 9, 5, 1]  # each writes the token its last step sampled (in flight)
+
+
+def test_without_chunked_prefill_whole_prompts_run_in_steps_of_their_own() -> None:
+    scheduler = Scheduler(BlockManager(64, 4), max_num_seqs=8, max_num_batched_tokens=20, max_model_len=20,
+                          chunked_prefill=False)
+    seqs = [make_seq(i, [1] * n, 4) for i, n in enumerate([8, 8, 5, 1])]
+    for seq in seqs:
+        scheduler.add(seq)
     plan = scheduler.schedule()
-    assert plan.is_prefill and plan.seqs == seqs[2:] and plan.first_slot == 2  # the queue drains before a decode
+    assert plan.chunks == [0, 1] and plan.num_new_tokens.tolist() == [8, 8]  # 8 + 8 + 5 > 20: the 5 waits
+    plan = scheduler.schedule()  # the queue drains first; the decode rows wait
+    assert plan.chunks == [2, 3] and plan.num_new_tokens.tolist() == [0, 0, 5, 1]
+    assert plan.tokens_per_row.tolist() == [0, 0, 1, 1] and plan.positions.tolist() == [-1, -1, 0, 0]
     plan = scheduler.schedule()
-    assert not plan.is_prefill and plan.seqs == seqs  # slot order
-    assert plan.positions.tolist() == [8, 8, 5, 1]  # each writes the token its prefill sampled (still in flight)
+    assert not plan.is_mixed and plan.positions.tolist() == [8, 8, 5, 1]
 
 
 def test_max_num_seqs_caps_the_running_set() -> None:
@@ -166,7 +194,8 @@ def test_recompute_reuses_its_own_cached_prefix() -> None:
     scheduler.postprocess(plan, [next_token(s.token_ids) for s in plan.seqs])
     scheduler.preempt(old)  # as the decode step would; its two full blocks stay published
     plan = scheduler.schedule()
-    assert plan.is_prefill and plan.seqs == [old] and old.num_cached_tokens == 2  # block [1, 2] is hit
+    assert plan.chunks == [0] and plan.seqs == [old] and old.num_cached_tokens == 2  # block [1, 2] is hit
+    assert plan.positions.tolist() == [2] and plan.num_new_tokens.tolist() == [2]
 
 
 def test_a_sequence_with_a_token_in_flight_is_never_preempted() -> None:
@@ -194,25 +223,31 @@ def test_blocks_short_with_tokens_in_flight_asks_for_them_first() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 3)), min_size=1, max_size=12),
+    requests=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 8), st.integers(0, 3), st.integers(1, 3)),
+                      min_size=1, max_size=12),
     num_blocks=st.integers(6, 20),
     block_size=st.integers(1, 4),
     max_num_seqs=st.integers(1, 6),
+    budget=st.sampled_from([1, 3, 7, 24, None]),  # None: without chunked prefill
 )
 @pytest.mark.parametrize("lagged", [False, True])
 def test_every_request_finishes_with_its_unconstrained_tokens(lagged, requests, num_blocks, block_size,
-                                                              max_num_seqs) -> None:
-    scheduler = make_scheduler(num_blocks, block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=24,
-                               max_model_len=24)
+                                                              max_num_seqs, budget) -> None:
+    scheduler = Scheduler(BlockManager(num_blocks, block_size), max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=budget or 24, max_model_len=24, chunked_prefill=budget is not None)
     seqs = []
-    for i, (prompt_len, max_new, family) in enumerate(requests):
+    for i, (prompt_len, max_new, family, num_completions) in enumerate(requests):
         prompt = [family + 1] * 4 + list(range(prompt_len))  # shared prefixes within a family
         try:
-            scheduler.check_fits(len(prompt), max_new)
+            scheduler.check_fits(len(prompt), max_new, num_completions)
         except ValueError:
             continue
-        seqs.append(make_seq(i, prompt, max_new))
-        scheduler.add(seqs[-1])
+        seq = make_seq(i, prompt, max_new)
+        # More completions of the prompt: forked at admission, sharing its blocks (the fake model is deterministic,
+        # so each must end with the same tokens, whatever copies, preemptions and recomputes it went through).
+        seq.fork_children = [seq.fork(100 * (i + 1) + j, seed=j, index=j) for j in range(1, num_completions)]
+        scheduler.add(seq)
+        seqs += [seq, *seq.fork_children]
     run_to_completion(scheduler, lagged)
     for seq in seqs:
         prompt = seq.token_ids[:seq.num_prompt_tokens]
@@ -245,6 +280,9 @@ def test_abort_frees_blocks_of_a_running_sequence() -> None:
     assert scheduler.block_manager.num_free_blocks == 8 and not scheduler.has_work()
 
 
-def test_budget_smaller_than_the_context_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(16\) must be >= max_model_len \(32\)"):
-        make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=16, max_model_len=32)
+def test_budget_smaller_than_the_context_is_rejected_without_chunked_prefill() -> None:
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(16\) must be >= max_model_len \(32\) without"):
+        Scheduler(BlockManager(4, 4), max_num_seqs=8, max_num_batched_tokens=16, max_model_len=32,
+                  chunked_prefill=False)
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be >= 1"):
+        make_scheduler(num_blocks=4, block_size=4, max_num_batched_tokens=0)

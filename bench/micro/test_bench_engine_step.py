@@ -43,7 +43,7 @@ def decoding_engine(batch: int) -> PagedEngine:
     sampled = iter(torch.stack([long_ids[row: row + num_steps] for row in range(batch)], dim=1))  # [steps, batch]
     next_input_ids = runner.sampler.last_token[:batch]
 
-    def device_step(graph_batch: int, greedy_only: bool, views: dict) -> None:
+    def device_step(graph_batch: int, mode: object, views: dict) -> None:
         next_input_ids.copy_(next(sampled))
 
     runner._decode_body = device_step
@@ -53,7 +53,7 @@ def decoding_engine(batch: int) -> PagedEngine:
     params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, ignore_eos=True)
     for prompt in prompts:
         engine.add_request(prompt, params)
-    while engine.scheduler.waiting:
+    while engine.scheduler.waiting or engine.scheduler.prefilling:  # prompts run in chunks beside the decodes
         engine.step()
     for _ in range(3):  # reach steady decoding: every request has a token in flight and a few read back
         engine.step()

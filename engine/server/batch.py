@@ -25,7 +25,9 @@ from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.server.cli import add_engine_arguments, positive_int, require
 
 DEFAULT_BATCH_SIZE = 64
-SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams))
+# One output line per input line, text only: several completions and logprobs are for the Python API and the server.
+PER_LINE_UNSUPPORTED = frozenset({"num_return_sequences", "logprobs", "prompt_logprobs"})
+SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams)) - PER_LINE_UNSUPPORTED
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,10 @@ def parse_line(text: str, where: str) -> tuple[str | list[int], SamplingParams]:
     prompt = record.pop("prompt")
     if not (isinstance(prompt, str) or isinstance(prompt, list) and all(type(t) is int for t in prompt)):
         raise ValueError(f"{where}: \"prompt\" must be a string or a list of token ids, got {prompt!r}")
+    unsupported = sorted(set(record) & PER_LINE_UNSUPPORTED)
+    if unsupported:
+        raise ValueError(f"{where}: {unsupported[0]!r} is not supported by hayabusa batch (one text per line); use "
+                         f"Engine.generate or the server")
     unknown = sorted(set(record) - SAMPLING_FIELDS)
     if unknown:
         raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: prompt, {', '.join(sorted(SAMPLING_FIELDS))}")

@@ -37,14 +37,15 @@ class _Closed:
 
 
 class Submission:
-    """The engine requests of one API call (one per prompt and completion), awaited in one asyncio loop."""
+    """The engine requests of one API call (one per prompt, each of num_return_sequences completions), awaited in
+    one asyncio loop."""
 
     def __init__(self, event_loop: asyncio.AbstractEventLoop) -> None:
         self.event_loop = event_loop
         self.request_ids: list[int] = []  # index i: the i-th prompt handed to submit()
         self.created = time.perf_counter()
         self.queue: asyncio.Queue[list[tuple[int, RequestUpdate]] | _Closed] = asyncio.Queue()
-        self.num_unfinished = 0  # counted by the reader
+        self.num_unfinished = 0  # completions, counted by the reader
         self.closed = False  # aborted or failed: no more updates will come
 
     @property
@@ -52,8 +53,8 @@ class Submission:
         return self.closed or self.num_unfinished == 0
 
     async def updates(self) -> AsyncIterator[tuple[int, RequestUpdate]]:
-        """(prompt index, update) until every request finished; stops early when aborted; raises
-        EngineFailedError when the engine failed."""
+        """(prompt index, update) until every completion finished (update.index tells a prompt's completions apart);
+        stops early when aborted; raises EngineFailedError when the engine failed."""
         while self.num_unfinished:
             item = await self.queue.get()
             if isinstance(item, _Closed):
@@ -69,7 +70,8 @@ class Submission:
 class _Tracked:
     submission: Submission
     index: int
-    last_token_at: float | None = None  # for the inter-token latency
+    last_token_at: list[float | None]  # per completion, for the inter-token latency
+    num_unfinished: int  # completions
 
 
 class EngineLoop:
@@ -122,8 +124,9 @@ class EngineLoop:
                     self._abort_locked(submission, finish_reason=None)  # rejected, not aborted
                     raise ValueError(f"prompt {index}: {err}" if len(prompts) > 1 else str(err)) from None
                 submission.request_ids.append(request_id)
-                self._tracked[request_id] = _Tracked(submission, index)
-            submission.num_unfinished = len(prompts)
+                n = params.num_return_sequences
+                self._tracked[request_id] = _Tracked(submission, index, [None] * n, n)
+            submission.num_unfinished = len(prompts) * params.num_return_sequences
             self._wake.notify()
         return submission
 
@@ -138,11 +141,11 @@ class EngineLoop:
         submission.queue.put_nowait(_Closed(error=None))
 
     def _abort_locked(self, submission: Submission, finish_reason: str | None) -> None:
-        dropped = [i for i in submission.request_ids if self._tracked.pop(i, None) is not None]
+        dropped = {i: tracked for i in submission.request_ids if (tracked := self._tracked.pop(i, None)) is not None}
         for request_id in dropped:
             self.engine.abort(request_id)
         if dropped and finish_reason is not None and self.observer is not None:
-            self.observer.on_closed(finish_reason, len(dropped))
+            self.observer.on_closed(finish_reason, sum(tracked.num_unfinished for tracked in dropped.values()))
         self._wake.notify()
 
     # ---- the loop thread ---------------------------------------------------------------------------------------
@@ -169,11 +172,14 @@ class EngineLoop:
                 if tracked is None:  # aborted: nobody is listening
                     continue
                 if update.finished is not None:
-                    del self._tracked[update.request_id]
+                    tracked.num_unfinished -= 1
+                    if not tracked.num_unfinished:
+                        del self._tracked[update.request_id]
                 if self.observer is not None:
-                    self.observer.on_update(update, tracked.submission.created, tracked.last_token_at, now)
+                    self.observer.on_update(update, tracked.submission.created, tracked.last_token_at[update.index],
+                                            now)
                 if update.new_token_ids:
-                    tracked.last_token_at = now
+                    tracked.last_token_at[update.index] = now
                 batches.setdefault(tracked.submission, []).append((tracked.index, update))
         self._deliver([(submission, batch) for submission, batch in batches.items()])
 

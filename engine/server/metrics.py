@@ -21,8 +21,9 @@ class ServerMetrics:
     def __init__(self, engine: PagedEngine) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("hayabusa_requests", "Engine requests that ended, by finish reason "
-                                "(stop, length, abort: the client went away, error)", ["finish_reason"], registry=r)
+        self.requests = Counter("hayabusa_requests", "Engine requests (each completion of one) that ended, by finish "
+                                "reason (stop, length, abort: the client went away, error)", ["finish_reason"],
+                                registry=r)
         self.rejected = Counter("hayabusa_rejected_requests", "API calls answered with an error status, by status",
                                 ["status"], registry=r)
         self.prompt_tokens = Counter("hayabusa_prompt_tokens", "Prompt tokens of finished requests", registry=r)
@@ -55,7 +56,8 @@ class ServerMetrics:
                 self.inter_token.observe(now - last_token_at)
         if update.finished is not None:
             self.requests.labels(update.finished.finish_reason).inc()
-            self.prompt_tokens.inc(len(update.finished.prompt_token_ids))
+            if update.index == 0:  # a prompt's completions share it
+                self.prompt_tokens.inc(len(update.finished.prompt_token_ids))
             self.request_latency.observe(now - created)
 
     def on_closed(self, finish_reason: str, num_requests: int) -> None:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20
+MAX_N = 128  # as OpenAI; the engine also needs n <= its max_num_seqs
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -45,10 +46,10 @@ class StreamOptions(_Strict):
 class CompletionRequest(_Strict):
     model: str
     prompt: Prompt
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: int = Field(16, ge=0)  # 0 only with echo (serving checks): the prompt and its logprobs
     temperature: float = Field(1.0, ge=0.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -117,10 +118,20 @@ class UsageInfo(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's completions logprobs: per token its text, logprob (None for a prompt's first token, which has no
+    prefix), most likely alternatives by text (None there too) and where its text starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None  # filled once the engine returns logprobs
+    logprobs: CompletionLogprobs | None = None  # when the request set logprobs
     finish_reason: Literal["stop", "length"] | None
 
 

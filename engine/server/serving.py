@@ -1,5 +1,10 @@
 """/v1/completions: a validated request -> engine submissions; engine updates -> a response or SSE chunks.
 
+The one place where OpenAI's fields meet the engine's: `sampling_params` maps the request (n ->
+num_return_sequences, logprobs -> logprobs, and with echo also -> prompt_logprobs); choice i * n + j is prompt i's
+completion j (RequestUpdate.index j), in plain responses and in streams alike; an echoed choice starts with its
+prompt's text (its tokens decoded) and, with logprobs, the prompt tokens' logprobs (None for the first).
+
 Every failure leaves through `api_error` (one place, one shape): bad input 400, unknown model 404, full
 queue 429 with Retry-After, engine failure 500 (the exception's name and message, never a traceback).
 """
@@ -14,13 +19,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from hayabusa.engine.logprobs import TokenLogprobs
 from hayabusa.engine.outputs import GenerationOutput
 from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.server.completion_logprobs import ChoiceLogprobs, joined
 from hayabusa.engine.server.engine_loop import EngineFailedError, EngineLoop, QueueFullError, Submission
 from hayabusa.engine.server.metrics import ServerMetrics
 from hayabusa.engine.server.protocol import (
     APIError,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
@@ -33,14 +41,6 @@ logger = logging.getLogger("hayabusa.server")
 
 RETRY_AFTER_S = 1  # a full queue drains in about a prefill's time
 
-# API fields whose engine feature is not built yet: field -> "was it asked for". The engine-features track
-# replaces an entry by the wiring in `sampling_params` / the response builders.
-NOT_YET_SUPPORTED: dict[str, Callable[[CompletionRequest], bool]] = {
-    "logprobs": lambda request: request.logprobs is not None,
-    "echo": lambda request: request.echo,
-    "n": lambda request: request.n > 1,
-}
-
 WaitDisconnect = Callable[[], Awaitable[None]]  # returns when the client has gone away
 
 
@@ -50,7 +50,8 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
     return SamplingParams(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
                           temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                           repetition_penalty=request.repetition_penalty, seed=request.seed, stop=stop,
-                          ignore_eos=request.ignore_eos)
+                          ignore_eos=request.ignore_eos, num_return_sequences=request.n, logprobs=request.logprobs,
+                          prompt_logprobs=request.logprobs if request.echo else None)
 
 
 def api_error(err: Exception) -> APIError:
@@ -93,34 +94,51 @@ class CompletionServing:
         if request.model != self.model_name:
             raise APIError(404, f"the model '{request.model}' does not exist; this server serves "
                                 f"'{self.model_name}'", param="model", code="model_not_found")
-        for name, asked in NOT_YET_SUPPORTED.items():
-            if asked(request):
-                raise APIError(400, f"{name} is not supported by this build yet", param=name)
+        if request.max_tokens == 0 and not request.echo:
+            raise APIError(400, "max_tokens 0 needs echo (to return the prompt, with logprobs its logprobs); "
+                                "otherwise ask for at least 1 token", param="max_tokens")
         prompts = self._encode(request.prompt)
         submission = self.loop.submit(prompts, sampling_params(request))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return self._stream(submission, prompts, completion_id, include_usage, wait_disconnect)
+            return self._stream(submission, prompts, request, completion_id, include_usage, wait_disconnect)
         async with self._abort_on_disconnect(submission, wait_disconnect):
-            outputs: list[GenerationOutput | None] = [None] * len(prompts)
+            outputs: dict[int, GenerationOutput] = {}
             async for index, update in submission.updates():
                 if update.finished is not None:
-                    outputs[index] = _checked(update.finished)
+                    outputs[index * request.n + update.index] = _checked(update.finished)
         if submission.closed:
             raise APIError(499, "the client closed the connection", code="client_closed")
-        choices = [CompletionChoice(index=i, text=out.text, finish_reason=out.finish_reason)
-                   for i, out in enumerate(outputs)]
+        choices = []
+        for choice, out in sorted(outputs.items()):
+            prefix, pieces, completion = self._open_choice(prompts[choice // request.n], out.prompt_logprobs, request)
+            if completion is not None:
+                pieces.append(completion.piece(out.logprobs, out.token_ids))
+            choices.append(CompletionChoice(index=choice, text=prefix + out.text, logprobs=_joined(pieces),
+                                            finish_reason=out.finish_reason))
         return CompletionResponse(id=completion_id, model=self.model_name, choices=choices,
-                                  usage=_usage(prompts, sum(len(out.token_ids) for out in outputs)))
+                                  usage=_usage(prompts, sum(len(out.token_ids) for out in outputs.values())))
+
+    def _open_choice(self, prompt_ids: list[int], prompt_logprobs: list[TokenLogprobs | None] | None,
+                     request: CompletionRequest) -> tuple[str, list[CompletionLogprobs], ChoiceLogprobs | None]:
+        """What a choice starts with: its echoed prompt (text, and logprobs when asked), and the builder of its
+        completion's logprobs (None when not asked)."""
+        prefix, pieces = "", []
+        if request.echo:
+            prefix = self.tokenizer.decode(prompt_ids)
+            if request.logprobs is not None:
+                pieces.append(ChoiceLogprobs(self.tokenizer).piece(prompt_logprobs, prompt_ids))
+        completion = ChoiceLogprobs(self.tokenizer, len(prefix)) if request.logprobs is not None else None
+        return prefix, pieces, completion
 
     def _encode(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             prompt = [prompt]
         return [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
 
-    async def _stream(self, submission: Submission, prompts: list[list[int]], completion_id: str,
-                      include_usage: bool, wait_disconnect: WaitDisconnect) -> AsyncIterator[str]:
+    async def _stream(self, submission: Submission, prompts: list[list[int]], request: CompletionRequest,
+                      completion_id: str, include_usage: bool, wait_disconnect: WaitDisconnect) -> AsyncIterator[str]:
         created = int(time.time())
 
         def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
@@ -129,14 +147,23 @@ class CompletionServing:
             return f"data: {response.model_dump_json()}\n\n"
 
         num_tokens = 0
+        completions: dict[int, ChoiceLogprobs | None] = {}  # choices begun: their completion's logprobs builder
         async with self._abort_on_disconnect(submission, wait_disconnect):
             try:
                 async for index, update in submission.updates():
                     num_tokens += len(update.new_token_ids)
                     finished = _checked(update.finished) if update.finished is not None else None
-                    if update.text_delta or finished is not None:
+                    choice, prefix, pieces = index * request.n + update.index, "", []
+                    if choice not in completions:  # its first chunk: the echo goes first
+                        prefix, pieces, completions[choice] = self._open_choice(prompts[index],
+                                                                                update.prompt_logprobs, request)
+                    completion = completions[choice]
+                    if completion is not None and update.new_token_ids:
+                        pieces.append(completion.piece(update.new_logprobs, update.new_token_ids))
+                    if prefix or update.text_delta or pieces or finished is not None:
                         reason = finished.finish_reason if finished is not None else None
-                        yield chunk([CompletionChoice(index=index, text=update.text_delta, finish_reason=reason)])
+                        yield chunk([CompletionChoice(index=choice, text=prefix + update.text_delta,
+                                                      logprobs=_joined(pieces), finish_reason=reason)])
                 if submission.closed:
                     return  # the client went away
                 if include_usage:
@@ -161,6 +188,10 @@ class CompletionServing:
         finally:
             watcher.cancel()
             self.loop.abort(submission)  # a no-op once every request finished
+
+
+def _joined(pieces: list[CompletionLogprobs]) -> CompletionLogprobs | None:
+    return joined(pieces) if pieces else None
 
 
 def _checked(output: GenerationOutput) -> GenerationOutput:

@@ -3,6 +3,7 @@ and how it refuses bad requests (OpenAI's error shape, never a traceback). Outpu
 `Engine.generate` on the same weights (tiny preset, fp32, CPU)."""
 
 import json
+from dataclasses import replace
 
 import httpx
 import openai
@@ -127,13 +128,66 @@ def test_hayabusa_fields_reach_the_engine(client, engine) -> None:
     assert want.text != engine.generate(PROMPT, max_new_tokens=8)[0].text  # the penalty changed something
 
 
-@pytest.mark.parametrize("field", [{"logprobs": 2}, {"echo": True}, {"n": 2}])
-def test_fields_waiting_for_engine_features_are_refused_by_name(client, field) -> None:
-    (name,) = field
-    with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, **field)
-    assert caught.value.body["message"] == f"{name} is not supported by this build yet"
-    assert caught.value.body["param"] == name
+# ---- logprobs, echo and n -----------------------------------------------------------------------------------------
+
+def assert_logprobs(got, want, tolerance: float = 1e-6) -> None:
+    """got: the wire's token_logprobs and top_logprobs values; want: the engine's TokenLogprobs (None: none)."""
+    assert [None if w is None else pytest.approx(w.logprob, abs=tolerance) for w in want] == got.token_logprobs
+    assert [None if w is None else [pytest.approx(lp, abs=tolerance) for _, lp in w.top] for w in want] == \
+        [None if top is None else list(top.values()) for top in got.top_logprobs]
+
+
+def test_logprobs_are_the_engines_in_openais_shape(client, engine) -> None:
+    want = engine.generate(PROMPT, max_new_tokens=6, logprobs=3)[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3)
+    (choice,) = got.choices
+    logprobs = choice.logprobs  # the openai client's typed Logprobs
+    assert_logprobs(logprobs, want.logprobs)
+    assert logprobs.tokens == [engine.tokenizer.token_text(t) for t in want.token_ids]
+    assert logprobs.text_offset == [len(engine.tokenizer.decode(want.token_ids[:i])) for i in range(6)]
+    assert choice.text == want.text == "".join(logprobs.tokens)
+    # Greedy: each token is the most likely one at its position.
+    assert [max(top, key=top.get) for top in logprobs.top_logprobs] == logprobs.tokens
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first(client, engine) -> None:
+    want = engine.generate(PROMPT, max_new_tokens=3, logprobs=2, prompt_logprobs=2)[0]
+    prompt_text, num_prompt = engine.tokenizer.decode(want.prompt_token_ids), len(want.prompt_token_ids)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True)
+    (choice,) = got.choices
+    assert choice.text == prompt_text + want.text
+    assert_logprobs(choice.logprobs, want.prompt_logprobs + want.logprobs)
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.text_offset[num_prompt] == len(prompt_text)
+    # max_tokens 0: only the prompt, scored (what evaluation harnesses send)
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, logprobs=1, echo=True)
+    assert (scored.choices[0].text, scored.choices[0].finish_reason) == (prompt_text, "length")
+    assert_logprobs(scored.choices[0].logprobs, [w if w is None else replace(w, top=w.top[:1])
+                                                 for w in want.prompt_logprobs])
+    assert (scored.usage.prompt_tokens, scored.usage.completion_tokens) == (num_prompt, 0)
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
+    assert (plain.choices[0].text, plain.choices[0].logprobs) == (prompt_text + want.text, None)
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2,
+                                              echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    assert sum((c.choices[0].logprobs.token_logprobs for c in streamed), []) == choice.logprobs.token_logprobs
+
+
+def test_n_completions_are_seeded_choices_in_plain_and_streamed_responses(client, engine, server) -> None:
+    want = engine.generate(PROMPTS[:2], max_new_tokens=8, do_sample=True, temperature=0.9, seed=11,
+                           num_return_sequences=3)
+    fields = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=8, temperature=0.9, seed=11, n=3)
+    got = client.completions.create(**fields)
+    assert [(c.index, c.text) for c in got.choices] == [(i, w.text) for i, w in enumerate(want)]  # i = prompt * n + j
+    assert len({c.text for c in got.choices[:3]}) == 3  # three draws of one prompt
+    assert [c.text for c in client.completions.create(**fields).choices] == [w.text for w in want]  # seeded
+    assert got.usage.completion_tokens == sum(len(w.token_ids) for w in want)
+    assert got.usage.prompt_tokens == sum(len(w.prompt_token_ids) for w in want[::3])  # once per prompt
+    chunks = list(client.completions.create(**fields, stream=True, logprobs=1))
+    for index, w in enumerate(want):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        assert "".join(c.text for c in mine) == w.text and mine[-1].finish_reason == w.finish_reason
+        assert len(sum((c.logprobs.tokens for c in mine), [])) == len(w.token_ids)
+    server.wait_until_idle()  # every completion's blocks are back
 
 
 # ---- the other routes -------------------------------------------------------------------------------------------
@@ -177,7 +231,10 @@ def test_metrics_count_requests_and_tokens(client, server) -> None:
     ({"model": MODEL, "prompt": [1, "a"]}, "prompt", ["list of token ids"]),
     ({"model": MODEL, "prompt": [1, True]}, "prompt", ["list of token ids"]),
     ({"model": MODEL, "prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, "stop", ["at most 4"]),
-    ({"model": MODEL, "prompt": "a", "max_tokens": 0}, "max_tokens", ["greater than or equal to 1"]),
+    ({"model": MODEL, "prompt": "a", "max_tokens": -1}, "max_tokens", ["greater than or equal to 0"]),
+    ({"model": MODEL, "prompt": "a", "max_tokens": 0}, "max_tokens", ["max_tokens 0 needs echo"]),
+    ({"model": MODEL, "prompt": "a", "n": 0}, "n", ["greater than or equal to 1"]),
+    ({"model": MODEL, "prompt": "a", "n": 129}, "n", ["less than or equal to 128"]),
     ({"model": MODEL, "prompt": "a", "top_p": 1.5}, "top_p", ["less than or equal to 1"]),
     ({"model": MODEL, "prompt": "a", "logprobs": 21}, "logprobs", ["less than or equal to 20"]),
     ({"model": MODEL, "prompt": "a", "frobnicate": 1}, "frobnicate", ["unknown field 'frobnicate'"]),

@@ -1,0 +1,82 @@
+"""Beam search in the paged engine: one request's num_beams beams as running sequences that share KV blocks.
+
+A request with num_beams = k > 1 is admitted as k sequences, beam slot i held by `seqs[i]`: the first computes the
+prompt (in chunks, engine.scheduler) and the other k - 1 are forked from it at admission and wait, so all k share the
+prompt's blocks. The step that runs the prompt's last chunk gives one row of logits (`rows`: the prompt's); every
+later step one row per beam, each fed from the host the token its beam appended (beam steps are read back at once:
+the next tokens are known only once the search picked them). The runner hands the rows' logits to `score` (the
+request's BeamSearch, engine.beam_search), and the scheduler applies the BeamStep with `reorder`: beam slot i
+continues parent p_i, taking p_i's tokens plus its new token and p_i's block table by reference. Beams that agree
+share their blocks, and a beam copies the block it writes into only when another beam holds it too (copy-on-write,
+engine.block_manager), so memory grows with how far the beams diverge, not with beams x context.
+
+When the search is done, its best num_return_sequences hypotheses become the outputs of the first beams, best first
+(`finish`). A beam preempted for blocks takes its whole group along and the search restarts from the prompt later
+(`restart`): beams are deterministic, so the result is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+from torch import Tensor
+
+from hayabusa.engine.beam_search import BeamSearch, BeamStep, beam_logprobs
+from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.sampling import seen_mask
+from hayabusa.engine.sequence import Sequence
+
+
+class BeamGroup:
+    def __init__(self, seqs: list[Sequence], eos_token_ids: Seq[int], device: torch.device) -> None:
+        self.seqs = seqs  # beam slot i -> seqs[i]; seqs[0] computes the prompt
+        self.params = seqs[0].params
+        self._eos_token_ids = tuple(eos_token_ids)
+        self._device = device
+        self.search = BeamSearch.from_params(self.params, self._eos_token_ids, device)
+        for seq in seqs:
+            seq.beam_group = self
+
+    @property
+    def started(self) -> bool:
+        """Whether the beams have tokens of their own (the prompt's step was scored)."""
+        return self.search.steps > 0
+
+    @property
+    def scored_seqs(self) -> list[Sequence]:
+        """The sequences whose last-token logits the next step scores, in the order `score` takes them."""
+        return self.seqs if self.started else self.seqs[:1]
+
+    def score(self, logits: Tensor) -> BeamStep:
+        """logits [rows, vocab] of scored_seqs (device) -> the search's next step (one host sync)."""
+        seen = None
+        if self.params.repetition_penalty != 1.0:  # each beam's own tokens, prompt included
+            seen = seen_mask([seq.token_ids for seq in self.scored_seqs], logits.shape[-1], logits.device)
+        return self.search.step(beam_logprobs(logits, seen, self.params.repetition_penalty))
+
+    def reorder(self, step: BeamStep, manager: BlockManager) -> None:
+        """Beam slot i continues parent step.parents[i] with step.tokens[i]: its tokens and, by reference, its
+        blocks (every parent's table is read before any is replaced)."""
+        parents = [self.seqs[p] for p in step.parents]
+        tokens = [list(parent.token_ids) for parent in parents]
+        manager.reassign(self.seqs, parents)
+        for seq, token_ids, token in zip(self.seqs, tokens, step.tokens, strict=True):
+            seq.token_ids = token_ids + [token]
+
+    def finish(self) -> list[Sequence]:
+        """Put the best num_return_sequences hypotheses into the first beams' outputs (best first; each output's
+        score is transformers' sequences_scores); returns those sequences."""
+        best = self.search.results(self.params.num_return_sequences)
+        for seq, hypothesis in zip(self.seqs, best, strict=False):
+            seq.token_ids = seq.token_ids[: seq.num_prompt_tokens] + hypothesis.token_ids
+            for token in hypothesis.token_ids:
+                seq.output.append(token)
+            seq.output.score = hypothesis.score
+        return self.seqs[: len(best)]
+
+    def restart(self) -> None:
+        """Back to the prompt (the group was preempted): every beam's tokens, and a fresh search."""
+        for seq in self.seqs:
+            del seq.token_ids[seq.num_prompt_tokens:]
+        self.search = BeamSearch.from_params(self.params, self._eos_token_ids, self._device)
