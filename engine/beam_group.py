@@ -17,22 +17,21 @@ When the search is done, its best num_return_sequences hypotheses become the out
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
-
 import torch
 from torch import Tensor
 
 from hayabusa.engine.beam_search import BeamSearch, BeamStep, beam_logprobs
 from hayabusa.engine.block_manager import BlockManager
-from hayabusa.engine.sampling import seen_mask
+from hayabusa.engine.sampling import eos_token_ids
 from hayabusa.engine.sequence import Sequence
 
 
 class BeamGroup:
-    def __init__(self, seqs: list[Sequence], eos_token_ids: Seq[int], device: torch.device) -> None:
+    def __init__(self, seqs: list[Sequence], model_eos_token_id: int | None, device: torch.device) -> None:
         self.seqs = seqs  # beam slot i -> seqs[i]; seqs[0] computes the prompt
         self.params = seqs[0].params
-        self._eos_token_ids = tuple(eos_token_ids)
+        self._model_eos = model_eos_token_id
+        self._eos_token_ids = eos_token_ids(self.params, model_eos_token_id)
         self._device = device
         self.search = BeamSearch.from_params(self.params, self._eos_token_ids, device)
         for seq in seqs:
@@ -50,10 +49,8 @@ class BeamGroup:
 
     def score(self, logits: Tensor) -> BeamStep:
         """logits [rows, vocab] of scored_seqs (device) -> the search's next step (one host sync)."""
-        seen = None
-        if self.params.repetition_penalty != 1.0:  # each beam's own tokens, prompt included
-            seen = seen_mask([seq.token_ids for seq in self.scored_seqs], logits.shape[-1], logits.device)
-        return self.search.step(beam_logprobs(logits, seen, self.params.repetition_penalty))
+        token_lists = [seq.token_ids for seq in self.scored_seqs]
+        return self.search.step(beam_logprobs(logits, self.params, token_lists, self.search.steps, self._model_eos))
 
     def reorder(self, step: BeamStep, manager: BlockManager) -> None:
         """Beam slot i continues parent step.parents[i] with step.tokens[i]: its tokens and, by reference, its

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hayabusa.engine.sampling import SamplingParams, apply_penalty
+from hayabusa.engine.sampling import SamplingParams, apply_penalty, listed_bans, seen_mask
 
 DEAD_BEAM_SCORE = -1.0e9  # transformers' score of the initial copies 2..k and of an empty hypothesis slot
 
@@ -157,15 +157,22 @@ class BeamSearch:
         return tokens[::-1]
 
 
-def beam_logprobs(logits: Tensor, seen: Tensor | None = None, repetition_penalty: float = 1.0) -> Tensor:
-    """logits [rows, vocab] -> what BeamSearch.step takes: fp32 log-softmax, then the repetition penalty on those
-    log-probabilities (transformers' order in beam search) over seen, bool [rows, vocab] (each beam's own tokens,
-    prompt included)."""
+def beam_logprobs(logits: Tensor, params: SamplingParams, token_lists: Sequence[Sequence[int]], num_generated: int,
+                  model_eos_token_id: int | None) -> Tensor:
+    """logits [rows, vocab] of beams whose tokens (prompt included) are token_lists -> what BeamSearch.step takes:
+    fp32 log-softmax, then transformers' logits processors on those log-probabilities (its order in beam search):
+    the repetition penalty over each beam's own tokens, and -inf where no_repeat_ngram_size, bad_words_ids or
+    min_new_tokens (num_generated tokens so far) forbid a token."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    if repetition_penalty == 1.0:
-        return logprobs
-    penalty = torch.full((logits.shape[0],), repetition_penalty, device=logits.device)
-    return apply_penalty(logprobs, seen, penalty)
+    rows, vocab = logprobs.shape
+    if params.repetition_penalty != 1.0:
+        penalty = torch.full((rows,), params.repetition_penalty, device=logits.device)
+        logprobs = apply_penalty(logprobs, seen_mask(token_lists, vocab, logits.device), penalty)
+    if params.needs_processors:
+        banned = listed_bans([params] * rows, token_lists, [num_generated] * rows, model_eos_token_id, vocab,
+                             logits.device)
+        logprobs = logprobs.masked_fill(banned, float("-inf"))
+    return logprobs
 
 
 def topk_lower_index_on_ties(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

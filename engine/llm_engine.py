@@ -37,7 +37,7 @@ from hayabusa.engine.fast_model import FastModel, load_ops
 from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.model_runner import InFlight, ModelRunner
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
-from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed, eos_token_ids
+from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.weights import EMBED_IN
@@ -115,7 +115,7 @@ class PagedEngine:
         seq.fork_children = [seq.fork(next(self._seq_ids), completion_seed(seq.seed, index), index)
                              for index in range(1, num_sequences)]
         if params.num_beams > 1:
-            BeamGroup([seq, *seq.fork_children], eos_token_ids(params, self.config.eos_token_id), self.device)
+            BeamGroup([seq, *seq.fork_children], self.config.eos_token_id, self.device)
         return seq
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:

@@ -14,7 +14,7 @@ import torch
 from hayabusa.engine.beam_search import BeamSearch, beam_logprobs
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams, eos_token_ids, seen_mask
+from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import Tokenizer
 
 
@@ -24,18 +24,14 @@ def reference_beam_outputs(model: ReferenceModel, tokenizer: Tokenizer, prompt: 
     sequences_scores. Inputs are validated by the caller (SamplingParams refuses what beams do not support)."""
     eos = model.config.eos_token_id
     search = BeamSearch.from_params(params, eos_token_ids(params, eos), model.device)
-    device, vocab = model.device, model.config.vocab_size
+    device = model.device
     cache = model.new_cache(1, len(prompt) + params.max_new_tokens - 1)  # the last token is never fed back
     logits = model(torch.tensor([list(prompt)], device=device), cache=cache, last_token_only=True)[:, 0]  # [1, V]
-    # seen: bool [rows, vocab], each beam's own tokens (prompt included) for the repetition penalty.
-    seen = seen_mask([prompt], vocab, device) if params.repetition_penalty != 1.0 else None
-    while not (step := search.step(beam_logprobs(logits, seen, params.repetition_penalty))).done:
-        parents = torch.tensor(step.parents, device=device)
+    beams = [list(prompt)]  # each beam's tokens, prompt included (the processors read them)
+    while not (step := search.step(beam_logprobs(logits, params, beams, search.steps, eos))).done:
+        beams = [beams[parent] + [token] for parent, token in zip(step.parents, step.tokens, strict=True)]
+        cache.reorder(torch.tensor(step.parents, device=device))
         tokens = torch.tensor(step.tokens, device=device)
-        cache.reorder(parents)
-        if seen is not None:
-            seen = seen[parents]
-            seen[torch.arange(len(parents), device=device), tokens] = True
         logits = model(tokens[:, None], cache=cache, last_token_only=True)[:, 0]  # [num_beams, V]
 
     outputs = []

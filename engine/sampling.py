@@ -155,9 +155,6 @@ class SamplingParams:
             "max_new_tokens=0": self.max_new_tokens == 0 and "beam search generates at least one token",
             "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens is not None
             and "beams are scored a token at a time",
-            "no_repeat_ngram_size": bool(self.no_repeat_ngram_size) and "not implemented for beams yet",
-            "bad_words_ids": bool(self.bad_words_ids) and "not implemented for beams yet",
-            "min_new_tokens": bool(self.min_new_tokens) and "not implemented for beams yet",
         }
         for option, why in refused.items():
             if why:
@@ -252,15 +249,16 @@ def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_to
         seeds=torch.tensor(list(seeds), dtype=torch.int64, device=device),
         steps=torch.tensor(list(steps), dtype=torch.int64, device=device),
         seen=seen_mask(seen_tokens, vocab, device),
-        banned=_listed_bans(params, seen_tokens, steps, eos_token_id, vocab, device) if processed else None,
+        banned=listed_bans(params, seen_tokens, steps, eos_token_id, vocab, device) if processed else None,
         min_p=torch.tensor([p.min_p for p in params], device=device) if processed else None,
         typical_p=torch.tensor([p.typical_p for p in params], device=device) if processed else None,
     )
 
 
-def _listed_bans(params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]], steps: Sequence[int],
-                 eos_token_id: int | None, vocab: int, device: torch.device) -> Tensor:
-    """banned_tokens for host token lists: bool [B, V]."""
+def listed_bans(params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]], steps: Sequence[int],
+                eos_token_id: int | None, vocab: int, device: torch.device) -> Tensor:
+    """banned_tokens for host token lists: bool [B, V], True where no_repeat_ngram_size, bad_words_ids or
+    min_new_tokens forbid the token (seen_tokens[b]: prompt + generated; steps[b]: tokens generated so far)."""
     eos = [eos_token_ids(p, eos_token_id) for p in params]
     words = [split_bad_words(p.bad_words_ids, e) for p, e in zip(params, eos, strict=True)]
 

@@ -110,6 +110,22 @@ def test_repetition_penalty_applies_to_each_beams_own_tokens(models) -> None:
     assert plain[0].token_ids != ours[0].token_ids  # the penalty changed something
 
 
+@pytest.mark.parametrize("options", [
+    {"no_repeat_ngram_size": 1}, {"bad_words_ids": [[49], [13, 74]]}, {"min_new_tokens": 8},
+    {"no_repeat_ngram_size": 1, "bad_words_ids": [[EOS]], "repetition_penalty": 1.3}])
+def test_logits_processors_act_on_each_beams_log_probabilities(models, options) -> None:
+    """transformers runs its processors on the log-probabilities in beam search, per beam on its own tokens."""
+    hf, reference = models["eos"]
+    options = dict(num_beams=3, num_return_sequences=3, max_new_tokens=8, **options)
+    params = SamplingParams(**options)
+    ours = reference_beam_outputs(reference, TOKENIZER, PROMPT, params)
+    (theirs,) = hf_beams(hf, [PROMPT], **options, length_penalty=1.0, early_stopping=False)
+    assert_same_beams(ours, theirs)
+    plain = reference_beam_outputs(reference, TOKENIZER, PROMPT, SamplingParams(num_beams=3, num_return_sequences=3,
+                                                                                max_new_tokens=8))
+    assert [out.token_ids for out in plain] != [out.token_ids for out in ours]  # the option changed something
+
+
 def test_batch_of_prompts_gives_each_prompts_beams_consecutively(models) -> None:
     """Two prompts of different lengths (left-padded in transformers) and a greedy request in one call."""
     hf, reference = models["eos"]
@@ -216,9 +232,9 @@ def test_topk_lower_index_on_ties_orders_like_a_stable_sort() -> None:
 
 def test_beam_logprobs_penalize_log_probabilities_not_logits() -> None:
     logits = torch.tensor([[2.0, 1.0, -1.0]])
-    seen = torch.tensor([[True, False, True]])
+    params = SamplingParams(num_beams=2, repetition_penalty=2.0)
     expected = torch.log_softmax(logits, -1) * torch.tensor([2.0, 1.0, 2.0])  # every log-probability is < 0
-    torch.testing.assert_close(beam_logprobs(logits, seen, 2.0), expected)
+    torch.testing.assert_close(beam_logprobs(logits, params, [[0, 2]], 0, None), expected)
 
 
 @pytest.mark.parametrize(("options", "message"), [

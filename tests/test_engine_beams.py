@@ -58,6 +58,16 @@ def test_paged_beams_equal_the_reference_beams(model, num_beams, length_penalty,
     assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
 
 
+@pytest.mark.parametrize("options", [{"no_repeat_ngram_size": 1}, {"bad_words_ids": [[49], [13, 74]]},
+                                     {"min_new_tokens": 8, "eos_token_id": [EOS, 13]}])
+def test_paged_beams_with_logits_processors(model, options) -> None:
+    params = SamplingParams(num_beams=3, num_return_sequences=3, max_new_tokens=10, **options)
+    engine = make_engine(*model)
+    assert_same(engine.generate([PROMPT], [params]), expected(model, PROMPT, params))
+    manager = engine.block_manager
+    assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
+
+
 def test_beams_share_the_prompt_and_grow_with_divergence(model) -> None:
     """A 30-token prompt (7 full blocks of 4 and 2 tokens) under 4 beams of 12 tokens: the prompt's full blocks are
     held once; each beam holds only its own tail (at most 4 blocks), never a copy of the prompt."""
