@@ -23,3 +23,17 @@ def make_engine(config, state_dict, **kwargs) -> PagedEngine:
     """A paged engine of 64 blocks of 4 tokens unless kwargs say otherwise."""
     kwargs = {"kv_cache_blocks": 64, "block_size": 4, **kwargs}
     return PagedEngine(config, state_dict, TOKENIZER, device="cpu", ops="torch", **kwargs)
+
+
+def blocks_in_use_per_plan(engine: PagedEngine) -> list[int]:
+    """Blocks held after each step is planned (the list grows as the engine runs)."""
+    usage = []
+    schedule = engine.scheduler.schedule
+
+    def spying_schedule(results_in_flight=False):
+        plan = schedule(results_in_flight)
+        usage.append(engine.block_manager.num_blocks - engine.block_manager.num_free_blocks)
+        return plan
+
+    engine.scheduler.schedule = spying_schedule
+    return usage

@@ -14,7 +14,7 @@ from hayabusa.engine.reference_beams import reference_beam_outputs
 from hayabusa.engine.sampling import SamplingParams
 
 from hf_oracle import random_hf_model
-from paged_engine import TOKENIZER, make_engine
+from paged_engine import TOKENIZER, blocks_in_use_per_plan, make_engine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -46,26 +46,27 @@ def assert_same(ours, theirs) -> None:
         assert math.isclose(out.score, want.score, rel_tol=1e-5, abs_tol=1e-6), (out.score, want.score)
 
 
-@pytest.mark.parametrize(("num_beams", "length_penalty", "early_stopping", "n", "penalty"), [
-    (2, 1.0, False, 2, 1.0), (4, 1.0, False, 4, 1.0), (4, 2.0, "never", 3, 1.0), (4, -1.0, True, 1, 1.0),
-    (3, 0.0, False, 3, 1.5)])
-def test_paged_beams_equal_the_reference_beams(model, num_beams, length_penalty, early_stopping, n, penalty) -> None:
-    params = SamplingParams(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
-                            num_return_sequences=n, max_new_tokens=10, repetition_penalty=penalty)
+def assert_engine_beams_equal_the_reference(model, params: SamplingParams) -> None:
     engine = make_engine(*model)
     assert_same(engine.generate([PROMPT], [params]), expected(model, PROMPT, params))
     manager = engine.block_manager
     assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
+
+
+@pytest.mark.parametrize(("num_beams", "length_penalty", "early_stopping", "n", "penalty"), [
+    (2, 1.0, False, 2, 1.0), (4, 1.0, False, 4, 1.0), (4, 2.0, "never", 3, 1.0), (4, -1.0, True, 1, 1.0),
+    (3, 0.0, False, 3, 1.5)])
+def test_paged_beams_equal_the_reference_beams(model, num_beams, length_penalty, early_stopping, n, penalty) -> None:
+    assert_engine_beams_equal_the_reference(model, SamplingParams(
+        num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=n,
+        max_new_tokens=10, repetition_penalty=penalty))
 
 
 @pytest.mark.parametrize("options", [{"no_repeat_ngram_size": 1}, {"bad_words_ids": [[49], [13, 74]]},
                                      {"min_new_tokens": 8, "eos_token_id": [EOS, 13]}])
 def test_paged_beams_with_logits_processors(model, options) -> None:
-    params = SamplingParams(num_beams=3, num_return_sequences=3, max_new_tokens=10, **options)
-    engine = make_engine(*model)
-    assert_same(engine.generate([PROMPT], [params]), expected(model, PROMPT, params))
-    manager = engine.block_manager
-    assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
+    assert_engine_beams_equal_the_reference(model, SamplingParams(num_beams=3, num_return_sequences=3,
+                                                                  max_new_tokens=10, **options))
 
 
 def test_beams_share_the_prompt_and_grow_with_divergence(model) -> None:
@@ -74,15 +75,7 @@ def test_beams_share_the_prompt_and_grow_with_divergence(model) -> None:
     prompt = list(range(3, 33))
     params = SamplingParams(num_beams=4, num_return_sequences=4, max_new_tokens=12, ignore_eos=True)
     engine = make_engine(*model)
-    usage = []
-    schedule = engine.scheduler.schedule
-
-    def spying_schedule(results_in_flight=False):
-        plan = schedule(results_in_flight)
-        usage.append(engine.block_manager.num_blocks - engine.block_manager.num_free_blocks)
-        return plan
-
-    engine.scheduler.schedule = spying_schedule
+    usage = blocks_in_use_per_plan(engine)
     assert_same(engine.generate([prompt], [params]), expected(model, prompt, params))
     assert usage[0] == 8  # admission: the prompt's blocks, once for the four beams
     assert max(usage) <= 7 + 4 * 4 < 4 * 11  # 4 separate sequences would hold 11 blocks each

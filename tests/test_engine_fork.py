@@ -16,7 +16,7 @@ from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, completion_seed, sample_next_tokens
 from hayabusa.engine.sequence import Delivery
 
-from paged_engine import SAMPLED, make_engine, small_model
+from paged_engine import SAMPLED, blocks_in_use_per_plan, make_engine, small_model
 
 PROMPT = [5, 17, 9, 3, 77, 1]  # 6 tokens: blocks of 4 leave the second block half full
 GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
@@ -115,19 +115,6 @@ def test_fork_refuses_a_token_in_flight_and_foreign_children_and_skips_aborted_o
 
 LONG_PROMPT = [5, 17, 9, 3, 77, 1, 2, 3, 4, 5]  # blocks of 4: two full blocks and a half-full third
 
-
-def blocks_in_use_per_plan(engine: PagedEngine) -> list[int]:
-    """Blocks held after each step is planned."""
-    usage = []
-    schedule = engine.scheduler.schedule
-
-    def spying_schedule(results_in_flight=False):
-        plan = schedule(results_in_flight)
-        usage.append(engine.block_manager.num_blocks - engine.block_manager.num_free_blocks)
-        return plan
-
-    engine.scheduler.schedule = spying_schedule
-    return usage
 
 
 # Budget 3: the 10-token prompt runs in 4 chunks while the other 3 completions wait, forked, for its last one.
