@@ -55,6 +55,24 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per request)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
+    # transformers' generate options, same names and meaning (README: generate options)
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-text before this many tokens")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
+    parser.add_argument("--bad-word", action="append", default=[],
+                        help="text never to generate (its tokens as one bad_words_ids entry; repeatable)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="sampling: drop tokens below min_p x the likeliest")
+    parser.add_argument("--typical-p", type=float, default=1.0, help="sampling: typical decoding mass (1: off)")
+    parser.add_argument("--eos-token-id", type=int, action="append", default=None,
+                        help="stop at this token id (repeatable; default: the model's)")
+    parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
+                        help="prompt-lookup speculation: draft this many tokens from the text's own n-grams")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam scores are divided by generated length ** this")
+    parser.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
+                        help="when beam search stops (transformers' early_stopping)")
+    parser.add_argument("--num-return-sequences", type=int, default=1,
+                        help="completions to print (beams: the best n, best first)")
     add_device_argument(parser)
     parser.add_argument("--dtype", type=parse_dtype, default=None,
                         help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
@@ -66,14 +84,28 @@ def run_generate(args: argparse.Namespace) -> int:
     from hayabusa.engine.api import Engine
     from hayabusa.engine.sampling import SamplingParams
 
-    params = SamplingParams(
-        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=tuple(args.stop), ignore_eos=args.ignore_eos,
-    )
+    def params_for(bad_words_ids: tuple[tuple[int, ...], ...]) -> SamplingParams:
+        early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
+        return SamplingParams(
+            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+            top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+            stop=tuple(args.stop), ignore_eos=args.ignore_eos, min_new_tokens=args.min_new_tokens,
+            no_repeat_ngram_size=args.no_repeat_ngram_size, bad_words_ids=bad_words_ids, min_p=args.min_p,
+            typical_p=args.typical_p, eos_token_id=args.eos_token_id,
+            prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, num_beams=args.num_beams,
+            length_penalty=args.length_penalty, early_stopping=early_stopping,
+            num_return_sequences=args.num_return_sequences)
+
+    params_for(())  # bad options fail here, before the model loads
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                     revision=args.revision)
     try:
+        params = params_for(tuple(tuple(engine.tokenizer.encode(word)) for word in args.bad_word))
+        if params.num_beams > 1 or params.num_return_sequences > 1:  # known at the end: one block per output
+            for i, out in enumerate(engine.generate(args.prompt, params)):
+                score = "" if out.score is None else f" (score {out.score:.4f})"
+                sys.stdout.write(f"[{i}]{score}\n{out.text}\n")
+            return 0
         for delta in engine.stream(args.prompt, params):
             sys.stdout.write(delta)
             sys.stdout.flush()

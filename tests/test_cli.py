@@ -47,6 +47,23 @@ def test_generate_reports_bad_input_without_a_traceback(tiny_dir: Path, capsys: 
     assert "missing" in capsys.readouterr().err
 
 
+def test_generate_takes_transformers_options_and_prints_beams_best_first(tiny_dir: Path, capsys) -> None:
+    from hayabusa.engine.api import Engine
+
+    options = ["--num-beams", "3", "--num-return-sequences", "2", "--no-repeat-ngram-size", "2", "--bad-word", "の",
+               "--min-new-tokens", "4", "--length-penalty", "0.5", "--early-stopping", "never"]
+    assert main(["generate", "--model", str(tiny_dir), "吾輩は猫である", "--max-new-tokens", "10", *options]) == 0
+    out = capsys.readouterr().out
+    engine = Engine.from_pretrained(tiny_dir)
+    expected = engine.generate("吾輩は猫である", max_new_tokens=10, num_beams=3, num_return_sequences=2,
+                               no_repeat_ngram_size=2, bad_words_ids=[engine.tokenizer.encode("の")],
+                               min_new_tokens=4, length_penalty=0.5, early_stopping="never")
+    assert out == "".join(f"[{i}] (score {o.score:.4f})\n{o.text}\n" for i, o in enumerate(expected))
+    assert expected[0].score >= expected[1].score
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--num-beams", "2", "--do-sample"]) == 1
+    assert "do_sample=True is not supported with num_beams > 1" in capsys.readouterr().err
+
+
 def test_console_script_is_installed() -> None:
     exe = shutil.which("hayabusa")
     assert exe is not None, "the hayabusa console script is not on PATH (pip install -e . installs it)"
