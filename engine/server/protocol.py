@@ -61,6 +61,18 @@ class CompletionRequest(_Strict):
     top_k: int = Field(0, ge=0)  # 0: off
     repetition_penalty: float = Field(1.0, gt=0.0)
     ignore_eos: bool = False
+    # transformers' generate options, with their names (README: generate options); SamplingParams checks the rest.
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    typical_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_new_tokens: int = Field(0, ge=0)
+    no_repeat_ngram_size: int = Field(0, ge=0)
+    bad_words_ids: list[list[int]] = []
+    eos_token_id: int | list[int] | None = None
+    prompt_lookup_num_tokens: int | None = Field(None, ge=1)
+    max_matching_ngram_size: int | None = Field(None, ge=1)
+    num_beams: int = Field(1, ge=1)  # n picks how many of the beams come back (n <= num_beams)
+    length_penalty: float = 1.0
+    early_stopping: bool | Literal["never"] = False
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +93,20 @@ class CompletionRequest(_Strict):
             return prompt
         raise ValueError("must be a string, a list of strings, a non-empty list of token ids, or a list of those "
                          "(none empty)")
+
+    @field_validator("early_stopping", mode="plain")
+    @classmethod
+    def _check_early_stopping(cls, value: Any) -> bool | str:
+        if value is True or value is False or value == "never":
+            return value
+        raise ValueError('must be true, false or "never"')
+
+    @field_validator("eos_token_id", mode="plain")
+    @classmethod
+    def _check_eos_token_id(cls, value: Any) -> int | list[int]:
+        if type(value) is int or isinstance(value, list) and value and all(type(t) is int for t in value):
+            return value
+        raise ValueError("must be a token id or a non-empty list of token ids")
 
     @field_validator("stop", mode="after")
     @classmethod

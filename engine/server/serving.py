@@ -46,12 +46,21 @@ WaitDisconnect = Callable[[], Awaitable[None]]  # returns when the client has go
 
 def sampling_params(request: CompletionRequest) -> SamplingParams:
     """The OpenAI request's sampling fields in the engine's terms (temperature 0 = greedy)."""
+    if request.num_beams > 1 and request.temperature > 0:  # OpenAI's default temperature is 1: say what to send
+        raise APIError(400, "num_beams > 1 needs temperature 0: beam search is greedy (and temperature defaults to 1)",
+                       param="temperature")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     return SamplingParams(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
                           temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                           repetition_penalty=request.repetition_penalty, seed=request.seed, stop=stop,
                           ignore_eos=request.ignore_eos, num_return_sequences=request.n, logprobs=request.logprobs,
-                          prompt_logprobs=request.logprobs if request.echo else None)
+                          prompt_logprobs=request.logprobs if request.echo else None,
+                          min_p=request.min_p, typical_p=request.typical_p, min_new_tokens=request.min_new_tokens,
+                          no_repeat_ngram_size=request.no_repeat_ngram_size,
+                          bad_words_ids=tuple(map(tuple, request.bad_words_ids)), eos_token_id=request.eos_token_id,
+                          prompt_lookup_num_tokens=request.prompt_lookup_num_tokens,
+                          max_matching_ngram_size=request.max_matching_ngram_size, num_beams=request.num_beams,
+                          length_penalty=request.length_penalty, early_stopping=request.early_stopping)
 
 
 def api_error(err: Exception) -> APIError:

@@ -128,6 +128,28 @@ def test_hayabusa_fields_reach_the_engine(client, engine) -> None:
     assert want.text != engine.generate(PROMPT, max_new_tokens=8)[0].text  # the penalty changed something
 
 
+def test_generate_options_reach_the_engine(client, engine) -> None:
+    """transformers' generate options as hayabusa fields; beams come back best first as choices 0..n-1."""
+    options = {"no_repeat_ngram_size": 2, "min_new_tokens": 4, "bad_words_ids": [[15, 16]], "eos_token_id": [3, 4]}
+    want = engine.generate(PROMPT, max_new_tokens=8, **options)[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, extra_body=options)
+    assert got.choices[0].text == want.text
+    beams = {"num_beams": 3, "length_penalty": 0.5, "early_stopping": "never"}
+    want = engine.generate(PROMPT, max_new_tokens=8, num_return_sequences=2, **beams)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, n=2, extra_body=beams)
+    assert [(c.index, c.text) for c in got.choices] == [(0, want[0].text), (1, want[1].text)]
+    assert got.usage.completion_tokens == sum(len(out.token_ids) for out in want)
+    texts = ["", ""]  # beams stream too: each choice's text arrives when the search ends
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, n=2,
+                                           stream=True, extra_body=beams):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == [out.text for out in want]
+    speculated = client.completions.create(model=MODEL, prompt=PROMPT * 3, max_tokens=12, temperature=0,
+                                           extra_body={"prompt_lookup_num_tokens": 4})
+    assert speculated.choices[0].text == engine.generate(PROMPT * 3, max_new_tokens=12)[0].text
+
+
 # ---- logprobs, echo and n -----------------------------------------------------------------------------------------
 
 def assert_logprobs(got, want, tolerance: float = 1e-6) -> None:
@@ -241,6 +263,11 @@ def test_metrics_count_requests_and_tokens(client, server) -> None:
     ({"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True, "x": 1}}, "stream_options.x",
      ["unknown field"]),
     ({"prompt": "a"}, "model", ["Field required"]),
+    ({"model": MODEL, "prompt": "a", "num_beams": 0}, "num_beams", ["greater than or equal to 1"]),
+    ({"model": MODEL, "prompt": "a", "early_stopping": "soon"}, "early_stopping", ["never"]),
+    ({"model": MODEL, "prompt": "a", "bad_words_ids": [[1, "x"]]}, "bad_words_ids.0.1", ["valid integer"]),
+    ({"model": MODEL, "prompt": "a", "min_p": 2}, "min_p", ["less than or equal to 1"]),
+    ({"model": MODEL, "prompt": "a", "eos_token_id": [1, 2.5]}, "eos_token_id", ["list of token ids"]),
 ])
 def test_malformed_fields_answer_400_naming_the_field(server, body, param, words) -> None:
     assert_openai_error(post(server, body), 400, *words, param=param)
@@ -260,6 +287,10 @@ def test_requests_the_engine_cannot_run(server) -> None:
                         "prompt 1:", "context length 512")
     assert_openai_error(post(server, {"model": MODEL, "prompt": [[5, 99999]]}), 400, "99999", "vocabulary")
     assert_openai_error(post(server, {"model": MODEL, "prompt": ""}), 400, "empty")
+    beams = {"model": MODEL, "prompt": "a", "num_beams": 2, "temperature": 0}
+    assert_openai_error(post(server, {**beams, "n": 3}), 400, "num_return_sequences (3) must be <= num_beams (2)")
+    assert_openai_error(post(server, {**beams, "logprobs": 1}), 400, "logprobs is not supported with num_beams > 1")
+    assert_openai_error(post(server, {**beams, "temperature": 1}), 400, "needs temperature 0", param="temperature")
     assert_openai_error(post(server, {"model": "gpt-4", "prompt": "a"}), 404, "'gpt-4' does not exist",
                         param="model")
     server.wait_until_idle()  # a refused prompt list leaves nothing queued
