@@ -323,7 +323,7 @@ class ModelRunner:
         inputs = DecodeInputs(input_ids=self.sampler.last_token[:batch], positions=views["positions"],
                               block_tables=self.block_tables[:batch], check_indices=False)
         logits = self.model.decode(inputs, self.kv_caches, logits_out=self.decode_logits[:batch])  # [batch, vocab]
-        self.sampler.sample(logits, slice(0, batch), mode)
+        self.sampler.sample(logits, slice(0, batch), mode, views["positions"])
 
     def _launch_mixed(self, plan: StepPlan) -> InFlight:
         """One varlen forward over every row that computes tokens: decode rows (input from last_token), prompt
@@ -373,6 +373,15 @@ class ModelRunner:
                 pass_drafts.view(num_passes, -1), plan.sampler_mode)
             pass_rows = rows[np.flatnonzero(logit_counts)].tolist() + [child for _, child in forks]
             passes = (emitted, emitted_counts, pass_rows)
+            # Rows that ask for logprobs never speculate: their pass is one position, emitting one token.
+            asked = [p for p, row in enumerate(pass_rows) if plan.seqs[row].params.logprobs is not None] \
+                if plan.wants_logprobs else []
+            if asked:
+                pass_sizes = np.concatenate([logit_counts[logit_counts > 0], np.ones(len(forks), dtype=np.int64)])
+                first_logit = np.cumsum(pass_sizes) - pass_sizes  # [passes]: each pass's first logit row
+                sampled = token_logprobs(logits[torch.as_tensor(first_logit[asked], device=self.device)],
+                                         emitted[torch.as_tensor(asked, device=self.device), 0]).scatter(
+                    torch.as_tensor([pass_rows[p] for p in asked], device=self.device), plan.num_rows)
         elif num_logits:  # else only prompt chunks short of their end: their KV is all this step makes
             self.sampler.sample(logits, views["logit_slots"], plan.sampler_mode)
             if plan.wants_logprobs:  # by slot row, as in a decode step

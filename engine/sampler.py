@@ -199,9 +199,11 @@ class SlotSampler:
 
     # ---- sampling --------------------------------------------------------------------------------------------
 
-    def sample(self, logits: Tensor, rows: slice | Tensor, mode: SamplerMode) -> None:
+    def sample(self, logits: Tensor, rows: slice | Tensor, mode: SamplerMode, positions: Tensor | None = None) -> None:
         """logits [rows, vocab] of the slots `rows` (a slice, or int64 slot ids) -> last_token[rows], row_max[rows];
-        no host sync."""
+        no host sync. positions (a decode step's, int32 [rows]): rows at -1 computed nothing (padding, a prompt
+        still running in chunks, a fork child waiting for it, a finished row riding along); their noise step, seen
+        tokens and history stay as they are."""
         if mode is SamplerMode.GREEDY:
             if isinstance(rows, slice):
                 torch.max(logits, dim=-1, out=(self.row_max[rows], self.last_token[rows]))
@@ -215,10 +217,18 @@ class SlotSampler:
         lengths = self.int_settings[rows, PROMPT_LEN] + steps if processed else None  # tokens in the history
         ids = self._draw(logits, rows, steps, self.seen[rows], self.history[rows] if processed else None, lengths)
         self.last_token[rows] = ids
+        if positions is None:  # every row sampled a token of its own
+            if processed:
+                self.history[row_ids, (HISTORY_MARGIN + lengths).clamp_(max=self.history.shape[1] - 1)] = ids
+            self.int_settings[row_ids, STEP] += 1
+            self.seen[row_ids, ids] = self._true
+            return
+        active = positions >= 0  # bool [rows]
         if processed:
-            self.history[row_ids, (HISTORY_MARGIN + lengths).clamp_(max=self.history.shape[1] - 1)] = ids
-        self.int_settings[row_ids, STEP] += 1
-        self.seen[row_ids, ids] = self._true
+            place = (HISTORY_MARGIN + lengths).clamp_(max=self.history.shape[1] - 1)
+            self.history[row_ids, place] = torch.where(active, ids, self.history[row_ids, place])
+        self.int_settings[row_ids, STEP] += active
+        self.seen[row_ids, ids] |= active
 
     def _draw(self, logits: Tensor, rows: slice | Tensor, steps: Tensor, seen: Tensor, history: Tensor | None,
               lengths: Tensor | None) -> Tensor:

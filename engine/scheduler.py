@@ -505,7 +505,7 @@ class Scheduler:
         if plan.beams:
             self._apply_beam_steps(beam_steps, deliver)
         if plan.drafts:
-            self._postprocess_passes(plan, token_ids, bad_rows, deliver)
+            self._postprocess_passes(plan, token_ids, bad_rows, deliver, logprobs)
             return
         sampled = logprobs.sampled if logprobs is not None else None
         block_size = self.block_manager.block_size
@@ -603,11 +603,13 @@ class Scheduler:
         deliver(seq, (), "")
 
     def _postprocess_passes(self, plan: StepPlan, row_tokens: list[list[int]], bad_rows: frozenset[int],
-                            deliver: Deliver) -> None:
+                            deliver: Deliver, logprobs: StepLogprobs | None) -> None:
         """postprocess for a step with verify passes (read back at once, so nothing else is in flight): rows emit
         several tokens; a speculating row's token count and blocks shrink to what it kept (the rejected drafts'
-        KV lies past its length, overwritten later; whole blocks of it are freed)."""
+        KV lies past its length, overwritten later; whole blocks of it are freed). Rows that want logprobs never
+        speculate: they emit one token, whose logprobs are at their row."""
         manager, slots = self.block_manager, self.slots
+        sampled = logprobs.sampled if logprobs is not None else None
         for row in plan.tokens_per_row.nonzero()[0].tolist():
             seq = plan.seqs[row]
             if seq.status is not SequenceStatus.RUNNING or seq.beam_group is not None:
@@ -616,6 +618,8 @@ class Scheduler:
                 self._fail_non_finite(seq, deliver)
                 continue
             emitted, delta = [], ""
+            if sampled is not None and seq.output.logprobs is not None:
+                seq.output.logprobs.append(sampled.entry(row, row_tokens[row][0], seq.params.logprobs))
             for token in row_tokens[row]:
                 seq.token_ids.append(token)
                 emitted.append(token)

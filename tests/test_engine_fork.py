@@ -146,6 +146,31 @@ def test_n_completions_share_the_prompt_and_equal_independent_seeded_runs(model,
     assert all(block.ref_count == 0 for block in engine.block_manager.blocks)
 
 
+def test_rows_idle_in_a_decode_step_keep_their_sampling_state(model) -> None:
+    """Budget 3: the 3 completions of the first request decode with the whole budget while the second request's
+    prompt has run only 2 of its 3 tokens, so a decode step samples over its idle row. Its noise step, seen tokens
+    (penalty) and history (n-grams) must not move: it equals its run alone."""
+    config, state_dict = model
+    first = replace(SAMPLED, max_new_tokens=2, num_return_sequences=3, seed=31)
+    second = replace(SAMPLED, max_new_tokens=6, seed=51, no_repeat_ngram_size=2)
+    prompts = [LONG_PROMPT, [75, 94, 74]]
+    (alone,) = make_engine(config, state_dict).generate(prompts[1:], [second])
+    engine = make_engine(config, state_dict, max_num_batched_tokens=3)
+    decode_steps_with_idle_rows = []
+    schedule = engine.scheduler.schedule
+
+    def spying_schedule(results_in_flight=False):
+        plan = schedule(results_in_flight)
+        if plan is not None and plan.has_work and not plan.is_mixed:
+            decode_steps_with_idle_rows.append(bool((plan.positions < 0).any()))
+        return plan
+
+    engine.scheduler.schedule = spying_schedule
+    outputs = engine.generate(prompts, [first, second])
+    assert any(decode_steps_with_idle_rows)
+    assert outputs[3].token_ids == alone.token_ids
+
+
 def test_greedy_completions_are_copies_and_outputs_come_per_prompt_in_order(model) -> None:
     config, state_dict = model
     engine = make_engine(config, state_dict)
