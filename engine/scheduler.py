@@ -138,7 +138,6 @@ class Scheduler:
         self._settings_loads: list[Sequence] = []  # forked after the last launch: their sampler rows need loading
         self._fork_parent: dict[Sequence, Sequence] = {}  # children admitted with a parent still prefilling
         self.beam_groups: dict[BeamGroup, None] = {}  # running beam groups that started (admission order)
-        self._table_rewrites: dict[Sequence, None] = {}  # beams whose whole block-table row the next step rewrites
 
     def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1,
                    num_beams: int = 1) -> None:
@@ -200,8 +199,6 @@ class Scheduler:
                                                  - (num_decode_tokens if self.chunked_prefill else 0))
             if chunks and not self.chunked_prefill:
                 decoding[:], drafts = False, {}  # the decode rows wait for the prefills
-        if self._table_rewrites:  # whole rows for reordered beams (their growth entries are in them)
-            new_blocks = self._rewrite_beam_tables(new_blocks)
         if chunks or drafts or self.beam_groups:
             plan = self._mixed_plan(decoding, chunks, admitted, drafts, new_blocks)
         else:  # a decode step
@@ -303,15 +300,6 @@ class Scheduler:
                     del self._fork_parent[child]
         return chunks, admitted
 
-    def _rewrite_beam_tables(self, new_blocks: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-        """new_blocks with the entries of reordered beams replaced by their whole block-table rows (one entry per
-        table cell and step: a scatter with repeated indices has no defined order)."""
-        rewrites, self._table_rewrites = self._table_rewrites, {}
-        rows = {seq.slot for seq in rewrites if seq.status is SequenceStatus.RUNNING}
-        kept = [entry for entry in new_blocks if entry[0] not in rows]
-        return kept + [(seq.slot, column, block_id) for seq in rewrites if seq.slot in rows
-                       for column, block_id in enumerate(seq.block_table)]
-
     @staticmethod
     def _add_chunk(chunks: list[tuple[Sequence, int, int]], seq: Sequence, budget: int) -> int:
         start = seq.num_computed_tokens
@@ -327,7 +315,7 @@ class Scheduler:
         None while results are in flight, else preempt (_grow_or_preempt)."""
         slots = self.slots
         num_tokens = slots.num_tokens[: slots.count]
-        decoding = (num_tokens < slots.max_tokens[: slots.count]) & ~slots.prefilling[: slots.count]
+        decoding = self._decoding_rows()
         # Writing position num_tokens - 1 needs a new block when it lies past the row's block table.
         grows = decoding & (num_tokens > slots.capacity[: slots.count])
         rows = grows.nonzero()[0].tolist()
@@ -337,9 +325,7 @@ class Scheduler:
             if results_in_flight:
                 return None
             grown, copies = self._grow_or_preempt()
-            decoding = (slots.num_tokens[: slots.count] < slots.max_tokens[: slots.count]) \
-                & ~slots.prefilling[: slots.count]
-            return decoding, [(seq.slot, column, seq.block_table[column]) for seq, column in grown], copies
+            return self._decoding_rows(), [(seq.slot, column, seq.block_table[column]) for seq, column in grown], copies
         new_blocks, copies = [], []
         for row in rows:
             seq = slots.seqs[row]
@@ -355,6 +341,11 @@ class Scheduler:
         if slots.may_share_write_block:
             slots.may_share_write_block.difference_update(rows + shared_rows)
         return decoding, new_blocks, copies
+
+    def _decoding_rows(self) -> np.ndarray:
+        """bool [rows]: the rows with a token to decode (below their max_tokens, their prompt all computed)."""
+        slots = self.slots
+        return (slots.num_tokens[: slots.count] < slots.max_tokens[: slots.count]) & ~slots.prefilling[: slots.count]
 
     def _grow_or_preempt(self) -> tuple[list[tuple[Sequence, int]], list[tuple[int, int]]]:
         """Blocks are short and every token is known: give each decoding sequence, oldest first, the block its next
@@ -588,6 +579,8 @@ class Scheduler:
                 for seq in results:
                     deliver(seq, seq.token_ids[seq.num_prompt_tokens:], seq.output.result().text)
                 continue
+            # Beam slot i's device row (its block table above all) becomes its parent's, as its host state does.
+            slots.copy_rows([seq.slot for seq in group.seqs], [group.seqs[parent].slot for parent in step.parents])
             group.reorder(step, self.block_manager)
             self.beam_groups[group] = None
             for seq in group.seqs:
@@ -595,7 +588,6 @@ class Scheduler:
                 slots.num_tokens[slot] = len(seq.token_ids)
                 slots.capacity[slot] = len(seq.block_table) * block_size
                 slots.may_share_write_block.add(slot)
-                self._table_rewrites[seq] = None
 
     def _fail_non_finite(self, seq: Sequence, deliver: Deliver) -> None:
         seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")

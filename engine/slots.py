@@ -68,8 +68,16 @@ class SlotTable:
         self.may_share_write_block.update((parent.slot, slot))
         if copy_device_row:
             self.prefilling[slot] = False
-            self._moves[slot] = self._moves.get(parent.slot, parent.slot)  # what parent's row holds or will hold
+            self.copy_rows([slot], [parent.slot])
         return slot
+
+    def copy_rows(self, destinations: list[int], sources: list[int]) -> None:
+        """At the next launch, row destinations[i] receives the device state that row sources[i] holds or will hold
+        by then (every source is read before any destination changes, so rows may trade or share content)."""
+        pending = [self._moves.get(source, source) for source in sources]
+        for destination, source in zip(destinations, pending, strict=True):
+            if source != destination:
+                self._moves[destination] = source
 
     def release(self, seq: Sequence) -> None:
         """Free seq's row; the sequence in the last row moves into it (host now, device at the next launch)."""
