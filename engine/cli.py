@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(prefix)
         try:
-            if hasattr(args, "device"):
-                args.device = resolve_device(args.device)
+            if hasattr(args, "device"):  # checked before anything loads; the command resolves it again where it
+                resolve_device(args.device)  # runs (a Ray deployment picks its default from the cluster's GPUs)
             status = run(args)
             sys.stdout.flush()  # a closed pipe shows here, not in Python's own flush at exit
             return status

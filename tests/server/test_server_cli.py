@@ -26,6 +26,19 @@ def test_serve_flags_become_settings() -> None:
     assert settings_from_args(parse(["serve", "--model", "tiny"])).max_waiting == 1024
 
 
+@pytest.mark.parametrize("device", [None, "cpu"])
+def test_serve_receives_the_device_flag_as_given(device, monkeypatch) -> None:
+    """The CLI checks --device but passes the flag on unchanged: `serve --ray` picks its default from the cluster
+    (None) and reads the name as a string (a torch.device once broke it)."""
+    from hayabusa.engine import cli
+    from hayabusa.engine.server import cli as serve_cli
+
+    seen = []
+    monkeypatch.setattr(serve_cli, "run", lambda args: seen.append(settings_from_args(args).device) or 0)
+    assert cli.main(["serve", "--model", "tiny", "--ray", *(["--device", device] if device else [])]) == 0
+    assert seen == [device]
+
+
 @pytest.mark.parametrize("argv", [["--max-waiting", "0"], ["--kv-cache-blocks", "-3"], ["--backend", "cuda"]])
 def test_bad_serve_flags_are_refused_by_the_parser(argv, capsys) -> None:
     with pytest.raises(SystemExit):
