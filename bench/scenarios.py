@@ -65,7 +65,8 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
          # the weights alone (what batch 1 is about): their bytes per step over the measured step time, as a
          # fraction of the copy bandwidth measured in this run
          "weight_bytes_per_step": weight_bytes, "weight_gb_per_s": weight_bytes / ms_per_token / 1e6,
-         "pct_copy_bandwidth_weights": 100 * weight_bytes / ms_per_token / 1e3 / device_roofline.copy_bytes_per_s},
+         "pct_copy_bandwidth_weights": roofline.pct_of_floor(device_roofline.decode_floor_ms(weight_bytes),
+                                                             ms_per_token)},
     )
 
 

@@ -216,6 +216,10 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
             assert record["extra"]["torch_threads"] >= 1 and "loadavg_1m" in record["extra"]["machine_load"]
     # whatever hayabusa chose for itself, transformers ran with the run's own thread count
     threads = {r["engine"]: r["extra"]["torch_threads"] for r in results["records"] if r["scenario"] == "decode"}
+    for record in (r for r in results["records"] if r["scenario"] == "decode"):  # the weights' share of bandwidth
+        extra = record["extra"]
+        assert extra["pct_copy_bandwidth_weights"] == pytest.approx(
+            100 * extra["weight_gb_per_s"] / results["roofline"]["copy_gb_per_s"])
     assert threads["transformers-eager"] == results["torch_threads"]
     assert results["decode_kernels"] == []  # CUDA only
     launches = results["launches_per_decode_step"]  # counted with an H200's configs on a CPU
