@@ -104,8 +104,13 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch `layer_norm`, computed in fp32 and rounded to x's dtype at the end."""
     _check_layer_norm_args(x, weight, bias, eps, out)
-    y = torch.nn.functional.layer_norm(x.float(), (x.shape[1],), weight.float(), bias.float(), eps).to(x.dtype)
+    y = reference_layer_norm(x, weight, bias, eps)
     return y if out is None else out.copy_(y)
+
+
+def reference_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over x's rows in fp32, rounded to x's dtype (arguments already validated)."""
+    return torch.nn.functional.layer_norm(x.float(), (x.shape[1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
 def _check_residual_args(x: torch.Tensor, residual: torch.Tensor, summed_out: torch.Tensor | None) -> None:

@@ -41,7 +41,7 @@ from ._launch import (
 )
 from ._reference_gemm import reference_linear
 from .gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
-from .layernorm import launch_layer_norm, layer_norm_ref
+from .layernorm import launch_layer_norm, reference_layer_norm
 
 ACTIVATIONS = (None, "gelu")
 M_BUCKETS = (1, 2, 4, 16, 32, 64, 256)  # decode buckets (configs are fixed within one); above 256, one prefill bucket
@@ -290,8 +290,9 @@ def ln_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tenso
                   *, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                   activation: str | None = None, out: torch.Tensor | None = None,
                   checked: bool = True) -> torch.Tensor:
-    """Plain-PyTorch `ln_linear`: layer_norm_ref (rounded to x's dtype), then linear_ref (always checks)."""
+    """Plain-PyTorch `ln_linear`: layer_norm_ref (rounded to x's dtype), then linear_ref (always checks, once: the
+    reference engine calls it twice per layer per step)."""
     _check_linear_args(x, weight, bias, residual, activation, out)
     _check_ln_args(x, ln_weight, ln_bias, eps)
-    return linear_ref(layer_norm_ref(x, ln_weight, ln_bias, eps), weight, bias=bias, residual=residual,
-                      activation=activation, out=out)
+    y = reference_linear(reference_layer_norm(x, ln_weight, ln_bias, eps), weight, bias, residual, activation)
+    return y if out is None else out.copy_(y)
