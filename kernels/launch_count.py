@@ -20,7 +20,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction, KernelInterface
 
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 # torch operators that only allocate or describe memory: no device kernel (views are recognised by their schema)
 NO_KERNEL_OPS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
                  torch.ops.aten.empty_like.default, torch.ops.aten.lift_fresh.default}
@@ -36,10 +35,6 @@ class RecordedLaunch:
     @property
     def name(self) -> str:
         return self.kernel.__name__
-
-    @property
-    def constexprs(self) -> dict:
-        return {name: value for name, value in self.kwargs.items() if name not in LAUNCH_OPTIONS}
 
     @property
     def config(self) -> tuple[tuple[str, str], ...]:
