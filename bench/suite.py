@@ -157,10 +157,9 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
         cases.append(("load", "load", lambda runner: scenarios.run_load(runner, sizes)))
     if "decode" in chosen:
         decode = partial(scenarios.run_decode, sizes=sizes, config=config, device_roofline=device_roofline)
-        cases += [("decode", f"batch {b}", partial(decode, batch=b)) for b in sizes.decode_batches]
-        if sizes.long_decode_prompt_len:
-            cases.append(("decode", f"batch 1 prompt {sizes.long_decode_prompt_len}",
-                          partial(decode, batch=1, prompt_len=sizes.long_decode_prompt_len)))
+        for batch, prompt_len in decode_cases(sizes):
+            label = f"batch {batch}" + ("" if prompt_len == sizes.decode_prompt_len else f" prompt {prompt_len}")
+            cases.append(("decode", label, partial(decode, batch=batch, prompt_len=prompt_len)))
     if "prefill" in chosen:
         cases += [("prefill", f"prompt {n}", partial(scenarios.run_prefill, sizes=sizes, config=config,
                                                      device_roofline=device_roofline, prompt_len=n))
@@ -204,13 +203,13 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
                 return
         if engine == "hayabusa" and "decode" in settings.scenarios:
             _guarded(result, engine, "decode kernels", lambda: result.decode_kernels.extend(
-                decode_step_kernels(runner, batch, prompt_len) for batch, prompt_len in _kernel_cases(settings.sizes)))
+                decode_step_kernels(runner, batch, prompt_len) for batch, prompt_len in decode_cases(settings.sizes)))
     finally:
         runner.unload()
 
 
-def _kernel_cases(sizes: SuiteSizes) -> list[tuple[int, int]]:
-    """(batch, prompt_len) of every decode case: the per-kernel table profiles one step of each."""
+def decode_cases(sizes: SuiteSizes) -> list[tuple[int, int]]:
+    """(batch, prompt_len) of every decode case; the per-kernel table profiles one step of each."""
     cases = [(batch, sizes.decode_prompt_len) for batch in sizes.decode_batches]
     return cases + ([(1, sizes.long_decode_prompt_len)] if sizes.long_decode_prompt_len else [])
 

@@ -29,7 +29,7 @@ def test_gpu_sizes_are_issue_9s_cases_and_fit_the_27b_model():
     roofline = DeviceRoofline("cpu", "float16", 1e9, 1e12, 1, 1)
     labels = [label for _, label, _ in suite.generation_cases(settings, roofline)]
     assert labels == ["load", "batch 1", "batch 8", "batch 64", "batch 1 prompt 1920", "prompt 2048"]
-    assert suite._kernel_cases(GPU) == [(1, 128), (8, 128), (64, 128), (1, 1920)]
+    assert suite.decode_cases(GPU) == [(1, 128), (8, 128), (64, 128), (1, 1920)]
 
 
 def test_cpu_kv_pool_holds_the_static_batch_of_the_longest_sequence():
