@@ -90,6 +90,11 @@ def grounded_prompts(count: int, passage_len: int, seed: int) -> list[list[int]]
     return [passage + passage[: passage_len // 4] for passage in random_prompts([passage_len] * count, seed)]
 
 
+def grounded_len(passage_len: int) -> int:
+    """Tokens of a grounded_prompts prompt."""
+    return passage_len + passage_len // 4
+
+
 def mixed_lengths(count: int, length_range: tuple[int, int], seed: int) -> list[int]:
     low, high = length_range
     if not 1 <= low <= high:
@@ -98,15 +103,19 @@ def mixed_lengths(count: int, length_range: tuple[int, int], seed: int) -> list[
     return torch.randint(low, high + 1, (count,), generator=generator).tolist()
 
 
+def _generating_workloads(sizes: SuiteSizes) -> list[tuple[str, int, int]]:
+    """(what, prompt tokens, generated tokens) of each workload that decodes."""
+    return [("decode", sizes.decode_prompt_len, sizes.decode_gen_len),
+            ("speculation", grounded_len(sizes.decode_prompt_len), sizes.decode_gen_len),
+            ("long decode", sizes.long_decode_prompt_len or 0, sizes.decode_gen_len),
+            ("throughput", sizes.throughput_prompt_len, sizes.throughput_gen_len),
+            ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1])]
+
+
 def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
     """Raise before anything runs if a decode / throughput workload needs more positions than the model has
     (prefill cuts its longest prompt to fit instead: see scenarios.run_prefill)."""
-    grounded_len = sizes.decode_prompt_len + sizes.decode_prompt_len // 4  # grounded_prompts
-    for what, prompt_len, gen_len in (("decode", sizes.decode_prompt_len, sizes.decode_gen_len),
-                                      ("speculation", grounded_len, sizes.decode_gen_len),
-                                      ("long decode", sizes.long_decode_prompt_len or 0, sizes.decode_gen_len),
-                                      ("throughput", sizes.throughput_prompt_len, sizes.throughput_gen_len),
-                                      ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1])):
+    for what, prompt_len, gen_len in _generating_workloads(sizes):
         if prompt_len + gen_len > max_positions:
             raise ValueError(
                 f"--sizes {sizes.name}: {what} needs prompt {prompt_len} + generated {gen_len} tokens, more than "
@@ -121,10 +130,8 @@ def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
 
 def longest_sequence(sizes: SuiteSizes) -> int:
     """Most tokens (prompt + generated) any one sequence of these workloads holds."""
-    longest_prompt = max(sizes.decode_prompt_len + sizes.decode_prompt_len // 4, sizes.long_decode_prompt_len or 0)
-    return max(longest_prompt + sizes.decode_gen_len, max(sizes.prefill_prompt_lens) + 1,
-               sizes.throughput_prompt_len + sizes.throughput_gen_len,
-               sizes.mixed_prompt_lens[1] + sizes.mixed_gen_lens[1])
+    return max(max(sizes.prefill_prompt_lens) + 1,
+               *(prompt_len + gen_len for _, prompt_len, gen_len in _generating_workloads(sizes)))
 
 
 def workload_kv_blocks(sizes: SuiteSizes, block_size: int = 16) -> int:
