@@ -38,3 +38,10 @@ class BenchRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def speedup(ours: dict[str, Any], base: dict[str, Any], key: str, higher_is_better: bool) -> float | None:
+    """ours[key] relative to base[key] as a speed-up (> 1: ours is better); None when either is missing or zero."""
+    if not ours[key] or not base[key]:
+        return None
+    return ours[key] / base[key] if higher_is_better else base[key] / ours[key]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hayabusa.bench.kernel_profile import kernel_summary
-from hayabusa.bench.records import ENGINES
+from hayabusa.bench.records import ENGINES, speedup
 from hayabusa.bench.targets import evaluate_targets
 
 BASELINE = "transformers-eager"  # the "x vs" columns compare with what users run today
@@ -46,10 +46,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def _speedup(rows: list[dict[str, Any]], row: dict[str, Any], key: str, higher_is_better: bool) -> str:
     """row's figure relative to the baseline engine's on the same case ("1.00x" for the baseline itself)."""
     base = next((r for r in rows if r["engine"] == BASELINE and r["case"] == row["case"]), None)
-    if base is None or not base[key] or not row[key]:
-        return "–"
-    ratio = row[key] / base[key] if higher_is_better else base[key] / row[key]
-    return f"{ratio:.2f}x"
+    ratio = None if base is None else speedup(row, base, key, higher_is_better)
+    return "–" if ratio is None else f"{ratio:.2f}x"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

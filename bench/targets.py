@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hayabusa.bench.records import speedup
+
 Results = dict[str, Any]
 
 
@@ -37,9 +39,7 @@ def _ratio(case: str, key: str, baseline: str, higher_is_better: bool) -> Callab
     """hayabusa's figure over the baseline engine's on the same case, as a speed-up (> 1: hayabusa faster)."""
     def measure(results: Results) -> float | None:
         ours, theirs = _record(results, "hayabusa", "decode", case), _record(results, baseline, "decode", case)
-        if ours is None or theirs is None or not ours[key] or not theirs[key]:
-            return None
-        return ours[key] / theirs[key] if higher_is_better else theirs[key] / ours[key]
+        return None if ours is None or theirs is None else speedup(ours, theirs, key, higher_is_better)
     return measure
 
 
