@@ -25,7 +25,7 @@ RUN_START=$(date +%s)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/hayabusa-first-light.XXXXXX")
 LOG="$WORK/stages.log"
 RESULTS_DIR=${RESULTS_DIR:-$REPO/bench/results}
-HAYABUSA=("$PYTHON" -c "import sys; from hayabusa.engine.cli import main; sys.exit(main(sys.argv[1:]))")
+HAYABUSA=("$PYTHON" -m hayabusa)
 SUMMARY=()
 
 # A fresh, offline cache for everything: the run never downloads and never reads another run's compiled kernels.
