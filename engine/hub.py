@@ -16,8 +16,8 @@ from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, Revi
 from huggingface_hub.utils import get_session
 
 # What hayabusa reads from a checkpoint; nothing else is downloaded.
-CONFIG_AND_TOKENIZER_FILES = ["config.json", "vocab.txt", "emoji.json"]
 TOKENIZER_FILES = ["vocab.txt", "emoji.json"]
+CONFIG_AND_TOKENIZER_FILES = ["config.json", *TOKENIZER_FILES]
 SAFETENSORS_FILES = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
 BIN_FILES = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
 HUB_PROBE_SECONDS = 5.0  # how long the Hub gets to answer one request before hayabusa works from the cache

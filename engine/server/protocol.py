@@ -135,7 +135,7 @@ def validation_error(err: ValidationError) -> APIError:
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unknown field '{param}'", param=param)
     message = first["msg"].removeprefix("Value error, ")
-    return APIError(400, f"'{param}': {message}" if param else message, param=param)
+    return APIError(400, f"'{param}': {message}", param=param)
 
 
 class UsageInfo(BaseModel):
