@@ -10,9 +10,11 @@ step N-1's ids back and processes them (append, detokenize, stop checks, free bl
 N. On a CPU the same code runs, each launch simply finishing before it returns. Stop conditions are exact despite
 the lag (see engine.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
 
-A request of num_return_sequences = n completions runs as n sequences: the first is prefilled, and the other n - 1
-are forked from it in the same step (they share its prompt's KV blocks and sample their first tokens from its
-logits, each with its own seed, see sampling.completion_seed). Its updates carry the completion's `index`.
+A request of num_return_sequences = n completions runs as n sequences: the first computes the prompt, and the other
+n - 1 are forked from it when it is admitted (they share its prompt's KV blocks, wait while its prompt runs in
+chunks, and sample their first tokens from its logits, each with its own seed, see sampling.completion_seed). Its
+updates carry the completion's `index`. A request of num_beams beams runs the same way as a beam group
+(engine.beam_group), whose best num_return_sequences hypotheses are its outputs.
 
 Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
 background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
