@@ -3,20 +3,40 @@
 On a machine without CUDA, set TRITON_INTERPRET=1 before importing this package to run the kernels on CPU.
 """
 
-from .decode_attention import decode_attention, decode_attention_ref
-from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
-from .linear import linear, linear_ref, ln_linear, ln_linear_ref
-from .mlp import fused_mlp, fused_mlp_ref
-from .prefill_attention import prefill_attention, prefill_attention_ref
-from .rotary import apply_rotary_ref, rotary_tables
+if __name__ == "kernels":
+    # Found as the top-level name `kernels`: the checkout root is on sys.path (`python -m` or a notebook started
+    # there), and that name belongs to Hugging Face's `kernels` (transformers >= 5.25 requires and imports it).
+    # Hand the name to whatever else sys.path holds under it, or else to the empty namespace Python gives a folder
+    # without __init__.py, and run nothing of hayabusa's. (This file must exist all the same: pyproject maps this
+    # folder to `hayabusa.kernels`, and only an __init__.py can hold that package's re-exports below.)
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-__all__ = [
-    "rotary_tables", "apply_rotary_ref",
-    "prefill_attention", "prefill_attention_ref",
-    "decode_attention", "decode_attention_ref",
-    "linear", "linear_ref",
-    "ln_linear", "ln_linear_ref",
-    "fused_mlp", "fused_mlp_ref",
-    "layer_norm", "layer_norm_ref",
-    "add_layer_norm", "add_layer_norm_ref",
-]
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [entry for entry in _sys.path if _os.path.abspath(entry or _os.curdir) != _checkout]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is None:
+        _spec = _machinery.ModuleSpec(__name__, None, is_package=True)
+    _sys.modules[__name__] = _module = _util.module_from_spec(_spec)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
+else:
+    from .decode_attention import decode_attention, decode_attention_ref
+    from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+    from .linear import linear, linear_ref, ln_linear, ln_linear_ref
+    from .mlp import fused_mlp, fused_mlp_ref
+    from .prefill_attention import prefill_attention, prefill_attention_ref
+    from .rotary import apply_rotary_ref, rotary_tables
+
+    __all__ = [
+        "rotary_tables", "apply_rotary_ref",
+        "prefill_attention", "prefill_attention_ref",
+        "decode_attention", "decode_attention_ref",
+        "linear", "linear_ref",
+        "ln_linear", "ln_linear_ref",
+        "fused_mlp", "fused_mlp_ref",
+        "layer_norm", "layer_norm_ref",
+        "add_layer_norm", "add_layer_norm_ref",
+    ]
