@@ -11,11 +11,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from hayabusa.engine.listed_sampling import sample_next_tokens
 from hayabusa.engine.logprobs import token_logprobs
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_beams import reference_beam_outputs
-from hayabusa.engine.sampling import SamplingParams, request_seed, sample_next_tokens
+from hayabusa.engine.sampling import SamplingParams, request_seed
 from hayabusa.tokenizer import Tokenizer
 
 # (request index, text delta, the finished output or None)
