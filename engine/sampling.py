@@ -253,17 +253,21 @@ def _token_lists(name: str, value: object) -> tuple[tuple[int, ...], ...]:
 
 
 def _logit_bias(value: object) -> dict[int, float]:
-    """logit_bias as a new {token id: float bias} dict; ValueError naming the bad entry otherwise."""
+    """logit_bias as a new {token id: float bias} dict; ValueError naming the bad entry otherwise. A key may also be
+    a token id's decimal string, as JSON writes keys (a jsonl line of `hayabusa batch`, OpenAI's wire format)."""
     if not isinstance(value, Mapping):
         raise ValueError(f"logit_bias must be a dict of token id -> bias, got {value!r}")
     if len(value) > MAX_LOGIT_BIAS:
         raise ValueError(f"logit_bias holds {len(value)} entries; at most {MAX_LOGIT_BIAS} are supported")
-    for token_id, bias in value.items():
+    bias = {}
+    for key, number in value.items():
+        token_id = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
         if not _is_natural(token_id):
-            raise ValueError(f"logit_bias key {token_id!r} is not a token id (an integer >= 0)")
-        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise ValueError(f"logit_bias[{token_id}] must be a number in [-100, 100], got {bias!r}")
-    return {token_id: float(bias) for token_id, bias in sorted(value.items())}
+            raise ValueError(f"logit_bias key {key!r} is not a token id (an integer >= 0, or its decimal string)")
+        if isinstance(number, bool) or not isinstance(number, int | float) or not -100 <= number <= 100:
+            raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {number!r}")
+        bias[token_id] = float(number)
+    return dict(sorted(bias.items()))
 
 
 def request_seed(params: SamplingParams) -> int:

@@ -2,6 +2,7 @@
 SequenceBiasLogitsProcessor (single-token sequences), the penalties (transformers has none) against OpenAI's formula
 written out token by token, and the list-based sampler against the whole processing order written out by hand."""
 
+import json
 import math
 import random
 from collections import Counter
@@ -128,10 +129,12 @@ def test_bias_comes_before_and_frequency_after_the_repetition_penalty() -> None:
     ({"frequency_penalty": float("nan")}, r"frequency_penalty must be a number in \[-2, 2\]"),
     ({"presence_penalty": "1"}, r"presence_penalty must be a number"),
     ({"logit_bias": [(1, 2.0)]}, "logit_bias must be a dict of token id -> bias"),
-    ({"logit_bias": {"5": 1.0}}, r"logit_bias key '5' is not a token id \(an integer >= 0\)"),
+    ({"logit_bias": {"5x": 1.0}}, r"logit_bias key '5x' is not a token id \(an integer >= 0, or its decimal string\)"),
+    ({"logit_bias": {"-5": 1.0}}, "logit_bias key '-5' is not a token id"),
     ({"logit_bias": {-1: 1.0}}, "logit_bias key -1 is not a token id"),
     ({"logit_bias": {True: 1.0}}, "logit_bias key True is not a token id"),
     ({"logit_bias": {7: 100.5}}, r"logit_bias\[7\] must be a number in \[-100, 100\], got 100.5"),
+    ({"logit_bias": {"7": "1"}}, r"logit_bias\['7'\] must be a number in \[-100, 100\], got '1'"),
     ({"logit_bias": {7: float("inf")}}, r"logit_bias\[7\] must be a number in \[-100, 100\]"),
     ({"logit_bias": dict.fromkeys(range(MAX_LOGIT_BIAS + 1), 1.0)}, "logit_bias holds 301 entries; at most 300"),
     ({"best_of": 0}, r"best_of must be None or an integer >= num_return_sequences \(1\)"),
@@ -152,6 +155,7 @@ def test_logit_bias_is_a_private_dict_of_floats_checked_against_the_vocabulary()
     assert params.logit_bias == {2: -1.5, 9: 3.0} and all(type(v) is float for v in params.logit_bias.values())
     assert hash(params) == hash(SamplingParams(logit_bias={1: 1.0}))  # hashable; logit_bias takes no part in it
     assert params != SamplingParams() and params == SamplingParams(logit_bias={2: -1.5, 9: 3})
+    assert SamplingParams(**json.loads('{"logit_bias": {"9": 3, "2": -1.5}}')) == params  # JSON's string keys
     with pytest.raises(ValueError, match=r"logit_bias holds token id 40 outside the vocabulary \[0, 40\)"):
         check_option_ids(SamplingParams(logit_bias={3: 1, 40: 1}), VOCAB)
 
