@@ -117,7 +117,8 @@ class Engine:
         names, which are transformers' generate options (README: generate options): max_new_tokens, do_sample,
         temperature, top_k, top_p, min_p, typical_p, repetition_penalty, no_repeat_ngram_size, bad_words_ids,
         min_new_tokens, eos_token_id, seed, stop, ignore_eos, num_return_sequences, prompt_lookup_num_tokens,
-        max_matching_ngram_size; and logprobs, prompt_logprobs (OpenAI's).
+        max_matching_ngram_size, num_beams, length_penalty, early_stopping; and OpenAI's logprobs, presence_penalty,
+        frequency_penalty, logit_bias, best_of, with vLLM's prompt_logprobs.
         """
         prompt_ids = self._encode_prompts(prompts)
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))

@@ -37,7 +37,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hayabusa.engine.sampling import SamplingParams, apply_penalty, listed_bans, seen_mask
+from hayabusa.engine.listed_sampling import listed_processors, seen_mask
+from hayabusa.engine.logits_processors import penalize_generated
+from hayabusa.engine.sampling import SamplingParams, apply_penalty
 
 DEAD_BEAM_SCORE = -1.0e9  # transformers' score of the initial copies 2..k and of an empty hypothesis slot
 
@@ -159,19 +161,23 @@ class BeamSearch:
 
 def beam_logprobs(logits: Tensor, params: SamplingParams, token_lists: Sequence[Sequence[int]], num_generated: int,
                   model_eos_token_id: int | None) -> Tensor:
-    """logits [rows, vocab] of beams whose tokens (prompt included) are token_lists -> what BeamSearch.step takes:
-    fp32 log-softmax, then transformers' logits processors on those log-probabilities (its order in beam search):
-    the repetition penalty over each beam's own tokens, and -inf where no_repeat_ngram_size, bad_words_ids or
-    min_new_tokens (num_generated tokens so far) forbid a token."""
+    """logits [rows, vocab] of beams whose tokens (prompt included) are token_lists, the last num_generated of them
+    generated -> what BeamSearch.step takes: fp32 log-softmax, then the logits processors on those log-probabilities
+    (transformers' order in beam search), in the sampler's order: logit_bias, the repetition penalty over each beam's
+    own tokens, the frequency and presence penalties over its generated ones, and -inf where no_repeat_ngram_size,
+    bad_words_ids or min_new_tokens forbid a token."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     rows, vocab = logprobs.shape
+    processors = listed_processors([params] * rows, token_lists, [num_generated] * rows, model_eos_token_id, vocab,
+                                   logits.device) if params.needs_processors else None
+    if processors is not None:
+        logprobs = logprobs + processors.logit_bias
     if params.repetition_penalty != 1.0:
         penalty = torch.full((rows,), params.repetition_penalty, device=logits.device)
         logprobs = apply_penalty(logprobs, seen_mask(token_lists, vocab, logits.device), penalty)
-    if params.needs_processors:
-        banned = listed_bans([params] * rows, token_lists, [num_generated] * rows, model_eos_token_id, vocab,
-                             logits.device)
-        logprobs = logprobs.masked_fill(banned, float("-inf"))
+    if processors is not None:
+        logprobs = penalize_generated(logprobs, processors.generated_counts, processors.frequency_penalty,
+                                      processors.presence_penalty).masked_fill(processors.banned, float("-inf"))
     return logprobs
 
 

@@ -41,6 +41,17 @@ def parse_dtype(name: str) -> torch.dtype:
         raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
 
 
+def parse_logit_bias(entry: str) -> tuple[int, float]:
+    """--logit-bias ID=BIAS -> (token id, bias); SamplingParams checks the ranges."""
+    token_id, separator, bias = entry.partition("=")
+    try:
+        if separator:
+            return int(token_id), float(bias)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"logit bias must be TOKEN_ID=BIAS (e.g. 50256=-100), got {entry!r}")
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the prompt text")
     add_model_arguments(parser)
@@ -73,6 +84,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when beam search stops (transformers' early_stopping)")
     parser.add_argument("--num-return-sequences", type=int, default=1,
                         help="completions to print (beams: the best n, best first)")
+    # OpenAI's options, same meaning (README: generate options)
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="subtract this from the logit of every token generated so far (-2..2; 0: off)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="subtract this x its count from the logit of each token generated so far (-2..2; 0: off)")
+    parser.add_argument("--logit-bias", type=parse_logit_bias, action="append", default=[], metavar="ID=BIAS",
+                        help="add BIAS (-100..100) to token ID's logit (repeatable)")
+    parser.add_argument("--best-of", type=int, default=None,
+                        help="sample this many candidates and print the --num-return-sequences best by summed logprob")
     add_device_argument(parser)
     parser.add_argument("--dtype", type=parse_dtype, default=None,
                         help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
@@ -94,16 +114,18 @@ def run_generate(args: argparse.Namespace) -> int:
             typical_p=args.typical_p, eos_token_id=args.eos_token_id,
             prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, num_beams=args.num_beams,
             length_penalty=args.length_penalty, early_stopping=early_stopping,
-            num_return_sequences=args.num_return_sequences)
+            num_return_sequences=args.num_return_sequences, presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias), best_of=args.best_of)
 
     params_for(())  # bad options fail here, before the model loads
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                     revision=args.revision)
     try:
         params = params_for(tuple(tuple(engine.tokenizer.encode(word)) for word in args.bad_word))
-        if params.num_beams > 1 or params.num_return_sequences > 1:  # known at the end: one block per output
+        if params.num_beams > 1 or params.num_return_sequences > 1 or params.ranks_candidates:  # one block per output
             for i, out in enumerate(engine.generate(args.prompt, params)):
-                score = "" if out.score is None else f" (score {out.score:.4f})"
+                score = f" (score {out.score:.4f})" if out.score is not None else \
+                    f" (logprob {out.cumulative_logprob:.4f})" if params.ranks_candidates else ""
                 sys.stdout.write(f"[{i}]{score}\n{out.text}\n")
             return 0
         for delta in engine.stream(args.prompt, params):

@@ -14,7 +14,8 @@ A request of num_return_sequences = n completions runs as n sequences: the first
 n - 1 are forked from it when it is admitted (they share its prompt's KV blocks, wait while its prompt runs in
 chunks, and sample their first tokens from its logits, each with its own seed, see sampling.completion_seed). Its
 updates carry the completion's `index`. A request of num_beams beams runs the same way as a beam group
-(engine.beam_group), whose best num_return_sequences hypotheses are its outputs.
+(engine.beam_group), whose best num_return_sequences hypotheses are its outputs, and so does a request of best_of
+candidates (engine.best_of), whose best num_return_sequences are handed out whole once all of them ended.
 
 Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
 background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from hayabusa.engine.beam_group import BeamGroup
+from hayabusa.engine.best_of import CandidateGroup
 from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
@@ -110,7 +112,10 @@ class PagedEngine:
         if bad:
             raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
         check_option_ids(params, self.config.vocab_size)
-        num_sequences = max(params.num_return_sequences, params.num_beams)
+        num_sequences = max(params.num_candidates, params.num_beams)
+        if params.ranks_candidates and num_sequences > self.scheduler.max_num_seqs:
+            raise ValueError(f"best_of {num_sequences} is more than the {self.scheduler.max_num_seqs} sequences the "
+                             f"engine runs at once (max_num_seqs)")
         self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens, num_sequences, params.num_beams)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
         seq = Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
@@ -118,6 +123,8 @@ class PagedEngine:
                              for index in range(1, num_sequences)]
         if params.num_beams > 1:
             BeamGroup([seq, *seq.fork_children], self.config.eos_token_id, self.device)
+        if params.ranks_candidates:
+            CandidateGroup([seq, *seq.fork_children])
         return seq
 
     def add_request(self, prompt_ids: Seq[int], params: SamplingParams) -> int:
@@ -155,7 +162,7 @@ class PagedEngine:
             self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
             seq.fail(reason, message)
         for seq in ended:  # all ended first: the last delivery closes the request
-            if seq.index < seq.params.num_return_sequences:  # beams past the n returned have no output
+            if seq.beam_group is None or seq.index < seq.params.num_return_sequences:  # beams past the n: no output
                 self._deliver(seq, (), "")
 
     # ---- stepping --------------------------------------------------------------------------------------------
@@ -215,7 +222,15 @@ class PagedEngine:
 
     def _deliver(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
         """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
-        (generate() reads the final output)."""
+        (generate() reads the final output). best_of candidates hand out nothing until all of them ended; then the
+        best n, each whole."""
+        if seq.candidates is not None:
+            for best in seq.candidates.take_best():
+                self._hand_out(best, best.token_ids[best.num_prompt_tokens:], best.output.result().text)
+            return
+        self._hand_out(seq, tokens, delta)
+
+    def _hand_out(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
         finished = seq.status is SequenceStatus.FINISHED
         if finished and all(other.is_finished for other in self._requests.get(seq.request_id, ())):
             self._requests.pop(seq.request_id, None)  # (a beam group delivers its outputs after all its beams end)
@@ -296,8 +311,8 @@ class PagedEngine:
                                       for seq in seqs))
         outputs: list[GenerationOutput] = []
         for seqs, p in zip(completions, params, strict=True):
-            if isinstance(seqs, list):
-                outputs += [seq.output.result() for seq in seqs[: p.num_return_sequences]]  # beams: the best n
+            if isinstance(seqs, list):  # beams and best_of: the best n (best_of renumbers its candidates)
+                outputs += [seq.output.result() for seq in sorted(seqs, key=_index)[: p.num_return_sequences]]
             else:  # refused: one copy of the error per completion asked for
                 outputs += [seqs] * (p.num_return_sequences if isinstance(p, SamplingParams) else 1)
         return outputs
@@ -341,6 +356,9 @@ class PagedEngine:
             raise ValueError(f"stream() yields the text of one completion, but num_return_sequences is "
                              f"{params.num_return_sequences}; use generate(), or add_request() and step(), whose "
                              f"updates carry each completion's index")
+        if isinstance(params, SamplingParams) and params.ranks_candidates:
+            raise ValueError(f"best_of {params.best_of} does not stream: the best candidate is known only once all "
+                             f"of them ended (OpenAI refuses it too); use generate()")
         seq = self._new_sequence(prompt_ids, params, Delivery.STREAM)
         self._enqueue([seq])
         return self._stream(seq)
@@ -369,6 +387,10 @@ class PagedEngine:
 
 def _never() -> bool:
     return False
+
+
+def _index(seq: Sequence) -> int:
+    return seq.index
 
 
 def _failed_output(prompt_ids: list[int], message: str) -> GenerationOutput:

@@ -3,9 +3,10 @@
 Each function equals its transformers counterpart row by row (tests/test_logits_processors.py checks the masks):
 `ban_repeated_ngrams` = NoRepeatNGramLogitsProcessor, `ban_bad_word_completions` with a static single-token ban =
 NoBadWordsLogitsProcessor, the eos gate of `banned_tokens` = MinNewTokensLengthLogitsProcessor, `mask_min_p` =
-MinPLogitsWarper, `mask_typical` = TypicalLogitsWarper. A row whose setting is "off" comes out unchanged, so one
-launch sequence serves a batch that mixes settings, and nothing reads a value back to the host (CUDA graphs can
-capture it).
+MinPLogitsWarper, `mask_typical` = TypicalLogitsWarper, `logit_bias_rows` = SequenceBiasLogitsProcessor with
+single-token sequences (OpenAI's logit_bias). OpenAI's frequency and presence penalties, which transformers lacks,
+are `generated_counts` and `penalize_generated`. A row whose setting is "off" comes out unchanged, so one launch
+sequence serves a batch that mixes settings, and nothing reads a value back to the host (CUDA graphs can capture it).
 
 Token history: the n-gram and bad-word rules look at each row's tokens so far, which the device knows before the
 host does (the host reads sampled ids back one step late). They read a padded history tensor: row b holds
@@ -24,6 +25,7 @@ from torch import Tensor
 MAX_NO_REPEAT_NGRAM_SIZE = 8  # the n-gram width compared on the device (a fixed shape a CUDA graph can hold)
 MAX_BAD_WORD_TOKENS = 16  # longest multi-token bad word
 MAX_BAD_WORDS = 64  # multi-token bad words per request (single-token ones are a vocabulary mask: no limit)
+MAX_LOGIT_BIAS = 300  # logit_bias entries per request (OpenAI's limit); a row holds them in a fixed-width tensor
 HISTORY_MARGIN = max(MAX_NO_REPEAT_NGRAM_SIZE, MAX_BAD_WORD_TOKENS) - 1
 SENTINEL = -2  # history before the first token
 WILDCARD = -1  # a bad-word pattern's left padding: matches anything
@@ -131,3 +133,32 @@ def mask_typical(logits: Tensor, typical_p: Tensor) -> Tensor:
     sorted_remove[:, 0] = False  # min_tokens_to_keep = 1
     remove = sorted_remove.scatter(1, order, sorted_remove)
     return torch.where((typical_p < 1.0)[:, None], logits.masked_fill(remove, -torch.inf), logits)
+
+
+def logit_bias_rows(token_ids: Tensor, biases: Tensor, num_biases: Tensor, vocab: int) -> Tensor:
+    """float32 [B, vocab]: each row's logit_bias at its token ids, 0 elsewhere (added to the logits).
+
+    token_ids int64 and biases float32 [B, MAX_LOGIT_BIAS]: row b's first num_biases[b] entries (distinct ids) are
+    its own; the rest may be stale and go to a spare column that is dropped.
+    """
+    used = torch.arange(token_ids.shape[1], device=token_ids.device)[None, :] < num_biases[:, None]
+    dense = torch.zeros(token_ids.shape[0], vocab + 1, dtype=torch.float32, device=token_ids.device)
+    dense.scatter_(1, torch.where(used, token_ids, vocab), biases)
+    return dense[:, :vocab]
+
+
+def generated_counts(history: Tensor, prompt_lengths: Tensor, lengths: Tensor, counted: Tensor, vocab: int) -> Tensor:
+    """float32 [B, vocab]: how often each token occurs among row b's generated tokens, the history's tokens
+    prompt_lengths[b] .. lengths[b] - 1 (the padded layout above). Rows where counted (bool [B]) is False come out
+    0: only rows that loaded their history are read."""
+    position = torch.arange(history.shape[1], device=history.device)[None, :] - HISTORY_MARGIN
+    generated = (position >= prompt_lengths[:, None]) & (position < lengths[:, None]) & counted[:, None]  # [B, W]
+    counts = torch.zeros(history.shape[0], vocab + 1, dtype=torch.float32, device=history.device)
+    counts.scatter_add_(1, torch.where(generated, history, vocab), generated.to(torch.float32))
+    return counts[:, :vocab]
+
+
+def penalize_generated(logits: Tensor, counts: Tensor, frequency_penalty: Tensor, presence_penalty: Tensor) -> Tensor:
+    """OpenAI's penalties per row (0 = off, an exact no-op): logits[j] -= frequency_penalty * counts[j] +
+    presence_penalty * (counts[j] > 0), counts from generated_counts. logits, counts [B, vocab]; penalties [B]."""
+    return logits - frequency_penalty[:, None] * counts - presence_penalty[:, None] * (counts > 0)

@@ -374,7 +374,7 @@ class ModelRunner:
             pass_rows = rows[np.flatnonzero(logit_counts)].tolist() + [child for _, child in forks]
             passes = (emitted, emitted_counts, pass_rows)
             # Rows that ask for logprobs never speculate: their pass is one position, emitting one token.
-            asked = [p for p, row in enumerate(pass_rows) if plan.seqs[row].params.logprobs is not None] \
+            asked = [p for p, row in enumerate(pass_rows) if plan.seqs[row].params.wants_token_logprobs] \
                 if plan.wants_logprobs else []
             if asked:
                 pass_sizes = np.concatenate([logit_counts[logit_counts > 0], np.ones(len(forks), dtype=np.int64)])

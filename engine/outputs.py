@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from hayabusa.engine.logprobs import TokenLogprobs
+from hayabusa.engine.logprobs import HostLogprobs, TokenLogprobs
 from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 
@@ -58,6 +58,9 @@ class GenerationOutput:
     # Beam search (num_beams > 1): the hypothesis' summed logprobs / len(token_ids) ** length_penalty, the number
     # transformers returns as sequences_scores. None otherwise.
     score: float | None = None
+    # The summed logprobs (raw logits, as `logprobs`) of token_ids, when they were computed: SamplingParams.logprobs
+    # asked, or best_of ranked candidates by it. None otherwise.
+    cumulative_logprob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class OutputBuilder:
         self._tokenizer = tokenizer
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.wants_token_logprobs else None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None  # set by the prefill that scores the prompt
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -136,7 +140,14 @@ class OutputBuilder:
         child.prompt_logprobs = self.prompt_logprobs
         if self.logprobs is not None:
             child.logprobs = list(self.logprobs)
+        child.cumulative_logprob = self.cumulative_logprob
         return child
+
+    def record_logprobs(self, sampled: HostLogprobs, row: int, token_id: int) -> None:
+        """The logprobs of the token just sampled at `row` of a step's read-back (params.wants_token_logprobs)."""
+        if self.logprobs is not None:
+            self.logprobs.append(sampled.entry(row, token_id, self.params.logprobs))
+        self.cumulative_logprob += float(sampled.chosen[row])
 
     def append(self, token_id: int) -> str:
         """Record one sampled token; return the text that became final (may be "")."""
@@ -224,4 +235,5 @@ class OutputBuilder:
             logprobs=None if self.logprobs is None else list(self.logprobs),
             prompt_logprobs=self.prompt_logprobs,
             score=self.score,
+            cumulative_logprob=self.cumulative_logprob,
         )

@@ -11,11 +11,12 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from hayabusa.engine.listed_sampling import sample_next_tokens
 from hayabusa.engine.logprobs import token_logprobs
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_beams import reference_beam_outputs
-from hayabusa.engine.sampling import SamplingParams, request_seed, sample_next_tokens
+from hayabusa.engine.sampling import SamplingParams, request_seed
 from hayabusa.tokenizer import Tokenizer
 
 # (request index, text delta, the finished output or None)
@@ -28,9 +29,10 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     for p in params:
         if p.num_beams > 1:
             raise ValueError("beam search does not stream; reference_outputs runs it (engine.reference_beams)")
-        if p.prompt_logprobs is not None or p.num_return_sequences != 1 or p.max_new_tokens == 0:
-            raise ValueError("the reference loop generates one completion of at least one token per prompt, without "
-                             "prompt logprobs; the paged engine (Engine.generate) does the rest")
+        if p.prompt_logprobs is not None or p.num_candidates != 1 or p.max_new_tokens == 0:
+            raise ValueError("the reference loop generates one completion (no best_of candidates) of at least one "
+                             "token per prompt, without prompt logprobs; the paged engine (Engine.generate) does the "
+                             "rest")
     eos = model.config.eos_token_id
     builders = [OutputBuilder(tokenizer, prompt, p, eos) for prompt, p in zip(prompts, params, strict=True)]
     seeds = [request_seed(p) for p in params]
@@ -54,13 +56,13 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     while True:
         tokens = sample_next_tokens(logits, params, seen, seeds, [len(b.token_ids) for b in builders], eos)
         logprobs = token_logprobs(logits, tokens).copy_to_host(pinned=False) \
-            if any(b.logprobs is not None for b in builders) else None
+            if any(b.cumulative_logprob is not None for b in builders) else None
         for b, token in enumerate(tokens.tolist()):
             if builders[b].finished:
                 continue
             seen[b].append(token)
-            if builders[b].logprobs is not None:
-                builders[b].logprobs.append(logprobs.entry(b, token, params[b].logprobs))
+            if builders[b].cumulative_logprob is not None:
+                builders[b].record_logprobs(logprobs, b, token)
             delta = builders[b].append(token)
             yield b, delta, builders[b].result() if builders[b].finished else None
         if all(builder.finished for builder in builders):

@@ -2,17 +2,19 @@
 
 Row `slot` of each tensor belongs to the running sequence in that slot (engine.slots): its settings, its noise
 step counter, for the repetition penalty its seen-token mask, and for the processors (logits_processors) its eos and
-banned-token masks, bad-word patterns and token history. `sample` reads a batch's logits and writes the chosen ids
-straight into `last_token[rows]` (the next decode step's input ids) and each row's largest raw logit into
-`row_max[rows]`; the host reads both back one step later. A non-finite row max flags a row whose logits hold NaN or
-+inf, or no finite value at all: that request fails with an error instead of a silent token.
+banned-token masks, bad-word patterns, logit_bias entries and token history (the frequency and presence penalties
+count the generated part of it on the device each step: no count goes through the host). `sample` reads a batch's
+logits and writes the chosen ids straight into `last_token[rows]` (the next decode step's input ids) and each row's
+largest raw logit into `row_max[rows]`; the host reads both back one step later. A non-finite row max flags a row
+whose logits hold NaN or +inf, or no finite value at all: that request fails with an error instead of a silent token.
 
 A step samples in one of three modes, the cheapest that serves all its rows (`row_mode`):
 - GREEDY: every row greedy with no penalty or processor: one `max` reduction writes the ids and row maxima together.
 - SAMPLE: `sampling.sample_rows` with the penalty, temperature, top-k, top-p and seeded draws (about 90 small
   kernels, half of them the counter-based noise hash: a fused sampling kernel is the obvious next step).
-- PROCESS: SAMPLE plus the processors (no_repeat_ngram_size, bad_words_ids, min_new_tokens, min_p, typical_p) and
-  the token history they read, appended to on the device as tokens are sampled.
+- PROCESS: SAMPLE plus the processors (logit_bias, frequency_penalty, presence_penalty, no_repeat_ngram_size,
+  bad_words_ids, min_new_tokens, min_p, typical_p) and the token history they read, appended to on the device as
+  tokens are sampled.
 Rows whose option is off come out of a richer mode exactly as the cheaper one would give them. Per-row state that
 only a richer mode reads (masks, patterns, history) is loaded only for the rows that use it, and read only where the
 row's settings say it was loaded, so stale rows left by earlier occupants never matter.
@@ -32,13 +34,16 @@ from hayabusa.engine.logits_processors import (
     HISTORY_MARGIN,
     MAX_BAD_WORD_TOKENS,
     MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
     SENTINEL,
     WILDCARD,
     bad_word_patterns,
     banned_tokens,
+    generated_counts,
+    logit_bias_rows,
     split_bad_words,
 )
-from hayabusa.engine.sampling import SamplingParams, effective_temperature, eos_token_ids, sample_rows
+from hayabusa.engine.sampling import RowProcessors, SamplingParams, effective_temperature, eos_token_ids, sample_rows
 from hayabusa.engine.staging import Field, PackedUpload
 
 
@@ -52,12 +57,13 @@ class SlotSequence(Protocol):
     num_completion_tokens: int
 
 # Columns of the settings tensors.
-TEMPERATURE, TOP_P, PENALTY, MIN_P, TYPICAL_P = range(5)  # float_settings; temperature 0 marks a greedy row
-NUM_FLOAT_SETTINGS = 5
+# float_settings; temperature 0 marks a greedy row
+TEMPERATURE, TOP_P, PENALTY, MIN_P, TYPICAL_P, FREQUENCY_PENALTY, PRESENCE_PENALTY = range(7)
+NUM_FLOAT_SETTINGS = 7
 # int_settings: STEP counts the row's sampled tokens (it keys the noise; PROMPT_LEN + STEP tokens are in the history);
-# NUM_PATTERNS and HAS_BANS say whether the row's patterns and static bans were loaded.
-TOP_K, SEED, STEP, MIN_NEW_TOKENS, NGRAM, NUM_PATTERNS, HAS_BANS, PROMPT_LEN = range(8)
-NUM_INT_SETTINGS = 8
+# NUM_PATTERNS, HAS_BANS and NUM_BIASES say whether the row's patterns, static bans and logit_bias were loaded.
+TOP_K, SEED, STEP, MIN_NEW_TOKENS, NGRAM, NUM_PATTERNS, HAS_BANS, PROMPT_LEN, NUM_BIASES = range(9)
+NUM_INT_SETTINGS = 9
 
 # Exponent bits of each dtype: all ones means inf or NaN.
 _EXPONENT_MASKS = {torch.float32: (torch.int32, 0x7F800000), torch.float16: (torch.int16, 0x7C00),
@@ -98,6 +104,9 @@ class SlotSampler:
         self.static_bans = torch.zeros(max_num_seqs, vocab_size, dtype=torch.bool, device=device)  # 1-token bad words
         self.patterns = torch.full((max_num_seqs, MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS), WILDCARD, dtype=torch.int64,
                                    device=device)  # multi-token bad words (logits_processors.bad_word_patterns)
+        # logit_bias: each row's first NUM_BIASES entries (logits_processors.logit_bias_rows)
+        self.bias_ids = torch.zeros(max_num_seqs, MAX_LOGIT_BIAS, dtype=torch.int64, device=device)
+        self.bias_values = torch.zeros(max_num_seqs, MAX_LOGIT_BIAS, dtype=torch.float32, device=device)
         # The layout of logits_processors; one spare column past max_model_len absorbs the writes of rows that ride
         # along after their last token.
         self.history = torch.full((max_num_seqs, HISTORY_MARGIN + max_model_len + 1), SENTINEL, dtype=torch.int64,
@@ -109,7 +118,7 @@ class SlotSampler:
     def per_slot_tensors(self) -> list[Tensor]:
         """The tensors whose rows move with a sequence when it changes slot."""
         return [self.last_token, self.float_settings, self.int_settings, self.seen, self.eos_mask, self.static_bans,
-                self.patterns, self.history]
+                self.patterns, self.bias_ids, self.bias_values, self.history]
 
     # ---- loading newly admitted rows -------------------------------------------------------------------------
 
@@ -135,10 +144,11 @@ class SlotSampler:
             p = seq.params
             single, multi = split_bad_words(p.bad_words_ids, eos_token_ids(p, self.eos_token_id))
             host["float_settings"][i] = (effective_temperature(p), p.top_p, p.repetition_penalty, p.min_p,
-                                         p.typical_p)
+                                         p.typical_p, p.frequency_penalty, p.presence_penalty)
             # STEP: the tokens it has generated so far (a recomputed sequence keeps its noise stream).
             host["int_settings"][i] = (p.top_k, seq.seed, seq.num_completion_tokens, p.min_new_tokens,
-                                       p.no_repeat_ngram_size, len(multi), int(bool(single)), seq.num_prompt_tokens)
+                                       p.no_repeat_ngram_size, len(multi), int(bool(single)), seq.num_prompt_tokens,
+                                       len(p.logit_bias))
             if seen and p.repetition_penalty != 1.0:  # every token it has seen, as flat indices slot * vocab + token
                 seen_index[cursor:cursor + len(seq.token_ids)] = np.asarray(seq.token_ids, np.int64) + slot * vocab
                 cursor += len(seq.token_ids)
@@ -155,10 +165,11 @@ class SlotSampler:
             self.seen.view(-1).index_fill_(0, views["seen_index"], True)
 
     def load_processors(self, slots: Sequence[int], seqs: Sequence[SlotSequence]) -> None:
-        """The processor state (eos and ban masks, patterns, history of all its tokens so far) of newly admitted
-        sequences that need it, in an upload of its own."""
+        """The processor state (eos and ban masks, patterns, logit_bias, history of all its tokens so far) of newly
+        admitted sequences that need it, in an upload of its own."""
         vocab = self.vocab_size
         eos_index, ban_index, mask_rows, pattern_rows, patterns, history_index, history_values = ([] for _ in range(7))
+        bias_index, bias_ids, bias_values = [], [], []  # flat index slot * MAX_LOGIT_BIAS + entry
         width = self.history.shape[1]
         for slot, seq in zip(slots, seqs, strict=True):
             p, tokens = seq.params, seq.token_ids
@@ -175,14 +186,18 @@ class SlotSampler:
             if p.needs_history:
                 history_index += range(slot * width + HISTORY_MARGIN, slot * width + HISTORY_MARGIN + len(tokens))
                 history_values += tokens
+            bias_index += range(slot * MAX_LOGIT_BIAS, slot * MAX_LOGIT_BIAS + len(p.logit_bias))
+            bias_ids += p.logit_bias
+            bias_values += p.logit_bias.values()
         if not mask_rows:
             return
         pattern_shape = (len(pattern_rows), MAX_BAD_WORDS, MAX_BAD_WORD_TOKENS)
         host_values = {"mask_rows": mask_rows, "eos_index": eos_index, "ban_index": ban_index,
                        "pattern_rows": pattern_rows, "patterns": np.asarray(patterns).reshape(pattern_shape),
-                       "history_index": history_index, "history_values": history_values}
-        fields = [(name, torch.int64, np.shape(values) if name == "patterns" else (len(values),))
-                  for name, values in host_values.items()]
+                       "history_index": history_index, "history_values": history_values, "bias_index": bias_index,
+                       "bias_ids": bias_ids, "bias_values": bias_values}
+        fields = [(name, torch.float32 if name == "bias_values" else torch.int64,
+                   np.shape(values) if name == "patterns" else (len(values),)) for name, values in host_values.items()]
         nbytes = PackedUpload.nbytes(fields)
         if nbytes > self._processor_uploads.capacity:  # rare and eager (an admission step): grow
             self._processor_uploads = PackedUpload(2 * nbytes, self.device)
@@ -196,6 +211,8 @@ class SlotSampler:
             mask.view(-1).index_fill_(0, index, True)
         self.patterns.index_copy_(0, up["pattern_rows"], up["patterns"])
         self.history.view(-1).index_copy_(0, up["history_index"], up["history_values"])
+        self.bias_ids.view(-1).index_copy_(0, up["bias_index"], up["bias_ids"])
+        self.bias_values.view(-1).index_copy_(0, up["bias_index"], up["bias_values"])
 
     # ---- sampling --------------------------------------------------------------------------------------------
 
@@ -236,16 +253,24 @@ class SlotSampler:
         mask and, with history (the PROCESS mode), the history and its lengths are the rows' own (a verify
         position's differ from its slot's by the draft tokens before it)."""
         floats, ints = self.float_settings[rows], self.int_settings[rows]
-        banned = None if history is None else banned_tokens(
-            history=history, lengths=lengths, ngram_sizes=ints[:, NGRAM], patterns=self.patterns[rows],
-            num_patterns=ints[:, NUM_PATTERNS], static_bans=self.static_bans[rows],
-            has_static_bans=ints[:, HAS_BANS] > 0, eos_mask=self.eos_mask[rows],
-            completion_lengths=steps, min_new_tokens=ints[:, MIN_NEW_TOKENS])
-        warped = history is not None
+        processors = None
+        if history is not None:
+            frequency, presence = floats[:, FREQUENCY_PENALTY], floats[:, PRESENCE_PENALTY]
+            processors = RowProcessors(
+                logit_bias=logit_bias_rows(self.bias_ids[rows], self.bias_values[rows], ints[:, NUM_BIASES],
+                                           self.vocab_size),
+                generated_counts=generated_counts(history, ints[:, PROMPT_LEN], lengths,
+                                                  (frequency != 0) | (presence != 0), self.vocab_size),
+                frequency_penalty=frequency, presence_penalty=presence,
+                banned=banned_tokens(history=history, lengths=lengths, ngram_sizes=ints[:, NGRAM],
+                                     patterns=self.patterns[rows], num_patterns=ints[:, NUM_PATTERNS],
+                                     static_bans=self.static_bans[rows], has_static_bans=ints[:, HAS_BANS] > 0,
+                                     eos_mask=self.eos_mask[rows], completion_lengths=steps,
+                                     min_new_tokens=ints[:, MIN_NEW_TOKENS]),
+                min_p=floats[:, MIN_P], typical_p=floats[:, TYPICAL_P])
         return sample_rows(logits, temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
-                           penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=steps, seen=seen, banned=banned,
-                           min_p=floats[:, MIN_P] if warped else None,
-                           typical_p=floats[:, TYPICAL_P] if warped else None)
+                           penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=steps, seen=seen,
+                           processors=processors)
 
     def sample_positions(self, logits: Tensor, position_pass: Tensor, position_offset: Tensor, pass_slots: Tensor,
                          pass_drafts: Tensor, mode: SamplerMode) -> tuple[Tensor, Tensor]:

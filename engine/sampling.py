@@ -1,18 +1,19 @@
 """Sampling parameters and batched next-token selection, on the logits' device with no host sync.
 
-Processing order follows transformers' generate: the processors (repetition penalty, no_repeat_ngram_size,
-bad_words_ids, min_new_tokens) on the raw logits, then, when sampling, the warpers: temperature, top-k, top-p, min-p,
-typical-p. Random draws are counter-based: the noise for a request's n-th token is a hash of (seed, n, token id), so a
-seeded request gives the same tokens whatever else shares its batch. A request of num_return_sequences completions
-seeds completion j with `completion_seed(seed, j)`.
+Processing order follows transformers' generate, with OpenAI's options where vLLM puts them: logit_bias added to the
+raw logits, then the penalties (repetition, then frequency and presence), the bans (no_repeat_ngram_size,
+bad_words_ids, min_new_tokens), and, when sampling, the warpers: temperature, top-k, top-p, min-p, typical-p. A
+greedy row takes the argmax after the bans. Random draws are counter-based: the noise for a request's n-th token is
+a hash of (seed, n, token id), so a seeded request gives the same tokens whatever else shares its batch. A request
+of num_return_sequences completions (or best_of candidates) seeds completion j with `completion_seed(seed, j)`.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,13 +21,11 @@ from torch import Tensor
 from hayabusa.engine.logits_processors import (
     MAX_BAD_WORD_TOKENS,
     MAX_BAD_WORDS,
+    MAX_LOGIT_BIAS,
     MAX_NO_REPEAT_NGRAM_SIZE,
-    bad_word_patterns,
-    banned_tokens,
     mask_min_p,
     mask_typical,
-    padded_history,
-    split_bad_words,
+    penalize_generated,
 )
 from hayabusa.engine.logprobs import MAX_LOGPROBS
 
@@ -64,10 +63,21 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # OpenAI's options (its names and meaning). Penalties: logits[j] -= frequency_penalty * count[j] +
+    # presence_penalty * (count[j] > 0), count[j] = occurrences of token j among the tokens generated so far (the
+    # prompt's do not count); -2.0..2.0, 0: off. logit_bias: token id -> -100..100 added to its logit (at most
+    # MAX_LOGIT_BIAS entries). best_of: sample that many candidates and return the num_return_sequences whose
+    # generated tokens have the highest summed logprob, best first (None: num_return_sequences; a greedy request's
+    # candidates would all be the same, so it runs num_return_sequences).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict, hash=False)
+    best_of: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "bad_words_ids", _token_lists("bad_words_ids", self.bad_words_ids))
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
         if self.eos_token_id is not None:
             eos = (self.eos_token_id,) if _is_natural(self.eos_token_id) else self.eos_token_id
             if not _is_token_list(eos):
@@ -117,6 +127,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
         if self.max_matching_ngram_size is not None and self.prompt_lookup_num_tokens is None:
             raise ValueError("max_matching_ngram_size needs prompt_lookup_num_tokens (it sizes prompt-lookup drafts)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2] (0: off), got {value!r}")
 
     def _check_completions(self) -> None:
         if not _is_natural(self.num_return_sequences) or self.num_return_sequences < 1:
@@ -126,10 +140,16 @@ class SamplingParams:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or not 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        if self.best_of is not None and (not _is_natural(self.best_of) or self.best_of < self.num_return_sequences):
+            raise ValueError(f"best_of must be None or an integer >= num_return_sequences ({self.num_return_sequences}"
+                             f"): it samples best_of candidates and returns the best n, got {self.best_of!r}")
         wants_logprobs = self.logprobs is not None or self.prompt_logprobs is not None
         if self.prompt_lookup_num_tokens is not None and wants_logprobs:
             raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a verify "
                              "pass samples several tokens per step); drop one of them")
+        if self.prompt_lookup_num_tokens is not None and self.ranks_candidates:
+            raise ValueError("best_of > num_return_sequences is not supported with prompt_lookup_num_tokens "
+                             "(candidates are ranked by their tokens' logprobs, which a verify pass does not compute)")
         self._check_beams()
 
     def _check_beams(self) -> None:
@@ -168,18 +188,42 @@ class SamplingParams:
     def needs_processors(self) -> bool:
         """Whether any option beyond temperature, top-k, top-p and the repetition penalty is in effect."""
         warped = not self.greedy and (self.min_p > 0 or self.typical_p < 1)
-        return bool(self.min_new_tokens or self.no_repeat_ngram_size or self.bad_words_ids or warped)
+        return bool(self.min_new_tokens or self.no_repeat_ngram_size or self.bad_words_ids or warped
+                    or self.logit_bias or self.penalizes_generated)
+
+    @property
+    def penalizes_generated(self) -> bool:
+        """Whether the frequency or presence penalty is on (they count the generated tokens)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def needs_history(self) -> bool:
-        """Whether sampling reads the row's token history (n-gram and multi-token bad-word rules)."""
-        return self.no_repeat_ngram_size > 0 or any(len(word) > 1 for word in self.bad_words_ids)
+        """Whether sampling reads the row's token history (n-gram and multi-token bad-word rules, the frequency and
+        presence penalties)."""
+        return self.no_repeat_ngram_size > 0 or any(len(word) > 1 for word in self.bad_words_ids) \
+            or self.penalizes_generated
+
+    @property
+    def num_candidates(self) -> int:
+        """Sequences the request runs: best_of when it samples, else num_return_sequences (greedy candidates would
+        all be the same)."""
+        return self.num_return_sequences if self.best_of is None or self.greedy else self.best_of
+
+    @property
+    def ranks_candidates(self) -> bool:
+        """Whether the request keeps the best num_return_sequences of more candidates (best_of)."""
+        return self.num_candidates > self.num_return_sequences
+
+    @property
+    def wants_token_logprobs(self) -> bool:
+        """Whether its sampled tokens' logprobs are computed: asked for, or to rank best_of candidates."""
+        return self.logprobs is not None or self.ranks_candidates
 
 
 def check_option_ids(params: SamplingParams, vocab_size: int) -> None:
     """Raise ValueError if a token id among the options lies outside the model's vocabulary."""
     for name, ids in (("bad_words_ids", [t for word in params.bad_words_ids for t in word]),
-                      ("eos_token_id", params.eos_token_id or ())):
+                      ("eos_token_id", params.eos_token_id or ()), ("logit_bias", params.logit_bias)):
         outside = [t for t in ids if t >= vocab_size]
         if outside:
             raise ValueError(f"{name} holds token id {outside[0]} outside the vocabulary [0, {vocab_size})")
@@ -208,6 +252,24 @@ def _token_lists(name: str, value: object) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(word) for word in value)
 
 
+def _logit_bias(value: object) -> dict[int, float]:
+    """logit_bias as a new {token id: float bias} dict; ValueError naming the bad entry otherwise. A key may also be
+    a token id's decimal string, as JSON writes keys (a jsonl line of `hayabusa batch`, OpenAI's wire format)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias must be a dict of token id -> bias, got {value!r}")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias holds {len(value)} entries; at most {MAX_LOGIT_BIAS} are supported")
+    bias = {}
+    for key, number in value.items():
+        token_id = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+        if not _is_natural(token_id):
+            raise ValueError(f"logit_bias key {key!r} is not a token id (an integer >= 0, or its decimal string)")
+        if isinstance(number, bool) or not isinstance(number, int | float) or not -100 <= number <= 100:
+            raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {number!r}")
+        bias[token_id] = float(number)
+    return dict(sorted(bias.items()))
+
+
 def request_seed(params: SamplingParams) -> int:
     """The seed that keys a request's sampling noise: params.seed, or a fresh random one when it is None."""
     return params.seed if params.seed is not None else random.getrandbits(62)
@@ -223,102 +285,49 @@ def completion_seed(seed: int, index: int) -> int:
     return int(key) & ((1 << 63) - 1)
 
 
-def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],
-                       seeds: Sequence[int], steps: Sequence[int], eos_token_id: int | None = None) -> Tensor:
-    """logits: [B, V] (any float dtype) -> next token ids, LongTensor [B] on the logits' device.
-
-    The list-based entry of the reference loop: seen_tokens[b] (prompt + generated) feed the repetition penalty and
-    the history rules; seeds[b] and steps[b] (tokens generated so far) key the noise; eos_token_id is the model's
-    (min_new_tokens forbids it, or params.eos_token_id). The paged engine keeps the same per-row settings on the
-    device (engine.sampler) and calls `sample_rows` directly.
-    """
-    batch, vocab = logits.shape
-    if not len(params) == len(seen_tokens) == len(seeds) == len(steps) == batch:
-        raise ValueError(f"logits hold {batch} rows but got {len(params)} params, {len(seen_tokens)} token lists, "
-                         f"{len(seeds)} seeds, {len(steps)} steps")
-    if all(p.greedy and p.repetition_penalty == 1.0 and not p.needs_processors for p in params):
-        return logits.argmax(dim=-1)
-    device = logits.device
-    processed = any(p.needs_processors for p in params)
-    return sample_rows(
-        logits,
-        temperature=torch.tensor([effective_temperature(p) for p in params], device=device),
-        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-        top_p=torch.tensor([p.top_p for p in params], device=device),
-        penalty=torch.tensor([p.repetition_penalty for p in params], device=device),
-        seeds=torch.tensor(list(seeds), dtype=torch.int64, device=device),
-        steps=torch.tensor(list(steps), dtype=torch.int64, device=device),
-        seen=seen_mask(seen_tokens, vocab, device),
-        banned=listed_bans(params, seen_tokens, steps, eos_token_id, vocab, device) if processed else None,
-        min_p=torch.tensor([p.min_p for p in params], device=device) if processed else None,
-        typical_p=torch.tensor([p.typical_p for p in params], device=device) if processed else None,
-    )
-
-
-def listed_bans(params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]], steps: Sequence[int],
-                eos_token_id: int | None, vocab: int, device: torch.device) -> Tensor:
-    """banned_tokens for host token lists: bool [B, V], True where no_repeat_ngram_size, bad_words_ids or
-    min_new_tokens forbid the token (seen_tokens[b]: prompt + generated; steps[b]: tokens generated so far)."""
-    eos = [eos_token_ids(p, eos_token_id) for p in params]
-    words = [split_bad_words(p.bad_words_ids, e) for p, e in zip(params, eos, strict=True)]
-
-    def ids_tensor(values: Sequence) -> Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
-    return banned_tokens(
-        history=padded_history(seen_tokens, max(map(len, seen_tokens)) + 1, device),
-        lengths=ids_tensor([len(tokens) for tokens in seen_tokens]),
-        ngram_sizes=ids_tensor([p.no_repeat_ngram_size for p in params]),
-        patterns=ids_tensor([bad_word_patterns(multi) for _, multi in words]),
-        num_patterns=ids_tensor([len(multi) for _, multi in words]),
-        static_bans=seen_mask([single for single, _ in words], vocab, device), has_static_bans=ids_tensor([1]) > 0,
-        eos_mask=seen_mask(eos, vocab, device), completion_lengths=ids_tensor(list(steps)),
-        min_new_tokens=ids_tensor([p.min_new_tokens for p in params]))
-
-
 def effective_temperature(params: SamplingParams) -> float:
     """The temperature a sampler row holds: 0.0 marks a greedy row (do_sample off, or temperature 0)."""
     return 0.0 if params.greedy else params.temperature
 
 
+@dataclass
+class RowProcessors:
+    """What the processors add to sample_rows, per row of its logits [B, V] (a row whose option is off comes out as
+    it went in)."""
+
+    logit_bias: Tensor  # float32 [B, V], added to the raw logits (logits_processors.logit_bias_rows)
+    generated_counts: Tensor  # float32 [B, V]: each token's count among the generated ones (generated_counts)
+    frequency_penalty: Tensor  # [B]
+    presence_penalty: Tensor  # [B]
+    banned: Tensor  # bool [B, V]: what the bans forbid (logits_processors.banned_tokens)
+    min_p: Tensor  # [B], warpers after top-p
+    typical_p: Tensor  # [B]
+
+
 def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor, penalty: Tensor,
-                seeds: Tensor, steps: Tensor, seen: Tensor, banned: Tensor | None = None, min_p: Tensor | None = None,
-                typical_p: Tensor | None = None) -> Tensor:
+                seeds: Tensor, steps: Tensor, seen: Tensor, processors: RowProcessors | None = None) -> Tensor:
     """logits [B, V] -> token ids int64 [B]; every setting is a per-row device tensor [B], seen is bool [B, V].
 
-    temperature 0 marks a greedy row (argmax after the processors). banned: bool [B, V] from the processors that
-    forbid tokens (logits_processors.banned_tokens), min_p and typical_p: [B] (warpers after top-p); None skips them.
-    No host sync and no data-dependent branch, so a CUDA graph can capture it. A penalty of 1.0 leaves a row exactly
-    as it was (x / 1 and x * 1 are exact).
+    temperature 0 marks a greedy row (argmax after the processors); processors None skips them. No host sync and no
+    data-dependent branch, so a CUDA graph can capture it. A penalty of 1.0 leaves a row exactly as it was (x / 1
+    and x * 1 are exact).
     """
-    x = apply_penalty(logits.float(), seen, penalty)
-    if banned is not None:
-        x = x.masked_fill(banned, -torch.inf)
+    x = logits.float()
+    if processors is not None:
+        x = x + processors.logit_bias
+    x = apply_penalty(x, seen, penalty)
+    if processors is not None:
+        x = penalize_generated(x, processors.generated_counts, processors.frequency_penalty,
+                               processors.presence_penalty)
+        x = x.masked_fill(processors.banned, -torch.inf)
     greedy = temperature == 0
     greedy_tokens = x.argmax(dim=-1)
     scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
     scaled = mask_top_k_top_p(scaled, top_k, top_p)
-    if min_p is not None:
-        scaled = mask_min_p(scaled, min_p)
-    if typical_p is not None:
-        scaled = mask_typical(scaled, typical_p)
+    if processors is not None:
+        scaled = mask_typical(mask_min_p(scaled, processors.min_p), processors.typical_p)
     sampled = (scaled + gumbel_noise(seeds, steps, x.shape[-1])).argmax(dim=-1)  # Gumbel-max: a softmax draw
     return torch.where(greedy, greedy_tokens, sampled)
-
-
-def seen_mask(seen_tokens: Sequence[Sequence[int]], vocab: int, device: torch.device) -> Tensor:
-    """bool [B, V]: True where row b's token list holds the token."""
-    rows = [b for b, tokens in enumerate(seen_tokens) for _ in tokens]
-    cols = [t for tokens in seen_tokens for t in tokens]
-    mask = torch.zeros(len(seen_tokens), vocab, dtype=torch.bool, device=device)
-    mask[torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device)] \
-        = True
-    return mask
-
-
-def apply_repetition_penalty(logits: Tensor, seen_tokens: Sequence[Sequence[int]], penalty: Tensor) -> Tensor:
-    """transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
-    return apply_penalty(logits, seen_mask(seen_tokens, logits.shape[-1], logits.device), penalty)
 
 
 def apply_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:

@@ -257,7 +257,7 @@ class Scheduler:
         # A speculating row's exact count is set when its step is read back, which the engine does at once.
         num_tokens += np.minimum(tokens_per_row, 1)
         wants_logprobs = slots.num_logprob_rows > 0 and any(
-            slots.seqs[row].params.logprobs is not None for row in np.flatnonzero(tokens_per_row).tolist())
+            slots.seqs[row].params.wants_token_logprobs for row in np.flatnonzero(tokens_per_row).tolist())
         return StepPlan(slots.running(), tokens_per_row, positions, new_blocks, slots.sampler_mode, num_new_tokens,
                         sorted(seq.slot for seq, _, _ in chunks), admitted, drafts,
                         forked_from, dict(sorted(scored.items())), sorted(prompt_ends), beams,
@@ -512,8 +512,8 @@ class Scheduler:
                 self._fail_non_finite(seq, deliver)
                 continue
             seq.token_ids.append(token)
-            if sampled is not None and seq.output.logprobs is not None:
-                seq.output.logprobs.append(sampled.entry(row, token, seq.params.logprobs))
+            if sampled is not None and seq.output.cumulative_logprob is not None:  # logprobs or best_of asked
+                seq.output.record_logprobs(sampled, row, token)
             delta = seq.output.append(token)
             # Every token but the one just sampled now has its KV in the cache; a prefill's were published at launch.
             computed = len(seq.token_ids) - 1
@@ -610,8 +610,8 @@ class Scheduler:
                 self._fail_non_finite(seq, deliver)
                 continue
             emitted, delta = [], ""
-            if sampled is not None and seq.output.logprobs is not None:
-                seq.output.logprobs.append(sampled.entry(row, row_tokens[row][0], seq.params.logprobs))
+            if sampled is not None and seq.output.cumulative_logprob is not None:
+                seq.output.record_logprobs(sampled, row, row_tokens[row][0])
             for token in row_tokens[row]:
                 seq.token_ids.append(token)
                 emitted.append(token)

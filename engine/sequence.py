@@ -9,6 +9,7 @@ from hayabusa.engine.sampling import SamplingParams, request_seed
 
 if TYPE_CHECKING:
     from hayabusa.engine.beam_group import BeamGroup
+    from hayabusa.engine.best_of import CandidateGroup
     from hayabusa.engine.outputs import OutputBuilder
 
 
@@ -32,7 +33,7 @@ class Sequence:
                  index: int = 0) -> None:
         self.seq_id = seq_id
         # A request of num_return_sequences completions runs as that many sequences (index 0, 1, ...), all under
-        # the id of the first.
+        # the id of the first (best_of candidates too, renumbered best first when they all ended).
         self.request_id = seq_id if request_id is None else request_id
         self.index = index
         # Prompt then the completion tokens the host has read back. The last one is not in the KV cache yet; a
@@ -57,6 +58,7 @@ class Sequence:
         # them all, and they share its prompt's KV blocks.
         self.fork_children: list[Sequence] = []
         self.beam_group: BeamGroup | None = None  # the request's beams, when it runs beam search (num_beams > 1)
+        self.candidates: CandidateGroup | None = None  # the request's best_of candidates, when it ranks them
         self.text_deltas: list[str] = []  # produced but not yet taken by a stream() reader
 
     def fork(self, seq_id: int, seed: int, index: int | None = None) -> Sequence:

@@ -39,7 +39,7 @@ class SlotTable:
         self.mode_counts = [0] * len(SamplerMode)  # running rows per sampler mode they need
         self.sampler_mode = SamplerMode.GREEDY  # the cheapest mode that serves every running row
         self.num_speculating = 0  # running rows with prompt-lookup speculation
-        self.num_logprob_rows = 0  # rows whose requests want their sampled tokens' logprobs
+        self.num_logprob_rows = 0  # rows whose sampled tokens' logprobs are computed (logprobs, best_of)
         self.num_beam_rows = 0  # rows of beam-search requests (engine.beam_group)
         self.may_share_write_block: set[int] = set()
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
@@ -114,7 +114,7 @@ class SlotTable:
 
     def _count_mode(self, seq: Sequence, change: int) -> None:
         self.num_speculating += change * (seq.params.prompt_lookup_num_tokens is not None)
-        self.num_logprob_rows += change * (seq.params.logprobs is not None)
+        self.num_logprob_rows += change * seq.params.wants_token_logprobs
         self.num_beam_rows += change * (seq.params.num_beams > 1)
         self.mode_counts[row_mode(seq.params)] += change
         self.sampler_mode = max((mode for mode in SamplerMode if self.mode_counts[mode]), default=SamplerMode.GREEDY)

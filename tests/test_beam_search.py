@@ -126,6 +126,20 @@ def test_logits_processors_act_on_each_beams_log_probabilities(models, options) 
     assert [out.token_ids for out in plain] != [out.token_ids for out in ours]  # the option changed something
 
 
+def test_logit_bias_acts_on_beams_like_sequence_bias(models) -> None:
+    """OpenAI's logit_bias is transformers' sequence_bias of single tokens, added to each beam's log-probabilities
+    before the repetition penalty (transformers' order)."""
+    hf, reference = models["eos"]
+    bias = {13: 1.5, 49: -2.0, EOS: -1.0}
+    options = dict(num_beams=3, num_return_sequences=3, max_new_tokens=8, repetition_penalty=1.3)
+    ours = reference_beam_outputs(reference, TOKENIZER, PROMPT, SamplingParams(logit_bias=bias, **options))
+    (theirs,) = hf_beams(hf, [PROMPT], **options, sequence_bias=[[[token], value] for token, value in bias.items()],
+                         length_penalty=1.0, early_stopping=False)
+    assert_same_beams(ours, theirs)
+    plain = reference_beam_outputs(reference, TOKENIZER, PROMPT, SamplingParams(**options))
+    assert [out.token_ids for out in plain] != [out.token_ids for out in ours]
+
+
 def test_batch_of_prompts_gives_each_prompts_beams_consecutively(models) -> None:
     """Two prompts of different lengths (left-padded in transformers) and a greedy request in one call."""
     hf, reference = models["eos"]

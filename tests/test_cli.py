@@ -64,6 +64,27 @@ def test_generate_takes_transformers_options_and_prints_beams_best_first(tiny_di
     assert "do_sample=True is not supported with num_beams > 1" in capsys.readouterr().err
 
 
+def test_generate_takes_openai_options_and_prints_best_of_candidates(tiny_dir: Path, capsys) -> None:
+    engine = Engine.from_pretrained(tiny_dir)
+    options = ["--presence-penalty", "0.5", "--frequency-penalty", "1", "--logit-bias", "15=2.5", "--logit-bias",
+               "7=-100"]
+    assert main(["generate", "--model", str(tiny_dir), "吾輩は猫である", "--max-new-tokens", "8", *options]) == 0
+    expected = engine.generate("吾輩は猫である", max_new_tokens=8, presence_penalty=0.5, frequency_penalty=1.0,
+                               logit_bias={15: 2.5, 7: -100.0})[0]
+    assert capsys.readouterr().out == expected.text + "\n"
+    sampled = ["--do-sample", "--seed", "4", "--best-of", "3", "--num-return-sequences", "2"]
+    assert main(["generate", "--model", str(tiny_dir), "吾輩は猫である", "--max-new-tokens", "8", *sampled]) == 0
+    best = engine.generate("吾輩は猫である", max_new_tokens=8, do_sample=True, seed=4, best_of=3,
+                           num_return_sequences=2)
+    assert capsys.readouterr().out == "".join(f"[{i}] (logprob {o.cumulative_logprob:.4f})\n{o.text}\n"
+                                              for i, o in enumerate(best))
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--logit-bias", "15=200"]) == 1
+    assert r"logit_bias[15] must be a number in [-100, 100], got 200.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_status:
+        main(["generate", "--model", str(tiny_dir), "猫", "--logit-bias", "15"])
+    assert exit_status.value.code == 2 and "TOKEN_ID=BIAS (e.g. 50256=-100), got '15'" in capsys.readouterr().err
+
+
 def test_console_script_is_installed() -> None:
     exe = shutil.which("hayabusa")
     assert exe is not None, "the hayabusa console script is not on PATH (pip install -e . installs it)"

@@ -63,7 +63,9 @@ def test_paged_beams_equal_the_reference_beams(model, num_beams, length_penalty,
 
 
 @pytest.mark.parametrize("options", [{"no_repeat_ngram_size": 1}, {"bad_words_ids": [[49], [13, 74]]},
-                                     {"min_new_tokens": 8, "eos_token_id": [EOS, 13]}])
+                                     {"min_new_tokens": 8, "eos_token_id": [EOS, 13]},
+                                     {"logit_bias": {13: 1.0, 49: -2.0}, "frequency_penalty": 1.0,
+                                      "presence_penalty": 0.5}])
 def test_paged_beams_with_logits_processors(model, options) -> None:
     assert_engine_beams_equal_the_reference(model, SamplingParams(num_beams=3, num_return_sequences=3,
                                                                   max_new_tokens=10, **options))

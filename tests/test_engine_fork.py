@@ -11,9 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from hayabusa.engine.listed_sampling import sample_next_tokens
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams, completion_seed, sample_next_tokens
+from hayabusa.engine.sampling import SamplingParams, completion_seed
 from hayabusa.engine.sequence import Delivery
 
 from paged_engine import SAMPLED, blocks_in_use_per_plan, make_engine, small_model

@@ -9,7 +9,8 @@ import torch
 from hayabusa.engine.config import PRESETS
 from hayabusa.engine.kernel_plan import decode_step_launches, engine_specializations, placeholder_model
 from hayabusa.engine.model_runner import ModelRunner
-from hayabusa.engine.sampler import SamplerMode
+from hayabusa.engine.sampler import SamplerMode, row_mode
+from hayabusa.engine.sampling import SamplingParams
 from hayabusa.kernels._launch import H200, simulated_device
 from hayabusa.kernels.launch_count import recorded_launches
 
@@ -58,16 +59,39 @@ def test_token_counts_and_table_widths_never_pick_a_compiled_variant(module, ker
     assert argument in unspecialized
 
 
-def test_the_whole_decode_step_with_greedy_sampling_fits_164():
-    """The runner's decode step as a CUDA graph holds it: the block-table scatter, the model, the greedy sampler."""
+def record_decode_step(mode: SamplerMode, batch: int = 1):
+    """The launches of the runner's decode step as a CUDA graph holds it: the block-table scatter, the model, the
+    sampler in `mode`."""
     runner = ModelRunner(placeholder_model(CONFIG, torch.float16), block_size=16, num_kv_blocks=128, max_num_seqs=8,
                          max_num_batched_tokens=512, use_cuda_graphs=False)
-    views = runner._decode_layout(1).device
+    views = runner._decode_layout(batch).device
     with simulated_device(H200):
         with recorded_launches():  # first use allocates (split-K tickets): not a step's cost
-            runner._decode_body(1, SamplerMode.GREEDY, views)
+            runner._decode_body(batch, mode, views)
         with recorded_launches() as log:
-            runner._decode_body(1, SamplerMode.GREEDY, views)
+            runner._decode_body(batch, mode, views)
+    return log
+
+
+def test_the_whole_decode_step_with_greedy_sampling_fits_164():
+    log = record_decode_step(SamplerMode.GREEDY)
     assert log.torch_ops == ["aten.index_copy_.default", "aten.embedding.default", "aten.max.dim_max"]
     assert len(log.triton) == 32 * 5 + 1
     assert len(log.triton) + len(log.torch_ops) == 164
+
+
+def test_openai_options_at_their_defaults_keep_the_greedy_and_sampling_steps():
+    """Clients fill presence_penalty=0, frequency_penalty=0, logit_bias={} and best_of=1 in by default: such a request
+    samples in the mode it would without them, whose step launches what it did before these options existed (the
+    counts below); the OpenAI processors run in the PROCESS step only."""
+    defaults = dict(presence_penalty=0, frequency_penalty=0.0, logit_bias={}, best_of=1)
+    assert row_mode(SamplingParams(**defaults)) is SamplerMode.GREEDY
+    assert row_mode(SamplingParams(do_sample=True, temperature=0.7, top_p=0.9, **defaults)) is SamplerMode.SAMPLE
+    for option in ({"presence_penalty": 0.5}, {"frequency_penalty": -1.0}, {"logit_bias": {7: -100.0}}):
+        assert row_mode(SamplingParams(**option)) is SamplerMode.PROCESS, option
+    logs = {mode: record_decode_step(mode) for mode in SamplerMode}
+    assert len(logs[SamplerMode.GREEDY].torch_ops) == 3
+    assert len(logs[SamplerMode.SAMPLE].torch_ops) == 100  # the sampling step's launches before the options
+    assert {len(log.triton) for log in logs.values()} == {32 * 5 + 1}
+    scatter_add = "aten.scatter_add_.default"  # the generated-token counts of the frequency and presence penalties
+    assert scatter_add in logs[SamplerMode.PROCESS].torch_ops and scatter_add not in logs[SamplerMode.SAMPLE].torch_ops

@@ -8,13 +8,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hayabusa.engine.sampling import (
-    SamplingParams,
-    apply_repetition_penalty,
-    gumbel_noise,
-    mask_top_k_top_p,
-    sample_next_tokens,
-)
+from hayabusa.engine.listed_sampling import apply_repetition_penalty, sample_next_tokens
+from hayabusa.engine.sampling import SamplingParams, gumbel_noise, mask_top_k_top_p
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hayabusa.engine.logits_processors import MAX_LOGIT_BIAS
+
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20
 MAX_N = 128  # as OpenAI; the engine also needs n <= its max_num_seqs
@@ -57,6 +59,11 @@ class CompletionRequest(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0)
     user: str | None = None  # accepted and ignored, as a self-hosted server has no per-user accounting
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] = {}  # JSON keys are token ids as strings ("50256")
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # None: n (serving checks best_of >= n)
+    suffix: None = None  # insertion is not supported: only null (or no field) passes
     # hayabusa's own sampling fields (vLLM spells them the same way).
     top_k: int = Field(0, ge=0)  # 0: off
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -93,6 +100,28 @@ class CompletionRequest(_Strict):
             return prompt
         raise ValueError("must be a string, a list of strings, a non-empty list of token ids, or a list of those "
                          "(none empty)")
+
+    @field_validator("logit_bias", mode="plain")
+    @classmethod
+    def _check_logit_bias(cls, value: Any) -> dict[int, float]:
+        if not isinstance(value, dict):
+            raise ValueError("must be an object mapping token ids to biases")
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"holds {len(value)} entries; at most {MAX_LOGIT_BIAS} are supported")
+        bias = {}
+        for key, number in value.items():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+                raise ValueError(f"key {key!r} is not a token id (a non-negative integer, as a string)")
+            if type(number) not in (int, float) or not -100 <= number <= 100:
+                raise ValueError(f"the bias of token {key} must be a number in [-100, 100], got {number!r}")
+            bias[int(key)] = float(number)
+        return bias
+
+    @field_validator("suffix", mode="plain")
+    @classmethod
+    def _refuse_suffix(cls, value: Any) -> None:
+        raise ValueError("is not supported for this model (it continues text; it does not insert between a prompt "
+                         "and a suffix); send null or leave it out")
 
     @field_validator("early_stopping", mode="plain")
     @classmethod

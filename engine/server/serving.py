@@ -1,9 +1,11 @@
 """/v1/completions: a validated request -> engine submissions; engine updates -> a response or SSE chunks.
 
 The one place where OpenAI's fields meet the engine's: `sampling_params` maps the request (n ->
-num_return_sequences, logprobs -> logprobs, and with echo also -> prompt_logprobs); choice i * n + j is prompt i's
-completion j (RequestUpdate.index j), in plain responses and in streams alike; an echoed choice starts with its
-prompt's text (its tokens decoded) and, with logprobs, the prompt tokens' logprobs (None for the first).
+num_return_sequences, logprobs -> logprobs, and with echo also -> prompt_logprobs; presence_penalty,
+frequency_penalty, logit_bias and best_of keep their names); choice i * n + j is prompt i's completion j
+(RequestUpdate.index j; with best_of the j-th best candidate), in plain responses and in streams alike; an echoed
+choice starts with its prompt's text (its tokens decoded) and, with logprobs, the prompt tokens' logprobs (None for
+the first).
 
 Every failure leaves through `api_error` (one place, one shape): bad input 400, unknown model 404, full
 queue 429 with Retry-After, engine failure 500 (the exception's name and message, never a traceback).
@@ -60,7 +62,24 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
                           bad_words_ids=tuple(map(tuple, request.bad_words_ids)), eos_token_id=request.eos_token_id,
                           prompt_lookup_num_tokens=request.prompt_lookup_num_tokens,
                           max_matching_ngram_size=request.max_matching_ngram_size, num_beams=request.num_beams,
-                          length_penalty=request.length_penalty, early_stopping=request.early_stopping)
+                          length_penalty=request.length_penalty, early_stopping=request.early_stopping,
+                          presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
+                          logit_bias=request.logit_bias, best_of=request.best_of)
+
+
+def check_openai_options(request: CompletionRequest, vocab_size: int) -> None:
+    """What OpenAI's best_of and logit_bias need beyond their types, as 400s naming the field."""
+    best_of = request.best_of
+    if best_of is not None and best_of < request.n:
+        raise APIError(400, f"best_of ({best_of}) must be >= n ({request.n}): it generates best_of candidates and "
+                            f"returns the n best", param="best_of")
+    if request.stream and best_of is not None and best_of > request.n:
+        raise APIError(400, f"best_of ({best_of}) > n ({request.n}) cannot stream: the best candidates are known only "
+                            f"once all of them ended; drop stream or best_of", param="best_of")
+    outside = [token_id for token_id in request.logit_bias if token_id >= vocab_size]
+    if outside:
+        raise APIError(400, f"logit_bias key '{outside[0]}' is not a token id of this model (the vocabulary is "
+                            f"[0, {vocab_size}))", param="logit_bias")
 
 
 def api_error(err: Exception) -> APIError:
@@ -106,6 +125,7 @@ class CompletionServing:
         if request.max_tokens == 0 and not request.echo:
             raise APIError(400, "max_tokens 0 needs echo (to return the prompt, with logprobs its logprobs); "
                                 "otherwise ask for at least 1 token", param="max_tokens")
+        check_openai_options(request, self.loop.engine.config.vocab_size)
         prompts = self._encode(request.prompt)
         submission = self.loop.submit(prompts, sampling_params(request))
         completion_id = f"cmpl-{uuid.uuid4().hex}"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import httpx
 import uvicorn
 
 from hayabusa.engine.llm_engine import PagedEngine
@@ -79,3 +81,20 @@ def metric(text: str, name: str) -> float:
         if sample_name == name:
             return float(value)
     return 0.0
+
+
+def post(server: RunningServer, body: dict | bytes, **kwargs) -> httpx.Response:
+    """POST /v1/completions with a JSON body (or raw bytes)."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{server.url}/v1/completions", content=content, timeout=30, **kwargs)
+
+
+def assert_openai_error(response: httpx.Response, status: int, *words: str, param: str | None = None) -> None:
+    """An error in OpenAI's shape with this status and param, whose message holds every word; never a traceback."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    for word in words:
+        assert word in error["message"]
+    assert "Traceback" not in response.text

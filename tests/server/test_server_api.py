@@ -11,7 +11,7 @@ import pytest
 
 from hayabusa.engine import Engine
 
-from server_harness import MODEL, metric, running_server
+from server_harness import MODEL, assert_openai_error, metric, post, running_server
 
 PROMPT = "吾輩は猫である。名前はまだ無い。"
 PROMPTS = [PROMPT, "人とAIが協調するためには、", "東京"]
@@ -33,21 +33,6 @@ def engine():
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-def post(server, body, **kwargs) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(f"{server.url}/v1/completions", content=content, timeout=30, **kwargs)
-
-
-def assert_openai_error(response: httpx.Response, status: int, *words: str, param: str | None = None) -> None:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["param"] == param
-    for word in words:
-        assert word in error["message"]
-    assert "Traceback" not in response.text
 
 
 # ---- completions through the openai client ------------------------------------------------------------------------
