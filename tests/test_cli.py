@@ -1,5 +1,6 @@
 """The `hayabusa` command end to end on a tiny random checkpoint, in process and through the console script."""
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -11,9 +12,13 @@ import pytest
 import torch
 
 import hayabusa
+from hayabusa.bench.workloads import SIZES
 from hayabusa.engine import devices, hub, llm_engine, random_models
 from hayabusa.engine.api import Engine
-from hayabusa.engine.cli import SIGPIPE_STATUS, main
+from hayabusa.engine.checkpoint_writer import FORMATS
+from hayabusa.engine.cli import SIGPIPE_STATUS, build_parser, main
+from hayabusa.engine.config import DTYPES
+from hayabusa.engine.fast_model import OP_SETS
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +210,38 @@ def test_a_closed_pipe_ends_generate_quietly(tiny_dir: Path) -> None:
     _, err = process.communicate(timeout=120)
     assert process.returncode == SIGPIPE_STATUS, err.decode()
     assert err.decode() == ""
+
+
+# --- what a newcomer hit (issue 16) -------------------------------------------------------------------------------
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    _, parser, _ = build_parser([command])
+    return parser
+
+
+def option(command: str, flag: str) -> argparse.Action:
+    return next(action for action in command_parser(command)._actions if flag in action.option_strings)
+
+
+def test_help_imports_no_torch() -> None:
+    """Before: 2-4 s for any --help, spent importing torch to print text."""
+    code = ("import sys; from hayabusa.engine.cli import COMMANDS, main\n"
+            "for argv in [['--help'], *([name, '--help'] for name in COMMANDS)]:\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit as done:\n"
+            "        assert done.code == 0, argv\n"
+            "print(sorted({'torch', 'transformers', 'triton'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert "usage: hayabusa batch " in result.stdout  # every command's help was printed
+
+
+@pytest.mark.parametrize(("command", "flag", "choices"), [
+    ("verify", "--ops", lambda: OP_SETS),
+    ("init-random", "--format", lambda: FORMATS),
+    ("bench", "--sizes", lambda: ("auto", *SIZES)),
+    ("serve", "--dtype", lambda: tuple(DTYPES)),
+])
+def test_choices_spelled_out_for_a_light_help_match_the_library(command, flag, choices) -> None:
+    assert tuple(option(command, flag).choices) == choices()

@@ -13,7 +13,6 @@ import argparse
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +21,8 @@ from tqdm import tqdm
 from hayabusa.engine.api import Engine
 from hayabusa.engine.config import DTYPES
 from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.server.cli import add_engine_arguments, positive_int, require
+from hayabusa.engine.server.cli import require
 
-DEFAULT_BATCH_SIZE = 64
 # One output line per input line, text only: several completions and logprobs are for the Python API and the server.
 PER_LINE_UNSUPPORTED = frozenset({"num_return_sequences", "logprobs", "prompt_logprobs"})
 SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams)) - PER_LINE_UNSUPPORTED
@@ -137,17 +135,6 @@ def run_ray(spec: EngineSpec, lines: Numbered, batch_size: int, replicas: int, w
         if row["line_number"] != number:  # never write a shuffled file
             raise RuntimeError(f"Ray Data returned line {row['line_number']} where line {number} belongs")
         yield json.loads(row["result"])
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_arguments(parser)
-    parser.add_argument("--input", type=Path, required=True, help="jsonl: one {\"prompt\": ..., sampling fields} "
-                        "per line")
-    parser.add_argument("--output", type=Path, required=True, help="jsonl: one result per input line, in order")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="lines handed to an engine at once")
-    parser.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'hayabusa[ray]')")
-    parser.add_argument("--replicas", type=positive_int, default=1, help="engines in Ray Data's actor pool")
 
 
 def run(args: argparse.Namespace) -> int:
