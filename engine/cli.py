@@ -92,7 +92,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-token-id", type=int, action="append", default=None,
                         help="stop at this token id (repeatable; default: the model's)")
     parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
-                        help="prompt-lookup speculation: draft this many tokens from the text's own n-grams")
+                        help="prompt-lookup speculation: draft this many tokens from the text's own n-grams "
+                             "(default: off)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam scores are divided by generated length ** this")

@@ -27,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         model_help: str = MODEL_SPEC_HELP) -> None:
     """--model and --revision, as every command spells them."""
     parser.add_argument("--model", required=required, help=model_help)
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a Hub repo id")
+    parser.add_argument("--revision", default=None,
+                        help="Hub revision (branch, tag or commit) of a Hub repo id (default: main)")
 
 
 def resolve_model_dir(spec: str | os.PathLike, revision: str | None = None) -> Path:

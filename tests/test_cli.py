@@ -16,7 +16,7 @@ from hayabusa.bench.workloads import SIZES
 from hayabusa.engine import devices, hub, llm_engine, random_models
 from hayabusa.engine.api import Engine
 from hayabusa.engine.checkpoint_writer import FORMATS
-from hayabusa.engine.cli import SIGPIPE_STATUS, build_parser, main
+from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, main
 from hayabusa.engine.config import DTYPES
 from hayabusa.engine.fast_model import OP_SETS
 
@@ -245,3 +245,18 @@ def test_help_imports_no_torch() -> None:
 ])
 def test_choices_spelled_out_for_a_light_help_match_the_library(command, flag, choices) -> None:
     assert tuple(option(command, flag).choices) == choices()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_says_its_default(command) -> None:
+    """Before: serve's --host, --port and --log-level showed no default. An option says its default in its help
+    text or has one for the formatter to show; None and False defaults are worth words, not "(default: None)"."""
+    parser = command_parser(command)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.required or action.default == [] \
+                or isinstance(action, argparse._StoreTrueAction):  # off unless given; append: none unless given
+            continue
+        shown = action.default is not None and action.default is not False
+        assert action.help and (shown or "default" in action.help), (command, action.option_strings)
+    help_text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text

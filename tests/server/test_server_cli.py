@@ -1,12 +1,14 @@
 """`hayabusa serve` flags become the replica's settings and engine; the core CLI never imports the server's
 dependencies."""
 
+import inspect
 import subprocess
 import sys
 
 import pytest
 
-from hayabusa.engine.cli import build_parser
+from hayabusa.engine import model_runner
+from hayabusa.engine.cli import build_parser, main
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.server.cli import Scaling, settings_from_args
 from hayabusa.engine.server.replica import ServerSettings, load_paged_engine
@@ -66,3 +68,18 @@ def test_both_backends_serve_the_paged_engine(backend, op_set) -> None:
     engine = load_paged_engine(ServerSettings(model="tiny", backend=backend, device="cpu", kv_cache_blocks=8))
     assert isinstance(engine, PagedEngine) and engine.model.ops.name == op_set
     assert engine.stats().num_blocks == 8
+
+
+def test_serve_help_shows_every_default(capsys) -> None:
+    """Before: --host, --port and --log-level showed none; --kv-cache-blocks said "from free GPU memory" on a CPU."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 127.0.0.1)", "0: a free port, which the log names (not with --ray) (default: 8000)",
+                  "uvicorn's log level (default: info)", "answers 429 (default: 1024)"):
+        assert shown in help_text
+    gpu_fraction = inspect.signature(PagedEngine).parameters["gpu_memory_utilization"].default
+    assert (gpu_fraction, model_runner.CPU_KV_MEMORY_FRACTION) == (0.9, 0.5)  # as the help says in words
+    assert ("(default: on cuda, what 90% of the GPU's memory leaves after the weights and activations; on cpu, room "
+            f"for {model_runner.CPU_DEFAULT_SEQUENCES} sequences of the full context length, fewer if half the "
+            "available RAM cannot hold them)") in help_text
