@@ -54,8 +54,8 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def command_line_text(text: str) -> str:
-    """The argparse type of a text argument (a prompt, a stop string): Python hands over the bytes its encoding
-    (UTF-8 on any current system) cannot decode as lone surrogates U+DC80..U+DCFF; refuse them as those bytes."""
+    """The argparse type of a text argument: Python hands over the bytes its encoding (UTF-8 on any current
+    system) cannot decode as lone surrogates U+DC80..U+DCFF; refuse them as those bytes."""
     encoding = codecs.lookup(sys.getfilesystemencoding()).name
     label = "UTF-8" if encoding == "utf-8" else encoding
     try:
@@ -67,8 +67,15 @@ def command_line_text(text: str) -> str:
     return text
 
 
+def non_empty_text(text: str) -> str:
+    """The argparse type of a prompt, a stop string or a bad word: text as command_line_text, and not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give at least one character")
+    return command_line_text(text)
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", type=command_line_text, help="the prompt text")
+    parser.add_argument("prompt", type=non_empty_text, help="the prompt text")
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -79,13 +86,13 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="divide the logits of tokens already seen by this (1: off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per request)")
-    parser.add_argument("--stop", type=command_line_text, action="append", default=[],
+    parser.add_argument("--stop", type=non_empty_text, action="append", default=[],
                         help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     # transformers' generate options, same names and meaning (README: generate options)
     parser.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-text before this many tokens")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
-    parser.add_argument("--bad-word", type=command_line_text, action="append", default=[],
+    parser.add_argument("--bad-word", type=non_empty_text, action="append", default=[],
                         help="text never to generate (its tokens as one bad_words_ids entry; repeatable)")
     parser.add_argument("--min-p", type=float, default=0.0, help="sampling: drop tokens below min_p x the likeliest")
     parser.add_argument("--typical-p", type=float, default=1.0, help="sampling: typical decoding mass (1: off)")
@@ -181,7 +188,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # fast_model.OP_SETS
                         help="triton: the kernels; torch: their plain-PyTorch references")
-    parser.add_argument("--prompt", type=command_line_text, action="append", default=None,
+    parser.add_argument("--prompt", type=non_empty_text, action="append", default=None,
                         help="prompt text (repeatable; default: four built-in Japanese prompts)")
     parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt")
 

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_pretrained(str(model_dir))
     prompts = [tokenizer.encode(text) for text in (args.prompt or DEFAULT_PROMPTS)]
     for text, ids in zip(args.prompt or DEFAULT_PROMPTS, prompts, strict=True):
-        if not ids or len(ids) + args.steps > config.max_position_embeddings:
+        if len(ids) + args.steps > config.max_position_embeddings:  # (the parser refuses an empty --prompt)
             raise ValueError(f"prompt {text!r} has {len(ids)} tokens; with --steps {args.steps} it must fit "
                              f"max_position_embeddings {config.max_position_embeddings}")
 

@@ -260,3 +260,39 @@ def test_every_option_says_its_default(command) -> None:
         assert action.help and (shown or "default" in action.help), (command, action.option_strings)
     help_text = " ".join(parser.format_help().split())
     assert "(default: None)" not in help_text and "(default: False)" not in help_text
+
+
+@pytest.mark.parametrize(("argv", "argument"), [
+    (["generate", "--model", "tiny", "ab\udcff"], "argument prompt"),
+    (["generate", "--model", "tiny", "x", "--stop", "ab\udcff"], "argument --stop"),
+    (["generate", "--model", "tiny", "x", "--bad-word", "ab\udcff"], "argument --bad-word"),
+    (["tokenize", "ab\udcff"], "argument text"),
+    (["verify", "--model", "tiny", "--prompt", "ab\udcff"], "argument --prompt"),
+])
+def test_text_that_is_not_utf8_is_named_before_anything_loads(argv, argument, capsys, nothing_loads) -> None:
+    """Before: "text holds the lone surrogate U+DCFF", Python's stand-in for the byte 0xff it could not decode."""
+    with pytest.raises(SystemExit) as exit_status:
+        main(argv)
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f": error: {argument}: not valid UTF-8: byte 0xff at offset 2; pass the text in UTF-8\n")
+    assert "surrogate" not in err
+
+
+def test_a_real_non_utf8_argument_is_named_as_bytes() -> None:
+    result = subprocess.run([shutil.which("hayabusa"), "tokenize", b"caf\xe9"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.endswith("hayabusa tokenize: error: argument text: not valid UTF-8: byte 0xe9 at offset 3; "
+                                  "pass the text in UTF-8\n")
+
+
+@pytest.mark.parametrize(("argv", "argument"), [
+    (["verify", "--model", "tiny", "--prompt", ""], "argument --prompt"),
+    (["generate", "--model", "tiny", ""], "argument prompt"),
+    (["generate", "--model", "tiny", "x", "--stop", ""], "argument --stop"),
+])
+def test_an_empty_prompt_is_called_empty(argv, argument, capsys, nothing_loads) -> None:
+    """Before: verify blamed the context length ("prompt '' has 0 tokens; ... must fit max_position_embeddings")."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err.endswith(f": error: {argument}: is empty; give at least one character\n")
