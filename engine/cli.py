@@ -115,6 +115,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: triton on cuda, reference on cpu")
 
 
+# SamplingParams field -> the generate flag that sets it, where that is not the field's name with dashes
+FLAG_OF_FIELD = {"bad_words_ids": "--bad-word"}
+
+
+def flag_of(field: str) -> str:
+    return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def flag_error(err: ValueError) -> ValueError:
+    """A SamplingParams or engine error in the flags the user typed (--max-new-tokens, not max_new_tokens)."""
+    from hayabusa.engine.param_names import respelled
+
+    return ValueError(respelled(str(err), flag_of)[0])
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from hayabusa.engine.api import Engine
     from hayabusa.engine.sampling import SamplingParams
@@ -131,7 +146,10 @@ def run_generate(args: argparse.Namespace) -> int:
             length_penalty=args.length_penalty, early_stopping=early_stopping,
             num_return_sequences=args.num_return_sequences)
 
-    params_for(())  # bad options fail here, before the model loads
+    try:
+        params_for(())  # bad options fail here, before the model loads
+    except ValueError as err:
+        raise flag_error(err) from None
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                     revision=args.revision)
     try:
@@ -144,6 +162,8 @@ def run_generate(args: argparse.Namespace) -> int:
         for delta in engine.stream(args.prompt, params):
             sys.stdout.write(delta)
             sys.stdout.flush()
+    except ValueError as err:  # options against the model: --bad-word's tokens, room for --max-new-tokens
+        raise flag_error(err) from None
     finally:
         engine.close()
     sys.stdout.write("\n")

@@ -1,6 +1,7 @@
 """The `hayabusa` command end to end on a tiny random checkpoint, in process and through the console script."""
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -16,9 +17,11 @@ from hayabusa.bench.workloads import SIZES
 from hayabusa.engine import devices, hub, llm_engine, random_models
 from hayabusa.engine.api import Engine
 from hayabusa.engine.checkpoint_writer import FORMATS
-from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, main
+from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, flag_of, main
 from hayabusa.engine.config import DTYPES
 from hayabusa.engine.fast_model import OP_SETS
+from hayabusa.engine.param_names import respelled
+from hayabusa.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +69,7 @@ def test_generate_takes_transformers_options_and_prints_beams_best_first(tiny_di
     assert out == "".join(f"[{i}] (score {o.score:.4f})\n{o.text}\n" for i, o in enumerate(expected))
     assert expected[0].score >= expected[1].score
     assert main(["generate", "--model", str(tiny_dir), "猫", "--num-beams", "2", "--do-sample"]) == 1
-    assert "do_sample=True is not supported with num_beams > 1" in capsys.readouterr().err
+    assert "--do-sample=True is not supported with --num-beams > 1" in capsys.readouterr().err
 
 
 def test_console_script_is_installed() -> None:
@@ -296,3 +299,32 @@ def test_an_empty_prompt_is_called_empty(argv, argument, capsys, nothing_loads) 
     with pytest.raises(SystemExit):
         main(argv)
     assert capsys.readouterr().err.endswith(f": error: {argument}: is empty; give at least one character\n")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences (3) must be <= --num-beams (2)"),
+    (["--bad-word", "の" * 20], "--bad-word holds a word of 20 tokens; at most 16 are supported"),
+    (["--max-new-tokens", "600"], "1 prompt tokens + --max-new-tokens 600 = 601 exceed the context length 512"),
+])
+def test_errors_name_the_flags_the_user_typed(tiny_dir, capsys, options, message) -> None:
+    """Before: the Python API's names (bad_words_ids for --bad-word, max_new_tokens, ...)."""
+    assert main(["generate", "x", "--model", str(tiny_dir), *options]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hayabusa generate: error: ") and message in err
+
+
+def test_every_sampling_flag_is_the_name_errors_use() -> None:
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    for action in command_parser("generate")._actions:
+        if action.dest in fields:
+            assert flag_of(action.dest) in action.option_strings
+    assert flag_of("bad_words_ids") in option("generate", "--bad-word").option_strings
+
+
+def test_respelling_spares_quoted_values_and_longer_names() -> None:
+    message, first = respelled("stop must hold non-empty strings, got ('top_k', 'early_stopping')", flag_of)
+    assert (message, first) == ("--stop must hold non-empty strings, got ('top_k', 'early_stopping')", "--stop")
+    assert respelled("early_stopping must be True, False or 'never'", flag_of)[0] == \
+        "--early-stopping must be True, False or 'never'"
+    assert respelled("the model 'x' does not exist", flag_of) == ("the model 'x' does not exist", None)
