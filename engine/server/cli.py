@@ -120,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     require("uvicorn", "starlette", "prometheus_client", "pydantic", extra="serve")
     settings = settings_from_args(args)
     if args.ray:
+        if args.port == 0:
+            raise ValueError("--port 0 (a free port) does not work with --ray: Ray Serve's proxy, not this process, "
+                             "opens the port; name one")
         scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
         require("ray", extra="ray")
         from hayabusa.engine.server.ray_serve import serve_on_ray
@@ -128,9 +131,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    from hayabusa.engine.server.listen import listening_sockets
     from hayabusa.engine.server.replica import build_server
 
-    uvicorn.run(build_server(settings), host=args.host, port=args.port, log_level=args.log_level)
+    sockets = listening_sockets(args.host, args.port)  # before the model loads: a port in use fails at once
+    try:
+        config = uvicorn.Config(build_server(settings), host=args.host, port=args.port, log_level=args.log_level)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        # (uvicorn logs no address for sockets it is handed; this names the port --port 0 got too)
+        print(f"hayabusa: serving {settings.model_name} on http://{host}:{sockets[0].getsockname()[1]}; Ctrl-C "
+              f"stops", flush=True)
+        uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 
