@@ -15,9 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hayabusa.bench.records import ENGINES, SCENARIOS
-from hayabusa.bench.workloads import SIZES
-from hayabusa.engine.api import default_dtype
-from hayabusa.engine.config import DTYPES
+from hayabusa.engine.config import DTYPE_NAMES
 from hayabusa.engine.devices import add_device_argument, resolve_device
 from hayabusa.engine.model_spec import add_model_arguments
 
@@ -26,18 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="directory for results.json, results.md, results.png")
     add_device_argument(parser)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
                         help=f"any of {', '.join(SCENARIOS)} (space or comma separated; default: all)")
     parser.add_argument("--engines", nargs="+", default=None, metavar="ENGINE",
                         help=f"any of {', '.join(ENGINES)} (default: all that can run on the device; naming an "
                              "engine runs it even where it is skipped by default)")
-    parser.add_argument("--sizes", choices=("auto", *SIZES), default="auto",
+    # workloads.SIZES' names, spelled out: that module imports torch, and --help must not wait for it
+    parser.add_argument("--sizes", choices=("auto", "full", "gpu", "cpu", "smoke"), default="auto",
                         help="scenario sizes: full (the GPU figures), gpu (bench/gpu_first_light.sh's: decode at "
                              "batch 1/8/64 and 1920+128, prefill 2048), cpu (scaled down for a CPU), smoke (tests); "
                              "auto picks full on cuda and cpu on cpu")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (median reported)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs per figure (median reported; default: the --sizes preset's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every engine (default: each engine's own choice; hayabusa picks "
                              "by model size and machine load, transformers keeps torch's default)")
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 def _settings(args: argparse.Namespace):
     from hayabusa.bench.suite import SuiteSettings
     from hayabusa.bench.workloads import check_sizes_fit, sizes_for
-    from hayabusa.engine.config import ModelConfig
+    from hayabusa.engine.api import default_dtype
+    from hayabusa.engine.config import DTYPES, ModelConfig
     from hayabusa.engine.model_spec import resolve_model_dir
     from hayabusa.engine.random_models import is_random_preset
 

@@ -234,34 +234,6 @@ def _write_bin(path: Path, shapes: dict[str, tuple[int, ...]], values: RandomVal
     torch.save(shard, path)
 
 
-def add_init_random_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Write a random-weight GPT-NeoX-Japanese checkpoint (real tensor names, shapes, config "
-                          "keys and tokenizer files) that transformers and hayabusa load. Its text is meaningless.")
-    parser.add_argument("out_dir", metavar="DIR", type=Path, help="directory to write (created if missing)")
-    parser.add_argument("--preset", required=True, choices=list(PRESETS), help="model shape")
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="safetensors", help="weight file format")
-    parser.add_argument("--shard-size", type=_shard_size_arg, default=None, metavar="SIZE",
-                        help="split the weights into shards of at most SIZE (e.g. 2GB, 500MB) plus an index json; "
-                             "default: one file")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float16", help="stored dtype")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same values)")
-    ties = parser.add_mutually_exclusive_group()
-    ties.add_argument("--tied", action="store_true",
-                      help="store no embed_out: the output layer shares embed_in (default: a different embed_out "
-                           "and no tie key, like abeja/gpt-neox-japanese-2.7b)")
-    ties.add_argument("--untied", action="store_true",
-                      help="store a different embed_out and write tie_word_embeddings: false")
-    parser.add_argument("--overwrite", action="store_true", help="replace weight files already in DIR")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def _shard_size_arg(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def run_init_random(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]
     if args.untied:

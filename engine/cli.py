@@ -3,22 +3,32 @@
 Every command reports a problem the same way, `hayabusa COMMAND: error: ...` on stderr and exit status 1 (2 for a
 usage error, with that command's usage), checks --device before anything loads, and exits quietly when its reader
 goes away (`hayabusa generate ... | head`).
+
+Building a command's parser imports no torch (nor transformers or triton): each command's flags come from a light
+module (this one for generate, init-random and verify), and the module that runs it loads only once the arguments
+are parsed, so `hayabusa COMMAND --help` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import importlib
 import os
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from hayabusa.engine.config import DTYPES
+from hayabusa.engine.config import DTYPE_NAMES, PRESETS
 from hayabusa.engine.devices import add_device_argument, resolve_device
 from hayabusa.engine.model_spec import add_model_arguments
+
+if TYPE_CHECKING:
+    import torch
 
 SIGPIPE_STATUS = 128 + 13  # what a shell reports for a writer killed by SIGPIPE, as `yes | head` leaves it
 
@@ -35,10 +45,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    from hayabusa.engine.config import DTYPES  # imports torch: only when --dtype is given
+
     try:
         return DTYPES[name]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}") from None
+        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}") from None
+
+
+def command_line_text(text: str) -> str:
+    """The argparse type of a text argument: Python hands over the bytes its encoding (UTF-8 on any current
+    system) cannot decode as lone surrogates U+DC80..U+DCFF; refuse them as those bytes."""
+    encoding = codecs.lookup(sys.getfilesystemencoding()).name
+    label = "UTF-8" if encoding == "utf-8" else encoding
+    try:
+        os.fsencode(text).decode(encoding)
+    except UnicodeError as err:
+        raw = err.object if isinstance(err, UnicodeDecodeError) else b""
+        where = f": byte 0x{raw[err.start]:02x} at offset {err.start}" if raw else ""
+        raise argparse.ArgumentTypeError(f"not valid {label}{where}; pass the text in {label}") from None
+    return text
+
+
+def non_empty_text(text: str) -> str:
+    """The argparse type of a prompt, a stop string or a bad word: text as command_line_text, and not empty."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give at least one character")
+    return command_line_text(text)
 
 
 def parse_logit_bias(entry: str) -> tuple[int, float]:
@@ -53,7 +86,7 @@ def parse_logit_bias(entry: str) -> tuple[int, float]:
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("prompt", type=non_empty_text, help="the prompt text")
     add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -64,19 +97,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
                         help="divide the logits of tokens already seen by this (1: off)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one per request)")
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--stop", type=non_empty_text, action="append", default=[],
+                        help="stop string (repeatable)")
     parser.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-text token")
     # transformers' generate options, same names and meaning (README: generate options)
     parser.add_argument("--min-new-tokens", type=int, default=0, help="no end-of-text before this many tokens")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=0, help="no n-gram of this size twice (0: off)")
-    parser.add_argument("--bad-word", action="append", default=[],
+    parser.add_argument("--bad-word", type=non_empty_text, action="append", default=[],
                         help="text never to generate (its tokens as one bad_words_ids entry; repeatable)")
     parser.add_argument("--min-p", type=float, default=0.0, help="sampling: drop tokens below min_p x the likeliest")
     parser.add_argument("--typical-p", type=float, default=1.0, help="sampling: typical decoding mass (1: off)")
     parser.add_argument("--eos-token-id", type=int, action="append", default=None,
                         help="stop at this token id (repeatable; default: the model's)")
     parser.add_argument("--prompt-lookup-num-tokens", type=int, default=None,
-                        help="prompt-lookup speculation: draft this many tokens from the text's own n-grams")
+                        help="prompt-lookup speculation: draft this many tokens from the text's own n-grams "
+                             "(default: off)")
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam scores are divided by generated length ** this")
@@ -100,6 +135,21 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: triton on cuda, reference on cpu")
 
 
+# SamplingParams field -> the generate flag that sets it, where that is not the field's name with dashes
+FLAG_OF_FIELD = {"bad_words_ids": "--bad-word"}
+
+
+def flag_of(field: str) -> str:
+    return FLAG_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+
+
+def flag_error(err: ValueError) -> ValueError:
+    """A SamplingParams or engine error in the flags the user typed (--max-new-tokens, not max_new_tokens)."""
+    from hayabusa.engine.param_names import respelled
+
+    return ValueError(respelled(str(err), flag_of)[0])
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from hayabusa.engine.api import Engine
     from hayabusa.engine.sampling import SamplingParams
@@ -117,7 +167,10 @@ def run_generate(args: argparse.Namespace) -> int:
             num_return_sequences=args.num_return_sequences, presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias), best_of=args.best_of)
 
-    params_for(())  # bad options fail here, before the model loads
+    try:
+        params_for(())  # bad options fail here, before the model loads
+    except ValueError as err:
+        raise flag_error(err) from None
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
                                     revision=args.revision)
     try:
@@ -131,76 +184,117 @@ def run_generate(args: argparse.Namespace) -> int:
         for delta in engine.stream(args.prompt, params):
             sys.stdout.write(delta)
             sys.stdout.flush()
+    except ValueError as err:  # options against the model: --bad-word's tokens, room for --max-new-tokens
+        raise flag_error(err) from None
     finally:
         engine.close()
     sys.stdout.write("\n")
     return 0
 
 
-def _hooks() -> dict[str, tuple[str, Callable[[], tuple[Callable, Callable]]]]:
-    """Subcommand -> (help, loader of (add_arguments, run)); modules import lazily to keep start-up fast."""
+def add_init_random_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Write a random-weight GPT-NeoX-Japanese checkpoint (real tensor names, shapes, config "
+                          "keys and tokenizer files) that transformers and hayabusa load. Its text is meaningless.")
+    parser.add_argument("out_dir", metavar="DIR", type=Path, help="directory to write (created if missing)")
+    parser.add_argument("--preset", required=True, choices=list(PRESETS), help="model shape")
+    parser.add_argument("--format", dest="fmt", choices=("safetensors", "bin"), default="safetensors",
+                        help="weight file format")
+    parser.add_argument("--shard-size", type=_shard_size, default=None, metavar="SIZE",
+                        help="split the weights into shards of at most SIZE (e.g. 2GB, 500MB) plus an index json; "
+                             "default: one file")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float16", help="stored dtype")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (same seed, same values)")
+    ties = parser.add_mutually_exclusive_group()
+    ties.add_argument("--tied", action="store_true",
+                      help="store no embed_out: the output layer shares embed_in (default: a different embed_out "
+                           "and no tie key, like abeja/gpt-neox-japanese-2.7b)")
+    ties.add_argument("--untied", action="store_true",
+                      help="store a different embed_out and write tie_word_embeddings: false")
+    parser.add_argument("--overwrite", action="store_true", help="replace weight files already in DIR")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    def tokenize():
-        from hayabusa.tokenizer import cli
-        return cli.add_arguments, cli.run
 
-    def init_random():
-        from hayabusa.engine import checkpoint_writer
-        return checkpoint_writer.add_init_random_arguments, checkpoint_writer.run_init_random
+def _shard_size(text: str) -> int:
+    from hayabusa.engine.checkpoint_writer import parse_size  # its module imports torch: only when the flag is given
 
-    def verify():
-        from hayabusa.engine import verify
-        return verify.add_arguments, verify.run
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
-    def bench():
-        from hayabusa.bench import cli
-        return cli.add_arguments, cli.run
 
-    def serve():
-        from hayabusa.engine.server import cli
-        return cli.add_arguments, cli.run
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                        help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
+    add_device_argument(parser)
+    parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # fast_model.OP_SETS
+                        help="triton: the kernels; torch: their plain-PyTorch references")
+    parser.add_argument("--prompt", type=non_empty_text, action="append", default=None,
+                        help="prompt text (repeatable; default: four built-in Japanese prompts)")
+    parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt")
 
-    def batch():
-        from hayabusa.engine.server import batch
-        return batch.add_arguments, batch.run
 
-    return {
-        "generate": ("generate text, streamed to stdout", lambda: (add_generate_arguments, run_generate)),
-        "tokenize": ("print the token ids and pieces of a text", tokenize),
-        "init-random": ("write a random-weight checkpoint with the real tensor names and shapes", init_random),
-        "verify": ("compare the kernel path with the reference on the same weights", verify),
-        "bench": ("benchmark hayabusa side by side with transformers", bench),
-        "serve": ("serve an OpenAI-compatible HTTP API (/v1/completions)", serve),
-        "batch": ("generate for every line of a jsonl file, on one engine or Ray Data", batch),
-    }
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: str  # "module:function" adding the command's flags; its module imports no torch
+    run: str  # "module:function" running the parsed command; its module loads only then
+
+
+COMMANDS = {
+    "generate": Command("generate text, streamed to stdout",
+                        "hayabusa.engine.cli:add_generate_arguments", "hayabusa.engine.cli:run_generate"),
+    "tokenize": Command("print the token ids and pieces of a text",
+                        "hayabusa.tokenizer.cli:add_arguments", "hayabusa.tokenizer.cli:run"),
+    "init-random": Command("write a random-weight checkpoint with the real tensor names and shapes",
+                           "hayabusa.engine.cli:add_init_random_arguments",
+                           "hayabusa.engine.checkpoint_writer:run_init_random"),
+    "verify": Command("compare the kernel path with the reference on the same weights",
+                      "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.verify:run"),
+    "bench": Command("benchmark hayabusa side by side with transformers",
+                     "hayabusa.bench.cli:add_arguments", "hayabusa.bench.cli:run"),
+    "serve": Command("serve an OpenAI-compatible HTTP API (/v1/completions)",
+                     "hayabusa.engine.server.cli:add_arguments", "hayabusa.engine.server.cli:run"),
+    "batch": Command("generate for every line of a jsonl file, on one engine or Ray Data",
+                     "hayabusa.engine.server.cli:add_batch_arguments", "hayabusa.engine.server.batch:run"),
+}
+
+
+def _function(target: str) -> Callable:
+    """The function a "module:function" string names, its module imported now."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _runner(target: str) -> Callable[[argparse.Namespace], int]:
+    """The run function a "module:function" string names, its module imported only when it is called."""
+    return lambda args: _function(target)(args)
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None,
                                            Callable[[argparse.Namespace], int] | None]:
-    """(the top-level parser, the chosen command's parser, its run function); only that command's module loads."""
+    """(the top-level parser, the chosen command's parser, its run function); only the module adding that command's
+    flags loads here, the module running it when its run function is called."""
     parser = argparse.ArgumentParser(prog="hayabusa", description="Fast GPT-NeoX-Japanese inference.")
     parser.add_argument("--version", action="version", version=f"hayabusa {version('hayabusa')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
     chosen_parser, run = None, None
-    for name, (help_text, load) in _hooks().items():
-        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help, formatter_class=HelpFormatter)
         if name == chosen:
-            add_arguments, run = load()
-            add_arguments(sub)
+            _function(command.add_arguments)(sub)
             chosen_parser = sub
+            run = _runner(command.run)
     return parser, chosen_parser, run
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status (0 ok, 1 error, 2 usage error, 130 interrupted, 141 stdout closed)."""
     argv = sys.argv[1:] if argv is None else argv
-    if not torch.cuda.is_available():
-        # No GPU: Triton kernels (verify, --backend triton) can still run, slowly, under Triton's CPU
-        # interpreter, which must be chosen before any kernel module is imported.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     parser, command_parser, run = build_parser(argv)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_args(argv)  # --help and --version exit here, before torch loads
     if run is None:
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -208,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if unknown:  # argparse would blame the top-level parser and print its usage, not the command's
         command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    import torch
+
+    if not torch.cuda.is_available():
+        # No GPU: Triton kernels (verify, --backend triton) can still run, slowly, under Triton's CPU
+        # interpreter, which must be chosen before any kernel module is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     prefix = f"hayabusa {args.command}"
     with warnings.catch_warnings():
         warnings.showwarning = _warning_printer(prefix)

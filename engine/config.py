@@ -7,10 +7,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-# Model dtypes by name, as the CLI and config files spell them.
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Model dtypes by name, as the CLI and config files spell them; DTYPES maps them to torch dtypes (see __getattr__).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 SUPPORTED_ACTIVATIONS = ("gelu",)  # transformers' "gelu" is the exact erf form
 # config.json keys read as they are spelled; an absent one takes transformers' default (the 2.7B model's value).
@@ -214,6 +212,18 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(hidden_size=160, num_hidden_layers=2, num_attention_heads=2,
                         max_position_embeddings=512, bos_token_id=31999, eos_token_id=31999),
 }
+
+
+def __getattr__(name: str) -> Any:
+    """DTYPES ({name: torch.dtype}) imports torch on first use: the CLI's parsers read this module (the presets, the
+    dtype names) and `hayabusa --help` must not wait for torch."""
+    if name != "DTYPES":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import torch
+
+    dtypes = {dtype_name: getattr(torch, dtype_name) for dtype_name in DTYPE_NAMES}
+    globals()["DTYPES"] = dtypes  # later reads find it without calling here
+    return dtypes
 
 
 def preset(name: str) -> ModelConfig:

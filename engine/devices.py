@@ -1,12 +1,18 @@
 """Where hayabusa runs: one check of a device name before anything loads, and the one-time notice that Triton
-kernels on a CPU run under Triton's interpreter (a correctness check, far too slow for real use)."""
+kernels on a CPU run under Triton's interpreter (a correctness check, far too slow for real use).
+
+torch loads when a device is resolved, not with this module: every command's parser adds --device from here, and
+`hayabusa COMMAND --help` must not wait for torch.
+"""
 
 from __future__ import annotations
 
 import argparse
 import warnings
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
@@ -19,6 +25,8 @@ _interpreter_warned = False
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -31,6 +39,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """The torch.device to run on (None: cuda when available, else cpu), or a ValueError saying why `device` cannot
     be used here: not a device name, a type hayabusa does not run on, no CUDA in this torch or machine, or a CUDA
     index past the visible devices. Cheap: nothing is initialised on the device."""
+    import torch
+
     if device is None:
         return default_device()
     try:

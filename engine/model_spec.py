@@ -5,6 +5,9 @@
      written once into $HAYABUSA_CACHE (default ~/.cache/hayabusa); its tokenizer is the vendored vocabulary;
   3. a Hub repo id 'owner/name': fetched once into the Hugging Face cache (see hub.py; offline, the cache only).
 Anything else fails at once, without asking the Hub.
+
+The Hub client (hub.py, huggingface_hub) loads when a name is resolved: every command's parser adds --model from
+here, and `hayabusa COMMAND --help` should not wait for it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import os
 from pathlib import Path
 
 from .config import PRESETS
-from .hub import ModelNotFoundError, is_repo_id, model_snapshot, tokenizer_snapshot
 
 MODEL_SPEC_HELP = ("a model directory, a Hub repo id (abeja/gpt-neox-japanese-2.7b) or a random preset ("
                    + ", ".join(PRESETS) + ": random weights of that shape, written once under $HAYABUSA_CACHE, "
@@ -25,7 +27,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
                         model_help: str = MODEL_SPEC_HELP) -> None:
     """--model and --revision, as every command spells them."""
     parser.add_argument("--model", required=required, help=model_help)
-    parser.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of a Hub repo id")
+    parser.add_argument("--revision", default=None,
+                        help="Hub revision (branch, tag or commit) of a Hub repo id (default: main)")
 
 
 def resolve_model_dir(spec: str | os.PathLike, revision: str | None = None) -> Path:
@@ -37,6 +40,8 @@ def resolve_model_dir(spec: str | os.PathLike, revision: str | None = None) -> P
         from .random_models import random_preset_dir  # it imports the checkpoint writer, which imports the loader
 
         return random_preset_dir(name)
+    from .hub import model_snapshot
+
     return model_snapshot(name, revision)
 
 
@@ -49,11 +54,15 @@ def resolve_tokenizer_dir(spec: str | os.PathLike, revision: str | None = None) 
         from hayabusa.tokenizer.vocab import VENDORED_DIR  # what random checkpoints copy
 
         return VENDORED_DIR
+    from .hub import tokenizer_snapshot
+
     return tokenizer_snapshot(name, revision)
 
 
 def _local_or_name(spec: str | os.PathLike) -> tuple[Path | None, str]:
     """(the directory, spec) for a local directory, else (None, spec) for a preset or a repo id; else an error."""
+    from .hub import ModelNotFoundError, is_repo_id
+
     path = Path(spec).expanduser()
     if path.is_dir():
         return path, str(spec)

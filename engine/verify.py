@@ -28,10 +28,8 @@ from tqdm import tqdm
 from hayabusa.engine.api import default_dtype
 from hayabusa.engine.block_manager import PagedPrompt
 from hayabusa.engine.config import DTYPES, ModelConfig
-from hayabusa.engine.devices import add_device_argument, resolve_device, warn_if_interpreted
-from hayabusa.engine.fast_model import OP_SETS
+from hayabusa.engine.devices import resolve_device, warn_if_interpreted
 from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.model_spec import add_model_arguments
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_generate
 from hayabusa.engine.sampling import SamplingParams
@@ -49,18 +47,6 @@ DEFAULT_PROMPTS = (
     "今日の天気は晴れのち曇り、",
 )
 VERIFY_BLOCK_SIZE = 16
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                        help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
-    add_device_argument(parser)
-    parser.add_argument("--ops", choices=OP_SETS, default="triton",
-                        help="triton: the kernels; torch: their plain-PyTorch references")
-    parser.add_argument("--prompt", action="append", default=None,
-                        help="prompt text (repeatable; default: four built-in Japanese prompts)")
-    parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt")
 
 
 @dataclass
@@ -90,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_pretrained(str(model_dir))
     prompts = [tokenizer.encode(text) for text in (args.prompt or DEFAULT_PROMPTS)]
     for text, ids in zip(args.prompt or DEFAULT_PROMPTS, prompts, strict=True):
-        if not ids or len(ids) + args.steps > config.max_position_embeddings:
+        if len(ids) + args.steps > config.max_position_embeddings:  # (the parser refuses an empty --prompt)
             raise ValueError(f"prompt {text!r} has {len(ids)} tokens; with --steps {args.steps} it must fit "
                              f"max_position_embeddings {config.max_position_embeddings}")
 

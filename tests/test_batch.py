@@ -1,12 +1,15 @@
 """`hayabusa batch` on one engine: one result line per input line, in order, equal to `Engine.generate`; a bad
-line stops the run before any model loads, naming the file, the line and the field."""
+line or output path stops the run before any model loads, naming the file, the line and the field; a failed run
+leaves no file behind."""
 
 import json
+import os
 
 import pytest
 
 from hayabusa.engine import Engine
 from hayabusa.engine.cli import main
+from hayabusa.engine.server import batch
 
 
 def run_batch(tmp_path, lines: list[str], *extra: str) -> int:
@@ -31,19 +34,94 @@ def test_results_follow_the_input_order_and_equal_generate(tmp_path) -> None:
     assert not (tmp_path / "out.jsonl.partial").exists()
 
 
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    def loaded(spec):
+        raise AssertionError("a model was loaded before the error")
+
+    monkeypatch.setattr(batch.EngineSpec, "load", loaded)
+
+
 @pytest.mark.parametrize(("bad_line", "words"), [
     ('{"prompt": "a", "max_tokens": 5}', ["in.jsonl:3: unknown field 'max_tokens'", "max_new_tokens"]),
-    ('{"prompt": "a", "temperature": "hot"}', ["in.jsonl:3: a sampling field has the wrong type"]),
+    ('{"prompt": "a", "temperature": "hot"}', ["in.jsonl:3: 'temperature' must be a number, got \"hot\""]),
+    ('{"prompt": "a", "temperature": true}', ["in.jsonl:3: 'temperature' must be a number, got true"]),
+    ('{"prompt": "a", "ignore_eos": "false"}', ["in.jsonl:3: 'ignore_eos' must be true or false, got \"false\""]),
+    ('{"prompt": "a", "seed": "7"}', ["in.jsonl:3: 'seed' must be an integer or null, got \"7\""]),
+    ('{"prompt": "a", "stop": ["x", 5]}', ["in.jsonl:3: 'stop' must be a list of strings, got [\"x\", 5]"]),
+    ('{"prompt": "a", "max_new_tokens": null}', ["in.jsonl:3: 'max_new_tokens' must be an integer, got null"]),
     ('{"prompt": 5}', ['in.jsonl:3: "prompt" must be a string or a list of token ids']),
+    ('{"prompt": [1, -2]}', ['in.jsonl:3: "prompt" must be a string or a list of token ids (integers >= 0)']),
+    ('{"prompt": ""}', ['in.jsonl:3: "prompt" is empty']),
+    ('{"prompt": []}', ['in.jsonl:3: "prompt" is empty']),
     ('{"max_new_tokens": 5}', ['in.jsonl:3: each line must be a JSON object with a "prompt"']),
     ('{"prompt": "a", "top_p": 0}', ["in.jsonl:3: top_p must be in (0, 1]"]),
     ('{"prompt": "a", "num_return_sequences": 2}', ["in.jsonl:3: 'num_return_sequences' is not supported by hayabusa "
                                                     "batch (one text per line)"]),
     ('{"prompt": "a"', ["in.jsonl:3: not valid JSON"]),
 ])
-def test_a_bad_line_is_named_before_any_work(tmp_path, capsys, bad_line, words) -> None:
+def test_a_bad_line_is_named_before_any_work(tmp_path, capsys, nothing_loads, bad_line, words) -> None:
+    """Before: an empty prompt failed after the model loaded (leaving an empty .partial), and a wrong type was "a
+    sampling field has the wrong type ('>=' not supported ...)", naming no field; "false" passed for true."""
     assert run_batch(tmp_path, ['{"prompt": "ok"}', "", bad_line]) == 1
     err = capsys.readouterr().err
     for word in words:
         assert word in err
-    assert not (tmp_path / "out.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_input_that_is_not_utf8_is_named_with_its_line(tmp_path, capsys, nothing_loads) -> None:
+    """Before: "'utf-8' codec can't decode byte 0xff in position 0", naming no file."""
+    (tmp_path / "in.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    assert main(["batch", "--model", "tiny", "--input", str(tmp_path / "in.jsonl"), "--output",
+                 str(tmp_path / "out.jsonl")]) == 1
+    assert capsys.readouterr().err == (f"hayabusa batch: error: {tmp_path / 'in.jsonl'}:2: not valid UTF-8 (byte "
+                                       f"0xe9); jsonl is UTF-8 text\n")
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    ("out", "--output {out} is a directory; give the file to write, e.g. {out}/out.jsonl"),
+    ("missing/out.jsonl", "--output {out}: there is no directory {tmp}/missing"),
+    ("in.jsonl", "--output {out} is the --input file; write the results elsewhere"),
+])
+def test_a_bad_output_path_is_refused_before_any_work(tmp_path, capsys, nothing_loads, output, message) -> None:
+    """Before: --output DIR generated everything, then failed with "[Errno 21] Is a directory" and left DIR.partial."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n', encoding="utf-8")
+    out = tmp_path / output
+    assert main(["batch", "--model", "tiny", "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]) == 1
+    assert capsys.readouterr().err == f"hayabusa batch: error: {message.format(out=out, tmp=tmp_path)}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"] and not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys"), reason="needs Linux's read-only /sys (unwritable even for root)")
+def test_an_unwritable_output_is_refused_before_any_work(tmp_path, capsys, nothing_loads) -> None:
+    (tmp_path / "in.jsonl").write_text('{"prompt": "a"}\n', encoding="utf-8")
+    assert main(["batch", "--model", "tiny", "--input", str(tmp_path / "in.jsonl"), "--output", "/sys/out.jsonl"]) == 1
+    assert capsys.readouterr().err.startswith("hayabusa batch: error: --output /sys/out.jsonl: cannot write "
+                                              "/sys/out.jsonl.partial (")
+
+
+def test_a_failure_after_loading_leaves_no_file(tmp_path, capsys) -> None:
+    long_prompt = json.dumps({"prompt": list(range(1, 600)), "max_new_tokens": 1})
+    assert run_batch(tmp_path, ['{"prompt": "a", "max_new_tokens": 1}', long_prompt]) == 1
+    assert "context length 512" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_an_interrupted_run_leaves_no_file(tmp_path, monkeypatch) -> None:
+    def interrupted(spec, lines, batch_size, where):
+        yield {"text": "first"}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "run_local", interrupted)
+    assert run_batch(tmp_path, ['{"prompt": "a"}', '{"prompt": "b"}']) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_lines_end_at_newlines_only(tmp_path) -> None:
+    """A prompt may hold U+2028 or U+0085 raw, where str.splitlines would cut the line (and its JSON) in two."""
+    records = [{"prompt": "東京\u2028大阪\x85", "max_new_tokens": 1}, {"prompt": "猫", "max_new_tokens": 1}]
+    assert run_batch(tmp_path, [json.dumps(r, ensure_ascii=False) for r in records]) == 0
+    got = (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n")
+    assert len(got) == 3 and got[2] == "" and json.loads(got[0])["prompt_tokens"] > 1

@@ -1,5 +1,7 @@
 """The `hayabusa` command end to end on a tiny random checkpoint, in process and through the console script."""
 
+import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -11,9 +13,15 @@ import pytest
 import torch
 
 import hayabusa
+from hayabusa.bench.workloads import SIZES
 from hayabusa.engine import devices, hub, llm_engine, random_models
 from hayabusa.engine.api import Engine
-from hayabusa.engine.cli import SIGPIPE_STATUS, main
+from hayabusa.engine.checkpoint_writer import FORMATS
+from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, flag_of, main
+from hayabusa.engine.config import DTYPES
+from hayabusa.engine.fast_model import OP_SETS
+from hayabusa.engine.param_names import respelled
+from hayabusa.engine.sampling import SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +69,7 @@ def test_generate_takes_transformers_options_and_prints_beams_best_first(tiny_di
     assert out == "".join(f"[{i}] (score {o.score:.4f})\n{o.text}\n" for i, o in enumerate(expected))
     assert expected[0].score >= expected[1].score
     assert main(["generate", "--model", str(tiny_dir), "猫", "--num-beams", "2", "--do-sample"]) == 1
-    assert "do_sample=True is not supported with num_beams > 1" in capsys.readouterr().err
+    assert "--do-sample=True is not supported with --num-beams > 1" in capsys.readouterr().err
 
 
 def test_generate_takes_openai_options_and_prints_best_of_candidates(tiny_dir: Path, capsys) -> None:
@@ -226,3 +234,118 @@ def test_a_closed_pipe_ends_generate_quietly(tiny_dir: Path) -> None:
     _, err = process.communicate(timeout=120)
     assert process.returncode == SIGPIPE_STATUS, err.decode()
     assert err.decode() == ""
+
+
+# --- what a newcomer hit (issue 16) -------------------------------------------------------------------------------
+
+def command_parser(command: str) -> argparse.ArgumentParser:
+    _, parser, _ = build_parser([command])
+    return parser
+
+
+def option(command: str, flag: str) -> argparse.Action:
+    return next(action for action in command_parser(command)._actions if flag in action.option_strings)
+
+
+def test_help_imports_no_torch() -> None:
+    """Before: 2-4 s for any --help, spent importing torch to print text."""
+    code = ("import sys; from hayabusa.engine.cli import COMMANDS, main\n"
+            "for argv in [['--help'], *([name, '--help'] for name in COMMANDS)]:\n"
+            "    try:\n"
+            "        main(argv)\n"
+            "    except SystemExit as done:\n"
+            "        assert done.code == 0, argv\n"
+            "print(sorted({'torch', 'transformers', 'triton'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert "usage: hayabusa batch " in result.stdout  # every command's help was printed
+
+
+@pytest.mark.parametrize(("command", "flag", "choices"), [
+    ("verify", "--ops", lambda: OP_SETS),
+    ("init-random", "--format", lambda: FORMATS),
+    ("bench", "--sizes", lambda: ("auto", *SIZES)),
+    ("serve", "--dtype", lambda: tuple(DTYPES)),
+])
+def test_choices_spelled_out_for_a_light_help_match_the_library(command, flag, choices) -> None:
+    assert tuple(option(command, flag).choices) == choices()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_says_its_default(command) -> None:
+    """Before: serve's --host, --port and --log-level showed no default. An option says its default in its help
+    text or has one for the formatter to show; None and False defaults are worth words, not "(default: None)"."""
+    parser = command_parser(command)
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction) or action.required or action.default == [] \
+                or isinstance(action, argparse._StoreTrueAction):  # off unless given; append: none unless given
+            continue
+        shown = action.default is not None and action.default is not False
+        assert action.help and (shown or "default" in action.help), (command, action.option_strings)
+    help_text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text
+
+
+@pytest.mark.parametrize(("argv", "argument"), [
+    (["generate", "--model", "tiny", "ab\udcff"], "argument prompt"),
+    (["generate", "--model", "tiny", "x", "--stop", "ab\udcff"], "argument --stop"),
+    (["generate", "--model", "tiny", "x", "--bad-word", "ab\udcff"], "argument --bad-word"),
+    (["tokenize", "ab\udcff"], "argument text"),
+    (["verify", "--model", "tiny", "--prompt", "ab\udcff"], "argument --prompt"),
+])
+def test_text_that_is_not_utf8_is_named_before_anything_loads(argv, argument, capsys, nothing_loads) -> None:
+    """Before: "text holds the lone surrogate U+DCFF", Python's stand-in for the byte 0xff it could not decode."""
+    with pytest.raises(SystemExit) as exit_status:
+        main(argv)
+    assert exit_status.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith(f": error: {argument}: not valid UTF-8: byte 0xff at offset 2; pass the text in UTF-8\n")
+    assert "surrogate" not in err
+
+
+def test_a_real_non_utf8_argument_is_named_as_bytes() -> None:
+    result = subprocess.run([shutil.which("hayabusa"), "tokenize", b"caf\xe9"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.endswith("hayabusa tokenize: error: argument text: not valid UTF-8: byte 0xe9 at offset 3; "
+                                  "pass the text in UTF-8\n")
+
+
+@pytest.mark.parametrize(("argv", "argument"), [
+    (["verify", "--model", "tiny", "--prompt", ""], "argument --prompt"),
+    (["generate", "--model", "tiny", ""], "argument prompt"),
+    (["generate", "--model", "tiny", "x", "--stop", ""], "argument --stop"),
+])
+def test_an_empty_prompt_is_called_empty(argv, argument, capsys, nothing_loads) -> None:
+    """Before: verify blamed the context length ("prompt '' has 0 tokens; ... must fit max_position_embeddings")."""
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert capsys.readouterr().err.endswith(f": error: {argument}: is empty; give at least one character\n")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], "--num-return-sequences (3) must be <= --num-beams (2)"),
+    (["--bad-word", "の" * 20], "--bad-word holds a word of 20 tokens; at most 16 are supported"),
+    (["--max-new-tokens", "600"], "1 prompt tokens + --max-new-tokens 600 = 601 exceed the context length 512"),
+])
+def test_errors_name_the_flags_the_user_typed(tiny_dir, capsys, options, message) -> None:
+    """Before: the Python API's names (bad_words_ids for --bad-word, max_new_tokens, ...)."""
+    assert main(["generate", "x", "--model", str(tiny_dir), *options]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("hayabusa generate: error: ") and message in err
+
+
+def test_every_sampling_flag_is_the_name_errors_use() -> None:
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    for action in command_parser("generate")._actions:
+        if action.dest in fields:
+            assert flag_of(action.dest) in action.option_strings
+    assert flag_of("bad_words_ids") in option("generate", "--bad-word").option_strings
+
+
+def test_respelling_spares_quoted_values_and_longer_names() -> None:
+    message, first = respelled("stop must hold non-empty strings, got ('top_k', 'early_stopping')", flag_of)
+    assert (message, first) == ("--stop must hold non-empty strings, got ('top_k', 'early_stopping')", "--stop")
+    assert respelled("early_stopping must be True, False or 'never'", flag_of)[0] == \
+        "--early-stopping must be True, False or 'never'"
+    assert respelled("the model 'x' does not exist", flag_of) == ("the model 'x' does not exist", None)

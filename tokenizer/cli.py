@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from hayabusa.engine.cli import command_line_text
 from hayabusa.engine.model_spec import add_model_arguments
 
 from .tokenizer import Tokenizer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("text", help="text to tokenize")
+    parser.add_argument("text", type=command_line_text, help="text to tokenize")
     add_model_arguments(parser, required=False,
                         model_help="whose vocab.txt + emoji.json to use: a model directory, a Hub repo id (only those "
                                    "two files are fetched) or a random preset (tiny, small, 2.7b: the vendored "

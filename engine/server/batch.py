@@ -1,10 +1,11 @@
 """`hayabusa batch`: offline generation from a jsonl file, on one engine or (`--ray`) Ray Data's actor pool.
 
-Each input line is {"prompt": text or token ids, ...} plus `Engine.generate`'s sampling keywords
-(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed, stop, ignore_eos). Each output
-line, in input order: {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Both paths
-run the same `generate_lines` on batches of lines, so a greedy or seeded run gives the same file either way.
-Needs no server dependency (only Ray with --ray).
+Each input line is {"prompt": text or token ids, ...} plus `Engine.generate`'s sampling keywords (batch_input.py
+reads and checks them, all before any model loads, as it checks that --output can be written). Each output line, in
+input order: {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}. Both paths run the same
+`generate_lines` on batches of lines, so a greedy or seeded run gives the same file either way. The output appears
+only complete: a failed or interrupted run leaves neither it nor its partial file. Needs no server dependency (only
+Ray with --ray).
 """
 
 from __future__ import annotations
@@ -12,22 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm import tqdm
 
 from hayabusa.engine.api import Engine
 from hayabusa.engine.config import DTYPES
-from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.server.cli import add_engine_arguments, positive_int, require
-
-DEFAULT_BATCH_SIZE = 64
-# One output line per input line, text only: several completions and logprobs are for the Python API and the server.
-PER_LINE_UNSUPPORTED = frozenset({"num_return_sequences", "logprobs", "prompt_logprobs"})
-SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams)) - PER_LINE_UNSUPPORTED
+from hayabusa.engine.server.batch_input import parse_line, read_lines
+from hayabusa.engine.server.cli import require
 
 
 @dataclass(frozen=True)
@@ -44,32 +40,6 @@ class EngineSpec:
     def load(self) -> Engine:
         return Engine.from_pretrained(self.model, revision=self.revision, backend=self.backend, device=self.device,
                                       dtype=DTYPES.get(self.dtype), kv_cache_blocks=self.kv_cache_blocks)
-
-
-def parse_line(text: str, where: str) -> tuple[str | list[int], SamplingParams]:
-    """One input line -> (prompt, params); ValueError naming `where` (file:line) and the bad field."""
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: not valid JSON ({err})") from None
-    if not isinstance(record, dict) or "prompt" not in record:
-        raise ValueError(f"{where}: each line must be a JSON object with a \"prompt\"")
-    prompt = record.pop("prompt")
-    if not (isinstance(prompt, str) or isinstance(prompt, list) and all(type(t) is int for t in prompt)):
-        raise ValueError(f"{where}: \"prompt\" must be a string or a list of token ids, got {prompt!r}")
-    unsupported = sorted(set(record) & PER_LINE_UNSUPPORTED)
-    if unsupported:
-        raise ValueError(f"{where}: {unsupported[0]!r} is not supported by hayabusa batch (one text per line); use "
-                         f"Engine.generate or the server")
-    unknown = sorted(set(record) - SAMPLING_FIELDS)
-    if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: prompt, {', '.join(sorted(SAMPLING_FIELDS))}")
-    try:
-        return prompt, SamplingParams(**record)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    except TypeError as err:  # a string where a number belongs
-        raise ValueError(f"{where}: a sampling field has the wrong type ({err})") from None
 
 
 Numbered = Sequence[tuple[int, str]]  # (line number in the input file, line)
@@ -139,35 +109,41 @@ def run_ray(spec: EngineSpec, lines: Numbered, batch_size: int, replicas: int, w
         yield json.loads(row["result"])
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_engine_arguments(parser)
-    parser.add_argument("--input", type=Path, required=True, help="jsonl: one {\"prompt\": ..., sampling fields} "
-                        "per line")
-    parser.add_argument("--output", type=Path, required=True, help="jsonl: one result per input line, in order")
-    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
-                        help="lines handed to an engine at once")
-    parser.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'hayabusa[ray]')")
-    parser.add_argument("--replicas", type=positive_int, default=1, help="engines in Ray Data's actor pool")
-
-
 def run(args: argparse.Namespace) -> int:
     where = str(args.input)
-    lines = [(number, text) for number, text in enumerate(args.input.read_text(encoding="utf-8").splitlines(), 1)
-             if text.strip()]
-    if not lines:
-        raise ValueError(f"{where} holds no lines")
+    lines = read_lines(args.input)
     for number, text in lines:  # fail on a bad line before any model loads
         parse_line(text, f"{where}:{number}")
-    spec = EngineSpec(model=args.model, revision=args.revision, backend=args.backend, device=args.device,
-                      dtype=args.dtype, kv_cache_blocks=args.kv_cache_blocks)
-    if args.ray:
-        require("ray", extra="ray")
-        results = run_ray(spec, lines, args.batch_size, args.replicas, where)
-    else:
-        results = run_local(spec, lines, args.batch_size, where)
     partial = args.output.with_name(args.output.name + ".partial")
-    with partial.open("w", encoding="utf-8") as out:
-        for result in tqdm(results, total=len(lines), desc="batch", unit="line"):
-            out.write(json.dumps(result, ensure_ascii=False) + "\n")
-    partial.replace(args.output)  # a crash never leaves a short file under the output name
+    out = open_output(args.output, partial, args.input)
+    try:
+        with out:
+            spec = EngineSpec(model=args.model, revision=args.revision, backend=args.backend, device=args.device,
+                              dtype=args.dtype, kv_cache_blocks=args.kv_cache_blocks)
+            if args.ray:
+                require("ray", extra="ray")
+                results = run_ray(spec, lines, args.batch_size, args.replicas, where)
+            else:
+                results = run_local(spec, lines, args.batch_size, where)
+            for result in tqdm(results, total=len(lines), desc="batch", unit="line"):
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+        partial.replace(args.output)
+    except BaseException:  # an error, Ctrl-C: no short file under either name
+        partial.unlink(missing_ok=True)
+        raise
     return 0
+
+
+def open_output(output: Path, partial: Path, input_path: Path) -> IO[str]:
+    """`partial` opened for writing, which proves `output` can be written, before any model loads; `output` takes
+    its place once every line is done."""
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a directory; give the file to write, e.g. {output / 'out.jsonl'}")
+    if not output.parent.is_dir():
+        raise ValueError(f"--output {output}: there is no directory {output.parent}")
+    if output.exists() and output.samefile(input_path):
+        raise ValueError(f"--output {output} is the --input file; write the results elsewhere")
+    try:
+        return partial.open("w", encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"--output {output}: cannot write {partial} ({err.strerror})") from None

@@ -1,20 +1,25 @@
-"""`hayabusa serve`: the OpenAI-compatible server under uvicorn, or `--ray` as a Ray Serve deployment.
+"""`hayabusa serve`: the OpenAI-compatible server under uvicorn, or `--ray` as a Ray Serve deployment; and the
+flags of `hayabusa batch`, which shares the engine's.
 
-Imports only argparse-level modules at load time; the server's dependencies load when the command runs, so a
-missing extra is one clear line, not a traceback.
+Imports only argparse-level modules at load time (`--help` loads no torch); the server's dependencies load when the
+command runs, so a missing extra is one clear line, not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
-from hayabusa.engine.config import DTYPES
+from hayabusa.engine.config import DTYPE_NAMES
 from hayabusa.engine.devices import add_device_argument
 from hayabusa.engine.model_spec import add_model_arguments
 
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
+MAX_PORT = 65535
 DEFAULT_MAX_WAITING = 1024
+DEFAULT_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """--port: a TCP port number; 0 asks the system for a free port."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_PORT:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0-{MAX_PORT} (0: a free port), got {text}")
+    return value
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The engine flags `serve` and `batch` share (--model, --revision and --device as every command spells them)."""
     add_model_arguments(parser)
@@ -47,27 +63,48 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("reference", "triton"), default=None,
                         help="triton: the kernels; reference: plain-PyTorch ops (default: triton on cuda, else "
                              "reference)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="default: float16 on cuda, float32 on cpu")
+    # The defaults are model_runner's pool sizing (CPU_DEFAULT_SEQUENCES, CPU_KV_MEMORY_FRACTION,
+    # gpu_memory_utilization); that module imports torch, so they are spelled out here.
     parser.add_argument("--kv-cache-blocks", type=positive_int, default=None,
-                        help="KV-cache pool size in blocks of 16 tokens (default: from free GPU memory)")
+                        help="KV-cache pool size in blocks of 16 tokens (default: on cuda, what 90%% of the GPU's "
+                             "memory leaves after the weights and activations; on cpu, room for 4 sequences of the "
+                             "full context length, fewer if half the available RAM cannot hold them)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--host", default=DEFAULT_HOST,
+                        help="address to listen on (0.0.0.0: every IPv4 interface, '::' every IPv6 one)")
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help="TCP port to listen on; 0: a free port, which the log names (not with --ray)")
     parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: --model)")
     parser.add_argument("--max-waiting", type=positive_int, default=DEFAULT_MAX_WAITING,
-                        help=f"requests allowed to wait for the engine; beyond it the server answers 429 (default: "
-                             f"{DEFAULT_MAX_WAITING})")
+                        help="requests allowed to wait for the engine; beyond it the server answers 429")
     parser.add_argument("--max-num-seqs", type=positive_int, default=256, help="requests decoded in one step")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="uvicorn's log level")
     ray = parser.add_argument_group("Ray Serve (pip install 'hayabusa[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve replicas with Ray Serve (one GPU each on cuda)")
     ray.add_argument("--replicas", type=positive_int, default=1, help="fixed number of replicas")
-    ray.add_argument("--min-replicas", type=positive_int, default=None, help="autoscale from this many replicas")
-    ray.add_argument("--max-replicas", type=positive_int, default=None, help="autoscale up to this many replicas")
+    ray.add_argument("--min-replicas", type=positive_int, default=None,
+                     help="autoscale from this many replicas, with --max-replicas (default: --replicas, fixed)")
+    ray.add_argument("--max-replicas", type=positive_int, default=None,
+                     help="autoscale up to this many replicas, with --min-replicas (default: --replicas, fixed)")
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """`hayabusa batch`'s flags (the command runs in batch.py, which imports the engine)."""
+    add_engine_arguments(parser)
+    parser.add_argument("--input", type=Path, required=True, help="jsonl: one {\"prompt\": ..., sampling fields} "
+                        "per line")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="jsonl: one result per input line, in order (written only when every line succeeded)")
+    parser.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
+                        help="lines handed to an engine at once")
+    parser.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'hayabusa[ray]')")
+    parser.add_argument("--replicas", type=positive_int, default=1, help="engines in Ray Data's actor pool")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -83,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     require("uvicorn", "starlette", "prometheus_client", "pydantic", extra="serve")
     settings = settings_from_args(args)
     if args.ray:
+        if args.port == 0:
+            raise ValueError("--port 0 (a free port) does not work with --ray: Ray Serve's proxy, not this process, "
+                             "opens the port; name one")
         scaling = Scaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas)
         require("ray", extra="ray")
         from hayabusa.engine.server.ray_serve import serve_on_ray
@@ -91,9 +131,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     import uvicorn
 
+    from hayabusa.engine.server.listen import listening_sockets
     from hayabusa.engine.server.replica import build_server
 
-    uvicorn.run(build_server(settings), host=args.host, port=args.port, log_level=args.log_level)
+    sockets = listening_sockets(args.host, args.port)  # before the model loads: a port in use fails at once
+    try:
+        config = uvicorn.Config(build_server(settings), host=args.host, port=args.port, log_level=args.log_level)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        # (uvicorn logs no address for sockets it is handed; this names the port --port 0 got too)
+        print(f"hayabusa: serving {settings.model_name} on http://{host}:{sockets[0].getsockname()[1]}; Ctrl-C "
+              f"stops", flush=True)
+        uvicorn.Server(config).run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
 
 

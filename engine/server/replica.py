@@ -29,7 +29,7 @@ class ServerSettings:
     backend: str | None = None  # "triton" (the kernels) or "reference" (plain-PyTorch ops); default per device
     device: str | torch.device | None = None  # default: cuda when available, else cpu
     dtype: str | None = None  # a config.DTYPES name; default per device
-    kv_cache_blocks: int | None = None  # default: from free GPU memory (a fixed count on a CPU)
+    kv_cache_blocks: int | None = None  # default: from free memory (model_runner's pool sizing, per device)
     block_size: int = 16
     max_num_seqs: int = 256
     max_waiting: int = DEFAULT_MAX_WAITING  # more waiting requests than this: 429

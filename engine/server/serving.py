@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from hayabusa.engine.logprobs import TokenLogprobs
 from hayabusa.engine.outputs import GenerationOutput
+from hayabusa.engine.param_names import respelled
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.engine.server.completion_logprobs import ChoiceLogprobs, joined
 from hayabusa.engine.server.engine_loop import EngineFailedError, EngineLoop, QueueFullError, Submission
@@ -82,6 +83,17 @@ def check_openai_options(request: CompletionRequest, vocab_size: int) -> None:
                             f"[0, {vocab_size}))", param="logit_bias")
 
 
+# SamplingParams field -> the request field that sets it, where the names differ
+REQUEST_FIELD_OF = {"max_new_tokens": "max_tokens", "num_return_sequences": "n"}
+
+
+def request_error(err: ValueError) -> APIError:
+    """A SamplingParams or engine error as a 400 in the fields the client sent (max_tokens, not max_new_tokens),
+    `param` the first one it names."""
+    message, param = respelled(str(err), lambda field: REQUEST_FIELD_OF.get(field, field))
+    return APIError(400, message, param=param if param in CompletionRequest.model_fields else None)
+
+
 def api_error(err: Exception) -> APIError:
     if isinstance(err, APIError):
         return err
@@ -127,7 +139,10 @@ class CompletionServing:
                                 "otherwise ask for at least 1 token", param="max_tokens")
         check_openai_options(request, self.loop.engine.config.vocab_size)
         prompts = self._encode(request.prompt)
-        submission = self.loop.submit(prompts, sampling_params(request))
+        try:
+            submission = self.loop.submit(prompts, sampling_params(request))
+        except ValueError as err:  # SamplingParams' checks, or a prompt the engine can never run
+            raise request_error(err) from None
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage

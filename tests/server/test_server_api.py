@@ -265,16 +265,21 @@ def test_bodies_that_are_not_a_request_object(server) -> None:
 
 
 def test_requests_the_engine_cannot_run(server) -> None:
+    """Errors name the fields the client sent: max_tokens and n, not the engine's max_new_tokens and
+    num_return_sequences (before: those, with param null)."""
     long_prompt = list(range(1, 511))
     assert_openai_error(post(server, {"model": MODEL, "prompt": long_prompt, "max_tokens": 16}), 400,
-                        "context length 512")
+                        "510 prompt tokens + max_tokens 16 = 526 exceed the context length 512", param="max_tokens")
     assert_openai_error(post(server, {"model": MODEL, "prompt": [[1, 2], long_prompt], "max_tokens": 16}), 400,
-                        "prompt 1:", "context length 512")
+                        "prompt 1:", "context length 512", param="max_tokens")
     assert_openai_error(post(server, {"model": MODEL, "prompt": [[5, 99999]]}), 400, "99999", "vocabulary")
     assert_openai_error(post(server, {"model": MODEL, "prompt": ""}), 400, "empty")
     beams = {"model": MODEL, "prompt": "a", "num_beams": 2, "temperature": 0}
-    assert_openai_error(post(server, {**beams, "n": 3}), 400, "num_return_sequences (3) must be <= num_beams (2)")
-    assert_openai_error(post(server, {**beams, "logprobs": 1}), 400, "logprobs is not supported with num_beams > 1")
+    assert_openai_error(post(server, {**beams, "n": 3}), 400, "n (3) must be <= num_beams (2)", param="n")
+    assert_openai_error(post(server, {**beams, "logprobs": 1}), 400, "logprobs is not supported with num_beams > 1",
+                        param="logprobs")
+    assert_openai_error(post(server, {"model": MODEL, "prompt": "a", "eos_token_id": 99999}), 400,
+                        "eos_token_id holds token id 99999 outside the vocabulary", param="eos_token_id")
     assert_openai_error(post(server, {**beams, "temperature": 1}), 400, "needs temperature 0", param="temperature")
     assert_openai_error(post(server, {"model": "gpt-4", "prompt": "a"}), 404, "'gpt-4' does not exist",
                         param="model")
