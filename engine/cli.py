@@ -127,7 +127,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logit-bias", type=parse_logit_bias, action="append", default=[], metavar="ID=BIAS",
                         help="add BIAS (-100..100) to token ID's logit (repeatable)")
     parser.add_argument("--best-of", type=int, default=None,
-                        help="sample this many candidates and print the --num-return-sequences best by summed logprob")
+                        help="sample this many candidates and print the --num-return-sequences best by summed logprob "
+                             "(default: as many as --num-return-sequences)")
     add_device_argument(parser)
     parser.add_argument("--dtype", type=parse_dtype, default=None,
                         help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")

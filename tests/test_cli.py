@@ -87,7 +87,7 @@ def test_generate_takes_openai_options_and_prints_best_of_candidates(tiny_dir: P
     assert capsys.readouterr().out == "".join(f"[{i}] (logprob {o.cumulative_logprob:.4f})\n{o.text}\n"
                                               for i, o in enumerate(best))
     assert main(["generate", "--model", str(tiny_dir), "猫", "--logit-bias", "15=200"]) == 1
-    assert r"logit_bias[15] must be a number in [-100, 100], got 200.0" in capsys.readouterr().err
+    assert "error: --logit-bias[15] must be a number in [-100, 100], got 200.0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_status:
         main(["generate", "--model", str(tiny_dir), "猫", "--logit-bias", "15"])
     assert exit_status.value.code == 2 and "TOKEN_ID=BIAS (e.g. 50256=-100), got '15'" in capsys.readouterr().err
