@@ -67,7 +67,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"- **Sizes**: `{sizes['name']}`; median of {sizes['repeats']} timed runs after {sizes['warmup']} warm-up;"
         " same prompts and forced token counts (end-of-sequence ignored) for every engine",
         f"- **Roofline measured in this run**: copy {roof['copy_gb_per_s']:.1f} GB/s, {roof['dtype']} matmul "
-        f"{roof['matmul_tflops']:.2f} TFLOP/s (n = {roof['matmul_size']})",
+        f"{_flop_rate(roof['matmul_tflops'])} (n = {roof['matmul_size']})"
+        + (f"; each the fastest of {roof['timed_runs']} timed runs" if "timed_runs" in roof else ""),
         *_machine_lines(results),
         "",
     ]
@@ -94,6 +95,10 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += ["## Failed measurements", ""]
         lines += [f"- `{e['engine']}` {e['scenario']}: {e['error']}" for e in results["errors"]] + [""]
     return "\n".join(lines)
+
+
+def _flop_rate(tflops: float) -> str:
+    return f"{tflops:.2f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
 
 
 def _machine_lines(results: dict[str, Any]) -> list[str]:

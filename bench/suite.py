@@ -167,9 +167,9 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
     if "speculation" in chosen:
         cases.append(("speculation", "prompt lookup", partial(scenarios.run_speculation, sizes=sizes)))
     if "throughput" in chosen:
-        cases += [("throughput", case, partial(scenarios.run_throughput, sizes=sizes, case=case, prompts=prompts,
+        cases += [("throughput", case, partial(scenarios.run_throughput, sizes=sizes, case=case, sets=sets,
                                                gen_lens=gen_lens))
-                  for case, prompts, gen_lens in scenarios.throughput_workloads(sizes)]
+                  for case, sets, gen_lens in scenarios.throughput_workloads(sizes)]
     return cases
 
 
