@@ -63,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"hayabusa bench: {len(result.records)} figures in {result.seconds:.0f} s -> "
           + ", ".join(str(p) for p in paths.values()))
     for skipped in result.skipped:
-        print(f"  skipped {skipped['engine']}: {skipped['reason']}")
+        scenario = "" if skipped["scenario"] == "all" else f" ({skipped['scenario']})"
+        print(f"  skipped {skipped['engine']}{scenario}: {skipped['reason']}")
     for warning in result.warnings:
-        print(f"  warning: {warning}", file=sys.stderr)
+        print(f"hayabusa bench: warning: {warning}", file=sys.stderr)
     for error in result.errors:
         print(f"  FAILED {error['engine']} {error['scenario']}: {error['error']}", file=sys.stderr)
     return 1 if result.errors else 0

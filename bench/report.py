@@ -102,25 +102,24 @@ def _flop_rate(tflops: float) -> str:
 
 
 def _machine_lines(results: dict[str, Any]) -> list[str]:
-    """Threads and machine load (runs saved before they were recorded have neither)."""
+    """Threads, machine load and the run's warnings (runs saved before they were recorded have none of them)."""
     load = results.get("machine_load", {}).get("start")
     if load is None:
         return []
     line = (f"- **Machine**: {results['torch_threads']} torch threads at the start; load average "
             f"{load['loadavg_1m']}, other processes busy on {load['other_busy_cpus']} of {load['cpus']} CPUs")
-    return [line + (" (busy: timings are noisy)" if load["busy"] else "")] + \
-        [f"- **Warning**: {warning}" for warning in results.get("warnings", [])]
+    return [line] + [f"- **Warning**: {warning}" for warning in results.get("warnings", [])]
 
 
 def _case_load(r: dict[str, Any]) -> tuple[str, str]:
-    """(torch threads, load average) just before the case, where recorded."""
+    """(torch threads, CPUs other processes kept busy) just before the case, where recorded."""
     load = r["extra"].get("machine_load", {})
-    return str(r["extra"].get("torch_threads", "–")), _fmt(load.get("loadavg_1m"))
+    return str(r["extra"].get("torch_threads", "–")), _fmt(load.get("other_busy_cpus"))
 
 
 def _decode_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "batch", "prompt", "ms / token", "tokens / s", "% of bandwidth floor", "weights GB / s",
-                   "vs eager", "threads", "load avg"],
+                   "vs eager", "threads", "others' CPUs"],
                   [[r["engine"], str(r["batch"]), str(r["prompt_len"]), _fmt(r["ms_per_token"]),
                     _fmt(r["tokens_per_s"], 1), _fmt(r["pct_roofline"], 1), _fmt(r["extra"].get("weight_gb_per_s")),
                     _speedup(rows, r, "ms_per_token", False), *_case_load(r)] for r in rows])
@@ -155,7 +154,7 @@ def _speculation_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def _load_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "ms", "GB / s", "vs eager", "cold start, empty Triton cache (ms)",
-                   "warm start, Triton cache reused (ms)", "threads", "load avg"],
+                   "warm start, Triton cache reused (ms)", "threads", "others' CPUs"],
                   [[r["engine"], _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"]), _speedup(rows, r, "ms", False),
                     _fmt(r["extra"].get("cold_start_ms")), _fmt(r["extra"].get("warm_start_ms")),
                     *_case_load(r)] for r in rows])

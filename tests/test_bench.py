@@ -18,7 +18,7 @@ from hayabusa.engine.model_spec import resolve_model_dir
 
 BIG = PRESETS["2.7b"]
 DECODE_HEADER = ("| engine | batch | prompt | ms / token | tokens / s | % of bandwidth floor | weights GB / s "
-                 "| vs eager | threads | load avg |")
+                 "| vs eager | threads | others' CPUs |")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
