@@ -62,7 +62,7 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"# hayabusa bench: {weights}, {results['dtype']}",
         "",
         f"- **Device**: {results['device']}" + (f"; {results['driver']}" if results.get("driver") else ""),
-        f"- **Date**: {results['created']} · **commit** `{results['commit']}` · torch {results['versions']['torch']}"
+        f"- **Date**: {results['created']} · {_code_line(results)} · torch {results['versions']['torch']}"
         f" · triton {results['versions'].get('triton')} · transformers {results['versions'].get('transformers')}",
         f"- **Sizes**: `{sizes['name']}`; median of {sizes['repeats']} timed runs after {sizes['warmup']} warm-up;"
         " same prompts and forced token counts (end-of-sequence ignored) for every engine",
@@ -95,6 +95,15 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += ["## Failed measurements", ""]
         lines += [f"- `{e['engine']}` {e['scenario']}: {e['error']}" for e in results["errors"]] + [""]
     return "\n".join(lines)
+
+
+def _code_line(results: dict[str, Any]) -> str:
+    """The commit and where it was found; without one, what ran instead (runs saved before commit_source was
+    recorded have only the commit)."""
+    commit, source = results["commit"], results.get("commit_source")
+    if commit is None:
+        return f"**hayabusa** {results['versions'].get('hayabusa')} ({source or 'no commit known'})"
+    return f"**commit** `{commit}`" + (f" ({source})" if source else "")
 
 
 def _flop_rate(tflops: float) -> str:

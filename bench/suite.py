@@ -70,6 +70,7 @@ class SuiteResult:
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
+        commit, commit_source = environment.code_origin()
         return {
             "schema_version": 1,
             "created": self.started,
@@ -77,7 +78,8 @@ class SuiteResult:
             "device": environment.device_description(s.device),
             "device_type": s.device.type,
             "driver": environment.driver_version(s.device),
-            "commit": environment.git_commit(),
+            "commit": commit,
+            "commit_source": commit_source,
             "versions": environment.package_versions(),
             "dtype": str(s.dtype).removeprefix("torch."),
             "model": {"source": s.model, "dir": str(s.model_dir), "preset": s.preset,

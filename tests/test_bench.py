@@ -225,7 +225,7 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["errors"] == [] and rc == 0
     assert results["device_type"] == "cpu" and results["device"]
-    assert results["commit"] is None or len(results["commit"]) >= 40
+    assert (results["commit"] is None or len(results["commit"]) >= 40) and results["commit_source"]
     assert results["versions"]["torch"] == torch.__version__ and "triton" in results["versions"]
     assert results["model"]["preset"] == "tiny" and results["sizes"]["name"] == "smoke"
     assert results["roofline"]["copy_gb_per_s"] > 0 and results["roofline"]["matmul_tflops"] > 0

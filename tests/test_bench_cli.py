@@ -1,11 +1,14 @@
-"""`hayabusa bench` as a newcomer meets it: the busy-machine warning said once per condition."""
+"""`hayabusa bench` as a newcomer meets it: the busy-machine warning said once per condition, and the commit (or
+what ran instead) recorded from any install."""
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from hayabusa.bench import cli, suite
+from hayabusa.bench import cli, environment, report, suite
 from hayabusa.bench.runners import BenchRunner, GenerateResult
 from hayabusa.engine.machine_load import MachineLoad
 
@@ -62,3 +65,68 @@ def test_the_runs_own_load_is_no_warning(monkeypatch, tmp_path, capsys, instant_
     assert cli.main([*FAST, "--out", str(tmp_path)]) == 0
     assert "warning" not in capsys.readouterr().err
     assert "**Warning**" not in (tmp_path / "results.md").read_text(encoding="utf-8")
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(cwd), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          capture_output=True, text=True, check=True).stdout.strip()
+
+
+def checkout_with(path: Path, files: dict[str, str]) -> str:
+    """A git checkout at `path` holding `files` in one commit; its HEAD."""
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    git(path, "init", "-q")
+    git(path, "add", ".")
+    git(path, "commit", "-q", "-m", "files")
+    return git(path, "rev-parse", "HEAD")
+
+
+CODE = {"bench/suite.py": "runs = 1\n", "engine/api.py": "engine = 1\n"}
+
+
+@pytest.fixture
+def installed_copy(tmp_path, monkeypatch):
+    """hayabusa's modules copied as pip installs them (site-packages/hayabusa/bench/...), inside an unrelated git
+    repository, and not from a VCS URL."""
+    checkout_with(tmp_path / "project", {"README": "another project\n"})
+    package_root = tmp_path / "project" / "venv" / "site-packages" / "hayabusa"
+    for name, text in CODE.items():
+        (package_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (package_root / name).write_text(text)
+    monkeypatch.setattr(environment, "_direct_url", lambda: {"url": "file:///gone", "dir_info": {}})
+    return package_root
+
+
+def test_an_installed_copy_run_elsewhere_records_its_version_and_no_commit(installed_copy, tmp_path):
+    commit, source = environment.code_origin(installed_copy, cwd=tmp_path)
+    version = environment.package_versions()["hayabusa"]
+    assert commit is None  # not the enclosing project's commit
+    assert source.startswith(f"no commit known: hayabusa {version} is an installed copy, not run from a git checkout")
+
+
+def test_an_installed_copy_run_in_its_checkout_records_the_checkout_commit(installed_copy, tmp_path):
+    head = checkout_with(tmp_path / "hayabusa", {**CODE, "README.md": "hayabusa\n"})
+    commit, source = environment.code_origin(installed_copy, cwd=tmp_path / "hayabusa" / "bench")
+    assert commit == head and str(tmp_path / "hayabusa") in source
+    (tmp_path / "hayabusa" / "bench" / "suite.py").write_text("runs = 2\n")  # the checkout moved on since
+    commit, source = environment.code_origin(installed_copy, cwd=tmp_path / "hayabusa")
+    assert commit is None and source.startswith("no commit known: the installed hayabusa")
+    assert f"{head}-dirty" in source
+
+
+def test_a_pip_install_from_git_records_its_commit(installed_copy, tmp_path, monkeypatch):
+    url = {"url": "https://github.com/example/hayabusa", "vcs_info": {"vcs": "git", "commit_id": "c0ffee" * 6}}
+    monkeypatch.setattr(environment, "_direct_url", lambda: url)
+    commit, source = environment.code_origin(installed_copy, cwd=tmp_path)
+    assert commit == "c0ffee" * 6 and "https://github.com/example/hayabusa" in source
+
+
+def test_the_markdown_never_shows_commit_none():
+    results = json.loads((Path(__file__).parents[1] / "bench/results/cpu-2.7b-2026-12-01.json").read_text())
+    results |= {"commit": None, "commit_source": "no commit known: hayabusa 0.1.0 is an installed copy"}
+    header = report.markdown_report(results).split("\n## ")[0]
+    assert "None" not in header
+    assert "**hayabusa** 0.1.0 (no commit known: hayabusa 0.1.0 is an installed copy)" in header
