@@ -13,18 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from hayabusa.bench.kernel_profile import kernel_summary
+from hayabusa.bench.preflight import plot_library_missing
 from hayabusa.bench.records import ENGINES, speedup
 from hayabusa.bench.targets import evaluate_targets
 
 BASELINE = "transformers-eager"  # the "x vs" columns compare with what users run today
 
 
-def write_results(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_results(results: dict[str, Any], out_dir: Path, plot: bool = True) -> dict[str, Path]:
+    """results.json and results.md, and results.png when `plot`; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "results.png"}
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["md"].write_text(markdown_report(results), encoding="utf-8")
-    write_plot(results, paths["png"])
+    if plot:
+        paths["png"] = out_dir / "results.png"
+        write_plot(results, paths["png"])
     return paths
 
 
@@ -249,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args[0])
     results = json.loads(json_path.read_text(encoding="utf-8"))
     (json_path.parent / "results.md").write_text(markdown_report(results), encoding="utf-8")
-    write_plot(results, json_path.parent / "results.png")
+    missing = plot_library_missing()  # the markdown needs no optional package
+    if missing:
+        print(f"warning: {missing}", file=sys.stderr)
+    else:
+        write_plot(results, json_path.parent / "results.png")
     return 0
 
 

@@ -1,8 +1,9 @@
-"""`hayabusa bench` as a newcomer meets it: the busy-machine warning said once per condition, and the commit (or
-what ran instead) recorded from any install."""
+"""`hayabusa bench` as a newcomer meets it: --out and optional packages checked before the run, the busy-machine
+warning said once per condition, and the commit (or what ran instead) recorded from any install."""
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,36 @@ class InstantRunner(BenchRunner):
 def instant_engines(monkeypatch):
     """The suite's engines answer at once: these tests are about what the command says and writes."""
     monkeypatch.setattr(suite, "make_runner", lambda name, *args: InstantRunner(name))
+
+
+def test_out_naming_a_file_or_an_uncreatable_directory_fails_before_the_model_is_resolved(tmp_path, capsys):
+    a_file = tmp_path / "results.txt"
+    a_file.write_text("not a directory")
+    missing_model = str(tmp_path / "no-such-model")  # reported instead, were the model resolved first
+    assert cli.main(["--model", missing_model, "--out", str(a_file), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err == (f"hayabusa bench: error: --out {a_file} is a file, not a directory: "
+                                       "results.json, results.md and results.png go into a directory\n")
+    assert cli.main(["--model", missing_model, "--out", str(a_file / "under"), "--device", "cpu"]) == 1
+    assert capsys.readouterr().err.startswith(f"hayabusa bench: error: --out {a_file / 'under'}: cannot create")
+
+
+def test_without_matplotlib_the_run_writes_json_and_md_and_says_how_to_get_the_plot(
+        monkeypatch, tmp_path, capsys, instant_engines):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    assert cli.main([*FAST, "--out", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
+    hint = 'results.png will not be drawn; pip install "hayabusa[bench]" (or pip install matplotlib)'
+    assert err.count(hint) == 1 and err.index(hint) < err.index("%|")  # before the progress bar
+    assert "(no results.png: matplotlib is missing)" in out and "Traceback" not in out + err
+
+
+def test_a_named_transformers_engine_without_transformers_fails_before_the_run(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert cli.main([*FAST, "--out", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == ('hayabusa bench: error: --engines transformers-eager: transformers is not '
+                                       'installed; pip install "hayabusa[bench]"\n')
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_busy_machine_is_warned_about_once_per_condition(monkeypatch, tmp_path, capsys, instant_engines):
