@@ -13,11 +13,15 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hayabusa.bench.records import ENGINES, SCENARIOS
 from hayabusa.engine.config import DTYPE_NAMES
 from hayabusa.engine.devices import add_device_argument, resolve_device
 from hayabusa.engine.model_spec import add_model_arguments
+
+if TYPE_CHECKING:
+    from hayabusa.bench.suite import SuiteSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,24 +58,28 @@ def _choices(values: list[str] | None, allowed: tuple[str, ...], option: str) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = _settings(args)  # a bad option, unknown model or unreadable config: reported by the CLI
+    settings, plot = _prepare(args)  # a bad option, --out, unknown model or unreadable config: reported by the CLI
     from hayabusa.bench.report import write_results
     from hayabusa.bench.suite import run_suite
 
     result = run_suite(settings)
-    paths = write_results(result.as_dict(), args.out)
+    paths = write_results(result.as_dict(), args.out, plot=plot)
     print(f"hayabusa bench: {len(result.records)} figures in {result.seconds:.0f} s -> "
-          + ", ".join(str(p) for p in paths.values()))
+          + ", ".join(str(p) for p in paths.values()) + ("" if plot else " (no results.png: matplotlib is missing)"))
     for skipped in result.skipped:
-        print(f"  skipped {skipped['engine']}: {skipped['reason']}")
+        scenario = "" if skipped["scenario"] == "all" else f" ({skipped['scenario']})"
+        print(f"  skipped {skipped['engine']}{scenario}: {skipped['reason']}")
     for warning in result.warnings:
-        print(f"  warning: {warning}", file=sys.stderr)
+        print(f"hayabusa bench: warning: {warning}", file=sys.stderr)
     for error in result.errors:
         print(f"  FAILED {error['engine']} {error['scenario']}: {error['error']}", file=sys.stderr)
     return 1 if result.errors else 0
 
 
-def _settings(args: argparse.Namespace):
+def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
+    """(the run's settings, whether results.png can be drawn). Options, --out and the optional packages are checked
+    before the model is resolved (a hub id downloads it here): none of them waits for the end of a long run."""
+    from hayabusa.bench.preflight import check_optional_packages, prepare_out_dir
     from hayabusa.bench.suite import SuiteSettings
     from hayabusa.bench.workloads import check_sizes_fit, sizes_for
     from hayabusa.engine.api import default_dtype
@@ -95,13 +103,15 @@ def _settings(args: argparse.Namespace):
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # hayabusa's engine then keeps this count, as asked
+    prepare_out_dir(args.out)
+    plot = check_optional_packages(engines or ENGINES, engines is not None, scenarios)
     preset = args.model if is_random_preset(args.model) else None
     model_dir = resolve_model_dir(args.model, args.revision)
     config = ModelConfig.from_json(model_dir / "config.json")
     check_sizes_fit(sizes, config.max_position_embeddings)
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
                          dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
-                         engines_requested=engines is not None, threads=args.threads)
+                         engines_requested=engines is not None, threads=args.threads), plot
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
-"""Where a result came from: device, driver, package versions and the git commit of this checkout."""
+"""Where a result came from: device, driver, package versions and the git commit of the code that ran."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -10,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The checkout's root when running from a checkout; site-packages/hayabusa in an installed copy (the folders below
+# are installed as hayabusa.bench, hayabusa.engine, ...).
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_FOLDERS = ("bench", "engine", "kernels", "tokenizer")
 
 
 def device_description(device: torch.device) -> str:
@@ -53,16 +57,77 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-def git_commit() -> str | None:
-    """HEAD of the checkout the bench runs from, with "-dirty" when tracked files differ from it."""
+def code_origin(package_root: Path = PACKAGE_ROOT, cwd: Path | None = None) -> tuple[str | None, str]:
+    """(git commit, where it was found) of the hayabusa code running now; the commit carries "-dirty" when tracked
+    files differ from it. Found, in order: in the checkout the code runs from (an editable install); in a pip
+    install from a git URL (its recorded commit); in the checkout in the current directory or the one pip installed
+    from (`pip install .`), if the installed files equal its files. Otherwise None, and the sentence says which
+    version runs."""
+    version = package_versions()["hayabusa"]
+    commit = _checkout_commit(package_root)
+    if commit is not None:
+        return commit, f"of the checkout the code runs from, {package_root}"
+    direct_url = _direct_url()
+    vcs_commit = direct_url.get("vcs_info", {}).get("commit_id")
+    if vcs_commit:
+        return vcs_commit, f"pip installed hayabusa {version} from {direct_url.get('url')} at this commit"
+    installed_from = direct_url.get("url", "")
+    candidates = [cwd or Path.cwd()] + ([Path(installed_from.removeprefix("file://"))]
+                                        if installed_from.startswith("file://") else [])
+    differing = []
+    for checkout in dict.fromkeys(filter(None, map(_toplevel, candidates))):
+        commit = _checkout_commit(checkout)
+        if commit is None:
+            continue
+        if _installed_files_match(package_root, checkout):
+            return commit, f"of the checkout {checkout}, whose files the installed hayabusa {version} equals"
+        differing.append(f"{checkout} at {commit}")
+    if differing:
+        return None, (f"no commit known: the installed hayabusa {version} differs from the checkout "
+                      f"{' and '.join(differing)}")
+    return None, (f"no commit known: hayabusa {version} is an installed copy, not run from a git checkout (run "
+                  "with its checkout as the current directory to record the commit)")
+
+
+def _checkout_commit(root: Path) -> str | None:
+    """HEAD of the git checkout whose top is `root` (not of a repository `root` merely lies inside)."""
+    if _toplevel(root) != root.resolve():
+        return None
     try:
-        head = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no")
+        head = _git(root, "rev-parse", "HEAD")
+        dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return head + ("-dirty" if dirty else "")
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True, timeout=10,
+def _toplevel(path: Path) -> Path | None:
+    try:
+        return Path(_git(path, "rev-parse", "--show-toplevel")).resolve()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _installed_files_match(package_root: Path, checkout: Path) -> bool:
+    """Every module of the installed hayabusa.{bench,engine,kernels,tokenizer} equals the checkout's file."""
+    installed = [f for folder in PACKAGE_FOLDERS for f in (package_root / folder).rglob("*.py")]
+    return bool(installed) and all(
+        (checkout / f.relative_to(package_root)).is_file()
+        and (checkout / f.relative_to(package_root)).read_bytes() == f.read_bytes() for f in installed)
+
+
+def _direct_url() -> dict:
+    """pip's record of where hayabusa was installed from (PEP 610's direct_url.json); {} when there is none."""
+    try:
+        text = metadata.distribution("hayabusa").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return {}
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, timeout=10,
                           check=True).stdout.strip()

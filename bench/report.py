@@ -13,18 +13,22 @@ from pathlib import Path
 from typing import Any
 
 from hayabusa.bench.kernel_profile import kernel_summary
+from hayabusa.bench.preflight import plot_library_missing
 from hayabusa.bench.records import ENGINES, speedup
 from hayabusa.bench.targets import evaluate_targets
 
 BASELINE = "transformers-eager"  # the "x vs" columns compare with what users run today
 
 
-def write_results(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+def write_results(results: dict[str, Any], out_dir: Path, plot: bool = True) -> dict[str, Path]:
+    """results.json and results.md, and results.png when `plot`; the paths written."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md", "png": out_dir / "results.png"}
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
     paths["json"].write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     paths["md"].write_text(markdown_report(results), encoding="utf-8")
-    write_plot(results, paths["png"])
+    if plot:
+        paths["png"] = out_dir / "results.png"
+        write_plot(results, paths["png"])
     return paths
 
 
@@ -62,12 +66,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         f"# hayabusa bench: {weights}, {results['dtype']}",
         "",
         f"- **Device**: {results['device']}" + (f"; {results['driver']}" if results.get("driver") else ""),
-        f"- **Date**: {results['created']} · **commit** `{results['commit']}` · torch {results['versions']['torch']}"
+        f"- **Date**: {results['created']} · {_code_line(results)} · torch {results['versions']['torch']}"
         f" · triton {results['versions'].get('triton')} · transformers {results['versions'].get('transformers')}",
         f"- **Sizes**: `{sizes['name']}`; median of {sizes['repeats']} timed runs after {sizes['warmup']} warm-up;"
         " same prompts and forced token counts (end-of-sequence ignored) for every engine",
         f"- **Roofline measured in this run**: copy {roof['copy_gb_per_s']:.1f} GB/s, {roof['dtype']} matmul "
-        f"{roof['matmul_tflops']:.2f} TFLOP/s (n = {roof['matmul_size']})",
+        f"{_flop_rate(roof['matmul_tflops'])} (n = {roof['matmul_size']})"
+        + (f"; each the fastest of {roof['timed_runs']} timed runs" if "timed_runs" in roof else ""),
         *_machine_lines(results),
         "",
     ]
@@ -96,26 +101,38 @@ def markdown_report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _code_line(results: dict[str, Any]) -> str:
+    """The commit and where it was found; without one, what ran instead (runs saved before commit_source was
+    recorded have only the commit)."""
+    commit, source = results["commit"], results.get("commit_source")
+    if commit is None:
+        return f"**hayabusa** {results['versions'].get('hayabusa')} ({source or 'no commit known'})"
+    return f"**commit** `{commit}`" + (f" ({source})" if source else "")
+
+
+def _flop_rate(tflops: float) -> str:
+    return f"{tflops:.2f} TFLOP/s" if tflops >= 1 else f"{tflops * 1e3:.1f} GFLOP/s"
+
+
 def _machine_lines(results: dict[str, Any]) -> list[str]:
-    """Threads and machine load (runs saved before they were recorded have neither)."""
+    """Threads, machine load and the run's warnings (runs saved before they were recorded have none of them)."""
     load = results.get("machine_load", {}).get("start")
     if load is None:
         return []
     line = (f"- **Machine**: {results['torch_threads']} torch threads at the start; load average "
             f"{load['loadavg_1m']}, other processes busy on {load['other_busy_cpus']} of {load['cpus']} CPUs")
-    return [line + (" (busy: timings are noisy)" if load["busy"] else "")] + \
-        [f"- **Warning**: {warning}" for warning in results.get("warnings", [])]
+    return [line] + [f"- **Warning**: {warning}" for warning in results.get("warnings", [])]
 
 
 def _case_load(r: dict[str, Any]) -> tuple[str, str]:
-    """(torch threads, load average) just before the case, where recorded."""
+    """(torch threads, CPUs other processes kept busy) just before the case, where recorded."""
     load = r["extra"].get("machine_load", {})
-    return str(r["extra"].get("torch_threads", "–")), _fmt(load.get("loadavg_1m"))
+    return str(r["extra"].get("torch_threads", "–")), _fmt(load.get("other_busy_cpus"))
 
 
 def _decode_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "batch", "prompt", "ms / token", "tokens / s", "% of bandwidth floor", "weights GB / s",
-                   "vs eager", "threads", "load avg"],
+                   "vs eager", "threads", "others' CPUs"],
                   [[r["engine"], str(r["batch"]), str(r["prompt_len"]), _fmt(r["ms_per_token"]),
                     _fmt(r["tokens_per_s"], 1), _fmt(r["pct_roofline"], 1), _fmt(r["extra"].get("weight_gb_per_s")),
                     _speedup(rows, r, "ms_per_token", False), *_case_load(r)] for r in rows])
@@ -150,7 +167,7 @@ def _speculation_table(rows: list[dict[str, Any]]) -> list[str]:
 
 def _load_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "ms", "GB / s", "vs eager", "cold start, empty Triton cache (ms)",
-                   "warm start, Triton cache reused (ms)", "threads", "load avg"],
+                   "warm start, Triton cache reused (ms)", "threads", "others' CPUs"],
                   [[r["engine"], _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"]), _speedup(rows, r, "ms", False),
                     _fmt(r["extra"].get("cold_start_ms")), _fmt(r["extra"].get("warm_start_ms")),
                     *_case_load(r)] for r in rows])
@@ -236,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path = Path(args[0])
     results = json.loads(json_path.read_text(encoding="utf-8"))
     (json_path.parent / "results.md").write_text(markdown_report(results), encoding="utf-8")
-    write_plot(results, json_path.parent / "results.png")
+    missing = plot_library_missing()  # the markdown needs no optional package
+    if missing:
+        print(f"warning: {missing}", file=sys.stderr)
+    else:
+        write_plot(results, json_path.parent / "results.png")
     return 0
 
 

@@ -149,7 +149,7 @@ class TransformersRunner(BenchRunner):
         try:
             import transformers
         except ImportError as err:
-            raise EngineUnavailable(f"transformers is not installed ({err}); pip install 'hayabusa[test]'") from None
+            raise EngineUnavailable(f"transformers is not installed ({err}); pip install \"hayabusa[bench]\"") from None
         self._transformers = transformers
         transformers.utils.logging.disable_progress_bar()  # its per-load bars would break the suite's own
         transformers.utils.logging.set_verbosity_error()  # e.g. its note on each load that embeddings stay untied

@@ -1,21 +1,27 @@
 """The measured scenarios: each times one runner on one workload and returns a BenchRecord.
 
 Every engine sees the same prompts (seeded by scenario and case, never by engine) and the same forced token
-counts; each figure is the median of `repeats` timed calls after `warmup` excluded ones.
+counts; each figure is the median of `repeats` timed calls after `warmup` excluded ones. Each call gets prompts
+of its own (workloads.prompt_sets), so no engine's prefix cache turns a timed prefill into a cache hit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from hayabusa.bench import roofline
 from hayabusa.bench.records import BenchRecord
 from hayabusa.bench.runners import BenchRunner, GenerateResult
 from hayabusa.bench.timing import median, time_ms, time_once_ms
-from hayabusa.bench.workloads import SuiteSizes, grounded_prompts, mixed_lengths, random_prompts
+from hayabusa.bench.workloads import SuiteSizes, grounded_len, grounded_prompt_sets, mixed_lengths, prompt_sets
 from hayabusa.engine.config import ModelConfig
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def next_set(sets: list[list[list[int]]]) -> Callable[[], list[list[int]]]:
+    """The prompt sets one per call, in order."""
+    return iter(sets).__next__
 
 
 def run_load(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
@@ -45,9 +51,9 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
     last, over gen_len - 1 steps (the prefill is not in it)."""
     long_context = prompt_len is not None and prompt_len != sizes.decode_prompt_len
     prompt_len, gen_len = prompt_len or sizes.decode_prompt_len, sizes.decode_gen_len
-    prompts = random_prompts([prompt_len] * batch, seed=(4000 if long_context else 1000) + batch)
+    prompts = next_set(prompt_sets([prompt_len] * batch, (4000 if long_context else 1000) + batch, sizes.calls))
     results: list[GenerateResult] = []
-    timing = time_ms(lambda: results.append(runner.generate(prompts, [gen_len] * batch)), runner.device,
+    timing = time_ms(lambda: results.append(runner.generate(prompts(), [gen_len] * batch)), runner.device,
                      sizes.repeats, sizes.warmup)
     if any(r.decode_s is None for r in results):
         raise RuntimeError(f"{runner.name} split a decode batch of {batch}; its decode time is not one batch's")
@@ -75,8 +81,8 @@ def run_prefill(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig,
     """Time to first token of one prompt: the prefill plus sampling one token. A prompt as long as the model's
     positions is cut by one to leave room for that token; the record holds the length actually run."""
     run_len = min(prompt_len, config.max_position_embeddings - 1)
-    prompts = random_prompts([run_len], seed=2000 + run_len)
-    timing = time_ms(lambda: runner.generate(prompts, [1]), runner.device, sizes.repeats, sizes.warmup)
+    prompts = next_set(prompt_sets([run_len], 2000 + run_len, sizes.calls))
+    timing = time_ms(lambda: runner.generate(prompts(), [1]), runner.device, sizes.repeats, sizes.warmup)
     ms = median(timing.samples_ms)
     flops = roofline.prefill_flops(config, 1, run_len)
     floor_ms = device_roofline.prefill_floor_ms(flops)
@@ -89,19 +95,24 @@ PROMPT_LOOKUP_NUM_TOKENS = 10  # transformers' default draft length
 
 
 def run_speculation(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
-    """One input-grounded request (grounded_prompts: a passage, then its start quoted again), decode_gen_len greedy
-    tokens with prompt-lookup speculation: its time, the drafts' acceptance rate and the tokens each forward pass
-    yields (a pass emits one token of its own plus the drafts it accepts), against the same request without it."""
-    prompts, gen_lens = grounded_prompts(1, sizes.decode_prompt_len, seed=5000), [sizes.decode_gen_len]
+    """One input-grounded request (grounded_prompt_sets: a passage, then its start quoted again), decode_gen_len
+    greedy tokens with prompt-lookup speculation: its time, the drafts' acceptance rate and the tokens each forward
+    pass yields (a pass emits one token of its own plus the drafts it accepts), against requests of the same kind
+    without it (other passages: the speculating calls' prompts would be prefix-cache hits)."""
+    gen_lens = [sizes.decode_gen_len]
+    prompts = next_set(grounded_prompt_sets(1, sizes.decode_prompt_len, 5000, sizes.calls))
     counts: list[tuple[int, int]] = []
-    timing = time_ms(lambda: counts.append(runner.generate_prompt_lookup(prompts, gen_lens, PROMPT_LOOKUP_NUM_TOKENS)),
+    timing = time_ms(lambda: counts.append(runner.generate_prompt_lookup(prompts(), gen_lens,
+                                                                         PROMPT_LOOKUP_NUM_TOKENS)),
                      runner.device, sizes.repeats, sizes.warmup)
-    plain = time_ms(lambda: runner.generate(prompts, gen_lens), runner.device, sizes.repeats, sizes.warmup)
+    plain_prompts = next_set(grounded_prompt_sets(1, sizes.decode_prompt_len, 5001, sizes.calls))
+    plain = time_ms(lambda: runner.generate(plain_prompts(), gen_lens), runner.device, sizes.repeats, sizes.warmup)
     drafted, accepted = counts[-1]
     ms, plain_ms = median(timing.samples_ms), median(plain.samples_ms)
     return BenchRecord(
-        runner.name, "speculation", f"prompt-lookup-{PROMPT_LOOKUP_NUM_TOKENS}", 1, len(prompts[0]), gen_lens[0],
-        None, ms, gen_lens[0] * 1e3 / ms, None, None, sizes.repeats, timing.samples_ms, timing.warmup_ms,
+        runner.name, "speculation", f"prompt-lookup-{PROMPT_LOOKUP_NUM_TOKENS}", 1,
+        grounded_len(sizes.decode_prompt_len), gen_lens[0], None, ms, gen_lens[0] * 1e3 / ms, None, None,
+        sizes.repeats, timing.samples_ms, timing.warmup_ms,
         {"draft_tokens": drafted, "accepted_tokens": accepted,
          "acceptance_rate": accepted / drafted if drafted else 0.0,
          # the prefill pass yields the first token; each later pass one of its own plus its accepted drafts
@@ -110,20 +121,23 @@ def run_speculation(runner: BenchRunner, sizes: SuiteSizes) -> BenchRecord:
     )
 
 
-def throughput_workloads(sizes: SuiteSizes) -> Iterator[tuple[str, list[list[int]], list[int]]]:
-    """(case, prompts, gen_lens): "uniform" (n x prompt / gen) and "mixed" (lengths drawn per request)."""
+def throughput_workloads(sizes: SuiteSizes) -> Iterator[tuple[str, list[list[list[int]]], list[int]]]:
+    """(case, a set of prompts per call, gen_lens): "uniform" (n x prompt / gen) and "mixed" (lengths drawn per
+    request, the same in every set)."""
     n = sizes.throughput_requests
-    yield "uniform", random_prompts([sizes.throughput_prompt_len] * n, seed=3000), [sizes.throughput_gen_len] * n
+    yield ("uniform", prompt_sets([sizes.throughput_prompt_len] * n, 3000, sizes.calls),
+           [sizes.throughput_gen_len] * n)
     prompt_lens = mixed_lengths(n, sizes.mixed_prompt_lens, seed=3001)
-    yield "mixed", random_prompts(prompt_lens, seed=3002), mixed_lengths(n, sizes.mixed_gen_lens, seed=3003)
+    yield "mixed", prompt_sets(prompt_lens, 3002, sizes.calls), mixed_lengths(n, sizes.mixed_gen_lens, seed=3003)
 
 
-def run_throughput(runner: BenchRunner, sizes: SuiteSizes, case: str, prompts: list[list[int]],
+def run_throughput(runner: BenchRunner, sizes: SuiteSizes, case: str, sets: list[list[list[int]]],
                    gen_lens: list[int]) -> BenchRecord:
     """Offline: all requests submitted at once, wall time until the last token. tokens_per_s counts the
     requested generated tokens; extra.computed_tokens shows what static batching spent beyond them."""
     results: list[GenerateResult] = []
-    timing = time_ms(lambda: results.append(runner.generate(prompts, gen_lens)), runner.device,
+    prompts, next_prompts = sets[0], next_set(sets)
+    timing = time_ms(lambda: results.append(runner.generate(next_prompts(), gen_lens)), runner.device,
                      sizes.repeats, sizes.warmup)
     ms = median(timing.samples_ms)
     generated, prompt_tokens = sum(gen_lens), sum(len(p) for p in prompts)

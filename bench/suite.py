@@ -2,9 +2,10 @@
 
 One engine is loaded at a time (and unloaded before the next) so they never share device memory. An engine
 that cannot run here is skipped with its reason; one that fails mid-run is recorded with its error, and the
-others still run. Every case records the machine's load just before it (a busy machine is warned about: its
-timings are noisy) and torch's CPU thread count; each engine starts from the run's thread count, whatever the
-engine before it chose.
+others still run. Every case records the machine's load just before it and torch's CPU thread count; each engine
+starts from the run's thread count, whatever the engine before it chose. A busy machine is warned about once: at
+the start (other processes, or a high load average before the run adds its own), and once for all the cases
+other processes disturbed (the load average then counts the benchmark itself, so only others' CPU time does).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from hayabusa.kernels._launch import H200, device_limits
 
 TOKENIZER_ENGINES = ("hayabusa", "transformers-eager")  # hayabusa.tokenizer and transformers' tokenizer
 Case = tuple[str, str, Callable[[BenchRunner], BenchRecord]]  # (scenario, label, measure(runner))
+BUSIEST_LISTED = 3  # processes a busy-machine warning names
 
 
 @dataclass
@@ -62,11 +64,13 @@ class SuiteResult:
     decode_kernels: list[dict[str, Any]] = field(default_factory=list)  # hayabusa's per-kernel decode steps (CUDA)
     machine_load: dict[str, Any] = field(default_factory=dict)  # {"start": ..., "end": ...}; per case in records
     warnings: list[str] = field(default_factory=list)
+    case_loads: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (label, load just before it)
     started: str = ""
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
+        commit, commit_source = environment.code_origin()
         return {
             "schema_version": 1,
             "created": self.started,
@@ -74,7 +78,8 @@ class SuiteResult:
             "device": environment.device_description(s.device),
             "device_type": s.device.type,
             "driver": environment.driver_version(s.device),
-            "commit": environment.git_commit(),
+            "commit": commit,
+            "commit_source": commit_source,
             "versions": environment.package_versions(),
             "dtype": str(s.dtype).removeprefix("torch."),
             "model": {"source": s.model, "dir": str(s.model_dir), "preset": s.preset,
@@ -106,7 +111,8 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     result = SuiteResult(settings, device_roofline, started=started.isoformat(timespec="seconds"),
                          launches_per_decode_step=launch_counts(settings),
                          machine_load={"start": start_load.as_dict()})
-    _warn_if_busy(result, start_load.as_dict(), "the start")
+    if start_load.busy:
+        result.warnings.append(busy_at_start_warning(start_load.as_dict()))
     cases = generation_cases(settings, device_roofline)
     tokenizer_engines = [e for e in settings.engines if e in TOKENIZER_ENGINES and "tokenizer" in settings.scenarios]
     total = len(settings.engines) * len(cases) + len(tokenizer_engines)
@@ -121,21 +127,30 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
                      lambda e=engine: result.records.extend(run_tokenizer(e, settings.model_dir, sizes)))
             progress.update(1)
     torch.set_num_threads(run_threads)
+    disturbed = [(label, load) for label, load in result.case_loads if load["others_busy"]]
+    if disturbed:
+        result.warnings.append(disturbed_cases_warning(disturbed, total_cases=len(result.case_loads)))
     result.machine_load["end"] = measure_machine_load().as_dict()
     result.seconds = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
     return result
 
 
-def _warn_if_busy(result: SuiteResult, load: dict[str, Any], when: str) -> None:
-    """Note (once per moment) that other processes held at least half the CPUs: the timings are noisy."""
-    if not load["busy"]:
-        return
-    busiest = ", ".join(f"{p['command'][:40]} ({p['cpu_pct']}%)" for p in load["busiest_processes"][:3])
-    message = (f"machine busy at {when}: load average {load['loadavg_1m']}, other processes kept "
-               f"{load['other_busy_cpus']} of {load['cpus']} CPUs busy" + (f" ({busiest})" if busiest else "")
-               + "; timings are noisy")
-    result.warnings.append(message)
-    tqdm.write(f"hayabusa bench: warning: {message}")
+def _busiest(load: dict[str, Any]) -> str:
+    listed = ", ".join(f"{p['command'][:40]} ({p['cpu_pct']}%)" for p in load["busiest_processes"][:BUSIEST_LISTED])
+    return f"; busiest: {listed}" if listed else ""
+
+
+def busy_at_start_warning(load: dict[str, Any]) -> str:
+    return (f"the machine was busy when the run started (load average {load['loadavg_1m']} on {load['cpus']} CPUs, "
+            f"other processes using {load['other_busy_cpus']} CPUs{_busiest(load)}): its timings are noisy")
+
+
+def disturbed_cases_warning(disturbed: list[tuple[str, dict[str, Any]]], total_cases: int) -> str:
+    """One warning for all the cases that other processes held at least half the CPUs just before."""
+    worst_label, worst = max(disturbed, key=lambda case: case[1]["other_busy_cpus"])
+    return (f"other processes used at least half the {worst['cpus']} CPUs just before {len(disturbed)} of "
+            f"{total_cases} cases (most: {worst['other_busy_cpus']} CPUs before {worst_label}{_busiest(worst)}): "
+            "those timings are noisy (see the \"others' CPUs\" column of results.md)")
 
 
 def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
@@ -150,7 +165,8 @@ def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
 
 
 def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -> list[Case]:
-    """(scenario, label, measure) for every generation case of the run, load first."""
+    """(scenario, label, measure) for every generation case of the run, load first; a label names the case in
+    the progress bar and in warnings ("decode batch 8")."""
     sizes, config, chosen = settings.sizes, settings.config, settings.scenarios
     cases: list[Case] = []
     if "load" in chosen:
@@ -158,18 +174,18 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
     if "decode" in chosen:
         decode = partial(scenarios.run_decode, sizes=sizes, config=config, device_roofline=device_roofline)
         for batch, prompt_len in decode_cases(sizes):
-            label = f"batch {batch}" + ("" if prompt_len == sizes.decode_prompt_len else f" prompt {prompt_len}")
+            label = f"decode batch {batch}" + ("" if prompt_len == sizes.decode_prompt_len else f" prompt {prompt_len}")
             cases.append(("decode", label, partial(decode, batch=batch, prompt_len=prompt_len)))
     if "prefill" in chosen:
-        cases += [("prefill", f"prompt {n}", partial(scenarios.run_prefill, sizes=sizes, config=config,
-                                                     device_roofline=device_roofline, prompt_len=n))
+        cases += [("prefill", f"prefill prompt {n}", partial(scenarios.run_prefill, sizes=sizes, config=config,
+                                                             device_roofline=device_roofline, prompt_len=n))
                   for n in sizes.prefill_prompt_lens]
     if "speculation" in chosen:
-        cases.append(("speculation", "prompt lookup", partial(scenarios.run_speculation, sizes=sizes)))
+        cases.append(("speculation", "speculation prompt lookup", partial(scenarios.run_speculation, sizes=sizes)))
     if "throughput" in chosen:
-        cases += [("throughput", case, partial(scenarios.run_throughput, sizes=sizes, case=case, prompts=prompts,
-                                               gen_lens=gen_lens))
-                  for case, prompts, gen_lens in scenarios.throughput_workloads(sizes)]
+        cases += [("throughput", f"throughput {case}",
+                   partial(scenarios.run_throughput, sizes=sizes, case=case, sets=sets, gen_lens=gen_lens))
+                  for case, sets, gen_lens in scenarios.throughput_workloads(sizes)]
     return cases
 
 
@@ -190,13 +206,13 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
                 progress.update(len(cases))
                 return
         for done, (scenario, label, measure) in enumerate(cases):
-            progress.set_postfix_str(f"{engine} {scenario} {label}")
+            progress.set_postfix_str(f"{engine} {label}")
             load = measure_machine_load().as_dict()
-            _warn_if_busy(result, load, f"{engine} {scenario} {label}")
+            result.case_loads.append((f"{engine} {label}", load))
             ok = _guarded(result, engine, scenario, lambda m=measure: result.records.append(m(runner)))
             if ok:
                 result.records[-1].extra |= {"torch_threads": torch.get_num_threads(), "machine_load": {
-                    key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "busy")}}
+                    key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "others_busy")}}
             progress.update(1)
             if not ok and scenario == "load":  # nothing else can run without the model
                 progress.update(len(cases) - done - 1)

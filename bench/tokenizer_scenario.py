@@ -51,7 +51,7 @@ def load_tokenizer(engine: str, model_dir: Path):
         try:
             from transformers import GPTNeoXJapaneseTokenizer
         except ImportError as err:
-            raise EngineUnavailable(f"transformers is not installed ({err})") from None
+            raise EngineUnavailable(f"transformers is not installed ({err}); pip install \"hayabusa[bench]\"") from None
         return GPTNeoXJapaneseTokenizer.from_pretrained(str(model_dir))
     raise EngineUnavailable(f"{engine} has no tokenizer of its own")
 

@@ -31,6 +31,11 @@ class SuiteSizes:
     roofline_matmul_size: int
     long_decode_prompt_len: int | None = None  # also decode one sequence after this long a prompt (None: not run)
 
+    @property
+    def calls(self) -> int:
+        """Calls behind one figure: the warm-up ones, then the timed ones."""
+        return self.warmup + self.repeats
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -80,18 +85,27 @@ def sizes_for(name: str, device: torch.device) -> SuiteSizes:
 
 def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
     """One prompt of random ordinary token ids per length; the same seed gives every engine the same prompts."""
+    return prompt_sets(lengths, seed, calls=1)[0]
+
+
+def prompt_sets(lengths: list[int], seed: int, calls: int) -> list[list[list[int]]]:
+    """`calls` sets of random prompts of these lengths: a new set for each call behind a figure, the same sets in
+    the same order for every engine. A prompt timed twice would be a prefix-cache hit the second time (hayabusa
+    keeps finished prompts' blocks), and its prefill would be skipped while the figure counts it."""
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, PROMPT_VOCAB_LIMIT, (n,), generator=generator).tolist() for n in lengths]
+    return [[torch.randint(0, PROMPT_VOCAB_LIMIT, (n,), generator=generator).tolist() for n in lengths]
+            for _ in range(calls)]
 
 
-def grounded_prompts(count: int, passage_len: int, seed: int) -> list[list[int]]:
-    """Input-grounded prompts: a passage, then its first quarter again, so the natural continuation quotes the rest of
-    the passage (what prompt-lookup speculation drafts from)."""
-    return [passage + passage[: passage_len // 4] for passage in random_prompts([passage_len] * count, seed)]
+def grounded_prompt_sets(count: int, passage_len: int, seed: int, calls: int) -> list[list[list[int]]]:
+    """Input-grounded prompts, a new set per call (see prompt_sets): a passage, then its first quarter again, so the
+    natural continuation quotes the rest of the passage (what prompt-lookup speculation drafts from)."""
+    return [[passage + passage[: passage_len // 4] for passage in passages]
+            for passages in prompt_sets([passage_len] * count, seed, calls)]
 
 
 def grounded_len(passage_len: int) -> int:
-    """Tokens of a grounded_prompts prompt."""
+    """Tokens of a grounded_prompt_sets prompt."""
     return passage_len + passage_len // 4
 
 

@@ -24,14 +24,19 @@ class MachineLoad:
     busiest_processes: list[dict]  # [{pid, cpu_pct, command}] of other processes, busiest first
 
     @property
+    def others_busy(self) -> bool:
+        """Other processes held at least half the CPUs over the sample (this process's own work never counts)."""
+        return self.other_busy_cpus is not None and self.other_busy_cpus >= 0.5 * self.cpus
+
+    @property
     def busy(self) -> bool:
-        """Other processes hold at least half the CPUs (now, or on average over the last minute)."""
-        now = self.other_busy_cpus is not None and self.other_busy_cpus >= 0.5 * self.cpus
+        """Other processes hold at least half the CPUs (now, or on average over the last minute: the load average
+        counts this process too, so it only speaks for others before this process gets to work)."""
         recently = self.loadavg_1m is not None and self.loadavg_1m > 0.5 * self.cpus
-        return now or recently
+        return self.others_busy or recently
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "busy": self.busy}
+        return {**asdict(self), "others_busy": self.others_busy, "busy": self.busy}
 
 
 def usable_cpus() -> int:

@@ -12,11 +12,13 @@ from hayabusa.bench.records import ENGINES, RECORD_KEYS, SCENARIOS, BenchRecord
 from hayabusa.bench.runners import BenchRunner, GenerateResult, make_runner, static_batches
 from hayabusa.bench.timing import median
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, random_prompts
+from hayabusa.engine.block_manager import BlockManager
 from hayabusa.engine.config import PRESETS
+from hayabusa.engine.model_spec import resolve_model_dir
 
 BIG = PRESETS["2.7b"]
 DECODE_HEADER = ("| engine | batch | prompt | ms / token | tokens / s | % of bandwidth floor | weights GB / s "
-                 "| vs eager | threads | load avg |")
+                 "| vs eager | threads | others' CPUs |")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -140,10 +142,14 @@ def test_decode_figure_is_the_time_per_step_after_the_first_token_against_the_ba
     floor = device.decode_floor_ms(roofline.mean_decode_step_bytes(PRESETS["tiny"], 4, 16, 4, 2))
     assert record.pct_roofline == pytest.approx(100 * floor / 3.0)
     assert len(record.samples_ms) == sizes.repeats and len(runner.calls) == sizes.warmup + sizes.repeats
-    # every call got the same 4 prompts of 16 tokens and asked for exactly 4 tokens each
+    # every call got 4 prompts of 16 tokens and asked for exactly 4 tokens each
     assert {len(p) for prompts, _ in runner.calls for p in prompts} == {16}
     assert {tuple(g) for _, g in runner.calls} == {(4,) * 4}
-    assert len({tuple(map(tuple, prompts)) for prompts, _ in runner.calls}) == 1
+    # prompts of its own (a repeated one would be a prefix-cache hit), the same ones for every engine
+    assert len({tuple(p[:16]) for prompts, _ in runner.calls for p in prompts}) == 4 * len(runner.calls)
+    other = FakeRunner()
+    scenarios.run_decode(other, sizes, PRESETS["tiny"], device, batch=4)
+    assert other.calls == runner.calls
 
 
 def test_static_batches_cover_every_request_once():
@@ -189,22 +195,37 @@ def test_markdown_table_compares_each_engine_with_transformers_eager(tmp_path):
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
 
 
+def recording_prefix_hits(patch: pytest.MonkeyPatch) -> list[int]:
+    """The prefix-cache hit (tokens) of every sequence the paged engine allocates from now on."""
+    hits: list[int] = []
+    allocate = BlockManager.allocate
+
+    def recording_allocate(self, seq, max_cached_tokens=None):
+        allocate(self, seq, max_cached_tokens)
+        hits.append(seq.num_cached_tokens)
+
+    patch.setattr(BlockManager, "allocate", recording_allocate)
+    return hits
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
-    """`hayabusa bench` on the tiny preset, CPU, smoke sizes, default engines (a preset checkpoint written fresh)."""
+    """`hayabusa bench` on the tiny preset, CPU, smoke sizes, default engines (a preset checkpoint written fresh);
+    (exit status, output directory, prefix-cache hits of every sequence hayabusa's engine ran)."""
     out = tmp_path_factory.mktemp("bench-out")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HAYABUSA_CACHE", str(tmp_path_factory.mktemp("cache")))
+        hits = recording_prefix_hits(patch)
         rc = cli.main(["--model", "tiny", "--out", str(out), "--device", "cpu", "--sizes", "smoke"])
-    return rc, out
+    return rc, out, hits
 
 
 def test_cpu_run_writes_the_json_schema(cpu_run):
-    rc, out = cpu_run
+    rc, out, _ = cpu_run
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert results["errors"] == [] and rc == 0
     assert results["device_type"] == "cpu" and results["device"]
-    assert results["commit"] is None or len(results["commit"]) >= 40
+    assert (results["commit"] is None or len(results["commit"]) >= 40) and results["commit_source"]
     assert results["versions"]["torch"] == torch.__version__ and "triton" in results["versions"]
     assert results["model"]["preset"] == "tiny" and results["sizes"]["name"] == "smoke"
     assert results["roofline"]["copy_gb_per_s"] > 0 and results["roofline"]["matmul_tflops"] > 0
@@ -265,8 +286,28 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
     assert encoded[0]["extra"]["tokens"] == encoded[1]["extra"]["tokens"]
 
 
+def test_no_prompt_of_the_cpu_run_was_a_prefix_cache_hit(cpu_run):
+    """A repeated prompt would skip its prefill in hayabusa's engine (and not in transformers'): the prefill figure
+    would time less work than it counts (it read 148% and 301% of the matmul peak)."""
+    *_, hits = cpu_run
+    assert len(hits) > 20 and set(hits) == {0}
+
+
+def test_a_repeated_prompt_is_a_prefix_cache_hit(monkeypatch):
+    """What the probe above would see if the bench timed one prompt twice."""
+    hits = recording_prefix_hits(monkeypatch)
+    runner = make_runner("hayabusa-reference", resolve_model_dir("tiny", None), torch.float32, torch.device("cpu"),
+                         static_batch=1, explicitly_requested=False)
+    runner.load()
+    prompts = random_prompts([40], seed=0)
+    runner.generate(prompts, [1])
+    runner.generate(prompts, [1])
+    runner.unload()
+    assert hits == [0, 32]  # the second time, both full blocks of 16 tokens came from the cache
+
+
 def test_transformers_runner_does_not_stop_at_eos(cpu_run):
-    _, out = cpu_run
+    _, out, _ = cpu_run
     model_dir = Path(json.loads((out / "results.json").read_text(encoding="utf-8"))["model"]["dir"])
     runner = make_runner("transformers-eager", model_dir, torch.float32, torch.device("cpu"), static_batch=2,
                          explicitly_requested=False)
@@ -283,7 +324,7 @@ def test_transformers_runner_does_not_stop_at_eos(cpu_run):
 
 
 def test_cpu_run_writes_the_markdown_table_and_the_png(cpu_run):
-    _, out = cpu_run
+    _, out, _ = cpu_run
     text = (out / "results.md").read_text(encoding="utf-8")
     assert DECODE_HEADER in text
     for engine in ("hayabusa-reference", "transformers-eager"):

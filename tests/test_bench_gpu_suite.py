@@ -28,7 +28,8 @@ def test_gpu_sizes_are_issue_9s_cases_and_fit_the_27b_model():
                                    scenarios=("load", "decode", "prefill"), engines=(), engines_requested=False)
     roofline = DeviceRoofline("cpu", "float16", 1e9, 1e12, 1, 1)
     labels = [label for _, label, _ in suite.generation_cases(settings, roofline)]
-    assert labels == ["load", "batch 1", "batch 8", "batch 64", "batch 1 prompt 1920", "prompt 2048"]
+    assert labels == ["load", "decode batch 1", "decode batch 8", "decode batch 64", "decode batch 1 prompt 1920",
+                      "prefill prompt 2048"]
     assert suite.decode_cases(GPU) == [(1, 128), (8, 128), (64, 128), (1, 1920)]
 
 

@@ -17,7 +17,9 @@ def test_measured_load_is_within_the_machine():
     assert load.as_dict()["busy"] == load.busy
 
 
-@pytest.mark.parametrize(("loadavg", "other_busy", "busy"),
-                         [(0.2, 0.1, False), (1.5, 0.1, True), (0.2, 1.0, True), (None, None, False)])
-def test_busy_when_others_hold_half_the_cpus(loadavg, other_busy, busy):
-    assert MachineLoad(cpus=2, loadavg_1m=loadavg, other_busy_cpus=other_busy, busiest_processes=[]).busy == busy
+@pytest.mark.parametrize(("loadavg", "other_busy", "busy", "others_busy"),
+                         [(0.2, 0.1, False, False), (1.5, 0.1, True, False), (0.2, 1.0, True, True),
+                          (None, None, False, False)])
+def test_busy_when_others_hold_half_the_cpus(loadavg, other_busy, busy, others_busy):
+    load = MachineLoad(cpus=2, loadavg_1m=loadavg, other_busy_cpus=other_busy, busiest_processes=[])
+    assert (load.busy, load.others_busy) == (busy, others_busy)
