@@ -1,6 +1,6 @@
 """hayabusa.engine: config and weight loading, the reference model, the paged engine and the `Engine` API.
 
-The public names import lazily, so `import hayabusa.engine.config` stays cheap and free of cycles.
+The public names import lazily, so `import hayabusa.engine.loading.config` stays cheap and free of cycles.
 """
 
 from typing import Any
@@ -9,7 +9,7 @@ _EXPORTS = {
     "Engine": "hayabusa.engine.api",
     "SamplingParams": "hayabusa.engine.sampling",
     "GenerationOutput": "hayabusa.engine.outputs",
-    "ModelConfig": "hayabusa.engine.config",
+    "ModelConfig": "hayabusa.engine.loading.config",
 }
 
 __all__ = list(_EXPORTS)

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from hayabusa.engine.config import ModelConfig, check_context_fits
-from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
-from hayabusa.engine.devices import resolve_device, warn_if_interpreted
+from hayabusa.engine.loading.config import ModelConfig, check_context_fits
+from hayabusa.engine.loading.weights import EMBED_IN, load_model_files
 from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
+from hayabusa.engine.platform.cpu_threads import ThreadChoice, apply_cpu_threads
+from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, check_option_ids
-from hayabusa.engine.weights import EMBED_IN, load_model_files
 from hayabusa.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -63,7 +63,7 @@ class Engine:
         self.backend = backend
         self.device = device = torch.device(device)
         self.model_dir = model_dir
-        # On a CPU: torch's thread count for this model (process-wide; see cpu_threads.py). None on a GPU.
+        # On a CPU: torch's thread count for this model (process-wide; see platform/cpu_threads.py). None on a GPU.
         self.cpu_threads: ThreadChoice | None = None
         if device.type == "cpu":
             self.cpu_threads = apply_cpu_threads(config, state_dict[EMBED_IN].dtype)

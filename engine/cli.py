@@ -23,9 +23,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hayabusa.engine.config import DTYPE_NAMES, PRESETS
-from hayabusa.engine.devices import add_device_argument, resolve_device
-from hayabusa.engine.model_spec import add_model_arguments
+from hayabusa.engine.loading.config import DTYPE_NAMES, PRESETS
+from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +45,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    from hayabusa.engine.config import DTYPES  # imports torch: only when --dtype is given
+    from hayabusa.engine.loading.config import DTYPES  # imports torch: only when --dtype is given
 
     try:
         return DTYPES[name]
@@ -216,7 +216,9 @@ def add_init_random_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shard_size(text: str) -> int:
-    from hayabusa.engine.checkpoint_writer import parse_size  # its module imports torch: only when the flag is given
+    from hayabusa.engine.loading.checkpoint_writer import (
+        parse_size,  # its module imports torch: only when the flag is given
+    )
 
     try:
         return parse_size(text)
@@ -250,7 +252,7 @@ COMMANDS = {
                         "hayabusa.tokenizer.cli:add_arguments", "hayabusa.tokenizer.cli:run"),
     "init-random": Command("write a random-weight checkpoint with the real tensor names and shapes",
                            "hayabusa.engine.cli:add_init_random_arguments",
-                           "hayabusa.engine.checkpoint_writer:run_init_random"),
+                           "hayabusa.engine.loading.checkpoint_writer:run_init_random"),
     "verify": Command("compare the kernel path with the reference on the same weights",
                       "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.verify:run"),
     "bench": Command("benchmark hayabusa side by side with transformers",

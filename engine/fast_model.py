@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes
 from hayabusa.engine.reference import PREFIX, layer_weights
-from hayabusa.engine.weights import EMBED_IN, EMBED_OUT, expected_shapes
 from hayabusa.kernels._attention_checks import MAX_HEAD_DIM
 from hayabusa.kernels.rotary import rotary_tables
 

@@ -36,15 +36,15 @@ from torch import Tensor
 from hayabusa.engine.beam_group import BeamGroup
 from hayabusa.engine.best_of import CandidateGroup
 from hayabusa.engine.block_manager import BlockManager
-from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import FastModel, load_ops
+from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.loading.weights import EMBED_IN
 from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.model_runner import InFlight, ModelRunner
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
 from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed
 from hayabusa.engine.scheduler import Scheduler
 from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
-from hayabusa.engine.weights import EMBED_IN
 from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256

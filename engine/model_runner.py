@@ -51,8 +51,8 @@ from tqdm.auto import tqdm
 from hayabusa.engine.beam_group import BeamGroup
 from hayabusa.engine.beam_search import BeamStep
 from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
-from hayabusa.engine.config import ModelConfig
 from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
+from hayabusa.engine.loading.config import ModelConfig
 from hayabusa.engine.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
 from hayabusa.engine.sampler import SamplerMode, SlotSampler
 from hayabusa.engine.scheduler import StepPlan

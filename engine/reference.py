@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hayabusa.engine.config import ModelConfig
-from hayabusa.engine.weights import EMBED_IN, EMBED_OUT
+from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT
 
 PREFIX = "gpt_neox_japanese."
 

@@ -49,7 +49,7 @@ import numpy as np
 from hayabusa.engine.beam_group import BeamGroup
 from hayabusa.engine.beam_search import BeamStep
 from hayabusa.engine.block_manager import BlockManager
-from hayabusa.engine.config import check_context_fits
+from hayabusa.engine.loading.config import check_context_fits
 from hayabusa.engine.logprobs import StepLogprobs
 from hayabusa.engine.prompt_lookup import plan_drafts
 from hayabusa.engine.sampler import SamplerMode

@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from hayabusa.engine.config import PRESETS
+from hayabusa.engine.loading.config import PRESETS
 from hayabusa.kernels._launch import H200
 
 SM90 = GPUTarget("cuda", 90, 32)

@@ -13,8 +13,8 @@ from hayabusa.bench.runners import BenchRunner, GenerateResult, make_runner, sta
 from hayabusa.bench.timing import median
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, random_prompts
 from hayabusa.engine.block_manager import BlockManager
-from hayabusa.engine.config import PRESETS
-from hayabusa.engine.model_spec import resolve_model_dir
+from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.loading.model_source import resolve_model_dir
 
 BIG = PRESETS["2.7b"]
 DECODE_HEADER = ("| engine | batch | prompt | ms / token | tokens / s | % of bandwidth floor | weights GB / s "

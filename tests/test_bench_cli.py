@@ -11,7 +11,7 @@ import torch
 
 from hayabusa.bench import cli, environment, report, suite
 from hayabusa.bench.runners import BenchRunner, GenerateResult
-from hayabusa.engine.machine_load import MachineLoad
+from hayabusa.engine.platform.machine_load import MachineLoad
 
 FAST = ["--model", "tiny", "--device", "cpu", "--sizes", "smoke", "--scenarios", "load,decode",
         "--engines", "hayabusa-reference,transformers-eager"]

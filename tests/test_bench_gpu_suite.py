@@ -14,7 +14,7 @@ from hayabusa.bench.roofline import DeviceRoofline
 from hayabusa.bench.runners import EngineUnavailable, HayabusaRunner
 from hayabusa.bench.targets import evaluate_targets
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, longest_sequence, workload_kv_blocks
-from hayabusa.engine.config import PRESETS
+from hayabusa.engine.loading.config import PRESETS
 
 GPU = SIZES["gpu"]
 

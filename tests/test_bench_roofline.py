@@ -11,7 +11,7 @@ from hayabusa.bench import roofline, suite
 from hayabusa.bench.runners import BenchRunner, GenerateResult
 from hayabusa.bench.timing import Timing
 from hayabusa.bench.workloads import SIZES
-from hayabusa.engine.config import PRESETS
+from hayabusa.engine.loading.config import PRESETS
 
 
 class InstantRunner(BenchRunner):

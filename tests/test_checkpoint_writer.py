@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPTNeoXJapaneseForCausalLM, GPTNeoXJapaneseTokenizer
 from transformers.utils import logging as hf_logging
 
-from hayabusa.engine.checkpoint_writer import parse_size, write_random_checkpoint
 from hayabusa.engine.cli import main
-from hayabusa.engine.config import PRESETS, ModelConfig, load_config
-from hayabusa.engine.weights import EMBED_IN, EMBED_OUT, expected_shapes, load_weights
+from hayabusa.engine.loading.checkpoint_writer import parse_size, write_random_checkpoint
+from hayabusa.engine.loading.config import PRESETS, ModelConfig, load_config
+from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes, load_weights
 
 hf_logging.set_verbosity_error()
 
@@ -223,7 +223,7 @@ def test_cli_errors(tmp_path, capsys):
 
 
 def test_random_preset_is_written_once_into_the_cache(tmp_path, monkeypatch):
-    from hayabusa.engine.random_models import random_preset_dir
+    from hayabusa.engine.loading.random_models import random_preset_dir
 
     monkeypatch.setenv("HAYABUSA_CACHE", str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown preset 'huge'; choose one of 2\.7b, small, tiny"):

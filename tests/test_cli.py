@@ -14,13 +14,15 @@ import torch
 
 import hayabusa
 from hayabusa.bench.workloads import SIZES
-from hayabusa.engine import devices, hub, llm_engine, random_models
+from hayabusa.engine import llm_engine
 from hayabusa.engine.api import Engine
-from hayabusa.engine.checkpoint_writer import FORMATS
 from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, flag_of, main
-from hayabusa.engine.config import DTYPES
 from hayabusa.engine.fast_model import OP_SETS
+from hayabusa.engine.loading import hub, random_models
+from hayabusa.engine.loading.checkpoint_writer import FORMATS
+from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.param_names import respelled
+from hayabusa.engine.platform import devices
 from hayabusa.engine.sampling import SamplingParams
 
 
@@ -152,7 +154,7 @@ def test_cuda_without_cuda_is_named_for_what_is_missing(monkeypatch, nothing_loa
 
 
 @pytest.mark.parametrize("command", ["generate", "tokenize", "verify", "bench"])
-def test_every_command_takes_the_same_model_spec(command, capsys, monkeypatch):
+def test_every_command_takes_the_same_model_source(command, capsys, monkeypatch):
     args = {"generate": ["generate", "x"], "tokenize": ["tokenize", "x"], "verify": ["verify"],
             "bench": ["bench", "--out", "unused"]}[command]
     monkeypatch.setattr(hub, "hub_unreachable_reason", lambda: pytest.fail("a bad name went to the Hub"))

@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import GPTNeoXJapaneseConfig
 
-from hayabusa.engine.config import PRESETS, ConfigError, ModelConfig, check_context_fits, load_config, preset
+from hayabusa.engine.loading.config import PRESETS, ConfigError, ModelConfig, check_context_fits, load_config, preset
 
 # abeja/gpt-neox-japanese-2.7b's config.json spelling: rotary_* keys, bos = eos = 31999, no tie key.
 ABEJA_STYLE = {

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from hayabusa.engine import cpu_threads
-from hayabusa.engine.config import PRESETS
-from hayabusa.engine.machine_load import MachineLoad
+from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.platform import cpu_threads
+from hayabusa.engine.platform.machine_load import MachineLoad
 
 
 @pytest.fixture(autouse=True)

@@ -140,7 +140,7 @@ def test_groups_that_cannot_fit_are_refused(model) -> None:
         engine.add_request(PROMPT, SamplingParams(num_beams=5, max_new_tokens=2))
 
 
-@pytest.mark.filterwarnings("ignore::hayabusa.engine.devices.InterpreterWarning")  # a tiny model, a few tokens
+@pytest.mark.filterwarnings("ignore::hayabusa.engine.platform.devices.InterpreterWarning")  # a tiny model, a few tokens
 def test_beams_on_the_triton_backend(model) -> None:
     config, state_dict = model
     params = SamplingParams(num_beams=2, num_return_sequences=2, max_new_tokens=3)

@@ -16,12 +16,12 @@ import torch
 from hayabusa.engine import model_runner
 from hayabusa.engine.api import Engine
 from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.loading.weights import EMBED_IN
 from hayabusa.engine.model_runner import graph_batch_sizes, prefill_bucket, prefill_buckets
 from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.reference_generate import reference_outputs
 from hayabusa.engine.sampler import SamplerMode
 from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.weights import EMBED_IN
 
 from paged_engine import SAMPLED, TOKENIZER, make_engine, small_model
 
@@ -271,7 +271,7 @@ def test_warm_up_runs_every_shape_the_engine_can_launch(model) -> None:
     assert_same(engine.generate(PROMPTS, [SAMPLED] * 5), reference(config, state_dict, PROMPTS, [SAMPLED] * 5))
 
 
-@pytest.mark.filterwarnings("ignore::hayabusa.engine.devices.InterpreterWarning")  # nothing is interpreted here
+@pytest.mark.filterwarnings("ignore::hayabusa.engine.platform.devices.InterpreterWarning")  # nothing interpreted here
 def test_backends_run_the_paged_engine_and_the_cpu_pool_fits_the_ram(model, monkeypatch) -> None:
     config, state_dict = model
     assert Engine(config, state_dict, TOKENIZER, backend="reference", device=torch.device("cpu")).paged.model.ops.name \

@@ -5,7 +5,7 @@ from itertools import pairwise
 
 import torch
 
-from hayabusa.engine.host_arena import ALIGN_BYTES, host_tensors
+from hayabusa.engine.loading.host_arena import ALIGN_BYTES, host_tensors
 
 
 def test_tensors_are_disjoint_aligned_views_of_one_buffer():

@@ -6,8 +6,8 @@ import importlib
 import pytest
 import torch
 
-from hayabusa.engine.config import PRESETS
 from hayabusa.engine.kernel_plan import decode_step_launches, engine_specializations, placeholder_model
+from hayabusa.engine.loading.config import PRESETS
 from hayabusa.engine.model_runner import ModelRunner
 from hayabusa.engine.sampler import SamplerMode, row_mode
 from hayabusa.engine.sampling import SamplingParams

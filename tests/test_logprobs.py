@@ -88,7 +88,7 @@ def test_logprobs_equal_transformers_whatever_the_prefix_cache_holds(hf, budget)
     assert engine.paged.stats().num_free_blocks == 32
 
 
-@pytest.mark.filterwarnings("ignore::hayabusa.engine.devices.InterpreterWarning")  # a tiny model, 2 tokens
+@pytest.mark.filterwarnings("ignore::hayabusa.engine.platform.devices.InterpreterWarning")  # a tiny model, 2 tokens
 def test_logprobs_on_the_triton_backend(hf) -> None:
     engine = make_engine(hf, "triton", DEVICE)
     params = replace(GREEDY, max_new_tokens=2, logprobs=2, prompt_logprobs=2)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from hayabusa.engine.machine_load import MachineLoad, measure_machine_load
+from hayabusa.engine.platform.machine_load import MachineLoad, measure_machine_load
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")

@@ -14,12 +14,12 @@ import huggingface_hub
 import pytest
 import torch
 
-from hayabusa.engine import hub, random_models
-from hayabusa.engine.checkpoint_writer import write_random_checkpoint
-from hayabusa.engine.config import PRESETS, load_config
-from hayabusa.engine.hub import ModelNotFoundError, model_snapshot, tokenizer_snapshot
-from hayabusa.engine.model_spec import resolve_model_dir, resolve_tokenizer_dir
-from hayabusa.engine.weights import load_weights
+from hayabusa.engine.loading import hub, random_models
+from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
+from hayabusa.engine.loading.config import PRESETS, load_config
+from hayabusa.engine.loading.hub import ModelNotFoundError, model_snapshot, tokenizer_snapshot
+from hayabusa.engine.loading.model_source import resolve_model_dir, resolve_tokenizer_dir
+from hayabusa.engine.loading.weights import load_weights
 from hayabusa.tokenizer.vocab import VENDORED_DIR
 
 REPO = "abeja/gpt-neox-japanese-2.7b"

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from hayabusa.engine import hub
 from hayabusa.engine.cli import main
+from hayabusa.engine.loading import hub
 from hayabusa.tokenizer import GPTNeoXJapaneseTokenizer, Tokenizer
 from hayabusa.tokenizer.vocab import VENDORED_DIR
 
@@ -164,7 +164,7 @@ def test_from_pretrained_hub_id_downloads_only_the_two_files(monkeypatch, tok):
     assert tokenizer.encode("猫") == tok.encode("猫")
 
 
-def test_from_pretrained_takes_every_model_spec(tok):
+def test_from_pretrained_takes_every_model_source(tok):
     """A random preset (not a Hub id) gives the vocabulary its checkpoint is written with, without writing it."""
     for preset in ("tiny", "small", "2.7b"):
         assert Tokenizer.from_pretrained(preset).encode("猫である") == tok.encode("猫である")

@@ -6,10 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from hayabusa.engine import devices, llm_engine, verify
-from hayabusa.engine.checkpoint_writer import write_random_checkpoint
-from hayabusa.engine.config import PRESETS
+from hayabusa.engine import llm_engine, verify
 from hayabusa.engine.fast_model import OpSet
+from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
+from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.platform import devices
 
 ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None)
 

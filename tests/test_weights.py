@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from transformers import GPTNeoXJapaneseForCausalLM
 from transformers.utils import logging as hf_logging
 
-from hayabusa.engine import weights
-from hayabusa.engine.checkpoint_writer import write_random_checkpoint
-from hayabusa.engine.config import PRESETS, ModelConfig, load_config
-from hayabusa.engine.weights import (
+from hayabusa.engine.loading import weights
+from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
+from hayabusa.engine.loading.config import PRESETS, ModelConfig, load_config
+from hayabusa.engine.loading.weights import (
     EMBED_IN,
     EMBED_OUT,
     CheckpointError,

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from hayabusa.engine.cli import command_line_text
-from hayabusa.engine.model_spec import add_model_arguments
+from hayabusa.engine.loading.model_source import add_model_arguments
 
 from .tokenizer import Tokenizer
 

@@ -82,7 +82,9 @@ def resolve_vocab_files(model: str | os.PathLike | None, revision: str | None = 
     command does (a directory, a random preset, or a Hub repo id of which only these two files are fetched)."""
     if model is None:
         return VENDORED_DIR / VOCAB_FILE, VENDORED_DIR / EMOJI_FILE
-    from hayabusa.engine.model_spec import resolve_tokenizer_dir  # the engine's model resolver (and torch) on demand
+    from hayabusa.engine.loading.model_source import (
+        resolve_tokenizer_dir,  # the engine's model resolver (and torch) on demand
+    )
 
     directory = resolve_tokenizer_dir(model, revision)
     return directory / VOCAB_FILE, directory / EMOJI_FILE

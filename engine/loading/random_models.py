@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from hayabusa.engine.checkpoint_writer import write_random_checkpoint
-from hayabusa.engine.config import PRESETS, preset
+from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
+from hayabusa.engine.loading.config import PRESETS, preset
 
 CACHE_VERSION = 1  # bump when the writer's output changes
 

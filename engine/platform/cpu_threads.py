@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hayabusa.engine.config import ModelConfig
-from hayabusa.engine.machine_load import measure_machine_load
+from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.platform.machine_load import measure_machine_load
 
 SMALL_MODEL_BYTES = 1 << 30  # 1 GiB per step: the 'small' preset (160 MB) and below are sync-bound
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

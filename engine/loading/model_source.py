@@ -16,15 +16,15 @@ import argparse
 import os
 from pathlib import Path
 
-from .config import PRESETS
+from hayabusa.engine.loading.config import PRESETS
 
-MODEL_SPEC_HELP = ("a model directory, a Hub repo id (abeja/gpt-neox-japanese-2.7b) or a random preset ("
+MODEL_SOURCE_HELP = ("a model directory, a Hub repo id (abeja/gpt-neox-japanese-2.7b) or a random preset ("
                    + ", ".join(PRESETS) + ": random weights of that shape, written once under $HAYABUSA_CACHE, "
                    "default ~/.cache/hayabusa)")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True,
-                        model_help: str = MODEL_SPEC_HELP) -> None:
+                        model_help: str = MODEL_SOURCE_HELP) -> None:
     """--model and --revision, as every command spells them."""
     parser.add_argument("--model", required=required, help=model_help)
     parser.add_argument("--revision", default=None,
@@ -37,10 +37,12 @@ def resolve_model_dir(spec: str | os.PathLike, revision: str | None = None) -> P
     if local is not None:
         return local
     if name in PRESETS:
-        from .random_models import random_preset_dir  # it imports the checkpoint writer, which imports the loader
+        from hayabusa.engine.loading.random_models import (
+            random_preset_dir,  # it imports the checkpoint writer, which imports the loader
+        )
 
         return random_preset_dir(name)
-    from .hub import model_snapshot
+    from hayabusa.engine.loading.hub import model_snapshot
 
     return model_snapshot(name, revision)
 
@@ -54,14 +56,14 @@ def resolve_tokenizer_dir(spec: str | os.PathLike, revision: str | None = None) 
         from hayabusa.tokenizer.vocab import VENDORED_DIR  # what random checkpoints copy
 
         return VENDORED_DIR
-    from .hub import tokenizer_snapshot
+    from hayabusa.engine.loading.hub import tokenizer_snapshot
 
     return tokenizer_snapshot(name, revision)
 
 
 def _local_or_name(spec: str | os.PathLike) -> tuple[Path | None, str]:
     """(the directory, spec) for a local directory, else (None, spec) for a preset or a repo id; else an error."""
-    from .hub import ModelNotFoundError, is_repo_id
+    from hayabusa.engine.loading.hub import ModelNotFoundError, is_repo_id
 
     path = Path(spec).expanduser()
     if path.is_dir():

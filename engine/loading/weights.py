@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .config import ModelConfig, describe_defaults, load_config
-from .host_arena import host_tensors
-from .model_spec import resolve_model_dir
-from .pickle_scan import pickle_code_globals, refused_global
+from hayabusa.engine.loading.config import ModelConfig, describe_defaults, load_config
+from hayabusa.engine.loading.host_arena import host_tensors
+from hayabusa.engine.loading.model_source import resolve_model_dir
+from hayabusa.engine.loading.pickle_scan import pickle_code_globals, refused_global
 
 EMBED_IN = "gpt_neox_japanese.embed_in.weight"
 EMBED_OUT = "embed_out.weight"

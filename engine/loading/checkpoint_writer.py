@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import DTYPES, PRESETS, ModelConfig
-from .hub import BIN_FILES, SAFETENSORS_FILES
-from .weights import EMBED_IN, EMBED_OUT, SAFETENSORS_DTYPES, expected_shapes
+from hayabusa.engine.loading.config import DTYPES, PRESETS, ModelConfig
+from hayabusa.engine.loading.hub import BIN_FILES, SAFETENSORS_FILES
+from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, SAFETENSORS_DTYPES, expected_shapes
 
 FORMATS = ("safetensors", "bin")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
