@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 
 from hayabusa.engine.api import load_pretrained
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.sampling import SamplingParams
 
 NUM_RUNNING = 64

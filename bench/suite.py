@@ -28,8 +28,8 @@ from hayabusa.bench.roofline import DeviceRoofline, measure_roofline
 from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
 from hayabusa.bench.workloads import SuiteSizes, workload_kv_blocks
-from hayabusa.engine.kernel_plan import decode_step_launches
 from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.model.launches import decode_step_launches
 from hayabusa.engine.platform.machine_load import measure_machine_load
 from hayabusa.kernels._launch import H200, device_limits
 

@@ -3,7 +3,7 @@
 Both backends run the same paged engine (continuous batching, paged KV cache, prefix caching, preemption,
 streaming, threads): backend="triton" on the Triton kernels (a CUDA device, or the CPU under TRITON_INTERPRET=1
 for tests), backend="reference" on their plain-PyTorch twins (any device, the CPU default). `Engine.logits` runs
-the reference model (engine.reference), the oracle both are checked against.
+the reference model (engine.oracle.reference_model), the oracle both are checked against.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 
 from hayabusa.engine.loading.config import ModelConfig, check_context_fits
 from hayabusa.engine.loading.weights import EMBED_IN, load_model_files
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
 from hayabusa.engine.platform.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, check_option_ids
 from hayabusa.tokenizer import Tokenizer
 
@@ -70,7 +70,7 @@ class Engine:
         self.reference = ReferenceModel(config, state_dict)  # shares the weights; serves logits()
         if backend == "triton":
             warn_if_interpreted(torch.device(device), "the reference backend generates on a CPU at full speed")
-        from hayabusa.engine.llm_engine import PagedEngine  # here: importing the API stays light (no kernels)
+        from hayabusa.engine.core.paged_engine import PagedEngine  # here: importing the API stays light (no kernels)
 
         # add_request / abort / step / stats for a serving loop (see PagedEngine)
         self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],

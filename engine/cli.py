@@ -231,7 +231,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
     add_device_argument(parser)
-    parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # fast_model.OP_SETS
+    parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # model.paged_model.OP_SETS
                         help="triton: the kernels; torch: their plain-PyTorch references")
     parser.add_argument("--prompt", type=non_empty_text, action="append", default=None,
                         help="prompt text (repeatable; default: four built-in Japanese prompts)")
@@ -254,7 +254,7 @@ COMMANDS = {
                            "hayabusa.engine.cli:add_init_random_arguments",
                            "hayabusa.engine.loading.checkpoint_writer:run_init_random"),
     "verify": Command("compare the kernel path with the reference on the same weights",
-                      "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.verify:run"),
+                      "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.oracle.verify:run"),
     "bench": Command("benchmark hayabusa side by side with transformers",
                      "hayabusa.bench.cli:add_arguments", "hayabusa.bench.cli:run"),
     "serve": Command("serve an OpenAI-compatible HTTP API (/v1/completions)",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from hayabusa.engine.logprobs import HostLogprobs, TokenLogprobs
+from hayabusa.engine.sample.logprobs import HostLogprobs, TokenLogprobs
 from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hayabusa.engine.logits_processors import (
+from hayabusa.engine.sample.logits_processors import (
     MAX_BAD_WORD_TOKENS,
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
@@ -27,7 +27,7 @@ from hayabusa.engine.logits_processors import (
     mask_typical,
     penalize_generated,
 )
-from hayabusa.engine.logprobs import MAX_LOGPROBS
+from hayabusa.engine.sample.logprobs import MAX_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,13 @@ class SamplingParams:
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None  # None: 2
     num_return_sequences: int = 1  # completions of the prompt; they share its KV blocks
-    # Logprobs from the raw logits (engine.logprobs): of each generated token with its `logprobs` most likely
+    # Logprobs from the raw logits (engine.sample.logprobs): of each generated token with its `logprobs` most likely
     # alternatives; of each prompt token (but the first) with its `prompt_logprobs` alternatives. None: off.
     logprobs: int | None = None
     prompt_logprobs: int | None = None
-    # Beam search (transformers' names and meaning; engine.beam_search): num_beams > 1 keeps that many hypotheses
-    # and returns the num_return_sequences best, best first. A hypothesis scores its summed log-probabilities over
-    # generated_tokens ** length_penalty. early_stopping: True ends once num_beams hypotheses are done; False when
+    # Beam search (transformers' names and meaning; engine.decoding.beam_search): num_beams > 1 keeps that many
+    # hypotheses and returns the num_return_sequences best, best first. A hypothesis scores its summed log-probabilities
+    # over generated_tokens ** length_penalty. early_stopping: True ends once num_beams hypotheses are done; False when
     # the best running beam, scored at its current length, cannot beat them; "never" when it cannot at any length.
     num_beams: int = 1
     length_penalty: float = 1.0

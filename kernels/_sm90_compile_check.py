@@ -1,6 +1,6 @@
 """Compile every Triton kernel specialization the engine launches for the 2.7B model on an H200 (sm_90), no GPU.
 
-The set is `engine_specializations` (engine/kernel_plan.py): FastModel's decode at every batch bucket up to 256 and
+The set is `engine_specializations` (engine/model/launches.py): FastModel's decode at every batch bucket up to 256 and
 every block-table width, and its prefill at every token-count bucket up to 2048, run on meta tensors under
 `simulated_device(H200)` (132 SMs, 227 KB of shared memory per block) with each launch recorded instead of run.
 Triton's own binder specializes each recorded launch as a real launch would, and `triton.compile` builds it for
@@ -70,7 +70,7 @@ class CompileResult:
 
 def engine_launches() -> list[Launch]:
     """One recorded launch per kernel specialization of the engine's 2.7B forward passes, on meta tensors."""
-    from hayabusa.engine.kernel_plan import engine_specializations  # the engine imports the kernels: import late
+    from hayabusa.engine.model.launches import engine_specializations  # the engine imports the kernels: import late
 
     launches = []
     for dtype, dtype_name in DTYPES.items():

@@ -1,6 +1,6 @@
 """A small random model and the paged engine on the torch op set (CPU): the step-loop and fork tests' setting."""
 
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 

@@ -1,14 +1,15 @@
-"""Beam search (engine.beam_search, engine.reference_beams) against transformers' generate(num_beams=k), fp32."""
+"""Beam search (engine.decoding.beam_search, engine.oracle.reference_beams) against transformers'
+generate(num_beams=k), fp32."""
 
 import math
 
 import pytest
 import torch
 
-from hayabusa.engine.beam_search import BeamSearch, beam_logprobs, topk_lower_index_on_ties
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_beams import reference_beam_outputs
-from hayabusa.engine.reference_generate import reference_generate, reference_outputs
+from hayabusa.engine.decoding.beam_search import BeamSearch, beam_logprobs, topk_lower_index_on_ties
+from hayabusa.engine.oracle.reference_beams import reference_beam_outputs
+from hayabusa.engine.oracle.reference_generate import reference_generate, reference_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 

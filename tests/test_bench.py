@@ -12,7 +12,7 @@ from hayabusa.bench.records import ENGINES, RECORD_KEYS, SCENARIOS, BenchRecord
 from hayabusa.bench.runners import BenchRunner, GenerateResult, make_runner, static_batches
 from hayabusa.bench.timing import median
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, random_prompts
-from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.core.block_manager import BlockManager
 from hayabusa.engine.loading.config import PRESETS
 from hayabusa.engine.loading.model_source import resolve_model_dir
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.core.block_manager import BlockManager
 
 
 @dataclass

@@ -14,13 +14,13 @@ import torch
 
 import hayabusa
 from hayabusa.bench.workloads import SIZES
-from hayabusa.engine import llm_engine
 from hayabusa.engine.api import Engine
 from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, flag_of, main
-from hayabusa.engine.fast_model import OP_SETS
+from hayabusa.engine.core import paged_engine
 from hayabusa.engine.loading import hub, random_models
 from hayabusa.engine.loading.checkpoint_writer import FORMATS
 from hayabusa.engine.loading.config import DTYPES
+from hayabusa.engine.model.paged_model import OP_SETS
 from hayabusa.engine.param_names import respelled
 from hayabusa.engine.platform import devices
 from hayabusa.engine.sampling import SamplingParams
@@ -217,7 +217,7 @@ def test_the_triton_backend_on_a_cpu_warns_once(monkeypatch, capsys, tiny_dir):
             pass
 
     monkeypatch.setattr(devices, "_interpreter_warned", False)
-    monkeypatch.setattr(llm_engine, "PagedEngine", QuickEngine)
+    monkeypatch.setattr(paged_engine, "PagedEngine", QuickEngine)
     for _ in range(2):
         assert main(["generate", "x", "--model", str(tiny_dir), "--backend", "triton", "--device", "cpu"]) == 0
     err = capsys.readouterr().err

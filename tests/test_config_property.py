@@ -28,12 +28,12 @@ from hypothesis import strategies as st
 from transformers import GPTNeoXJapaneseForCausalLM
 
 from hayabusa.engine.api import Engine
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.loading.config import ModelConfig
 from hayabusa.engine.loading.weights import load_model_files
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.verify import TOLERANCES, Check, compare_prefill
+from hayabusa.engine.oracle.reference_model import ReferenceModel
+from hayabusa.engine.oracle.verify import TOLERANCES, Check, compare_prefill
 from hayabusa.tokenizer import Tokenizer
 
 from devices import DEVICE

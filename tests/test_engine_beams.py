@@ -1,5 +1,5 @@
-"""Beam search in the paged engine (engine.beam_group): the same beams, order and scores as the reference loop's
-beams, which tests/test_beam_search.py checks against transformers' generate(num_beams); beams sharing KV blocks,
+"""Beam search in the paged engine (engine.decoding.paged_beams): the same beams, order and scores as the reference
+loop's beams, which tests/test_beam_search.py checks against transformers' generate(num_beams); beams sharing KV blocks,
 with chunked prompts, beside other requests, under preemption, and through the serving loop."""
 
 import math
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from hayabusa.engine.api import Engine
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_beams import reference_beam_outputs
+from hayabusa.engine.oracle.reference_beams import reference_beam_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams
 
 from hf_oracle import random_hf_model

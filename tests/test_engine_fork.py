@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hayabusa.engine.listed_sampling import sample_next_tokens
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.core.sequence import Delivery
+from hayabusa.engine.oracle.reference_model import ReferenceModel
+from hayabusa.engine.sample.listed_sampling import sample_next_tokens
 from hayabusa.engine.sampling import SamplingParams, completion_seed
-from hayabusa.engine.sequence import Delivery
 
 from paged_engine import SAMPLED, blocks_in_use_per_plan, make_engine, small_model
 

@@ -10,12 +10,12 @@ import threading
 import pytest
 import torch
 
-from hayabusa.engine.fast_model import DecodeInputs
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.model_runner import graph_batch_sizes
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_outputs
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.model.paged_model import DecodeInputs
+from hayabusa.engine.oracle.reference_generate import reference_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.worker.model_runner import graph_batch_sizes
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_outputs
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.oracle.reference_generate import reference_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, completion_seed
 
 from devices import DEVICE

@@ -13,15 +13,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hayabusa.engine import model_runner
 from hayabusa.engine.api import Engine
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.weights import EMBED_IN
-from hayabusa.engine.model_runner import graph_batch_sizes, prefill_bucket, prefill_buckets
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_outputs
-from hayabusa.engine.sampler import SamplerMode
+from hayabusa.engine.oracle.reference_generate import reference_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
+from hayabusa.engine.sample.sampler import SamplerMode
 from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.worker import model_runner
+from hayabusa.engine.worker.model_runner import graph_batch_sizes, prefill_bucket, prefill_buckets
 
 from paged_engine import SAMPLED, TOKENIZER, make_engine, small_model
 

@@ -6,11 +6,11 @@ import importlib
 import pytest
 import torch
 
-from hayabusa.engine.kernel_plan import decode_step_launches, engine_specializations, placeholder_model
 from hayabusa.engine.loading.config import PRESETS
-from hayabusa.engine.model_runner import ModelRunner
-from hayabusa.engine.sampler import SamplerMode, row_mode
+from hayabusa.engine.model.launches import decode_step_launches, engine_specializations, placeholder_model
+from hayabusa.engine.sample.sampler import SamplerMode, row_mode
 from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.worker.model_runner import ModelRunner
 from hayabusa.kernels._launch import H200, simulated_device
 from hayabusa.kernels.launch_count import recorded_launches
 

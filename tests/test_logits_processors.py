@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-from hayabusa.engine.logits_processors import (
+from hayabusa.engine.sample.logits_processors import (
     MAX_NO_REPEAT_NGRAM_SIZE,
     bad_word_patterns,
     ban_bad_word_completions,

@@ -9,13 +9,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hayabusa.engine import model_runner
 from hayabusa.engine.api import Engine
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.logprobs import TokenLogprobs
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_outputs
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.oracle.reference_generate import reference_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
+from hayabusa.engine.sample.logprobs import TokenLogprobs
 from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.worker import model_runner
 from hayabusa.tokenizer import Tokenizer
 
 from devices import DEVICE

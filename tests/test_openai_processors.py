@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers.generation.logits_process import SequenceBiasLogitsProcessor
 
-from hayabusa.engine.listed_sampling import sample_next_tokens
-from hayabusa.engine.logits_processors import (
+from hayabusa.engine.sample.listed_sampling import sample_next_tokens
+from hayabusa.engine.sample.logits_processors import (
     MAX_LOGIT_BIAS,
     generated_counts,
     logit_bias_rows,

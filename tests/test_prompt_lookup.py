@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.prompt_lookup import draft_tokens
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.decoding.prompt_lookup import draft_tokens
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hayabusa.engine.reference import ReferenceModel
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 
 from hf_oracle import random_hf_model
 from tolerance import assert_close

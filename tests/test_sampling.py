@@ -8,7 +8,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hayabusa.engine.listed_sampling import apply_repetition_penalty, sample_next_tokens
+from hayabusa.engine.sample.listed_sampling import apply_repetition_penalty, sample_next_tokens
 from hayabusa.engine.sampling import SamplingParams, gumbel_noise, mask_top_k_top_p
 
 

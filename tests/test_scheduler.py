@@ -13,11 +13,11 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import given, settings
 
-from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.core.block_manager import BlockManager
+from hayabusa.engine.core.scheduler import Scheduler, StepPlan
+from hayabusa.engine.core.sequence import Sequence, SequenceStatus
 from hayabusa.engine.outputs import OutputBuilder
 from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.scheduler import Scheduler, StepPlan
-from hayabusa.engine.sequence import Sequence, SequenceStatus
 from hayabusa.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.from_pretrained()

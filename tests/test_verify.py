@@ -6,10 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from hayabusa.engine import llm_engine, verify
-from hayabusa.engine.fast_model import OpSet
+from hayabusa.engine.core import paged_engine
 from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.model.paged_model import OpSet
+from hayabusa.engine.oracle import verify
 from hayabusa.engine.platform import devices
 
 ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None)
@@ -46,8 +47,8 @@ def with_wrong_layer_norm(ops: OpSet) -> OpSet:
 
 
 def test_a_wrong_kernel_fails_with_a_nonzero_status(model_dir, capsys, monkeypatch) -> None:
-    load_ops = llm_engine.load_ops  # the engine's model serves both the prefill and the greedy checks
-    monkeypatch.setattr(llm_engine, "load_ops", lambda name: with_wrong_layer_norm(load_ops(name)))
+    load_ops = paged_engine.load_ops  # the engine's model serves both the prefill and the greedy checks
+    monkeypatch.setattr(paged_engine, "load_ops", lambda name: with_wrong_layer_norm(load_ops(name)))
     status = verify.run(argparse.Namespace(model=str(model_dir), **ARGS))
     report = capsys.readouterr().out
     assert status == 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 

@@ -17,8 +17,8 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from hayabusa.engine.kernel_plan import placeholder_decode_inputs, placeholder_kv_caches, placeholder_model
 from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.model.launches import placeholder_decode_inputs, placeholder_kv_caches, placeholder_model
 from hayabusa.kernels._launch import H200, simulated_device
 from hayabusa.kernels.decode_attention import decode_attention
 from hayabusa.kernels.layernorm import layer_norm

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from hayabusa.engine.llm_engine import PagedEngine, RequestUpdate
+from hayabusa.engine.core.paged_engine import PagedEngine, RequestUpdate
 from hayabusa.engine.sampling import SamplingParams
 
 logger = logging.getLogger("hayabusa.server")

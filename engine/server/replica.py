@@ -11,7 +11,7 @@ import torch
 from starlette.applications import Starlette
 
 from hayabusa.engine.api import BACKENDS, OPS_OF_BACKEND, default_backend, default_warmup, load_pretrained
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.platform.devices import resolve_device
 from hayabusa.engine.server.app import build_app

@@ -13,13 +13,13 @@ import time
 import httpx
 import pytest
 
-from hayabusa.engine import model_runner
 from hayabusa.engine.cli import build_parser, main
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.server import listen, replica
 from hayabusa.engine.server.cli import Scaling, settings_from_args
 from hayabusa.engine.server.listen import listening_sockets
 from hayabusa.engine.server.replica import ServerSettings, load_paged_engine
+from hayabusa.engine.worker import model_runner
 
 
 def parse(argv: list[str]):

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from hayabusa.engine.sampler import SamplerMode, row_mode
-from hayabusa.engine.sequence import Sequence
+from hayabusa.engine.core.sequence import Sequence
+from hayabusa.engine.sample.sampler import SamplerMode, row_mode
 
 NO_MOVES: tuple[list[int], list[int]] = ([], [])
 
@@ -40,7 +40,7 @@ class SlotTable:
         self.sampler_mode = SamplerMode.GREEDY  # the cheapest mode that serves every running row
         self.num_speculating = 0  # running rows with prompt-lookup speculation
         self.num_logprob_rows = 0  # rows whose sampled tokens' logprobs are computed (logprobs, best_of)
-        self.num_beam_rows = 0  # rows of beam-search requests (engine.beam_group)
+        self.num_beam_rows = 0  # rows of beam-search requests (engine.decoding.paged_beams)
         self.may_share_write_block: set[int] = set()
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 

@@ -26,13 +26,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hayabusa.engine.api import default_dtype
-from hayabusa.engine.block_manager import PagedPrompt
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.block_manager import PagedPrompt
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES, ModelConfig
 from hayabusa.engine.loading.weights import load_model_files
+from hayabusa.engine.oracle.reference_generate import reference_generate
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_generate import reference_generate
 from hayabusa.engine.sampling import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 

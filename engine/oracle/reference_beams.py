@@ -11,9 +11,9 @@ from dataclasses import replace
 
 import torch
 
-from hayabusa.engine.beam_search import BeamSearch, beam_logprobs
+from hayabusa.engine.decoding.beam_search import BeamSearch, beam_logprobs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
-from hayabusa.engine.reference import ReferenceModel
 from hayabusa.engine.sampling import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import Tokenizer
 

@@ -1,7 +1,7 @@
 """Prompt-lookup drafting (transformers' `prompt_lookup_num_tokens`): guess a sequence's next tokens by finding its
 trailing n-gram earlier in its own tokens and copying what followed there.
 
-The guess costs no model: the engine verifies it in one forward pass (engine.model_runner, engine.sampler.
+The guess costs no model: the engine verifies it in one forward pass (engine.worker.model_runner, engine.sample.sampler.
 sample_positions) and keeps the longest prefix the model agrees with, plus the model's own next token, so the output
 is the one decoding token by token would give (greedy, and with seeded sampling too: position i of a verify pass
 draws with the noise of token STEP + i). Matching follows transformers' PromptLookupCandidateGenerator: n-gram sizes
@@ -18,8 +18,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 if TYPE_CHECKING:
-    from hayabusa.engine.block_manager import BlockManager
-    from hayabusa.engine.slots import SlotTable
+    from hayabusa.engine.core.block_manager import BlockManager
+    from hayabusa.engine.core.slots import SlotTable
 
 DEFAULT_MAX_MATCHING_NGRAM_SIZE = 2  # transformers' default
 

@@ -8,7 +8,7 @@ the id the previous step sampled, which the host has not read yet (`last_token[s
 the last logit_counts[i] new tokens of sequence i: its last one, or every position of a verify pass (`drafts[i]`:
 its draft tokens), or none; then one logit row per fork child (`forks`: it samples from the last new token of the
 sequence it was forked from, with its own sampler row). Prompt logprobs: `scored` names the positions of prompt
-chunks whose next token is scored. The runner (engine.model_runner) uploads the fields in one copy and runs
+chunks whose next token is scored. The runner (engine.worker.model_runner) uploads the fields in one copy and runs
 FastModel.prefill on them.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hayabusa.engine.staging import Field
+from hayabusa.engine.worker.staging import Field
 
 
 @dataclass

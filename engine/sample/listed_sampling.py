@@ -1,9 +1,9 @@
 """Next-token selection from host token lists: the reference loop's entry to the sampler's math, and the processors
 beam search applies to its log-probabilities.
 
-The paged engine keeps each row's settings, masks and history on the device (engine.sampler); here the same tensors
-are built from Python lists per call (`sample_next_tokens`), so the reference loop, beam search and the tests use
-exactly the functions the device sampler runs.
+The paged engine keeps each row's settings, masks and history on the device (engine.sample.sampler); here the same
+tensors are built from Python lists per call (`sample_next_tokens`), so the reference loop, beam search and the tests
+use exactly the functions the device sampler runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from hayabusa.engine.logits_processors import bad_word_patterns, banned_tokens, padded_history, split_bad_words
+from hayabusa.engine.sample.logits_processors import bad_word_patterns, banned_tokens, padded_history, split_bad_words
 from hayabusa.engine.sampling import (
     RowProcessors,
     SamplingParams,

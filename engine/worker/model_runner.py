@@ -8,7 +8,7 @@ is left after the weights, minus room for the activations of the largest prefill
 RAM (the same minus), capped at CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small
 models).
 
-Per-slot state (rows are engine.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
+Per-slot state (rows are engine.core.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
 extra last row absorbs the padding entries of a step's block-table update, and the SlotSampler's tensors (the
 next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves)
 and are copied to forked ones.
@@ -23,9 +23,9 @@ copy. Nothing in it waits for the host. When a row's request wants logprobs, the
 (outside the graph, from the logits it left in its static output buffer `decode_logits`) and ride the same
 read-back; a step with no such row launches exactly what it did without the feature.
 
-A mixed step (prompt chunks, verify passes, decode rows: engine.varlen) runs eagerly. When a chunk scores prompt
+A mixed step (prompt chunks, verify passes, decode rows: engine.worker.varlen) runs eagerly. When a chunk scores prompt
 positions (prompt logprobs) it runs the layers (`FastModel.prefill_hidden`), the LM head on the rows that sample,
-and the LM head on the scored positions in chunks (engine.logprobs.prompt_logprobs); else `FastModel.prefill`,
+and the LM head on the scored positions in chunks (engine.sample.logprobs.prompt_logprobs); else `FastModel.prefill`,
 which computes logits at the sampling rows only. Fork children started by their parent's last chunk sample from the
 parent's last-token row.
 
@@ -48,16 +48,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hayabusa.engine.beam_group import BeamGroup
-from hayabusa.engine.beam_search import BeamStep
-from hayabusa.engine.block_manager import PagedPrompt, PagedSequence
-from hayabusa.engine.fast_model import DecodeInputs, FastModel, PrefillInputs
+from hayabusa.engine.core.block_manager import PagedPrompt, PagedSequence
+from hayabusa.engine.core.scheduler import StepPlan
+from hayabusa.engine.decoding.beam_search import BeamStep
+from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
-from hayabusa.engine.sampler import SamplerMode, SlotSampler
-from hayabusa.engine.scheduler import StepPlan
-from hayabusa.engine.staging import Field, Layout, PackedUpload, Readback, ResultRing
-from hayabusa.engine.varlen import (
+from hayabusa.engine.model.paged_model import DecodeInputs, FastModel, PrefillInputs
+from hayabusa.engine.sample.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
+from hayabusa.engine.sample.sampler import SamplerMode, SlotSampler
+from hayabusa.engine.worker.staging import Field, Layout, PackedUpload, Readback, ResultRing
+from hayabusa.engine.worker.varlen import (
     VarlenBatch,
     draft_width,
     fill_varlen,

@@ -1,6 +1,6 @@
 """Per-slot sampling state on the device, and the sampling step that feeds the next decode without the host.
 
-Row `slot` of each tensor belongs to the running sequence in that slot (engine.slots): its settings, its noise
+Row `slot` of each tensor belongs to the running sequence in that slot (engine.core.slots): its settings, its noise
 step counter, for the repetition penalty its seen-token mask, and for the processors (logits_processors) its eos and
 banned-token masks, bad-word patterns, logit_bias entries and token history (the frequency and presence penalties
 count the generated part of it on the device each step: no count goes through the host). `sample` reads a batch's
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hayabusa.engine.logits_processors import (
+from hayabusa.engine.sample.logits_processors import (
     HISTORY_MARGIN,
     MAX_BAD_WORD_TOKENS,
     MAX_BAD_WORDS,
@@ -44,11 +44,11 @@ from hayabusa.engine.logits_processors import (
     split_bad_words,
 )
 from hayabusa.engine.sampling import RowProcessors, SamplingParams, effective_temperature, eos_token_ids, sample_rows
-from hayabusa.engine.staging import Field, PackedUpload
+from hayabusa.engine.worker.staging import Field, PackedUpload
 
 
 class SlotSequence(Protocol):
-    """What the sampler reads of a sequence it loads (engine.sequence.Sequence satisfies it)."""
+    """What the sampler reads of a sequence it loads (engine.core.sequence.Sequence satisfies it)."""
 
     params: SamplingParams
     seed: int
@@ -274,7 +274,8 @@ class SlotSampler:
 
     def sample_positions(self, logits: Tensor, position_pass: Tensor, position_offset: Tensor, pass_slots: Tensor,
                          pass_drafts: Tensor, mode: SamplerMode) -> tuple[Tensor, Tensor]:
-        """Sample every position of P verify passes and keep each pass's agreeing drafts (engine.prompt_lookup).
+        """Sample every position of P verify passes and keep each pass's agreeing drafts
+        (engine.decoding.prompt_lookup).
 
         Pass p feeds slot pass_slots[p]'s last token and its drafts pass_drafts[p] (int64 [P, K], -1 padded);
         logits row r [R, vocab] is position position_offset[r] of pass position_pass[r]: the token after the last

@@ -8,14 +8,14 @@ The host stays off the device's critical path: `step()` plans step N, launches i
 about step N-1: the sampled ids are already in the next step's input buffer on the device), and only then reads
 step N-1's ids back and processes them (append, detokenize, stop checks, free blocks) while the device runs step
 N. On a CPU the same code runs, each launch simply finishing before it returns. Stop conditions are exact despite
-the lag (see engine.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
+the lag (see engine.core.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
 
-A request of num_return_sequences = n completions runs as n sequences: the first computes the prompt, and the other
-n - 1 are forked from it when it is admitted (they share its prompt's KV blocks, wait while its prompt runs in
-chunks, and sample their first tokens from its logits, each with its own seed, see sampling.completion_seed). Its
-updates carry the completion's `index`. A request of num_beams beams runs the same way as a beam group
-(engine.beam_group), whose best num_return_sequences hypotheses are its outputs, and so does a request of best_of
-candidates (engine.best_of), whose best num_return_sequences are handed out whole once all of them ended.
+A request of num_return_sequences = n completions runs as n sequences: the first computes the prompt, and the other n -
+1 are forked from it when it is admitted (they share its prompt's KV blocks, wait while its prompt runs in chunks, and
+sample their first tokens from its logits, each with its own seed, see sampling.completion_seed). Its updates carry the
+completion's `index`. A request of num_beams beams runs the same way as a beam group (engine.decoding.paged_beams),
+whose best num_return_sequences hypotheses are its outputs, and so does a request of best_of candidates
+(engine.decoding.best_of), whose best num_return_sequences are handed out whole once all of them ended.
 
 Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
 background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
@@ -33,18 +33,18 @@ from collections.abc import Sequence as Seq
 import torch
 from torch import Tensor
 
-from hayabusa.engine.beam_group import BeamGroup
-from hayabusa.engine.best_of import CandidateGroup
-from hayabusa.engine.block_manager import BlockManager
-from hayabusa.engine.fast_model import FastModel, load_ops
+from hayabusa.engine.core.block_manager import BlockManager
+from hayabusa.engine.core.scheduler import Scheduler
+from hayabusa.engine.core.sequence import Delivery, Sequence, SequenceStatus
+from hayabusa.engine.decoding.best_of import CandidateGroup
+from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.loading.config import ModelConfig
 from hayabusa.engine.loading.weights import EMBED_IN
-from hayabusa.engine.logprobs import StepLogprobs
-from hayabusa.engine.model_runner import InFlight, ModelRunner
+from hayabusa.engine.model.paged_model import FastModel, load_ops
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
+from hayabusa.engine.sample.logprobs import StepLogprobs
 from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed
-from hayabusa.engine.scheduler import Scheduler
-from hayabusa.engine.sequence import Delivery, Sequence, SequenceStatus
+from hayabusa.engine.worker.model_runner import InFlight, ModelRunner
 from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
@@ -68,7 +68,7 @@ class PagedEngine:
         triton op set on CUDA; capturing runs every decode batch size once). warmup: also run every prefill shape
         up front (ModelRunner.warm_up), so no request waits for a kernel compile. max_num_batched_tokens: tokens
         per step (default 512 with chunked prefill, else max(8192, the context length)). chunked_prefill: split
-        prompts into chunks that run in the same step as the decodes (engine.scheduler); False: a prompt runs
+        prompts into chunks that run in the same step as the decodes (engine.core.scheduler); False: a prompt runs
         whole, in a step of prefills only.
         """
         self.config = config

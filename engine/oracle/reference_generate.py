@@ -2,7 +2,7 @@
 
 The plain loop users run on a CPU and the oracle the paged engine's outputs are compared with. It computes sampled
 tokens' logprobs (SamplingParams.logprobs) and refuses what only the paged engine does: prompt logprobs, several
-completions per prompt, max_new_tokens 0. `reference_outputs` also runs beam search (engine.reference_beams).
+completions per prompt, max_new_tokens 0. `reference_outputs` also runs beam search (engine.oracle.reference_beams).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from hayabusa.engine.listed_sampling import sample_next_tokens
-from hayabusa.engine.logprobs import token_logprobs
+from hayabusa.engine.oracle.reference_beams import reference_beam_outputs
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.reference_beams import reference_beam_outputs
+from hayabusa.engine.sample.listed_sampling import sample_next_tokens
+from hayabusa.engine.sample.logprobs import token_logprobs
 from hayabusa.engine.sampling import SamplingParams, request_seed
 from hayabusa.tokenizer import Tokenizer
 
@@ -28,7 +28,7 @@ def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Seq
     """Run all prompts as one batch; yield text deltas as tokens are sampled. Inputs are validated by the caller."""
     for p in params:
         if p.num_beams > 1:
-            raise ValueError("beam search does not stream; reference_outputs runs it (engine.reference_beams)")
+            raise ValueError("beam search does not stream; reference_outputs runs it (engine.oracle.reference_beams)")
         if p.prompt_logprobs is not None or p.num_candidates != 1 or p.max_new_tokens == 0:
             raise ValueError("the reference loop generates one completion (no best_of candidates) of at least one "
                              "token per prompt, without prompt logprobs; the paged engine (Engine.generate) does the "

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hayabusa.engine.logprobs import DeviceLogprobs, StepLogprobs
+from hayabusa.engine.sample.logprobs import DeviceLogprobs, StepLogprobs
 
 RING = 2
 _ALIGN = 8

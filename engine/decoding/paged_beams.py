@@ -1,14 +1,14 @@
 """Beam search in the paged engine: one request's num_beams beams as running sequences that share KV blocks.
 
 A request with num_beams = k > 1 is admitted as k sequences, beam slot i held by `seqs[i]`: the first computes the
-prompt (in chunks, engine.scheduler) and the other k - 1 are forked from it at admission and wait, so all k share the
-prompt's blocks. The step that runs the prompt's last chunk gives one row of logits (`rows`: the prompt's); every
+prompt (in chunks, engine.core.scheduler) and the other k - 1 are forked from it at admission and wait, so all k share
+the prompt's blocks. The step that runs the prompt's last chunk gives one row of logits (`rows`: the prompt's); every
 later step one row per beam, each fed from the host the token its beam appended (beam steps are read back at once:
 the next tokens are known only once the search picked them). The runner hands the rows' logits to `score` (the
-request's BeamSearch, engine.beam_search), and the scheduler applies the BeamStep with `reorder`: beam slot i
+request's BeamSearch, engine.decoding.beam_search), and the scheduler applies the BeamStep with `reorder`: beam slot i
 continues parent p_i, taking p_i's tokens plus its new token and p_i's block table by reference. Beams that agree
 share their blocks, and a beam copies the block it writes into only when another beam holds it too (copy-on-write,
-engine.block_manager), so memory grows with how far the beams diverge, not with beams x context.
+engine.core.block_manager), so memory grows with how far the beams diverge, not with beams x context.
 
 When the search is done, its best num_return_sequences hypotheses become the outputs of the first beams, best first
 (`finish`). A beam preempted for blocks takes its whole group along and the search restarts from the prompt later
@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hayabusa.engine.beam_search import BeamSearch, BeamStep, beam_logprobs
-from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.core.block_manager import BlockManager
+from hayabusa.engine.core.sequence import Sequence
+from hayabusa.engine.decoding.beam_search import BeamSearch, BeamStep, beam_logprobs
 from hayabusa.engine.sampling import eos_token_ids
-from hayabusa.engine.sequence import Sequence
 
 
 class BeamGroup:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hayabusa.engine.sequence import Sequence
+    from hayabusa.engine.core.sequence import Sequence
 
 
 class CandidateGroup:

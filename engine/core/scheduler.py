@@ -31,10 +31,10 @@ starts them too, sampling their first tokens from its logits with their own seed
 the same way at any later point. A fork writes into a shared block only after a copy-on-write (the plan's
 `block_copies`), and a preempted child is recomputed alone, like any sequence.
 
-Beam search (engine.beam_group): a request of num_beams beams is admitted like one of num_beams completions, but its
-beams are scored together: the prompt's last chunk gives the one row the search starts from, and every later step
-feeds each beam the token the search appended (from the host: steps with beams are read back at once) and scores all
-its rows. A beam preempted for blocks takes its whole group along; the search restarts from the prompt.
+Beam search (engine.decoding.paged_beams): a request of num_beams beams is admitted like one of num_beams completions,
+but its beams are scored together: the prompt's last chunk gives the one row the search starts from, and every later
+step feeds each beam the token the search appended (from the host: steps with beams are read back at once) and scores
+all its rows. A beam preempted for blocks takes its whole group along; the search restarts from the prompt.
 """
 
 from __future__ import annotations
@@ -46,15 +46,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hayabusa.engine.beam_group import BeamGroup
-from hayabusa.engine.beam_search import BeamStep
-from hayabusa.engine.block_manager import BlockManager
+from hayabusa.engine.core.block_manager import BlockManager
+from hayabusa.engine.core.sequence import Sequence, SequenceStatus
+from hayabusa.engine.core.slots import NO_MOVES, SlotTable
+from hayabusa.engine.decoding.beam_search import BeamStep
+from hayabusa.engine.decoding.paged_beams import BeamGroup
+from hayabusa.engine.decoding.prompt_lookup import plan_drafts
 from hayabusa.engine.loading.config import check_context_fits
-from hayabusa.engine.logprobs import StepLogprobs
-from hayabusa.engine.prompt_lookup import plan_drafts
-from hayabusa.engine.sampler import SamplerMode
-from hayabusa.engine.sequence import Sequence, SequenceStatus
-from hayabusa.engine.slots import NO_MOVES, SlotTable
+from hayabusa.engine.sample.logprobs import StepLogprobs
+from hayabusa.engine.sample.sampler import SamplerMode
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
 Deliver = Callable[[Sequence, "Seq[int]", str], None]  # (sequence, its new tokens, its text delta)
@@ -66,7 +66,7 @@ def _ignore(seq: Sequence, tokens: Seq[int], delta: str) -> None:
 
 @dataclass
 class StepPlan:
-    """One step's work; row r is slot r (engine.slots).
+    """One step's work; row r is slot r (engine.core.slots).
 
     A decode step (num_new_tokens None) computes, for each row with a position >= 0, one token fed from the device
     (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
@@ -83,12 +83,12 @@ class StepPlan:
     tokens_per_row: np.ndarray
     positions: np.ndarray  # int64 [rows]: the first position each row computes, -1 for a row with nothing to compute
     new_blocks: list[tuple[int, int, int]]  # (slot, column, block id) entries the block tables gain
-    sampler_mode: SamplerMode  # the cheapest that serves every row (engine.sampler)
+    sampler_mode: SamplerMode  # the cheapest that serves every row (engine.sample.sampler)
     num_new_tokens: np.ndarray | None = None  # mixed steps: int64 [rows], tokens each row computes
     chunks: list[int] = field(default_factory=list)  # mixed steps: rows fed from the host, ascending
     admitted: list[int] = field(default_factory=list)  # mixed steps: rows whose sampler state loads this step
     # Mixed steps: row -> prompt-lookup draft tokens; the row feeds its last token and them from the host and
-    # emits up to len + 1 tokens (a verify pass, engine.prompt_lookup). The step is read back at once.
+    # emits up to len + 1 tokens (a verify pass, engine.decoding.prompt_lookup). The step is read back at once.
     drafts: dict[int, list[int]] = field(default_factory=dict)
     forked_from: dict[int, int] = field(default_factory=dict)  # mixed steps: child row -> the parent row it samples as
     # Mixed steps: chunk row -> (first, end): the positions whose next prompt token's logprob this step computes
@@ -558,9 +558,9 @@ class Scheduler:
                 deliver(seq, (), "")
 
     def _apply_beam_steps(self, beam_steps: Seq[tuple[BeamGroup, BeamStep | None]], deliver: Deliver) -> None:
-        """Reorder each group's beams by its step (engine.beam_group), or end it: with its best hypotheses when its
-        search is done, with an error when its logits were not finite. Steps with beams are read back at once, so
-        every token is known here."""
+        """Reorder each group's beams by its step (engine.decoding.paged_beams), or end it: with its best hypotheses
+        when its search is done, with an error when its logits were not finite. Steps with beams are read back at once,
+        so every token is known here."""
         slots, block_size = self.slots, self.block_manager.block_size
         for group, step in beam_steps:
             if any(seq.status is not SequenceStatus.RUNNING for seq in group.seqs):

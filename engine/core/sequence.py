@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 from hayabusa.engine.sampling import SamplingParams, request_seed
 
 if TYPE_CHECKING:
-    from hayabusa.engine.beam_group import BeamGroup
-    from hayabusa.engine.best_of import CandidateGroup
+    from hayabusa.engine.decoding.best_of import CandidateGroup
+    from hayabusa.engine.decoding.paged_beams import BeamGroup
     from hayabusa.engine.outputs import OutputBuilder
 
 

@@ -25,7 +25,7 @@ from typing import Protocol
 
 
 class PagedSequence(Protocol):
-    """What the block manager reads and writes on a sequence (engine.sequence.Sequence satisfies it)."""
+    """What the block manager reads and writes on a sequence (engine.core.sequence.Sequence satisfies it)."""
 
     token_ids: list[int]
     block_table: list[int]

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from hayabusa.engine.loading.config import ModelConfig
 from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes
-from hayabusa.engine.reference import PREFIX, layer_weights
+from hayabusa.engine.oracle.reference_model import PREFIX, layer_weights
 from hayabusa.kernels._attention_checks import MAX_HEAD_DIM
 from hayabusa.kernels.rotary import rotary_tables
 

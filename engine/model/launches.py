@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hayabusa.engine.fast_model import DecodeInputs, FastModel, KVCaches, PrefillInputs, load_ops
 from hayabusa.engine.loading.config import ModelConfig
 from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.engine.model.paged_model import DecodeInputs, FastModel, KVCaches, PrefillInputs, load_ops
 from hayabusa.kernels._launch import H200, DeviceLimits, cdiv, simulated_device
 from hayabusa.kernels.launch_count import LaunchLog, RecordedLaunch, recorded_launches
 from hayabusa.kernels.linear import M_BUCKETS
