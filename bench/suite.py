@@ -154,7 +154,7 @@ def disturbed_cases_warning(disturbed: list[tuple[str, dict[str, Any]]], total_c
 
 
 def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
-    """hayabusa's kernel launches per decode step at each decode batch, counted without running (FastModel on meta
+    """hayabusa's kernel launches per decode step at each decode batch, counted without running (PagedModel on meta
     tensors) with the configs of this GPU, or of an H200 when the run is on a CPU."""
     on_gpu = settings.device.type == "cuda"
     limits = device_limits(settings.device) if on_gpu else H200

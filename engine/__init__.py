@@ -7,7 +7,7 @@ from typing import Any
 
 _EXPORTS = {
     "Engine": "hayabusa.engine.api",
-    "SamplingParams": "hayabusa.engine.sampling",
+    "SamplingParams": "hayabusa.engine.sampling_params",
     "GenerationOutput": "hayabusa.engine.outputs",
     "ModelConfig": "hayabusa.engine.loading.config",
 }

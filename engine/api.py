@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from hayabusa.engine.loading.config import ModelConfig, check_context_fits
-from hayabusa.engine.loading.weights import EMBED_IN, load_model_files
+from hayabusa.engine.loading.tensor_names import EMBED_IN
+from hayabusa.engine.loading.weights import load_model_files
 from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
 from hayabusa.engine.platform.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.sampling import SamplingParams, check_option_ids
+from hayabusa.engine.sampling_params import SamplingParams, check_option_ids
 from hayabusa.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]

@@ -153,7 +153,7 @@ def flag_error(err: ValueError) -> ValueError:
 
 def run_generate(args: argparse.Namespace) -> int:
     from hayabusa.engine.api import Engine
-    from hayabusa.engine.sampling import SamplingParams
+    from hayabusa.engine.sampling_params import SamplingParams
 
     def params_for(bad_words_ids: tuple[tuple[int, ...], ...]) -> SamplingParams:
         early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]

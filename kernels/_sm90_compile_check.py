@@ -1,6 +1,6 @@
 """Compile every Triton kernel specialization the engine launches for the 2.7B model on an H200 (sm_90), no GPU.
 
-The set is `engine_specializations` (engine/model/launches.py): FastModel's decode at every batch bucket up to 256 and
+The set is `engine_specializations` (engine/model/launches.py): PagedModel's decode at every batch bucket up to 256 and
 every block-table width, and its prefill at every token-count bucket up to 2048, run on meta tensors under
 `simulated_device(H200)` (132 SMs, 227 KB of shared memory per block) with each launch recorded instead of run.
 Triton's own binder specializes each recorded launch as a real launch would, and `triton.compile` builds it for

@@ -10,7 +10,7 @@ from hayabusa.engine.decoding.beam_search import BeamSearch, beam_logprobs, topk
 from hayabusa.engine.oracle.reference_beams import reference_beam_outputs
 from hayabusa.engine.oracle.reference_generate import reference_generate, reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

@@ -13,7 +13,8 @@ from transformers.utils import logging as hf_logging
 from hayabusa.engine.cli import main
 from hayabusa.engine.loading.checkpoint_writer import parse_size, write_random_checkpoint
 from hayabusa.engine.loading.config import PRESETS, ModelConfig, load_config
-from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes, load_weights
+from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.engine.loading.weights import load_weights
 
 hf_logging.set_verbosity_error()
 

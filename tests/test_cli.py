@@ -20,10 +20,10 @@ from hayabusa.engine.core import paged_engine
 from hayabusa.engine.loading import hub, random_models
 from hayabusa.engine.loading.checkpoint_writer import FORMATS
 from hayabusa.engine.loading.config import DTYPES
-from hayabusa.engine.model.paged_model import OP_SETS
+from hayabusa.engine.model.op_sets import OP_SETS
 from hayabusa.engine.param_names import respelled
 from hayabusa.engine.platform import devices
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from hayabusa.engine.api import Engine
 from hayabusa.engine.oracle.reference_beams import reference_beam_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 from hf_oracle import random_hf_model
 from paged_engine import TOKENIZER, blocks_in_use_per_plan, make_engine

@@ -14,8 +14,9 @@ import torch
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.core.sequence import Delivery
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sample.listed_sampling import sample_next_tokens
-from hayabusa.engine.sampling import SamplingParams, completion_seed
+from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
+from hayabusa.engine.sample.seeds import completion_seed
+from hayabusa.engine.sampling_params import SamplingParams
 
 from paged_engine import SAMPLED, blocks_in_use_per_plan, make_engine, small_model
 

@@ -11,7 +11,7 @@ import torch
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.oracle.reference_generate import reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from devices import DEVICE

@@ -14,8 +14,8 @@ from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.model.paged_model import DecodeInputs
 from hayabusa.engine.oracle.reference_generate import reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.worker.model_runner import graph_batch_sizes
+from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.engine.worker.shape_buckets import graph_batch_sizes
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

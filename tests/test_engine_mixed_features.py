@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 from paged_engine import make_engine, small_model
 

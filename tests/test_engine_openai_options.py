@@ -11,7 +11,8 @@ import torch
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.oracle.reference_generate import reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams, completion_seed
+from hayabusa.engine.sample.seeds import completion_seed
+from hayabusa.engine.sampling_params import SamplingParams
 
 from devices import DEVICE
 from hf_oracle import random_hf_model

@@ -15,13 +15,13 @@ import torch
 
 from hayabusa.engine.api import Engine
 from hayabusa.engine.core.paged_engine import PagedEngine
-from hayabusa.engine.loading.weights import EMBED_IN
+from hayabusa.engine.loading.tensor_names import EMBED_IN
 from hayabusa.engine.oracle.reference_generate import reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.sample.sampler import SamplerMode
-from hayabusa.engine.sampling import SamplingParams
-from hayabusa.engine.worker import model_runner
-from hayabusa.engine.worker.model_runner import graph_batch_sizes, prefill_bucket, prefill_buckets
+from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.engine.worker import kv_cache
+from hayabusa.engine.worker.shape_buckets import graph_batch_sizes, prefill_bucket, prefill_buckets
 
 from paged_engine import SAMPLED, TOKENIZER, make_engine, small_model
 
@@ -278,15 +278,15 @@ def test_backends_run_the_paged_engine_and_the_cpu_pool_fits_the_ram(model, monk
         == "torch"
     assert Engine(config, state_dict, TOKENIZER, backend="triton", device=torch.device("cpu"),
                   kv_cache_blocks=4).paged.model.ops.name == "triton"
-    full = model_runner.CPU_DEFAULT_SEQUENCES * 16  # 64 positions in blocks of 4
+    full = kv_cache.CPU_DEFAULT_SEQUENCES * 16  # 64 positions in blocks of 4
     assert make_engine(config, state_dict, kv_cache_blocks=None).runner.num_kv_blocks == full
-    block_bytes = model_runner.kv_block_bytes(config, 4, torch.float32)
+    block_bytes = kv_cache.kv_block_bytes(config, 4, torch.float32)
     available = 2 * full * block_bytes  # half of it would hold the full pool, were it not for the activations
-    monkeypatch.setattr(model_runner, "available_host_memory", lambda: available)
+    monkeypatch.setattr(kv_cache, "available_host_memory", lambda: available)
     engine = make_engine(config, state_dict, kv_cache_blocks=None, max_num_seqs=4, max_num_batched_tokens=64)
     assert 0 < engine.runner.num_kv_blocks < full
-    assert engine.runner.num_kv_blocks * block_bytes <= available * model_runner.CPU_KV_MEMORY_FRACTION
-    monkeypatch.setattr(model_runner, "available_host_memory", lambda: 1 << 10)
+    assert engine.runner.num_kv_blocks * block_bytes <= available * kv_cache.CPU_KV_MEMORY_FRACTION
+    monkeypatch.setattr(kv_cache, "available_host_memory", lambda: 1 << 10)
     with pytest.raises(ValueError, match="pass kv_cache_blocks"):
         make_engine(config, state_dict, kv_cache_blocks=None)
 

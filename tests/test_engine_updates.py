@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from hayabusa.engine.core.paged_engine import PagedEngine
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

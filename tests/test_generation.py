@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hayabusa.engine.api import Engine
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

@@ -1,5 +1,5 @@
 """Launches per decode step and the kernel specializations the engine can launch, at the 2.7B shapes with an H200's
-launch configs (FastModel on meta tensors, every launch recorded instead of run: no GPU, no arithmetic)."""
+launch configs (PagedModel on meta tensors, every launch recorded instead of run: no GPU, no arithmetic)."""
 
 import importlib
 
@@ -9,7 +9,7 @@ import torch
 from hayabusa.engine.loading.config import PRESETS
 from hayabusa.engine.model.launches import decode_step_launches, engine_specializations, placeholder_model
 from hayabusa.engine.sample.sampler import SamplerMode, row_mode
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.engine.worker.model_runner import ModelRunner
 from hayabusa.kernels._launch import H200, simulated_device
 from hayabusa.kernels.launch_count import recorded_launches

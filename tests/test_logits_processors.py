@@ -28,7 +28,7 @@ from hayabusa.engine.sample.logits_processors import (
     padded_history,
     split_bad_words,
 )
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 VOCAB = 12  # few tokens: random histories repeat n-grams often
 

@@ -13,8 +13,8 @@ from hayabusa.engine.api import Engine
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.oracle.reference_generate import reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.sample.logprobs import TokenLogprobs
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.outputs import TokenLogprobs
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.engine.worker import model_runner
 from hayabusa.tokenizer import Tokenizer
 

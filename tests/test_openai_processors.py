@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import SequenceBiasLogitsProcessor
 
-from hayabusa.engine.sample.listed_sampling import sample_next_tokens
+from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
 from hayabusa.engine.sample.logits_processors import (
     MAX_LOGIT_BIAS,
     generated_counts,
@@ -19,7 +19,8 @@ from hayabusa.engine.sample.logits_processors import (
     padded_history,
     penalize_generated,
 )
-from hayabusa.engine.sampling import SamplingParams, check_option_ids, gumbel_noise
+from hayabusa.engine.sample.seeds import gumbel_noise
+from hayabusa.engine.sampling_params import SamplingParams, check_option_ids
 
 VOCAB = 40
 
@@ -75,7 +76,7 @@ def test_penalties_follow_openais_formula_over_generated_tokens_only() -> None:
 
 def written_out_logits(logits: torch.Tensor, params: SamplingParams, tokens: list[int], num_generated: int
                        ) -> list[float]:
-    """The processing order of engine.sampling, token by token in float64: logit_bias, repetition penalty (prompt and
+    """The processing order of engine.sample.ops, token by token in float64: logit_bias, repetition penalty (prompt and
     generated tokens), frequency and presence penalties (generated tokens only)."""
     x = logits.double().tolist()
     for token, bias in params.logit_bias.items():

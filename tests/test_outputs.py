@@ -1,7 +1,7 @@
 """OutputBuilder: text deltas, stop strings held back until resolved, eos and length limits."""
 
 from hayabusa.engine.outputs import OutputBuilder
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.from_pretrained()

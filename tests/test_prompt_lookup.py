@@ -10,7 +10,7 @@ from transformers.generation.candidate_generator import PromptLookupCandidateGen
 
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.decoding.prompt_lookup import draft_tokens
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from devices import DEVICE

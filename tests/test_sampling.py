@@ -8,8 +8,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hayabusa.engine.sample.listed_sampling import apply_repetition_penalty, sample_next_tokens
-from hayabusa.engine.sampling import SamplingParams, gumbel_noise, mask_top_k_top_p
+from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
+from hayabusa.engine.sample.ops import mask_top_k_top_p
+from hayabusa.engine.sample.processors_from_lists import apply_repetition_penalty
+from hayabusa.engine.sample.seeds import gumbel_noise
+from hayabusa.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

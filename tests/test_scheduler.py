@@ -14,10 +14,11 @@ import pytest
 from hypothesis import given, settings
 
 from hayabusa.engine.core.block_manager import BlockManager
-from hayabusa.engine.core.scheduler import Scheduler, StepPlan
+from hayabusa.engine.core.scheduler import Scheduler
 from hayabusa.engine.core.sequence import Sequence, SequenceStatus
+from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.outputs import OutputBuilder
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.from_pretrained()

@@ -9,7 +9,7 @@ import torch
 from hayabusa.engine.core import paged_engine
 from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.loading.config import PRESETS
-from hayabusa.engine.model.paged_model import OpSet
+from hayabusa.engine.model.op_sets import OpSet
 from hayabusa.engine.oracle import verify
 from hayabusa.engine.platform import devices
 

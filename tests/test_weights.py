@@ -15,14 +15,8 @@ from transformers.utils import logging as hf_logging
 from hayabusa.engine.loading import weights
 from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.loading.config import PRESETS, ModelConfig, load_config
-from hayabusa.engine.loading.weights import (
-    EMBED_IN,
-    EMBED_OUT,
-    CheckpointError,
-    expected_shapes,
-    load_model_files,
-    load_weights,
-)
+from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.engine.loading.weights import CheckpointError, load_model_files, load_weights
 
 from devices import DEVICE
 

@@ -95,7 +95,7 @@ def test_overhead_decode_attention_b1(benchmark, stubbed_launches, checked):
 
 
 def test_overhead_decode_step_per_launch(benchmark, stubbed_launches):
-    """FastModel.decode of the 2.7B model at batch 1 (weights allocated, never written or read: launches are
+    """PagedModel.decode of the 2.7B model at batch 1 (weights allocated, never written or read: launches are
     stubbed): host time per step over its launches, the embedding gather (torch) included."""
     model = placeholder_model(PRESETS["2.7b"], DTYPE, torch.device(DEVICE))
     blocks = CONTEXT // PAGE

@@ -1,7 +1,7 @@
 """`PagedEngine`: continuous batching over a paged KV cache, on the kernels (ops="triton") or on their plain-PyTorch
 references (ops="torch"); both backends of `Engine` run it.
 
-Data flows one way: request -> Sequence -> Scheduler (blocks, slots) -> ModelRunner (FastModel and SlotSampler on
+Data flows one way: request -> Sequence -> Scheduler (blocks, slots) -> ModelRunner (PagedModel and SlotSampler on
 the device) -> read back one step later -> Sequence (OutputBuilder: text deltas, stopping) -> RequestUpdate.
 
 The host stays off the device's critical path: `step()` plans step N, launches it (it needs nothing from the host
@@ -10,12 +10,13 @@ step N-1's ids back and processes them (append, detokenize, stop checks, free bl
 N. On a CPU the same code runs, each launch simply finishing before it returns. Stop conditions are exact despite
 the lag (see engine.core.scheduler): a stopped sequence's extra row is discarded and never reaches its output.
 
-A request of num_return_sequences = n completions runs as n sequences: the first computes the prompt, and the other n -
-1 are forked from it when it is admitted (they share its prompt's KV blocks, wait while its prompt runs in chunks, and
-sample their first tokens from its logits, each with its own seed, see sampling.completion_seed). Its updates carry the
-completion's `index`. A request of num_beams beams runs the same way as a beam group (engine.decoding.paged_beams),
-whose best num_return_sequences hypotheses are its outputs, and so does a request of best_of candidates
-(engine.decoding.best_of), whose best num_return_sequences are handed out whole once all of them ended.
+A request of num_return_sequences = n completions runs as n sequences: the first computes the prompt, and the
+other n - 1 are forked from it when it is admitted (they share its prompt's KV blocks, wait while its prompt runs in
+chunks, and sample their first tokens from its logits, each with its own seed, see engine.sample.seeds.
+completion_seed). Its updates carry the completion's `index`. A request of num_beams beams runs the same way as a
+beam group (engine.decoding.paged_beams), whose best num_return_sequences hypotheses are its outputs, and so does a
+request of best_of candidates (engine.decoding.best_of), whose best num_return_sequences are handed out whole once
+all of them ended.
 
 Threads: any number of threads may call add_request, abort, step, generate, stream and stats at once. There is no
 background thread: a caller waiting for results drives the engine (one step at a time, one driver at a time), and
@@ -39,11 +40,13 @@ from hayabusa.engine.core.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.decoding.best_of import CandidateGroup
 from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.loading.weights import EMBED_IN
-from hayabusa.engine.model.paged_model import FastModel, load_ops
+from hayabusa.engine.loading.tensor_names import EMBED_IN
+from hayabusa.engine.model.op_sets import load_ops
+from hayabusa.engine.model.paged_model import PagedModel
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
 from hayabusa.engine.sample.logprobs import StepLogprobs
-from hayabusa.engine.sampling import SamplingParams, check_option_ids, completion_seed
+from hayabusa.engine.sample.seeds import completion_seed
+from hayabusa.engine.sampling_params import SamplingParams, check_option_ids
 from hayabusa.engine.worker.model_runner import InFlight, ModelRunner
 from hayabusa.tokenizer import Tokenizer
 
@@ -81,7 +84,7 @@ class PagedEngine:
         if max_num_batched_tokens is None:
             max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS if chunked_prefill \
                 else max(DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED, max_model_len)
-        self.model = FastModel(config, state_dict, load_ops(ops))
+        self.model = PagedModel(config, state_dict, load_ops(ops))
         self.runner = ModelRunner(self.model, block_size=block_size, num_kv_blocks=kv_cache_blocks,
                                   max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                   gpu_memory_utilization=gpu_memory_utilization, use_cuda_graphs=cuda_graphs)

@@ -42,19 +42,18 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from hayabusa.engine.core.block_manager import BlockManager
 from hayabusa.engine.core.sequence import Sequence, SequenceStatus
-from hayabusa.engine.core.slots import NO_MOVES, SlotTable
+from hayabusa.engine.core.slots import SlotTable
+from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.decoding.beam_search import BeamStep
 from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.decoding.prompt_lookup import plan_drafts
 from hayabusa.engine.loading.config import check_context_fits
 from hayabusa.engine.sample.logprobs import StepLogprobs
-from hayabusa.engine.sample.sampler import SamplerMode
 
 NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
 Deliver = Callable[[Sequence, "Seq[int]", str], None]  # (sequence, its new tokens, its text delta)
@@ -62,57 +61,6 @@ Deliver = Callable[[Sequence, "Seq[int]", str], None]  # (sequence, its new toke
 
 def _ignore(seq: Sequence, tokens: Seq[int], delta: str) -> None:
     pass
-
-
-@dataclass
-class StepPlan:
-    """One step's work; row r is slot r (engine.core.slots).
-
-    A decode step (num_new_tokens None) computes, for each row with a position >= 0, one token fed from the device
-    (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
-    on: a decode row its one token from the device; a row in `chunks` the tokens seq.token_ids[positions[r]:
-    positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end); a
-    row in `drafts` its last token and its drafts from the host (a verify pass); a row in `forked_from` computes
-    nothing and samples from the logits of the row it was forked from (a fork child starting with its parent's last
-    prompt chunk).
-    """
-
-    seqs: list[Sequence]  # every running slot in order
-    # Tokens each row samples this step: 0 or 1; up to its drafts + 1 for a verify pass (how many, its read-back
-    # says); 0 for a prompt chunk short of its end.
-    tokens_per_row: np.ndarray
-    positions: np.ndarray  # int64 [rows]: the first position each row computes, -1 for a row with nothing to compute
-    new_blocks: list[tuple[int, int, int]]  # (slot, column, block id) entries the block tables gain
-    sampler_mode: SamplerMode  # the cheapest that serves every row (engine.sample.sampler)
-    num_new_tokens: np.ndarray | None = None  # mixed steps: int64 [rows], tokens each row computes
-    chunks: list[int] = field(default_factory=list)  # mixed steps: rows fed from the host, ascending
-    admitted: list[int] = field(default_factory=list)  # mixed steps: rows whose sampler state loads this step
-    # Mixed steps: row -> prompt-lookup draft tokens; the row feeds its last token and them from the host and
-    # emits up to len + 1 tokens (a verify pass, engine.decoding.prompt_lookup). The step is read back at once.
-    drafts: dict[int, list[int]] = field(default_factory=dict)
-    forked_from: dict[int, int] = field(default_factory=dict)  # mixed steps: child row -> the parent row it samples as
-    # Mixed steps: chunk row -> (first, end): the positions whose next prompt token's logprob this step computes
-    # (SamplingParams.prompt_logprobs), ascending by row.
-    scored: dict[int, tuple[int, int]] = field(default_factory=dict)
-    prompt_ends: list[int] = field(default_factory=list)  # mixed steps: rows whose prompt ends here, sampling nothing
-    # Mixed steps: the beam groups this step scores, with their rows in BeamGroup.scored_seqs order. Once a group
-    # started, its rows are fed from the host (the tokens the search appended) and sample nothing themselves.
-    beams: list[tuple[BeamGroup, list[int]]] = field(default_factory=list)
-    wants_logprobs: bool = False  # some sampling row's request wants its sampled tokens' logprobs
-    # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
-    slot_moves: tuple[list[int], list[int]] = NO_MOVES
-    settings_loads: Seq[Sequence] = ()  # running sequences forked since the last launch: their sampler rows load
-    block_copies: Seq[tuple[int, int]] = ()  # (source, destination) KV blocks, copy-on-write before the step
-
-    def __post_init__(self) -> None:
-        self.num_rows = len(self.seqs)
-        self.num_sampling_rows = int(np.count_nonzero(self.tokens_per_row))
-        # Else nothing is launched. (A decode row computes exactly when it samples.)
-        self.has_work = self.num_sampling_rows > 0 or self.is_mixed and bool(self.num_new_tokens.any())
-
-    @property
-    def is_mixed(self) -> bool:
-        return self.num_new_tokens is not None
 
 
 class Scheduler:

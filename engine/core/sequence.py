@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-from hayabusa.engine.sampling import SamplingParams, request_seed
+from hayabusa.engine.sample.seeds import request_seed
+from hayabusa.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from hayabusa.engine.decoding.best_of import CandidateGroup

@@ -37,9 +37,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hayabusa.engine.sample.listed_sampling import listed_processors, seen_mask
 from hayabusa.engine.sample.logits_processors import penalize_generated
-from hayabusa.engine.sampling import SamplingParams, apply_penalty
+from hayabusa.engine.sample.ops import apply_penalty
+from hayabusa.engine.sample.processors_from_lists import listed_processors, seen_mask
+from hayabusa.engine.sampling_params import SamplingParams
 
 DEAD_BEAM_SCORE = -1.0e9  # transformers' score of the initial copies 2..k and of an empty hypothesis slot
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from hayabusa.engine.core.block_manager import BlockManager
 from hayabusa.engine.core.sequence import Sequence
 from hayabusa.engine.decoding.beam_search import BeamSearch, BeamStep, beam_logprobs
-from hayabusa.engine.sampling import eos_token_ids
+from hayabusa.engine.sampling_params import eos_token_ids
 
 
 class BeamGroup:

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from hayabusa.engine.loading.config import DTYPES, PRESETS, ModelConfig
 from hayabusa.engine.loading.hub import BIN_FILES, SAFETENSORS_FILES
-from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, SAFETENSORS_DTYPES, expected_shapes
+from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.engine.loading.weights import SAFETENSORS_DTYPES
 
 FORMATS = ("safetensors", "bin")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -21,9 +21,8 @@ from hayabusa.engine.loading.config import ModelConfig, describe_defaults, load_
 from hayabusa.engine.loading.host_arena import host_tensors
 from hayabusa.engine.loading.model_source import resolve_model_dir
 from hayabusa.engine.loading.pickle_scan import pickle_code_globals, refused_global
+from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
 
-EMBED_IN = "gpt_neox_japanese.embed_in.weight"
-EMBED_OUT = "embed_out.weight"
 # Buffers that older transformers versions saved with the weights; hayabusa recomputes them, so they are dropped.
 KNOWN_BUFFER = re.compile(r"^gpt_neox_japanese\.layers\.(\d+)\.attention\.(rotary_emb\.inv_freq|bias|masked_bias)$")
 FLOATING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,30 +39,6 @@ SHAPE_KEYS = ["vocab_size", "hidden_size", "num_hidden_layers", "intermediate_mu
 
 class CheckpointError(ValueError):
     """Weights that cannot be this model's: missing, unexpected, wrong-shaped, non-float or unreadable tensors."""
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for every parameter of GPTNeoXJapaneseForCausalLM, in the order HF stores them."""
-    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {EMBED_IN: (vocab, hidden)}
-    for i in range(config.num_hidden_layers):
-        layer = f"gpt_neox_japanese.layers.{i}"
-        shapes |= {
-            f"{layer}.input_layernorm.weight": (hidden,),
-            f"{layer}.input_layernorm.bias": (hidden,),
-            f"{layer}.post_attention_layernorm.weight": (hidden,),
-            f"{layer}.post_attention_layernorm.bias": (hidden,),
-            f"{layer}.attention.query_key_value.weight": (3 * hidden, hidden),  # rows per head: [q | k | v]
-            f"{layer}.attention.dense.weight": (hidden, hidden),
-        }
-        if i == config.num_hidden_layers - 1:  # only the last layer's attention output has a bias
-            shapes[f"{layer}.attention.dense_bias"] = (hidden,)
-        shapes[f"{layer}.mlp.dense_h_to_4h.weight"] = (inter, hidden)
-        shapes[f"{layer}.mlp.dense_4h_to_h.weight"] = (hidden, inter)
-    shapes["gpt_neox_japanese.final_layer_norm.weight"] = (hidden,)
-    shapes["gpt_neox_japanese.final_layer_norm.bias"] = (hidden,)
-    shapes[EMBED_OUT] = (vocab, hidden)
-    return shapes
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,2 @@
-"""GPT-NeoX-Japanese over a paged KV cache on the kernels or their plain-PyTorch twins (paged_model), and what it
-launches on a GPU, counted on any machine (launches)."""
+"""GPT-NeoX-Japanese over a paged KV cache (paged_model), on either op set (op_sets: the Triton kernels or their
+plain-PyTorch twins), and what it launches on a GPU, counted on any machine (launches)."""

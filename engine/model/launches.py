@@ -1,4 +1,4 @@
-"""What the engine launches on a GPU, found on any machine: FastModel's forward passes run on meta tensors under a
+"""What the engine launches on a GPU, found on any machine: PagedModel's forward passes run on meta tensors under a
 simulated device (an H200 by default), every launch recorded instead of executed (kernels/launch_count.py).
 
 - `decode_step_launches`: one decode step's launches, per layer and outside the layers, Triton and torch.
@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes
-from hayabusa.engine.model.paged_model import DecodeInputs, FastModel, KVCaches, PrefillInputs, load_ops
+from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.engine.model.op_sets import load_ops
+from hayabusa.engine.model.paged_model import DecodeInputs, KVCaches, PagedModel, PrefillInputs
 from hayabusa.kernels._launch import H200, DeviceLimits, cdiv, simulated_device
 from hayabusa.kernels.launch_count import LaunchLog, RecordedLaunch, recorded_launches
 from hayabusa.kernels.linear import M_BUCKETS
@@ -25,16 +26,16 @@ META = torch.device("meta")
 BLOCK_SIZE = 16  # the engine's default KV-cache page
 
 
-def placeholder_model(config: ModelConfig, dtype: torch.dtype, device: torch.device = META) -> FastModel:
-    """FastModel on the Triton op set with weights that are never written: on the meta device (the default: no
+def placeholder_model(config: ModelConfig, dtype: torch.dtype, device: torch.device = META) -> PagedModel:
+    """PagedModel on the Triton op set with weights that are never written: on the meta device (the default: no
     memory, nothing can run) or allocated uninitialized on `device`, for recording or stubbing launches."""
     state = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in expected_shapes(config).items()}
     if config.tie_word_embeddings:
         state[EMBED_OUT] = state[EMBED_IN]
-    return FastModel(config, state, load_ops("triton"))
+    return PagedModel(config, state, load_ops("triton"))
 
 
-def placeholder_kv_caches(model: FastModel, num_blocks: int) -> KVCaches:
+def placeholder_kv_caches(model: PagedModel, num_blocks: int) -> KVCaches:
     """Per layer (k_cache, v_cache) [num_blocks, BLOCK_SIZE, heads, head_dim] on the model's device, unwritten."""
     cfg = model.config
     shape = (num_blocks, BLOCK_SIZE, cfg.num_attention_heads, cfg.head_dim)
@@ -49,7 +50,7 @@ def placeholder_decode_inputs(batch: int, blocks_per_seq: int, device: torch.dev
                         check_indices=False)
 
 
-def _record_decode(model: FastModel, batch: int, blocks_per_seq: int) -> LaunchLog:
+def _record_decode(model: PagedModel, batch: int, blocks_per_seq: int) -> LaunchLog:
     """The launches of one decode step of `batch` sequences whose block tables hold blocks_per_seq entries."""
     inputs = placeholder_decode_inputs(batch, blocks_per_seq)
     kv_caches = placeholder_kv_caches(model, batch * blocks_per_seq)
@@ -58,7 +59,7 @@ def _record_decode(model: FastModel, batch: int, blocks_per_seq: int) -> LaunchL
     return log
 
 
-def _record_prefill(model: FastModel, num_tokens: int) -> LaunchLog:
+def _record_prefill(model: PagedModel, num_tokens: int) -> LaunchLog:
     """The launches of one prefill of num_tokens new tokens, in sequences of at most the model's positions."""
     max_len = model.config.max_position_embeddings
     num_seqs = cdiv(num_tokens, max_len)

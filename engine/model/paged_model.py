@@ -8,14 +8,11 @@ the residual stream from `prefill_hidden` and runs `lm_head` on the rows it want
 in place: h = h + attn(ln1(h)), then h = h + mlp(ln2(h)). At decode sizes each op is one launch (the LayerNorms
 run in the next GEMM's prologue): five per layer, plus the embedding gather and the LM head.
 
-The op set is pluggable: `load_ops("triton")` runs the Triton kernels, `load_ops("torch")` their plain-PyTorch
-`*_ref` twins (same signatures and cache writes), which lets CPU tests drive the whole paged engine at scale
-without the slow Triton interpreter.
+It runs on either op set (engine.model.op_sets): the Triton kernels, or their plain-PyTorch twins.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,41 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT, expected_shapes
-from hayabusa.engine.oracle.reference_model import PREFIX, layer_weights
+from hayabusa.engine.loading.tensor_names import (
+    EMBED_IN,
+    EMBED_OUT,
+    FINAL_LN_BIAS,
+    FINAL_LN_WEIGHT,
+    expected_shapes,
+    layer_weights,
+)
+from hayabusa.engine.model.op_sets import OpSet
 from hayabusa.kernels._attention_checks import MAX_HEAD_DIM
 from hayabusa.kernels.rotary import rotary_tables
-
-OP_SETS = ("triton", "torch")
-
-
-@dataclass(frozen=True)
-class OpSet:
-    name: str
-    linear: Callable[..., Tensor]
-    ln_linear: Callable[..., Tensor]  # linear(layer_norm(x)): the LayerNorm fused into the GEMM where it pays
-    layer_norm: Callable[..., Tensor]
-    prefill_attention: Callable[..., Tensor]
-    decode_attention: Callable[..., Tensor]
-
-
-def load_ops(name: str) -> OpSet:
-    """"triton": the kernels; "torch": their *_ref references (CPU tests, debugging)."""
-    if name not in OP_SETS:
-        raise ValueError(f"op set must be one of {OP_SETS}, got {name!r}")
-    suffix = "" if name == "triton" else "_ref"
-
-    def op(module: str, function: str) -> Callable[..., Tensor]:
-        return getattr(importlib.import_module(f"hayabusa.kernels.{module}"), function + suffix)
-
-    return OpSet(
-        name=name,
-        linear=op("linear", "linear"),
-        ln_linear=op("linear", "ln_linear"),
-        layer_norm=op("layernorm", "layer_norm"),
-        prefill_attention=op("prefill_attention", "prefill_attention"),
-        decode_attention=op("decode_attention", "decode_attention"),
-    )
 
 
 @dataclass
@@ -91,7 +64,7 @@ KVCaches = list[tuple[Tensor, Tensor]]  # per layer (k_cache, v_cache): [num_blo
 Attend = Callable[[Tensor, Tensor, Tensor, bool], Tensor]  # (qkv, k_cache, v_cache, checked) -> [tokens, hidden]
 
 
-class FastModel:
+class PagedModel:
     def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor], ops: OpSet) -> None:
         if config.head_dim > MAX_HEAD_DIM:  # refused at load, not at the first forward
             raise ValueError(f"config keys 'hidden_size' {config.hidden_size} / 'num_attention_heads' "
@@ -110,8 +83,8 @@ class FastModel:
             else self._checked(EMBED_OUT, state_dict)
         self.embed_in = weights[EMBED_IN]
         self.layers = [layer_weights(config, weights, i) for i in range(config.num_hidden_layers)]
-        self.final_ln_weight = weights[PREFIX + "final_layer_norm.weight"]
-        self.final_ln_bias = weights[PREFIX + "final_layer_norm.bias"]
+        self.final_ln_weight = weights[FINAL_LN_WEIGHT]
+        self.final_ln_bias = weights[FINAL_LN_BIAS]
         self.embed_out = weights[EMBED_OUT]
         self.cos, self.sin = rotary_tables(config.rotary_dims, config.max_position_embeddings, config.rope_theta,
                                            self.device)  # float32 [max_positions, rotary_dims // 2]

@@ -14,7 +14,7 @@ import torch
 from hayabusa.engine.decoding.beam_search import BeamSearch, beam_logprobs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
-from hayabusa.engine.sampling import SamplingParams, eos_token_ids
+from hayabusa.engine.sampling_params import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import Tokenizer
 
 

@@ -13,10 +13,11 @@ import torch
 
 from hayabusa.engine.oracle.reference_beams import reference_beam_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
+from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
 from hayabusa.engine.outputs import GenerationOutput, OutputBuilder
-from hayabusa.engine.sample.listed_sampling import sample_next_tokens
 from hayabusa.engine.sample.logprobs import token_logprobs
-from hayabusa.engine.sampling import SamplingParams, request_seed
+from hayabusa.engine.sample.seeds import request_seed
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 # (request index, text delta, the finished output or None)

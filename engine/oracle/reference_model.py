@@ -7,45 +7,20 @@ agree to ~1e-6) but runs on the weights as a flat HF state dict and a simple con
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.loading.weights import EMBED_IN, EMBED_OUT
-
-PREFIX = "gpt_neox_japanese."
-
-
-@dataclass
-class LayerWeights:
-    ln1_weight: Tensor  # [hidden]
-    ln1_bias: Tensor
-    qkv_weight: Tensor  # [3 * hidden, hidden], rows per head: [q | k | v]
-    dense_weight: Tensor  # [hidden, hidden]
-    dense_bias: Tensor | None  # [hidden], last layer only
-    ln2_weight: Tensor
-    ln2_bias: Tensor
-    mlp_in_weight: Tensor  # [intermediate, hidden]
-    mlp_out_weight: Tensor  # [hidden, intermediate]
-
-
-def layer_weights(config: ModelConfig, state_dict: dict[str, Tensor], i: int) -> LayerWeights:
-    p = f"{PREFIX}layers.{i}."
-    last = i == config.num_hidden_layers - 1
-    return LayerWeights(
-        ln1_weight=state_dict[p + "input_layernorm.weight"],
-        ln1_bias=state_dict[p + "input_layernorm.bias"],
-        qkv_weight=state_dict[p + "attention.query_key_value.weight"],
-        dense_weight=state_dict[p + "attention.dense.weight"],
-        dense_bias=state_dict[p + "attention.dense_bias"] if last else None,
-        ln2_weight=state_dict[p + "post_attention_layernorm.weight"],
-        ln2_bias=state_dict[p + "post_attention_layernorm.bias"],
-        mlp_in_weight=state_dict[p + "mlp.dense_h_to_4h.weight"],
-        mlp_out_weight=state_dict[p + "mlp.dense_4h_to_h.weight"],
-    )
+from hayabusa.engine.loading.tensor_names import (
+    EMBED_IN,
+    EMBED_OUT,
+    FINAL_LN_BIAS,
+    FINAL_LN_WEIGHT,
+    LayerWeights,
+    layer_weights,
+)
 
 
 def rotary_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
@@ -97,8 +72,8 @@ class ReferenceModel:
         self.config = config
         self.embed_in = state_dict[EMBED_IN]  # [vocab, hidden]
         self.layers = [layer_weights(config, state_dict, i) for i in range(config.num_hidden_layers)]
-        self.final_ln_weight = state_dict[PREFIX + "final_layer_norm.weight"]
-        self.final_ln_bias = state_dict[PREFIX + "final_layer_norm.bias"]
+        self.final_ln_weight = state_dict[FINAL_LN_WEIGHT]
+        self.final_ln_bias = state_dict[FINAL_LN_BIAS]
         self.embed_out = state_dict[EMBED_OUT]  # [vocab, hidden]; may be the same tensor as embed_in
         self.inv_freq = rotary_inv_freq(config, self.embed_in.device)
 

@@ -33,7 +33,7 @@ from hayabusa.engine.loading.weights import load_model_files
 from hayabusa.engine.oracle.reference_generate import reference_generate
 from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 T = TypeVar("T")

@@ -21,17 +21,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MAX_LOGPROBS = 20  # as OpenAI's completions API: SamplingParams.logprobs / prompt_logprobs are 0..20
+from hayabusa.engine.outputs import TokenLogprobs
+from hayabusa.engine.sampling_params import MAX_LOGPROBS
+
 TOP_LOGPROBS = MAX_LOGPROBS  # alternatives computed per position; one width keeps the read-back layout fixed
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    """One position of an output: its token, that token's logprob, and the most likely tokens there."""
-
-    token_id: int
-    logprob: float  # log p(token | everything before it), from the raw logits
-    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the N most likely tokens, most likely first
 
 
 @dataclass

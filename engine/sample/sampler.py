@@ -43,7 +43,8 @@ from hayabusa.engine.sample.logits_processors import (
     logit_bias_rows,
     split_bad_words,
 )
-from hayabusa.engine.sampling import RowProcessors, SamplingParams, effective_temperature, eos_token_ids, sample_rows
+from hayabusa.engine.sample.ops import RowProcessors, effective_temperature, sample_rows
+from hayabusa.engine.sampling_params import SamplingParams, eos_token_ids
 from hayabusa.engine.worker.staging import Field, PackedUpload
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from hayabusa.engine.core.paged_engine import PagedEngine, RequestUpdate
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("hayabusa.server")
 

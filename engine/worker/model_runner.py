@@ -1,12 +1,7 @@
-"""Runs FastModel on planned steps: owns the paged KV pool and the per-slot device state, launches each step
+"""Runs PagedModel on planned steps: owns the paged KV pool and the per-slot device state, launches each step
 without waiting for it, and reads its sampled ids back when the engine asks (one step later).
 
-KV pool: one tensor [layers, 2, num_blocks, block_size, heads, head_dim] in the model dtype, whose per-layer
-(k_cache, v_cache) views the model reads, so that a step's copy-on-write block copies (forked sequences) are one
-batched index copy across every layer. Its size is given (`num_kv_blocks`) or taken from free memory: on CUDA what
-is left after the weights, minus room for the activations of the largest prefill; on a CPU half of the available
-RAM (the same minus), capped at CPU_DEFAULT_SEQUENCES full-length sequences (CPU runs are tests, debugging and small
-models).
+KV pool: engine.worker.kv_cache (one tensor for every layer's k and v; sized from free memory unless given).
 
 Per-slot state (rows are engine.core.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
 extra last row absorbs the padding entries of a step's block-table update, and the SlotSampler's tensors (the
@@ -17,23 +12,20 @@ Before a step's forward, in stream order, its bookkeeping (one small upload, onl
 and fork copies, sampler settings of sequences forked since the last step, copy-on-write KV block copies.
 
 A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
-then the block-table scatter, FastModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
+then the block-table scatter, PagedModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
 last_token[:B] (on CUDA one graph replay, captured per batch size B and sampler mode); then the read-back
 copy. Nothing in it waits for the host. When a row's request wants logprobs, they are computed after the sampler
 (outside the graph, from the logits it left in its static output buffer `decode_logits`) and ride the same
 read-back; a step with no such row launches exactly what it did without the feature.
 
 A mixed step (prompt chunks, verify passes, decode rows: engine.worker.varlen) runs eagerly. When a chunk scores prompt
-positions (prompt logprobs) it runs the layers (`FastModel.prefill_hidden`), the LM head on the rows that sample,
-and the LM head on the scored positions in chunks (engine.sample.logprobs.prompt_logprobs); else `FastModel.prefill`,
+positions (prompt logprobs) it runs the layers (`PagedModel.prefill_hidden`), the LM head on the rows that sample,
+and the LM head on the scored positions in chunks (engine.sample.logprobs.prompt_logprobs); else `PagedModel.prefill`,
 which computes logits at the sampling rows only. Fork children started by their parent's last chunk sample from the
 parent's last-token row.
 
-Shapes (the triton op set): a decode of n rows runs as the smallest graph batch size B >= n, the extra rows at
-position -1 (the kernels skip them); a prefill of T new tokens runs T padded to prefill_bucket(T) (powers of two
-up to PREFILL_BUCKET_STEP, then its multiples), the extra rows computed but never attended or read, and its LM head
-on its S sequences padded to a graph batch size. So every launch has one of finitely many shapes, and `warm_up`
-runs them all. The torch op set compiles nothing and pads nothing.
+Shapes (the triton op set): every launch has one of finitely many shapes (engine.worker.shape_buckets), and
+`warm_up` runs them all. The torch op set compiles nothing and pads nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +33,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,13 +40,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hayabusa.engine.core.block_manager import PagedPrompt, PagedSequence
-from hayabusa.engine.core.scheduler import StepPlan
+from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.decoding.beam_search import BeamStep
 from hayabusa.engine.decoding.paged_beams import BeamGroup
-from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.model.paged_model import DecodeInputs, FastModel, PrefillInputs
+from hayabusa.engine.model.paged_model import DecodeInputs, PagedModel, PrefillInputs
 from hayabusa.engine.sample.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
 from hayabusa.engine.sample.sampler import SamplerMode, SlotSampler
+from hayabusa.engine.worker.kv_cache import blocks_that_fit, kv_pool
+from hayabusa.engine.worker.shape_buckets import graph_batch_sizes, prefill_bucket, prefill_buckets
 from hayabusa.engine.worker.staging import Field, Layout, PackedUpload, Readback, ResultRing
 from hayabusa.engine.worker.varlen import (
     VarlenBatch,
@@ -65,47 +57,6 @@ from hayabusa.engine.worker.varlen import (
     scored_fields,
     varlen_fields,
 )
-
-CPU_DEFAULT_SEQUENCES = 4
-CPU_KV_MEMORY_FRACTION = 0.5  # of the RAM available once the weights are loaded
-GRAPH_SMALL_BATCH_SIZES = (1, 2, 4, 8)
-GRAPH_BATCH_STEP = 16  # beyond 8: 16, 32, 48, ... up to max_num_seqs
-PREFILL_BUCKET_STEP = 256
-ACTIVATION_HEADROOM_BYTES = 256 << 20  # allocator slack, CUDA-graph pool, cuBLAS/Triton workspaces
-
-
-def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block across all layers, k and v."""
-    return 2 * config.num_hidden_layers * block_size * config.hidden_size * dtype.itemsize
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    sizes = [b for b in GRAPH_SMALL_BATCH_SIZES if b < max_num_seqs]
-    sizes += list(range(GRAPH_BATCH_STEP, max_num_seqs, GRAPH_BATCH_STEP))
-    return sorted(set(sizes + [max_num_seqs]))
-
-
-def prefill_bucket(num_tokens: int) -> int:
-    """The token count a prefill of num_tokens >= 1 new tokens runs at (triton op set)."""
-    if num_tokens <= PREFILL_BUCKET_STEP:
-        return 1 << (num_tokens - 1).bit_length()
-    return -(-num_tokens // PREFILL_BUCKET_STEP) * PREFILL_BUCKET_STEP
-
-
-def prefill_buckets(max_tokens: int) -> list[int]:
-    """Every prefill_bucket(t) for 1 <= t <= max_tokens, ascending."""
-    return sorted({prefill_bucket(t) for t in range(1, max_tokens + 1)})
-
-
-def available_host_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where there is no such file)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 @dataclass
@@ -123,7 +74,7 @@ class InFlight:
 
 
 class ModelRunner:
-    def __init__(self, model: FastModel, *, block_size: int, num_kv_blocks: int | None, max_num_seqs: int,
+    def __init__(self, model: PagedModel, *, block_size: int, num_kv_blocks: int | None, max_num_seqs: int,
                  max_num_batched_tokens: int, gpu_memory_utilization: float = 0.9,
                  use_cuda_graphs: bool = True) -> None:
         if not isinstance(block_size, int) or block_size < 1:
@@ -142,11 +93,11 @@ class ModelRunner:
         self.bucketed = model.ops.name == "triton"  # compiled kernels: pad to finitely many shapes
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         if num_kv_blocks is None:
-            num_kv_blocks = self._blocks_that_fit(max_num_batched_tokens, gpu_memory_utilization)
+            num_kv_blocks = blocks_that_fit(config, model.dtype, self.device, block_size=block_size,
+                                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                            gpu_memory_utilization=gpu_memory_utilization)
         self.num_kv_blocks = num_kv_blocks
-        shape = (config.num_hidden_layers, 2, num_kv_blocks, block_size, config.num_attention_heads, config.head_dim)
-        # Zeroed, not empty: a kernel's masked tile never sees stale NaN bit patterns.
-        self.kv_pool = torch.zeros(shape, dtype=model.dtype, device=self.device)
+        self.kv_pool = kv_pool(config, num_kv_blocks, block_size, model.dtype, self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_pool]  # contiguous views
 
         self.block_tables = torch.zeros(max_num_seqs + 1, self.max_blocks_per_seq, dtype=torch.int32,
@@ -168,35 +119,6 @@ class ModelRunner:
         self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
             else contextlib.nullcontext
         self.graphs: dict[tuple[int, SamplerMode], torch.cuda.CUDAGraph] = {}  # (batch size, sampler mode) -> graph
-
-    def _blocks_that_fit(self, max_num_batched_tokens: int, gpu_memory_utilization: float) -> int:
-        block_bytes = kv_block_bytes(self.config, self.block_size, self.model.dtype)
-        cfg, itemsize = self.config, self.model.dtype.itemsize
-        # Largest prefill: qkv (3H) + attention (H) + hidden (H) + normed (H) + MLP intermediate (4H) per token,
-        # plus the logits of a full decode batch in the model dtype and in fp32 with sampling's sort buffers.
-        activations = max_num_batched_tokens * (6 * cfg.hidden_size + cfg.intermediate_size) * itemsize
-        activations += self.max_num_seqs * cfg.vocab_size * (itemsize + 4 + 4 + 8)
-        if self.device.type != "cuda":
-            full = CPU_DEFAULT_SEQUENCES * self.max_blocks_per_seq
-            available = available_host_memory()
-            if available is None:
-                return full
-            budget = int(available * CPU_KV_MEMORY_FRACTION) - activations
-            if budget < block_bytes:
-                raise ValueError(f"only {available / 2**30:.2f} GiB of RAM is available: too little for a KV cache "
-                                 f"block of {block_bytes / 2**20:.1f} MiB beside the activations; pass kv_cache_blocks")
-            return int(min(full, budget // block_bytes))
-        free, total = torch.cuda.mem_get_info(self.device)
-        budget = free - int(total * (1 - gpu_memory_utilization)) - activations - ACTIVATION_HEADROOM_BYTES
-        num_blocks = budget // block_bytes
-        if num_blocks < self.max_blocks_per_seq:
-            raise ValueError(
-                f"only {max(budget, 0) / 2**30:.2f} GiB of {self.device} memory is left for the KV cache "
-                f"({free / 2**30:.2f} GiB free): {max(num_blocks, 0)} blocks of {block_bytes / 2**20:.1f} MiB, fewer "
-                f"than one {self.config.max_position_embeddings}-token sequence needs ({self.max_blocks_per_seq}); "
-                f"free GPU memory, raise gpu_memory_utilization or pass kv_cache_blocks"
-            )
-        return int(num_blocks)
 
     # ---- shapes ----------------------------------------------------------------------------------------------
 

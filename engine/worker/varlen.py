@@ -9,7 +9,7 @@ the last logit_counts[i] new tokens of sequence i: its last one, or every positi
 its draft tokens), or none; then one logit row per fork child (`forks`: it samples from the last new token of the
 sequence it was forked from, with its own sampler row). Prompt logprobs: `scored` names the positions of prompt
 chunks whose next token is scored. The runner (engine.worker.model_runner) uploads the fields in one copy and runs
-FastModel.prefill on them.
+PagedModel.prefill on them.
 """
 
 from __future__ import annotations

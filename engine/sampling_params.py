@@ -1,33 +1,24 @@
-"""Sampling parameters and batched next-token selection, on the logits' device with no host sync.
+"""`SamplingParams`: how one request generates (transformers' generate options and OpenAI's, same names and
+meaning), each value checked when the params are made, so a request's options are valid wherever they travel.
 
-Processing order follows transformers' generate, with OpenAI's options where vLLM puts them: logit_bias added to the
-raw logits, then the penalties (repetition, then frequency and presence), the bans (no_repeat_ngram_size,
-bad_words_ids, min_new_tokens), and, when sampling, the warpers: temperature, top-k, top-p, min-p, typical-p. A
-greedy row takes the argmax after the bans. Random draws are counter-based: the noise for a request's n-th token is
-a hash of (seed, n, token id), so a seeded request gives the same tokens whatever else shares its batch. A request
-of num_return_sequences completions (or best_of candidates) seeds completion j with `completion_seed(seed, j)`.
+What the options do to the logits is engine.sample.ops (the order of the processors and warpers); the seeds that key
+sampled draws are engine.sample.seeds.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-
-import torch
-from torch import Tensor
 
 from hayabusa.engine.sample.logits_processors import (
     MAX_BAD_WORD_TOKENS,
     MAX_BAD_WORDS,
     MAX_LOGIT_BIAS,
     MAX_NO_REPEAT_NGRAM_SIZE,
-    mask_min_p,
-    mask_typical,
-    penalize_generated,
 )
-from hayabusa.engine.sample.logprobs import MAX_LOGPROBS
+
+MAX_LOGPROBS = 20  # as OpenAI's completions API: logprobs and prompt_logprobs are 0..20
 
 
 @dataclass(frozen=True)
@@ -268,122 +259,3 @@ def _logit_bias(value: object) -> dict[int, float]:
             raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {number!r}")
         bias[token_id] = float(number)
     return dict(sorted(bias.items()))
-
-
-def request_seed(params: SamplingParams) -> int:
-    """The seed that keys a request's sampling noise: params.seed, or a fresh random one when it is None."""
-    return params.seed if params.seed is not None else random.getrandbits(62)
-
-
-def completion_seed(seed: int, index: int) -> int:
-    """The seed of completion `index` of a request seeded `seed` (num_return_sequences > 1). Completion 0 keeps the
-    request's seed, so it equals the request's num_return_sequences=1 output; completion j > 0 takes the SplitMix64
-    hash of (seed, j), below 2**63. So completion j equals a num_return_sequences=1 request with this seed."""
-    if index == 0:
-        return seed
-    key = _splitmix64(_splitmix64(torch.tensor(seed ^ _COMPLETION_SALT, dtype=torch.int64)) ^ index)
-    return int(key) & ((1 << 63) - 1)
-
-
-def effective_temperature(params: SamplingParams) -> float:
-    """The temperature a sampler row holds: 0.0 marks a greedy row (do_sample off, or temperature 0)."""
-    return 0.0 if params.greedy else params.temperature
-
-
-@dataclass
-class RowProcessors:
-    """What the processors add to sample_rows, per row of its logits [B, V] (a row whose option is off comes out as
-    it went in)."""
-
-    logit_bias: Tensor  # float32 [B, V], added to the raw logits (logits_processors.logit_bias_rows)
-    generated_counts: Tensor  # float32 [B, V]: each token's count among the generated ones (generated_counts)
-    frequency_penalty: Tensor  # [B]
-    presence_penalty: Tensor  # [B]
-    banned: Tensor  # bool [B, V]: what the bans forbid (logits_processors.banned_tokens)
-    min_p: Tensor  # [B], warpers after top-p
-    typical_p: Tensor  # [B]
-
-
-def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor, penalty: Tensor,
-                seeds: Tensor, steps: Tensor, seen: Tensor, processors: RowProcessors | None = None) -> Tensor:
-    """logits [B, V] -> token ids int64 [B]; every setting is a per-row device tensor [B], seen is bool [B, V].
-
-    temperature 0 marks a greedy row (argmax after the processors); processors None skips them. No host sync and no
-    data-dependent branch, so a CUDA graph can capture it. A penalty of 1.0 leaves a row exactly as it was (x / 1
-    and x * 1 are exact).
-    """
-    x = logits.float()
-    if processors is not None:
-        x = x + processors.logit_bias
-    x = apply_penalty(x, seen, penalty)
-    if processors is not None:
-        x = penalize_generated(x, processors.generated_counts, processors.frequency_penalty,
-                               processors.presence_penalty)
-        x = x.masked_fill(processors.banned, -torch.inf)
-    greedy = temperature == 0
-    greedy_tokens = x.argmax(dim=-1)
-    scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
-    scaled = mask_top_k_top_p(scaled, top_k, top_p)
-    if processors is not None:
-        scaled = mask_typical(mask_min_p(scaled, processors.min_p), processors.typical_p)
-    sampled = (scaled + gumbel_noise(seeds, steps, x.shape[-1])).argmax(dim=-1)  # Gumbel-max: a softmax draw
-    return torch.where(greedy, greedy_tokens, sampled)
-
-
-def apply_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
-    """apply_repetition_penalty with the seen tokens as a bool mask [B, V] (the device sampler keeps one)."""
-    penalized = torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None])
-    return torch.where(seen, penalized, logits)
-
-
-def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """logits: [B, V]; top_k: [B] int (0 = off); top_p: [B] float (1 = off). Removed entries become -inf."""
-    sorted_logits, _ = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    # top-k: keep logits >= the k-th largest (ties kept, as transformers does).
-    kth = sorted_logits.gather(1, (top_k.clamp(1, vocab) - 1)[:, None])
-    keep = (logits >= kth) | (top_k[:, None] == 0)
-    # top-p on what top-k kept: the smallest set of top tokens whose probability reaches top_p.
-    sorted_kept = sorted_logits.masked_fill(sorted_logits < kth.where(top_k[:, None] > 0, -torch.inf), -torch.inf)
-    probs = sorted_kept.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    in_nucleus = mass_before < top_p[:, None]
-    in_nucleus[:, 0] = True
-    cutoff = sorted_kept.masked_fill(~in_nucleus, torch.inf).min(dim=-1, keepdim=True).values
-    keep &= logits >= cutoff
-    return logits.masked_fill(~keep, -torch.inf)
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _to_signed(value: int) -> int:
-    value &= _MASK64
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-_GOLDEN = _to_signed(0x9E3779B97F4A7C15)
-_MIX1 = _to_signed(0xBF58476D1CE4E5B9)
-_MIX2 = _to_signed(0x94D049BB133111EB)
-_COMPLETION_SALT = 0x5EED_F0E4  # completion seeds are not the noise keys of (seed, step)
-
-
-def _logical_shift_right(x: Tensor, bits: int) -> Tensor:
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
-
-
-def _splitmix64(x: Tensor) -> Tensor:
-    """SplitMix64's finalizer on int64 tensors (wrapping multiplication, logical shifts)."""
-    x = x + _GOLDEN
-    x = (x ^ _logical_shift_right(x, 30)) * _MIX1
-    x = (x ^ _logical_shift_right(x, 27)) * _MIX2
-    return x ^ _logical_shift_right(x, 31)
-
-
-def gumbel_noise(seeds: Tensor, steps: Tensor, vocab: int) -> Tensor:
-    """Standard Gumbel noise [B, V], a pure function of (seed, step, token id)."""
-    token = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
-    key = _splitmix64(_splitmix64(seeds)[:, None] ^ steps[:, None])  # [B, 1]
-    bits = _logical_shift_right(_splitmix64(key ^ token[None, :]), 11)  # 53 random bits
-    uniform = (bits.double() + 0.5) / float(1 << 53)  # in (0, 1)
-    return (-torch.log(-torch.log(uniform))).float()

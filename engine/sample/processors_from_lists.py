@@ -1,9 +1,7 @@
-"""Next-token selection from host token lists: the reference loop's entry to the sampler's math, and the processors
-beam search applies to its log-probabilities.
-
-The paged engine keeps each row's settings, masks and history on the device (engine.sample.sampler); here the same
-tensors are built from Python lists per call (`sample_next_tokens`), so the reference loop, beam search and the tests
-use exactly the functions the device sampler runs.
+"""The processors' per-row tensors (RowProcessors, the seen-token mask) built from host token lists, for callers that
+hold each row's tokens as a Python list: beam search (engine.decoding.beam_search), whose beams the processors see
+after every step, and the reference loop (engine.oracle.reference_sampler). The paged engine keeps the same state on
+the device per slot (engine.sample.sampler); both feed exactly the functions of engine.sample.logits_processors.
 """
 
 from __future__ import annotations
@@ -14,45 +12,8 @@ import torch
 from torch import Tensor
 
 from hayabusa.engine.sample.logits_processors import bad_word_patterns, banned_tokens, padded_history, split_bad_words
-from hayabusa.engine.sampling import (
-    RowProcessors,
-    SamplingParams,
-    apply_penalty,
-    effective_temperature,
-    eos_token_ids,
-    sample_rows,
-)
-
-
-def sample_next_tokens(logits: Tensor, params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]],
-                       seeds: Sequence[int], steps: Sequence[int], eos_token_id: int | None = None) -> Tensor:
-    """logits: [B, V] (any float dtype) -> next token ids, LongTensor [B] on the logits' device.
-
-    The list-based entry of the reference loop: seen_tokens[b] (prompt + generated) feed the repetition penalty and
-    the history rules, its last steps[b] tokens (the generated ones) the frequency and presence penalties; seeds[b]
-    and steps[b] key the noise; eos_token_id is the model's (min_new_tokens forbids it, or params.eos_token_id).
-    """
-    batch, vocab = logits.shape
-    if not len(params) == len(seen_tokens) == len(seeds) == len(steps) == batch:
-        raise ValueError(f"logits hold {batch} rows but got {len(params)} params, {len(seen_tokens)} token lists, "
-                         f"{len(seeds)} seeds, {len(steps)} steps")
-    if all(p.greedy and p.repetition_penalty == 1.0 and not p.needs_processors for p in params):
-        return logits.argmax(dim=-1)
-    device = logits.device
-    processors = None
-    if any(p.needs_processors for p in params):
-        processors = listed_processors(params, seen_tokens, steps, eos_token_id, vocab, device)
-    return sample_rows(
-        logits,
-        temperature=torch.tensor([effective_temperature(p) for p in params], device=device),
-        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-        top_p=torch.tensor([p.top_p for p in params], device=device),
-        penalty=torch.tensor([p.repetition_penalty for p in params], device=device),
-        seeds=torch.tensor(list(seeds), dtype=torch.int64, device=device),
-        steps=torch.tensor(list(steps), dtype=torch.int64, device=device),
-        seen=seen_mask(seen_tokens, vocab, device),
-        processors=processors,
-    )
+from hayabusa.engine.sample.ops import RowProcessors, apply_penalty
+from hayabusa.engine.sampling_params import SamplingParams, eos_token_ids
 
 
 def listed_processors(params: Sequence[SamplingParams], seen_tokens: Sequence[Sequence[int]], steps: Sequence[int],
