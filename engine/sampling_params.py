@@ -211,15 +211,6 @@ class SamplingParams:
         return self.logprobs is not None or self.ranks_candidates
 
 
-def check_option_ids(params: SamplingParams, vocab_size: int) -> None:
-    """Raise ValueError if a token id among the options lies outside the model's vocabulary."""
-    for name, ids in (("bad_words_ids", [t for word in params.bad_words_ids for t in word]),
-                      ("eos_token_id", params.eos_token_id or ()), ("logit_bias", params.logit_bias)):
-        outside = [t for t in ids if t >= vocab_size]
-        if outside:
-            raise ValueError(f"{name} holds token id {outside[0]} outside the vocabulary [0, {vocab_size})")
-
-
 def eos_token_ids(params: SamplingParams, model_eos: int | None) -> tuple[int, ...]:
     """The ids that end a request: params.eos_token_id, or the model's."""
     if params.eos_token_id is not None:
@@ -259,3 +250,7 @@ def _logit_bias(value: object) -> dict[int, float]:
             raise ValueError(f"logit_bias[{key!r}] must be a number in [-100, 100], got {number!r}")
         bias[token_id] = float(number)
     return dict(sorted(bias.items()))
+
+
+# The requests of score(): prompt logprobs only; their top-1 alternative tells whether each token was the greedy pick.
+SCORING = SamplingParams(max_new_tokens=0, prompt_logprobs=1)

@@ -210,7 +210,7 @@ def test_the_triton_backend_on_a_cpu_warns_once(monkeypatch, capsys, tiny_dir):
         def __init__(self, *args, **kwargs) -> None:
             pass
 
-        def stream(self, prompt_ids, params):
+        def stream(self, prompt_ids, params, *, checked=False):
             yield "猫"
 
         def close(self) -> None:

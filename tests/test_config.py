@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import GPTNeoXJapaneseConfig
 
-from hayabusa.engine.loading.config import PRESETS, ConfigError, ModelConfig, check_context_fits, load_config, preset
+from hayabusa.engine.loading.config import PRESETS, ConfigError, ModelConfig, load_config, preset
 
 # abeja/gpt-neox-japanese-2.7b's config.json spelling: rotary_* keys, bos = eos = 31999, no tie key.
 ABEJA_STYLE = {
@@ -167,13 +167,3 @@ def test_load_config_errors_name_the_file(tmp_path):
         load_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(ABEJA_STYLE), encoding="utf-8")
     assert load_config(tmp_path) == PRESETS["2.7b"]
-
-
-def test_context_check_allows_exactly_the_context_and_names_both_counts():
-    check_context_fits(60, 4, 64)  # the last position is 63: fits
-    with pytest.raises(ValueError, match=r"^61 prompt tokens \+ max_new_tokens 4 = 65 exceed the context length 64 "
-                                         r"\(max_position_embeddings\)$"):
-        check_context_fits(61, 4, 64)
-    with pytest.raises(ValueError, match=r"= 66 exceed the context length 64 \(max_position_embeddings\); "
-                                         r"the prompt alone is longer than that$"):
-        check_context_fits(65, 1, 64)

@@ -41,8 +41,8 @@ def step_in_lockstep(engine: PagedEngine) -> None:
 
 
 def run(engine: PagedEngine, plan) -> None:
-    token_ids, bad_rows, logprobs = engine.runner.collect(engine.runner.launch(plan))
-    engine.scheduler.postprocess(plan, token_ids, bad_rows, logprobs=logprobs)
+    outputs = engine.output_processor.process(plan, engine.runner.collect(engine.runner.launch(plan)))
+    engine.scheduler.update_from_outputs(plan, outputs)
 
 
 def oracle_continuation(config, state_dict, seq, num_tokens: int) -> list[int]:

@@ -103,7 +103,7 @@ def test_bad_requests_fail_alone_while_the_rest_proceed(model) -> None:
     assert "request 1: 70 prompt tokens + max_new_tokens 4 = 74 exceed the context length 64" in failed[1]
     assert "max_new_tokens 60 = 70 exceed the context length 64" in failed[2]
     assert "need 8 KV blocks of 4 tokens; the pool holds only 6" in failed[3]
-    assert "prompt token 101 is outside the vocabulary [0, 101)" in failed[4]
+    assert "the prompt holds token id 101 outside the vocabulary [0, 101)" in failed[4]
     assert "the prompt is empty" in failed[5]
     assert "params must be a SamplingParams, got dict" in failed[6]
     assert all(outputs[i].finish_reason == "error" and outputs[i].token_ids == [] for i in failed)

@@ -88,10 +88,10 @@ def test_logits_equal_the_reference_forward() -> None:
 
 
 @pytest.mark.parametrize(("prompts", "kwargs", "message"), [
-    ([""], {}, "prompt 0 is empty"),
-    ([[]], {}, "prompt 0 is empty"),
+    ([""], {}, "prompt 0: the prompt is empty"),
+    ([[]], {}, "prompt 0: the prompt is empty"),
     ([], {}, "prompts must be"),
-    ([[1, 2], [1, 999999]], {}, "prompt 1 holds token id 999999 outside the vocabulary"),
+    ([[1, 2], [1, 999999]], {}, "prompt 1: the prompt holds token id 999999 outside the vocabulary"),
     ([[1] * 129], {}, r"prompt 0: 129 prompt tokens \+ max_new_tokens 64 = 193 exceed the context length 128 "
                       r"\(max_position_embeddings\); the prompt alone is longer than that$"),
     ([[1, 2, 3]], {"max_new_tokens": 126}, r"prompt 0: 3 prompt tokens \+ max_new_tokens 126 = 129 exceed the "

@@ -116,7 +116,7 @@ def test_score_equals_transformers_and_reuses_shared_contexts(hf) -> None:
     assert scores[0].is_greedy and not scores[1].is_greedy
     # The context's full blocks (12 tokens, blocks of 4: the first two, before the position that scores) were hit.
     assert cached == [8, 8, 0]
-    with pytest.raises(ValueError, match="context 0 is empty"):
+    with pytest.raises(ValueError, match="pair 0: the context is empty"):
         engine.score("", "大阪")
     with pytest.raises(ValueError, match="got 2 contexts but 1 continuations"):
         engine.score(["a", "b"], ["c"])

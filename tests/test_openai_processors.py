@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import SequenceBiasLogitsProcessor
 
+from hayabusa.engine.core.request_checks import check_request
 from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
 from hayabusa.engine.sample.logits_processors import (
     MAX_LOGIT_BIAS,
@@ -20,7 +21,7 @@ from hayabusa.engine.sample.logits_processors import (
     penalize_generated,
 )
 from hayabusa.engine.sample.seeds import gumbel_noise
-from hayabusa.engine.sampling_params import SamplingParams, check_option_ids
+from hayabusa.engine.sampling_params import SamplingParams
 
 VOCAB = 40
 
@@ -158,7 +159,7 @@ def test_logit_bias_is_a_private_dict_of_floats_checked_against_the_vocabulary()
     assert params != SamplingParams() and params == SamplingParams(logit_bias={2: -1.5, 9: 3})
     assert SamplingParams(**json.loads('{"logit_bias": {"9": 3, "2": -1.5}}')) == params  # JSON's string keys
     with pytest.raises(ValueError, match=r"logit_bias holds token id 40 outside the vocabulary \[0, 40\)"):
-        check_option_ids(SamplingParams(logit_bias={3: 1, 40: 1}), VOCAB)
+        check_request([1], SamplingParams(logit_bias={3: 1, 40: 1}), vocab_size=VOCAB, max_model_len=64)
 
 
 def test_which_requests_need_the_processors_and_how_many_candidates_run() -> None:

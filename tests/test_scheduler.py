@@ -14,11 +14,14 @@ import pytest
 from hypothesis import given, settings
 
 from hayabusa.engine.core.block_manager import BlockManager
+from hayabusa.engine.core.output_processor import OutputProcessor
+from hayabusa.engine.core.request_checks import check_capacity, check_request
 from hayabusa.engine.core.scheduler import Scheduler
 from hayabusa.engine.core.sequence import Sequence, SequenceStatus
 from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.outputs import OutputBuilder
 from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.engine.worker.model_runner import StepResult
 from hayabusa.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.from_pretrained()
@@ -60,7 +63,14 @@ class FakeDevice:
         for seq, count in zip(plan.seqs, plan.tokens_per_row.tolist(), strict=True):
             if count:
                 self.in_flight[seq].popleft()
-        scheduler.postprocess(plan, tokens)
+        read_back(scheduler, plan, tokens)
+
+
+def read_back(scheduler: Scheduler, plan: StepPlan, tokens: list[int]) -> None:
+    """What the engine does with a step's sampled ids: the output processor applies them to the sequences, then the
+    scheduler frees what ended and publishes the blocks they filled."""
+    outputs = OutputProcessor(scheduler.block_manager.block_size).process(plan, StepResult(tokens, frozenset(), None))
+    scheduler.update_from_outputs(plan, outputs)
 
 
 def check_plan(scheduler: Scheduler, plan: StepPlan) -> None:
@@ -192,7 +202,7 @@ def test_recompute_reuses_its_own_cached_prefix() -> None:
     scheduler.add(old)
     plan = scheduler.schedule()
     scheduler.publish_prefilled(plan)
-    scheduler.postprocess(plan, [next_token(s.token_ids) for s in plan.seqs])
+    read_back(scheduler, plan, [next_token(s.token_ids) for s in plan.seqs])
     scheduler.preempt(old)  # as the decode step would; its two full blocks stay published
     plan = scheduler.schedule()
     assert plan.chunks == [0] and plan.seqs == [old] and old.num_cached_tokens == 2  # block [1, 2] is hit
@@ -217,7 +227,7 @@ def test_blocks_short_with_tokens_in_flight_asks_for_them_first() -> None:
     prefill = scheduler.schedule()
     assert scheduler.block_manager.num_free_blocks == 0
     assert scheduler.schedule(results_in_flight=True) is None
-    scheduler.postprocess(prefill, [7, 8])
+    read_back(scheduler, prefill, [7, 8])
     plan = scheduler.schedule()  # every token known: the newest gives way
     assert [s.seq_id for s in plan.seqs] == [0] and b.num_preemptions == 1 and scheduler.waiting[0] is b
 
@@ -239,8 +249,11 @@ def test_every_request_finishes_with_its_unconstrained_tokens(lagged, requests, 
     seqs = []
     for i, (prompt_len, max_new, family, num_completions) in enumerate(requests):
         prompt = [family + 1] * 4 + list(range(prompt_len))  # shared prefixes within a family
-        try:
-            scheduler.check_fits(len(prompt), max_new, num_completions)
+        try:  # what the engine checks where a request enters (the scheduler trusts it)
+            params = SamplingParams(max_new_tokens=max_new, num_return_sequences=num_completions)
+            check_request(prompt, params, vocab_size=1 << 20, max_model_len=24)
+            check_capacity(len(prompt), params, max_num_seqs=max_num_seqs, num_blocks=num_blocks,
+                           block_size=block_size)
         except ValueError:
             continue
         seq = make_seq(i, prompt, max_new)
@@ -257,15 +270,9 @@ def test_every_request_finishes_with_its_unconstrained_tokens(lagged, requests, 
     assert manager.num_free_blocks == num_blocks and all(b.ref_count == 0 for b in manager.blocks)
 
 
-def test_requests_that_can_never_run_are_refused_alone() -> None:
+def test_a_request_that_exactly_fits_the_pool_runs() -> None:
     scheduler = make_scheduler(num_blocks=4, block_size=4, max_model_len=32, max_num_batched_tokens=32)
-    with pytest.raises(ValueError, match="the prompt is empty"):
-        scheduler.add(make_seq(0, [], 4))
-    with pytest.raises(ValueError, match=r"30 prompt tokens \+ max_new_tokens 3 = 33 exceed the context length 32"):
-        scheduler.add(make_seq(1, [1] * 30, 3))
-    with pytest.raises(ValueError, match="need 5 KV blocks of 4 tokens; the pool holds only 4"):
-        scheduler.add(make_seq(2, [1] * 14, 4))  # 14 + 4 - 1 = 17 cached tokens > 16 slots
-    fits = make_seq(3, [1] * 14, 3)  # 16 cached tokens: exactly the pool
+    fits = make_seq(3, [1] * 14, 3)  # 16 cached tokens: exactly the pool (request_checks refuses one more)
     scheduler.add(fits)
     run_to_completion(scheduler)
     assert fits.output.result().finish_reason == "length"

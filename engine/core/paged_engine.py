@@ -1,8 +1,12 @@
 """`PagedEngine`: continuous batching over a paged KV cache, on the kernels (ops="triton") or on their plain-PyTorch
 references (ops="torch"); both backends of `Engine` run it.
 
-Data flows one way: request -> Sequence -> Scheduler (blocks, slots) -> ModelRunner (PagedModel and SlotSampler on
-the device) -> read back one step later -> Sequence (OutputBuilder: text deltas, stopping) -> RequestUpdate.
+Data flows one way, each stage handing the next a value and never calling back: a request is checked once and becomes a
+Sequence (add_request, generate, stream, score; engine.core.request_checks) -> the Scheduler plans a step (blocks,
+slots) and hands the worker a StepPlan -> the ModelRunner launches it (PagedModel and SlotSampler on the device) and,
+one step later, hands back a StepResult (sampled ids) -> the OutputProcessor applies it to the sequences (tokens,
+logprobs, OutputBuilder's text deltas and stop rules, beam steps) and returns StepOutputs -> the Scheduler frees what
+ended and updates its blocks -> this loop turns the updates into RequestUpdates, stream deltas or final outputs.
 
 The host stays off the device's critical path: `step()` plans step N, launches it (it needs nothing from the host
 about step N-1: the sampled ids are already in the next step's input buffer on the device), and only then reads
@@ -35,6 +39,8 @@ import torch
 from torch import Tensor
 
 from hayabusa.engine.core.block_manager import BlockManager
+from hayabusa.engine.core.output_processor import OutputProcessor, Update
+from hayabusa.engine.core.request_checks import check_capacity, check_request, check_score_pair
 from hayabusa.engine.core.scheduler import Scheduler
 from hayabusa.engine.core.sequence import Delivery, Sequence, SequenceStatus
 from hayabusa.engine.decoding.best_of import CandidateGroup
@@ -44,10 +50,9 @@ from hayabusa.engine.loading.tensor_names import EMBED_IN
 from hayabusa.engine.model.op_sets import load_ops
 from hayabusa.engine.model.paged_model import PagedModel
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
-from hayabusa.engine.sample.logprobs import StepLogprobs
 from hayabusa.engine.sample.seeds import completion_seed
-from hayabusa.engine.sampling_params import SamplingParams, check_option_ids
-from hayabusa.engine.worker.model_runner import InFlight, ModelRunner
+from hayabusa.engine.sampling_params import SCORING, SamplingParams
+from hayabusa.engine.worker.model_runner import InFlight, ModelRunner, StepResult
 from hayabusa.tokenizer import Tokenizer
 
 DEFAULT_MAX_NUM_SEQS = 256
@@ -55,7 +60,6 @@ DEFAULT_MAX_NUM_SEQS = 256
 # long a running request can wait for its next token; without, whole prompts of up to this many tokens run at once.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 DEFAULT_MAX_NUM_BATCHED_TOKENS_UNCHUNKED = 8192
-SCORING = SamplingParams(max_new_tokens=0, prompt_logprobs=1)  # score(): the top-1 alternative tells greedy picks
 
 
 class PagedEngine:
@@ -91,6 +95,7 @@ class PagedEngine:
         if self.runner.use_cuda_graphs or warmup:
             self.runner.warm_up(prefill=warmup)
         self.block_manager = BlockManager(self.runner.num_kv_blocks, block_size)
+        self.output_processor = OutputProcessor(block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                                    chunked_prefill=chunked_prefill)
@@ -104,22 +109,19 @@ class PagedEngine:
 
     # ---- submission ------------------------------------------------------------------------------------------
 
-    def _new_sequence(self, prompt_ids: Seq[int], params: SamplingParams, delivery: Delivery) -> Sequence:
-        """Validate one request where it enters; raise ValueError naming the bad value. Returns its first
-        completion's sequence, the others in its fork_children."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    def _new_sequence(self, prompt_ids: Seq[int], params: SamplingParams, delivery: Delivery, *,
+                      checked: bool = False) -> Sequence:
+        """Check one request where it enters the engine, the one place it is checked (engine.core.request_checks);
+        raise ValueError naming the bad value. checked: the caller ran check_request already (Engine does, to raise
+        before any work starts), so only this engine's capacity is checked here. Returns its first completion's
+        sequence, the others in its fork_children."""
         prompt_ids = list(prompt_ids)
-        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int)
-               or not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary [0, {self.config.vocab_size})")
-        check_option_ids(params, self.config.vocab_size)
+        if not checked:
+            check_request(prompt_ids, params, vocab_size=self.config.vocab_size,
+                          max_model_len=self.config.max_position_embeddings)
+        check_capacity(len(prompt_ids), params, max_num_seqs=self.scheduler.max_num_seqs,
+                       num_blocks=self.block_manager.num_blocks, block_size=self.block_manager.block_size)
         num_sequences = max(params.num_candidates, params.num_beams)
-        if params.ranks_candidates and num_sequences > self.scheduler.max_num_seqs:
-            raise ValueError(f"best_of {num_sequences} is more than the {self.scheduler.max_num_seqs} sequences the "
-                             f"engine runs at once (max_num_seqs)")
-        self.scheduler.check_fits(len(prompt_ids), params.max_new_tokens, num_sequences, params.num_beams)
         output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
         seq = Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
         seq.fork_children = [seq.fork(next(self._seq_ids), completion_seed(seq.seed, index), index)
@@ -163,10 +165,7 @@ class PagedEngine:
         ended = [seq for seq in seqs if not seq.is_finished]
         for seq in ended:
             self.scheduler.abort(seq)  # a token of it still in flight is dropped when read back
-            seq.fail(reason, message)
-        for seq in ended:  # all ended first: the last delivery closes the request
-            if seq.beam_group is None or seq.index < seq.params.num_return_sequences:  # beams past the n: no output
-                self._deliver(seq, (), "")
+        self._hand_out(self.output_processor.end(ended, reason, message))
 
     # ---- stepping --------------------------------------------------------------------------------------------
 
@@ -198,7 +197,7 @@ class PagedEngine:
                 self._apply_aborts()
             plan = self.scheduler.schedule(results_in_flight=previous is not None)
             if plan is None:  # blocks are short: know every token first, as an engine without the lag would
-                self._process(previous, *self.runner.collect(previous))
+                self._process(previous, self.runner.collect(previous))
                 self._in_flight = previous = None
                 plan = self.scheduler.schedule()
             if not plan.has_work and previous is None and self.scheduler.has_work():
@@ -211,45 +210,40 @@ class PagedEngine:
             if plan.chunks:
                 self.scheduler.publish_prefilled(plan)
             if previous is not None:
-                self._process(previous, *results)
+                self._process(previous, results)
         if plan.drafts or plan.beams:  # the next drafts or beams start from these tokens: read them back at once
             launched, self._in_flight = self._in_flight, None
             results = self.runner.collect(launched)
             with self._cond:
-                self._process(launched, *results)
+                self._process(launched, results)
 
-    def _process(self, step: InFlight, token_ids: list, bad_rows: frozenset[int],
-                 logprobs: StepLogprobs | None) -> None:
-        """Hand one read-back step's tokens (and logprobs) to their requests (under the lock)."""
-        self.scheduler.postprocess(step.plan, token_ids, bad_rows, self._deliver, logprobs, step.beam_steps)
+    def _process(self, step: InFlight, result: StepResult) -> None:
+        """Hand one read-back step's results to their requests (under the lock): the output processor applies them to
+        the sequences, the scheduler brings its blocks and slots up to date, and the updates go out."""
+        outputs = self.output_processor.process(step.plan, result)
+        self.scheduler.update_from_outputs(step.plan, outputs)
+        self._hand_out(outputs.updates)
 
-    def _deliver(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
-        """Hand a request what one step made known (under the lock): to step()'s caller, a stream, or nobody yet
-        (generate() reads the final output). best_of candidates hand out nothing until all of them ended; then the
-        best n, each whole."""
-        if seq.candidates is not None:
-            for best in seq.candidates.take_best():
-                self._hand_out(best, best.token_ids[best.num_prompt_tokens:], best.output.result().text)
-            return
-        self._hand_out(seq, tokens, delta)
-
-    def _hand_out(self, seq: Sequence, tokens: Seq[int], delta: str) -> None:
-        finished = seq.status is SequenceStatus.FINISHED
-        if finished and all(other.is_finished for other in self._requests.get(seq.request_id, ())):
-            self._requests.pop(seq.request_id, None)  # (a beam group delivers its outputs after all its beams end)
-        if seq.delivery is Delivery.UPDATES:
-            output = seq.output
-            new_logprobs = prompt_logprobs = None
-            if output.logprobs is not None or output.prompt_logprobs is not None:
-                if tokens and output.logprobs is not None:
-                    new_logprobs = output.logprobs[-len(tokens):]
-                if len(output.token_ids) == len(tokens):  # its first update: its first tokens, or its end
-                    prompt_logprobs = output.prompt_logprobs
-            self._updates.append(RequestUpdate(seq.request_id, list(tokens), delta,
-                                               output.result() if finished else None, seq.index, new_logprobs,
-                                               prompt_logprobs))
-        if delta and seq.delivery is Delivery.STREAM:
-            seq.text_deltas.append(delta)
+    def _hand_out(self, updates: list[Update]) -> None:
+        """Give each request what a step made known: to step()'s caller, a stream, or nobody yet (generate() reads
+        the final output)."""
+        for seq, tokens, delta in updates:
+            finished = seq.status is SequenceStatus.FINISHED
+            if finished and all(other.is_finished for other in self._requests.get(seq.request_id, ())):
+                self._requests.pop(seq.request_id, None)  # (a beam group hands out its outputs after all its beams end)
+            if seq.delivery is Delivery.UPDATES:
+                output = seq.output
+                new_logprobs = prompt_logprobs = None
+                if output.logprobs is not None or output.prompt_logprobs is not None:
+                    if tokens and output.logprobs is not None:
+                        new_logprobs = output.logprobs[-len(tokens):]
+                    if len(output.token_ids) == len(tokens):  # its first update: its first tokens, or its end
+                        prompt_logprobs = output.prompt_logprobs
+                self._updates.append(RequestUpdate(seq.request_id, list(tokens), delta,
+                                                   output.result() if finished else None, seq.index, new_logprobs,
+                                                   prompt_logprobs))
+            if delta and seq.delivery is Delivery.STREAM:
+                seq.text_deltas.append(delta)
 
     def _fail_all(self, message: str) -> None:
         """A step raised (e.g. out of memory): fail every request, so that no caller waits forever."""
@@ -295,17 +289,19 @@ class PagedEngine:
 
     # ---- public generation -----------------------------------------------------------------------------------
 
-    def generate(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams]) -> list[GenerationOutput]:
+    def generate(self, prompts: Seq[Seq[int]], params: Seq[SamplingParams], *,
+                 checked: bool = False) -> list[GenerationOutput]:
         """The outputs of each prompt in order: num_return_sequences of them per prompt, consecutively. A request
         that can never run, or that fails on its own, gets outputs with finish_reason "error" and the reason in
         .error while the others run; an aborted one "abort". If an engine step fails, the thread that ran it
-        re-raises the error and every request fails with it."""
+        re-raises the error and every request fails with it. checked: every request passed check_request already
+        (see _new_sequence)."""
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         requests: list[Sequence | GenerationOutput] = []
         for index, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                requests.append(self._new_sequence(prompt, p, Delivery.RESULT))
+                requests.append(self._new_sequence(prompt, p, Delivery.RESULT, checked=checked))
             except ValueError as err:
                 requests.append(_failed_output(list(prompt), f"request {index}: {err}"))
         completions = [[seq, *seq.fork_children] if isinstance(seq, Sequence) else seq for seq in requests]
@@ -320,19 +316,19 @@ class PagedEngine:
                 outputs += [seqs] * (p.num_return_sequences if isinstance(p, SamplingParams) else 1)
         return outputs
 
-    def score(self, pairs: Seq[tuple[Seq[int], Seq[int]]]) -> list[ScoreOutput]:
+    def score(self, pairs: Seq[tuple[Seq[int], Seq[int]]], *, checked: bool = False) -> list[ScoreOutput]:
         """The log-likelihood of each continuation after its context, (context ids, continuation ids) per pair, in
         order. Each pair is one prefill-only request whose prompt is context + continuation: the LM head runs at
         the continuation's positions only, and the context's full blocks may come from the prefix cache (contexts
         shared between pairs are computed once). Raises ValueError for a pair that can never run, RuntimeError for
-        one that failed (non-finite logits)."""
+        one that failed (non-finite logits). checked: every pair passed check_score_pair, and its context +
+        continuation check_request with SCORING, already."""
         seqs = []
         for index, (context, continuation) in enumerate(pairs):
-            if not context or not continuation:
-                raise ValueError(f"pair {index}: the {'context' if not context else 'continuation'} is empty (the "
-                                 f"first token of a text has no logprob: give the context at least one token)")
             try:
-                seq = self._new_sequence([*context, *continuation], SCORING, Delivery.RESULT)
+                if not checked:
+                    check_score_pair(context, continuation)
+                seq = self._new_sequence([*context, *continuation], SCORING, Delivery.RESULT, checked=checked)
             except ValueError as err:
                 raise ValueError(f"pair {index}: {err}") from None
             seq.score_from = len(context)
@@ -351,10 +347,11 @@ class PagedEngine:
                                       token_ids=[entry.token_id for entry in entries]))
         return scores
 
-    def stream(self, prompt_ids: Seq[int], params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt_ids: Seq[int], params: SamplingParams, *, checked: bool = False) -> Iterator[str]:
         """Yield text deltas as tokens are sampled; they join to generate()'s text. Closing the iterator early
         aborts the request and frees its blocks. Raises ValueError at once for a request that can never run or asks
-        for several completions, and RuntimeError at the end if the request failed."""
+        for several completions, and RuntimeError at the end if the request failed. checked: the request passed
+        check_request already."""
         if isinstance(params, SamplingParams) and params.num_return_sequences > 1:
             raise ValueError(f"stream() yields the text of one completion, but num_return_sequences is "
                              f"{params.num_return_sequences}; use generate(), or add_request() and step(), whose "
@@ -362,7 +359,7 @@ class PagedEngine:
         if isinstance(params, SamplingParams) and params.ranks_candidates:
             raise ValueError(f"best_of {params.best_of} does not stream: the best candidate is known only once all "
                              f"of them ended (OpenAI refuses it too); use generate()")
-        seq = self._new_sequence(prompt_ids, params, Delivery.STREAM)
+        seq = self._new_sequence(prompt_ids, params, Delivery.STREAM, checked=checked)
         self._enqueue([seq])
         return self._stream(seq)
 

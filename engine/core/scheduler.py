@@ -12,13 +12,13 @@ chunked prefill: new requests join at once, the others wait).
 When a running sequence needs a block and none is free, the newest running sequence is preempted: its blocks are
 released and it goes back to the front of the queue to be recomputed (prompt + tokens so far) later. Nothing is
 dropped, and the oldest sequence always makes progress, because any single request is checked to fit the whole pool
-when added. A prompt's blocks are all allocated when it is admitted.
+where it enters the engine (engine.core.request_checks). A prompt's blocks are all allocated when it is admitted.
 
 The host reads sampled tokens back one step behind the device, so a plan is made while the previous step's
 tokens are still in flight (`SlotTable.num_tokens` counts them):
 - a sequence that stopped on eos or a stop string in that step rides along once more; its row is dropped when
-  its result is read (`postprocess`), and its blocks are freed then, which is safe because the device runs
-  steps in order;
+  its result is read (engine.core.output_processor), and its blocks are freed then (`update_from_outputs`), which
+  is safe because the device runs steps in order;
 - max_new_tokens is counted on the host: a row whose in-flight token is its last gets position -1 (nothing to
   compute) instead of a token past the limit;
 - preemption needs every token known (a recomputed sequence re-prefills its tokens): when blocks run short,
@@ -40,8 +40,7 @@ all its rows. A beam preempted for blocks takes its whole group along; the searc
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -52,15 +51,9 @@ from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.decoding.beam_search import BeamStep
 from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.decoding.prompt_lookup import plan_drafts
-from hayabusa.engine.loading.config import check_context_fits
-from hayabusa.engine.sample.logprobs import StepLogprobs
 
-NON_FINITE_ERROR = "the model produced non-finite logits (NaN or inf) for this request"
-Deliver = Callable[[Sequence, "Seq[int]", str], None]  # (sequence, its new tokens, its text delta)
-
-
-def _ignore(seq: Sequence, tokens: Seq[int], delta: str) -> None:
-    pass
+if TYPE_CHECKING:
+    from hayabusa.engine.core.output_processor import StepOutputs
 
 
 class Scheduler:
@@ -87,38 +80,9 @@ class Scheduler:
         self._fork_parent: dict[Sequence, Sequence] = {}  # children admitted with a parent still prefilling
         self.beam_groups: dict[BeamGroup, None] = {}  # running beam groups that started (admission order)
 
-    def check_fits(self, num_prompt_tokens: int, max_new_tokens: int, num_sequences: int = 1,
-                   num_beams: int = 1) -> None:
-        """Raise ValueError for a request that could never run: past the context, bigger than the KV pool, or more
-        completions (or beams) than can run at once. Beams must fit the pool however far they diverge (a preempted
-        group restarts from its prompt, so a group that fits only partly would never finish)."""
-        if num_prompt_tokens < 1:
-            raise ValueError("the prompt is empty; at least one token is needed")
-        if num_sequences > self.max_num_seqs:
-            name = "num_beams" if num_beams > 1 else "num_return_sequences"
-            raise ValueError(f"{name} {num_sequences} is more than the {self.max_num_seqs} sequences "
-                             f"the engine runs at once (max_num_seqs)")
-        check_context_fits(num_prompt_tokens, max_new_tokens, self.max_model_len)
-        # The last sampled token is never written to the cache.
-        blocks = self.block_manager.blocks_needed(num_prompt_tokens + max_new_tokens - 1)
-        if blocks > self.block_manager.num_blocks:
-            raise ValueError(f"{num_prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} need {blocks} KV "
-                             f"blocks of {self.block_manager.block_size} tokens; the pool holds only "
-                             f"{self.block_manager.num_blocks} (raise kv_cache_blocks or lower max_new_tokens)")
-        if num_beams > 1:
-            shared = num_prompt_tokens // self.block_manager.block_size  # the prompt's full blocks
-            beam_blocks = shared + num_beams * (blocks - shared)
-            if beam_blocks > self.block_manager.num_blocks:
-                raise ValueError(f"num_beams {num_beams} with {num_prompt_tokens} prompt tokens + max_new_tokens "
-                                 f"{max_new_tokens} need up to {beam_blocks} KV blocks of "
-                                 f"{self.block_manager.block_size} tokens; the pool holds only "
-                                 f"{self.block_manager.num_blocks} (raise kv_cache_blocks, lower num_beams or "
-                                 f"max_new_tokens)")
-
     def add(self, seq: Sequence) -> None:
-        """Queue a new request: one sequence, with its other completions in seq.fork_children."""
-        self.check_fits(seq.num_prompt_tokens, seq.params.max_new_tokens, 1 + len(seq.fork_children),
-                        seq.params.num_beams)
+        """Queue a new request: one sequence, with its other completions in seq.fork_children. It was checked where it
+        entered the engine (engine.core.request_checks): it fits the context, the pool and max_num_seqs."""
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -430,150 +394,42 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.cache_computed_blocks(seq, seq.num_computed_tokens)
 
-    def postprocess(self, plan: StepPlan, token_ids: list, bad_rows: frozenset[int] = frozenset(),
-                    deliver: Deliver = _ignore, logprobs: StepLogprobs | None = None,
-                    beam_steps: Seq[tuple[BeamGroup, BeamStep | None]] = ()) -> None:
-        """Apply a launched step's sampled tokens, calling deliver(sequence, its new tokens, text delta) for each
-        sequence that got tokens or failed. token_ids: one id per row; for a step with verify passes, each row's
-        list of emitted ids. Publishes newly full blocks; frees finished sequences. bad_rows: rows whose logits were
-        not finite; their requests fail alone. Rows of sequences that finished meanwhile are dropped. logprobs: the
-        step's logprobs, when its plan wanted any (sampled tokens' by row, prompt positions' in plan.scored order).
-        beam_steps: per group of plan.beams, what its search decided (None: its logits were not finite)."""
-        if plan.scored or plan.forked_from or plan.prompt_ends:
-            self._apply_prompt_results(plan, bad_rows, logprobs, deliver)
-        if plan.beams:
-            self._apply_beam_steps(beam_steps, deliver)
-        if plan.drafts:
-            self._postprocess_passes(plan, token_ids, bad_rows, deliver, logprobs)
-            return
-        sampled = logprobs.sampled if logprobs is not None else None
-        block_size = self.block_manager.block_size
-        if plan.num_sampling_rows == plan.num_rows:
-            rows = zip(plan.seqs, token_ids, range(plan.num_rows), strict=True)
-        else:
-            rows = ((plan.seqs[row], token_ids[row], row) for row in plan.tokens_per_row.nonzero()[0].tolist())
-        running, finished = SequenceStatus.RUNNING, SequenceStatus.FINISHED
-        for seq, token, row in rows:  # once per sequence per step: kept lean
-            if seq.status is not running or plan.beams and seq.beam_group is not None:
-                continue  # finished (eos, stop string, abort) after this step was planned, or a beam (done above)
-            if bad_rows and row in bad_rows:
-                self._fail_non_finite(seq, deliver)
-                continue
-            seq.token_ids.append(token)
-            if sampled is not None and seq.output.cumulative_logprob is not None:  # logprobs or best_of asked
-                seq.output.record_logprobs(sampled, row, token)
-            delta = seq.output.append(token)
-            # Every token but the one just sampled now has its KV in the cache; a prefill's were published at launch.
-            computed = len(seq.token_ids) - 1
-            if computed % block_size == 0:
-                self.block_manager.cache_computed_blocks(seq, computed)
-            if seq.output.finish_reason is not None:
-                seq.status = finished
-                self._release(seq)
-            deliver(seq, (token,), delta)
-
-    def _apply_prompt_results(self, plan: StepPlan, bad_rows: frozenset[int], logprobs: StepLogprobs | None,
-                              deliver: Deliver) -> None:
-        """A mixed step's prompt logprobs (children started by a parent's last chunk get the parent's), and the end
-        of the requests whose prompt ended here and that sample nothing (max_new_tokens 0)."""
-        start = 0
-        for row, (first, end) in plan.scored.items():
-            seq = plan.seqs[row]
-            targets = seq.token_ids[first + 1:end + 1]  # position p's logits score token p + 1
-            entries = logprobs.prompt.entries(start, targets, seq.params.prompt_logprobs) if targets else []
-            start += len(targets)
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            if entries is None:
-                seq.fail("error", f"{NON_FINITE_ERROR} in its prompt")
-                self._release(seq)
-                deliver(seq, (), "")
-                continue
-            if seq.output.prompt_logprobs is None:
-                seq.output.prompt_logprobs = [None] * seq.num_prompt_tokens
-            seq.output.prompt_logprobs[first + 1:end + 1] = entries
-            if end == seq.num_prompt_tokens - 1:
-                seq.prompt_scored = True
-        for child_row, parent_row in plan.forked_from.items():
-            child, parent = plan.seqs[child_row], plan.seqs[parent_row]
-            child.output.prompt_logprobs, child.prompt_scored = parent.output.prompt_logprobs, parent.prompt_scored
-        for row in plan.prompt_ends:
-            seq = plan.seqs[row]
-            if seq.status is SequenceStatus.RUNNING:
-                seq.output.end_of_prompt()
-                seq.status = SequenceStatus.FINISHED
-                self._release(seq)
-                deliver(seq, (), "")
-
-    def _apply_beam_steps(self, beam_steps: Seq[tuple[BeamGroup, BeamStep | None]], deliver: Deliver) -> None:
-        """Reorder each group's beams by its step (engine.decoding.paged_beams), or end it: with its best hypotheses
-        when its search is done, with an error when its logits were not finite. Steps with beams are read back at once,
-        so every token is known here."""
-        slots, block_size = self.slots, self.block_manager.block_size
-        for group, step in beam_steps:
-            if any(seq.status is not SequenceStatus.RUNNING for seq in group.seqs):
-                continue  # aborted meanwhile
-            if step is None or step.done:
-                self.beam_groups.pop(group, None)
-                for seq in group.seqs:
-                    seq.status = SequenceStatus.FINISHED
-                    self._release(seq)
-                if step is None:
-                    for seq in group.seqs:
-                        seq.fail("error", f"{NON_FINITE_ERROR} at beam step {group.search.steps}")
-                    results = group.seqs[: group.params.num_return_sequences]
-                else:
-                    results = group.finish()
-                for seq in results:
-                    deliver(seq, seq.token_ids[seq.num_prompt_tokens:], seq.output.result().text)
-                continue
-            # Beam slot i's device row (its block table above all) becomes its parent's, as its host state does.
-            slots.copy_rows([seq.slot for seq in group.seqs], [group.seqs[parent].slot for parent in step.parents])
-            group.reorder(step, self.block_manager)
-            self.beam_groups[group] = None
-            for seq in group.seqs:
-                slot = seq.slot
-                slots.num_tokens[slot] = len(seq.token_ids)
-                slots.capacity[slot] = len(seq.block_table) * block_size
-                slots.may_share_write_block.add(slot)
-
-    def _fail_non_finite(self, seq: Sequence, deliver: Deliver) -> None:
-        seq.fail("error", f"{NON_FINITE_ERROR} at completion token {seq.num_completion_tokens}")
-        self._release(seq)
-        deliver(seq, (), "")
-
-    def _postprocess_passes(self, plan: StepPlan, row_tokens: list[list[int]], bad_rows: frozenset[int],
-                            deliver: Deliver, logprobs: StepLogprobs | None) -> None:
-        """postprocess for a step with verify passes (read back at once, so nothing else is in flight): rows emit
-        several tokens; a speculating row's token count and blocks shrink to what it kept (the rejected drafts'
-        KV lies past its length, overwritten later; whole blocks of it are freed). Rows that want logprobs never
-        speculate: they emit one token, whose logprobs are at their row."""
+    def update_from_outputs(self, plan: StepPlan, outputs: StepOutputs) -> None:
+        """Bring blocks and slots up to date with what the output processor made of a read-back step, in the order it
+        processed the rows: free the sequences that ended, publish newly full blocks for prefix-cache hits, give each
+        beam its parent's blocks and device row, and shrink a draft-checking row's blocks to the tokens it kept (the
+        rejected drafts' KV lies past its length, overwritten later; whole blocks of it are freed). A sequence's
+        freed blocks are safe to hand out: the device runs steps in order."""
+        for seq in outputs.prompts_ended:
+            self._release(seq)
+        for group, step in outputs.beam_steps:
+            self._update_beams(group, step)
         manager, slots = self.block_manager, self.slots
-        sampled = logprobs.sampled if logprobs is not None else None
-        for row in plan.tokens_per_row.nonzero()[0].tolist():
-            seq = plan.seqs[row]
-            if seq.status is not SequenceStatus.RUNNING or seq.beam_group is not None:
-                continue
-            if row in bad_rows:
-                self._fail_non_finite(seq, deliver)
-                continue
-            emitted, delta = [], ""
-            if sampled is not None and seq.output.cumulative_logprob is not None:
-                seq.output.record_logprobs(sampled, row, row_tokens[row][0])
-            for token in row_tokens[row]:
-                seq.token_ids.append(token)
-                emitted.append(token)
-                delta += seq.output.append(token)
-                if seq.output.finish_reason is not None:
-                    break
-            if row in plan.drafts:
-                seq.output.count_verify_pass(len(plan.drafts[row]), len(row_tokens[row]) - 1)
-            manager.cache_computed_blocks(seq, len(seq.token_ids) - 1)
-            if seq.output.finish_reason is not None:
-                seq.status = SequenceStatus.FINISHED
+        for seq, num_computed in outputs.grown:
+            if num_computed:
+                manager.cache_computed_blocks(seq, num_computed)
+            if seq.is_finished:
                 self._release(seq)
-            else:
+            elif plan.drafts:
                 slots.num_tokens[seq.slot] = len(seq.token_ids)
                 manager.trim(seq, manager.blocks_needed(len(seq.token_ids)))  # covers the next write
                 slots.capacity[seq.slot] = len(seq.block_table) * manager.block_size
-            deliver(seq, emitted, delta)
+
+    def _update_beams(self, group: BeamGroup, step: BeamStep | None) -> None:
+        """A group whose search ended (or failed) leaves; else each beam slot takes its parent's blocks by reference
+        and its parent's device row (its block table above all), as it took its tokens (BeamGroup.advance)."""
+        if step is None or step.done:
+            self.beam_groups.pop(group, None)
+            for seq in group.seqs:
+                self._release(seq)
+            return
+        slots, manager = self.slots, self.block_manager
+        parents = [group.seqs[parent] for parent in step.parents]
+        slots.copy_rows([seq.slot for seq in group.seqs], [parent.slot for parent in parents])
+        manager.reassign(group.seqs, parents)
+        self.beam_groups[group] = None
+        for seq in group.seqs:
+            slot = seq.slot
+            slots.num_tokens[slot] = len(seq.token_ids)
+            slots.capacity[slot] = len(seq.block_table) * manager.block_size
+            slots.may_share_write_block.add(slot)

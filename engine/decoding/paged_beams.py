@@ -3,12 +3,13 @@
 A request with num_beams = k > 1 is admitted as k sequences, beam slot i held by `seqs[i]`: the first computes the
 prompt (in chunks, engine.core.scheduler) and the other k - 1 are forked from it at admission and wait, so all k share
 the prompt's blocks. The step that runs the prompt's last chunk gives one row of logits (`rows`: the prompt's); every
-later step one row per beam, each fed from the host the token its beam appended (beam steps are read back at once:
-the next tokens are known only once the search picked them). The runner hands the rows' logits to `score` (the
-request's BeamSearch, engine.decoding.beam_search), and the scheduler applies the BeamStep with `reorder`: beam slot i
-continues parent p_i, taking p_i's tokens plus its new token and p_i's block table by reference. Beams that agree
-share their blocks, and a beam copies the block it writes into only when another beam holds it too (copy-on-write,
-engine.core.block_manager), so memory grows with how far the beams diverge, not with beams x context.
+later step one row per beam, each fed from the host the token its beam appended (beam steps are read back at once: the
+next tokens are known only once the search picked them). The output processor hands the rows' logits to `score` (the
+request's BeamSearch, engine.decoding.beam_search) and applies the BeamStep with `advance`: beam slot i continues parent
+p_i, taking p_i's tokens plus its new token; the scheduler then gives it p_i's block table by reference
+(Scheduler.update_from_outputs). Beams that agree share their blocks, and a beam copies the block it writes into only
+when another beam holds it too (copy-on-write, engine.core.block_manager), so memory grows with how far the beams
+diverge, not with beams x context.
 
 When the search is done, its best num_return_sequences hypotheses become the outputs of the first beams, best first
 (`finish`). A beam preempted for blocks takes its whole group along and the search restarts from the prompt later
@@ -20,7 +21,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hayabusa.engine.core.block_manager import BlockManager
 from hayabusa.engine.core.sequence import Sequence
 from hayabusa.engine.decoding.beam_search import BeamSearch, BeamStep, beam_logprobs
 from hayabusa.engine.sampling_params import eos_token_ids
@@ -52,12 +52,11 @@ class BeamGroup:
         token_lists = [seq.token_ids for seq in self.scored_seqs]
         return self.search.step(beam_logprobs(logits, self.params, token_lists, self.search.steps, self._model_eos))
 
-    def reorder(self, step: BeamStep, manager: BlockManager) -> None:
-        """Beam slot i continues parent step.parents[i] with step.tokens[i]: its tokens and, by reference, its
-        blocks (every parent's table is read before any is replaced)."""
-        parents = [self.seqs[p] for p in step.parents]
-        tokens = [list(parent.token_ids) for parent in parents]
-        manager.reassign(self.seqs, parents)
+    def advance(self, step: BeamStep) -> None:
+        """Beam slot i continues parent step.parents[i] with step.tokens[i]: its tokens become the parent's plus that
+        token (every parent's tokens are read before any beam's change). The scheduler gives each beam its parent's
+        KV blocks and device row (Scheduler.update_from_outputs)."""
+        tokens = [list(self.seqs[parent].token_ids) for parent in step.parents]
         for seq, token_ids, token in zip(self.seqs, tokens, step.tokens, strict=True):
             seq.token_ids = token_ids + [token]
 

@@ -184,18 +184,6 @@ def describe_defaults(defaulted_keys: tuple[str, ...], keys: list[str]) -> str:
             f"GPT-NeoX-Japanese 2.7B ({values}) {'were' if len(absent) > 1 else 'was'} used")
 
 
-def check_context_fits(num_prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
-    """Raise ValueError when a prompt plus max_new_tokens runs past the model's positions (max_position_embeddings).
-
-    `Engine` and the paged engine's scheduler both refuse requests through this, so they refuse the same ones in the
-    same words; the caller prefixes which request it was."""
-    total = num_prompt_tokens + max_new_tokens
-    if total > context_length:
-        alone = "; the prompt alone is longer than that" if num_prompt_tokens > context_length else ""
-        raise ValueError(f"{num_prompt_tokens} prompt tokens + max_new_tokens {max_new_tokens} = {total} exceed the "
-                         f"context length {context_length} (max_position_embeddings){alone}")
-
-
 def load_config(model_dir: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory (its `config.json`)."""
     model_dir = Path(model_dir)

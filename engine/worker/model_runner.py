@@ -41,8 +41,6 @@ from tqdm.auto import tqdm
 
 from hayabusa.engine.core.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.core.step_plan import StepPlan
-from hayabusa.engine.decoding.beam_search import BeamStep
-from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.model.paged_model import DecodeInputs, PagedModel, PrefillInputs
 from hayabusa.engine.sample.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
 from hayabusa.engine.sample.sampler import SamplerMode, SlotSampler
@@ -65,12 +63,20 @@ class InFlight:
 
     plan: StepPlan
     readback: Readback
-    # A step with verify passes: (emitted ids [P, K + 1], their counts [P]) on the device, and each pass's row.
+    # A step with draft checks: (emitted ids [P, K + 1], their counts [P]) on the device, and each check's row.
     passes: tuple[Tensor, Tensor, list[int]] | None = None
-    # A step with beams: per group of plan.beams its rows' logits [rows, vocab] (device); `collect` scores them into
-    # beam_steps (a group whose rows' logits were not finite gets None).
+    beam_logits: list[Tensor] = field(default_factory=list)  # a step with beams: per group of plan.beams (device)
+
+
+@dataclass
+class StepResult:
+    """What one step produced, read back to the host: the worker's answer to a StepPlan."""
+
+    token_ids: list  # the sampled id per row; with draft checks, each row's emitted ids
+    bad_rows: frozenset[int]  # rows whose logits were not finite (NaN or inf): their requests fail alone
+    logprobs: StepLogprobs | None  # when the plan wanted any
+    # A step with beams: per group of plan.beams, its rows' logits [rows, vocab] on the device (the search scores them).
     beam_logits: list[Tensor] = field(default_factory=list)
-    beam_steps: list[tuple[BeamGroup, BeamStep | None]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -177,21 +183,18 @@ class ModelRunner:
                 return self._launch_mixed(plan)
             return InFlight(plan, self._launch_decode(plan))
 
-    def collect(self, step: InFlight) -> tuple[list, frozenset[int], StepLogprobs | None]:
-        """(sampled id per row, or with verify passes each row's emitted ids; rows whose logits were not finite; the
-        step's logprobs when its plan wanted any); waits for the step if it is still running."""
+    def collect(self, step: InFlight) -> StepResult:
+        """The step's results on the host; waits for the step if it is still running."""
         readback = step.readback
         ResultRing.wait(readback)
         bad_rows = self.sampler.nonfinite_rows(readback.row_max_bits)
-        step.beam_steps = [(group, None if bad_rows.intersection(rows) else group.score(logits))
-                           for (group, rows), logits in zip(step.plan.beams, step.beam_logits, strict=True)]
         if step.passes is None:
-            return readback.ids.tolist(), bad_rows, readback.logprobs
+            return StepResult(readback.ids.tolist(), bad_rows, readback.logprobs, step.beam_logits)
         emitted, counts, pass_rows = step.passes
         row_tokens: list[list[int]] = [[] for _ in range(step.plan.num_rows)]
         for row, tokens, count in zip(pass_rows, emitted.tolist(), counts.tolist(), strict=True):
             row_tokens[row] = tokens[:count]
-        return row_tokens, bad_rows, readback.logprobs
+        return StepResult(row_tokens, bad_rows, readback.logprobs, step.beam_logits)
 
     def _apply_bookkeeping(self, plan: StepPlan) -> None:
         """Before the step: copy moved and forked sequences' rows of every per-slot tensor (all sources read before
