@@ -27,11 +27,6 @@ class Timings:
     time_to_first_token_s: float  # from the request's creation to its first sampled token
     total_s: float
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        decode_time = self.total_s - self.time_to_first_token_s
-        return (self.generated_tokens - 1) / decode_time if self.generated_tokens > 1 and decode_time > 0 else 0.0
-
 
 @dataclass(frozen=True)
 class TokenLogprobs:
@@ -48,7 +43,7 @@ class SpeculationStats:
 
     draft_tokens: int  # tokens drafted and checked
     accepted_tokens: int  # drafts the model agreed with
-    verify_passes: int  # forward passes that checked drafts
+    draft_checks: int  # forward passes that checked drafts
 
     @property
     def acceptance_rate(self) -> float:
@@ -215,7 +210,7 @@ class OutputBuilder:
             self._final.append(delta)
         return delta
 
-    def count_verify_pass(self, num_drafts: int, num_accepted: int) -> None:
+    def count_draft_check(self, num_drafts: int, num_accepted: int) -> None:
         """One forward pass checked num_drafts draft tokens and agreed with the first num_accepted."""
         self._speculation[0] += num_drafts
         self._speculation[1] += num_accepted

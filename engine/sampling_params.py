@@ -39,7 +39,7 @@ class SamplingParams:
     min_p: float = 0.0  # 0: off (sampling only)
     typical_p: float = 1.0  # 1: off (sampling only)
     eos_token_id: int | tuple[int, ...] | None = None  # None: the model's; several: stop at any of them
-    # Prompt-lookup speculation: draft this many tokens from the sequence's own n-grams, verify them in one pass.
+    # Prompt-lookup speculation: draft this many tokens from the sequence's own n-grams, check them in one pass.
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None  # None: 2
     num_return_sequences: int = 1  # completions of the prompt; they share its KV blocks
@@ -136,11 +136,11 @@ class SamplingParams:
                              f"): it samples best_of candidates and returns the best n, got {self.best_of!r}")
         wants_logprobs = self.logprobs is not None or self.prompt_logprobs is not None
         if self.prompt_lookup_num_tokens is not None and wants_logprobs:
-            raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a verify "
-                             "pass samples several tokens per step); drop one of them")
+            raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a draft "
+                             "check samples several tokens per step); drop one of them")
         if self.prompt_lookup_num_tokens is not None and self.ranks_candidates:
             raise ValueError("best_of > num_return_sequences is not supported with prompt_lookup_num_tokens "
-                             "(candidates are ranked by their tokens' logprobs, which a verify pass does not compute)")
+                             "(candidates are ranked by their tokens' logprobs, which a draft check does not compute)")
         self._check_beams()
 
     def _check_beams(self) -> None:

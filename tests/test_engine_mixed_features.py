@@ -4,7 +4,7 @@ Each trial draws a batch mixing every decoding feature (greedy, seeded sampling 
 beams, prompt-lookup speculation, logprobs and prompt logprobs, max_new_tokens 0) and an engine with a random token
 budget (chunked prompts), slot count and KV pool (preemption); each output must equal that request's output on a
 roomy engine of its own. This is how two interaction bugs were found: idle rows advancing their sampling state in
-decode steps, and logprobs lost in steps that verified another request's drafts. CI runs a few trials;
+decode steps, and logprobs lost in steps that checked another request's drafts. CI runs a few trials;
 `-m property_exhaustive` (HAYABUSA_MIXED_TRIALS, default 200) runs many.
 """
 

@@ -79,22 +79,22 @@ def test_speculation_changes_no_token(model, options) -> None:
     assert preempted and engine.block_manager.num_free_blocks == 24
 
 
-def test_requests_with_logprobs_keep_them_in_steps_that_verify_drafts(model) -> None:
+def test_requests_with_logprobs_keep_them_in_steps_that_check_drafts(model) -> None:
     """A request that asks for logprobs never drafts, but it shares steps with one that does: each of its tokens
-    still gets its logprobs (steps with verify passes compute them at the passes' first positions)."""
+    still gets its logprobs (steps with draft checks compute them at the passes' first positions)."""
     config, state_dict = model
     logprobs = SamplingParams(max_new_tokens=10, ignore_eos=True, logprobs=2)
     speculating = SamplingParams(max_new_tokens=10, ignore_eos=True, prompt_lookup_num_tokens=3)
     (alone,) = make_engine(config, state_dict).generate([PROMPTS[1]], [logprobs])
     together, spec = make_engine(config, state_dict).generate([PROMPTS[1], PROMPTS[0]], [logprobs, speculating])
-    assert spec.speculation.verify_passes > 0
+    assert spec.speculation.draft_checks > 0
     assert together.token_ids == alone.token_ids and len(together.logprobs) == 10
     for got, want in zip(together.logprobs, alone.logprobs, strict=True):
         assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, abs=1e-5)
         assert [t for t, _ in got.top] == [t for t, _ in want.top]
 
 
-def test_verify_passes_emit_several_tokens_and_free_rejected_blocks(model) -> None:
+def test_draft_checks_emit_several_tokens_and_free_rejected_blocks(model) -> None:
     config, state_dict = model
     engine = make_engine(config, state_dict, kv_cache_blocks=40, block_size=2)
     params = SamplingParams(max_new_tokens=24, prompt_lookup_num_tokens=6, ignore_eos=True)
@@ -110,7 +110,7 @@ def test_verify_passes_emit_several_tokens_and_free_rejected_blocks(model) -> No
     assert "".join(u.text_delta for u in updates) == final.text and updates[-1].request_id == request
     assert max(len(u.new_token_ids) for u in updates) > 1  # a pass emitted several tokens in one update
     spec = final.speculation
-    assert spec.verify_passes < len(final.token_ids) and 0 < spec.acceptance_rate <= 1
+    assert spec.draft_checks < len(final.token_ids) and 0 < spec.acceptance_rate <= 1
     assert final.token_ids == make_engine(config, state_dict).generate(
         [PROMPTS[0]], [SamplingParams(max_new_tokens=24, ignore_eos=True)])[0].token_ids
 
@@ -133,7 +133,7 @@ def test_speculation_on_the_triton_backend() -> None:
                             block_size=4)
     plain = reference.generate(prompts, [SamplingParams(max_new_tokens=6, ignore_eos=True)])[0]
     assert out.token_ids == plain.token_ids
-    assert out.speculation.verify_passes > 0
+    assert out.speculation.draft_checks > 0
 
 
 @pytest.mark.parametrize(("options", "message"), [

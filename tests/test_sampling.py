@@ -9,8 +9,8 @@ from transformers.generation.logits_process import (
 )
 
 from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
-from hayabusa.engine.sample.ops import mask_top_k_top_p
-from hayabusa.engine.sample.processors_from_lists import apply_repetition_penalty
+from hayabusa.engine.sample.ops import apply_penalty, mask_top_k_top_p
+from hayabusa.engine.sample.processors_from_lists import seen_mask
 from hayabusa.engine.sample.seeds import gumbel_noise
 from hayabusa.engine.sampling_params import SamplingParams
 
@@ -42,7 +42,7 @@ def test_repetition_penalty_matches_transformers() -> None:
             RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([s]), logits[b:b + 1].clone())[0]
             for b, s in enumerate(seen)
         ])
-        actual = apply_repetition_penalty(logits, seen, torch.full((3,), penalty))
+        actual = apply_penalty(logits, seen_mask(seen, 50, logits.device), torch.full((3,), penalty))
         torch.testing.assert_close(actual, expected)
 
 

@@ -140,7 +140,7 @@ class OutputProcessor:
                 if seq.output.finish_reason is not None:
                     break
             if row in plan.drafts:
-                seq.output.count_verify_pass(len(plan.drafts[row]), len(row_tokens[row]) - 1)
+                seq.output.count_draft_check(len(plan.drafts[row]), len(row_tokens[row]) - 1)
             if seq.output.finish_reason is not None:
                 seq.status = SequenceStatus.FINISHED
             outputs.grown.append((seq, len(seq.token_ids) - 1))

@@ -50,7 +50,7 @@ from hayabusa.engine.core.slots import SlotTable
 from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.decoding.beam_search import BeamStep
 from hayabusa.engine.decoding.paged_beams import BeamGroup
-from hayabusa.engine.decoding.prompt_lookup import plan_drafts
+from hayabusa.engine.decoding.prompt_lookup import draft_rows
 
 if TYPE_CHECKING:
     from hayabusa.engine.core.output_processor import StepOutputs
@@ -101,7 +101,7 @@ class Scheduler:
         if grown is None:
             return None
         decoding, new_blocks, copies = grown
-        drafts = plan_drafts(slots, self.block_manager, decoding, self.max_num_batched_tokens - int(decoding.sum()),
+        drafts = draft_rows(slots, self.block_manager, decoding, self.max_num_batched_tokens - int(decoding.sum()),
                              new_blocks) if slots.num_speculating else {}
         chunks: list[tuple[Sequence, int, int]] = []
         admitted: list[int] = []

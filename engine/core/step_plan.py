@@ -27,13 +27,13 @@ class StepPlan:
     (the id the previous step sampled). A mixed step computes num_new_tokens[r] tokens of row r from positions[r]
     on: a decode row its one token from the device; a row in `chunks` the tokens seq.token_ids[positions[r]:
     positions[r] + num_new_tokens[r]] from the host (a prompt chunk; it samples only when it reaches the end); a
-    row in `drafts` its last token and its drafts from the host (a verify pass); a row in `forked_from` computes
+    row in `drafts` its last token and its drafts from the host (a draft check); a row in `forked_from` computes
     nothing and samples from the logits of the row it was forked from (a fork child starting with its parent's last
     prompt chunk).
     """
 
     seqs: list[Sequence]  # every running slot in order
-    # Tokens each row samples this step: 0 or 1; up to its drafts + 1 for a verify pass (how many, its read-back
+    # Tokens each row samples this step: 0 or 1; up to its drafts + 1 for a draft check (how many, its read-back
     # says); 0 for a prompt chunk short of its end.
     tokens_per_row: np.ndarray
     positions: np.ndarray  # int64 [rows]: the first position each row computes, -1 for a row with nothing to compute
@@ -43,7 +43,7 @@ class StepPlan:
     chunks: list[int] = field(default_factory=list)  # mixed steps: rows fed from the host, ascending
     admitted: list[int] = field(default_factory=list)  # mixed steps: rows whose sampler state loads this step
     # Mixed steps: row -> prompt-lookup draft tokens; the row feeds its last token and them from the host and
-    # emits up to len + 1 tokens (a verify pass, engine.decoding.prompt_lookup). The step is read back at once.
+    # emits up to len + 1 tokens (a draft check, engine.decoding.prompt_lookup). The step is read back at once.
     drafts: dict[int, list[int]] = field(default_factory=dict)
     forked_from: dict[int, int] = field(default_factory=dict)  # mixed steps: child row -> the parent row it samples as
     # Mixed steps: chunk row -> (first, end): the positions whose next prompt token's logprob this step computes

@@ -1,12 +1,12 @@
 """Prompt-lookup drafting (transformers' `prompt_lookup_num_tokens`): guess a sequence's next tokens by finding its
 trailing n-gram earlier in its own tokens and copying what followed there.
 
-The guess costs no model: the engine verifies it in one forward pass (engine.worker.model_runner, engine.sample.sampler.
-sample_positions) and keeps the longest prefix the model agrees with, plus the model's own next token, so the output
-is the one decoding token by token would give (greedy, and with seeded sampling too: position i of a verify pass
-draws with the noise of token STEP + i). Matching follows transformers' PromptLookupCandidateGenerator: n-gram sizes
-from max_matching_ngram_size down to 1, the first (leftmost) occurrence whose continuation is not empty. (transformers
-also cuts a draft before an eos id; here a verified eos simply ends the request, so the output is the same.)
+The guess costs no model: the engine checks it in one forward pass (engine.worker.model_runner, engine.sample.sampler.
+sample_positions) and keeps the longest prefix the model agrees with, plus the model's own next token, so the output is
+the one decoding token by token would give (greedy, and with seeded sampling too: position i of a draft check draws with
+the noise of token STEP + i). Matching follows transformers' PromptLookupCandidateGenerator: n-gram sizes from
+max_matching_ngram_size down to 1, the first (leftmost) occurrence whose continuation is not empty. (transformers also
+cuts a draft before an eos id; here an eos among the checked drafts simply ends the request, so the output is the same.)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def draft_tokens(tokens: Sequence[int], num_tokens: int, max_ngram_size: int) ->
     return []
 
 
-def plan_drafts(slots: SlotTable, manager: BlockManager, decoding: np.ndarray, budget: int,
+def draft_rows(slots: SlotTable, manager: BlockManager, decoding: np.ndarray, budget: int,
                 new_blocks: list[tuple[int, int, int]]) -> dict[int, list[int]]:
     """row -> drafts of the decoding rows that ask for them (the scheduler calls this with every token known), cut
     to what max_new_tokens, `budget` tokens in all and the blocks that can be had allow. The blocks they need are

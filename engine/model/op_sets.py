@@ -20,6 +20,7 @@ class OpSet:
     linear: Callable[..., Tensor]
     ln_linear: Callable[..., Tensor]  # linear(layer_norm(x)): the LayerNorm fused into the GEMM where it pays
     layer_norm: Callable[..., Tensor]
+    mlp: Callable[..., Tensor]  # x + gelu(ln_linear(x)) @ w_out.T: the MLP block as two fused linears
     prefill_attention: Callable[..., Tensor]
     decode_attention: Callable[..., Tensor]
 
@@ -38,6 +39,7 @@ def load_ops(name: str) -> OpSet:
         linear=op("linear", "linear"),
         ln_linear=op("linear", "ln_linear"),
         layer_norm=op("layernorm", "layer_norm"),
+        mlp=op("mlp", "fused_mlp"),
         prefill_attention=op("prefill_attention", "prefill_attention"),
         decode_attention=op("decode_attention", "decode_attention"),
     )

@@ -1,12 +1,13 @@
 """GPT-NeoX-Japanese on the hayabusa kernels over a paged KV cache, for packed (varlen) batches.
 
-Per layer: ln_linear(input_layernorm -> qkv) -> prefill_attention | decode_attention (rotary and the cache write
-inside) -> linear(dense, + residual, + dense_bias on the last layer) -> ln_linear(post_attention_layernorm ->
-dense_h_to_4h, GELU) -> linear(dense_4h_to_h, + residual). Then ln_linear(final_layer_norm -> embed_out) on the
-last token of each sequence only (`prefill`); a caller that needs logits at more positions (prompt logprobs) takes
-the residual stream from `prefill_hidden` and runs `lm_head` on the rows it wants. The residual stream h is updated
-in place: h = h + attn(ln1(h)), then h = h + mlp(ln2(h)). At decode sizes each op is one launch (the LayerNorms
-run in the next GEMM's prologue): five per layer, plus the embedding gather and the LM head.
+Per layer: ln_linear(input_layernorm -> qkv) -> prefill_attention | decode_attention (rotary and the cache write inside)
+-> linear(dense, + residual, + dense_bias on the last layer) -> fused_mlp (kernels/mlp.py:
+ln_linear(post_attention_layernorm -> dense_h_to_4h, GELU) -> linear(dense_4h_to_h, + residual)). Then
+ln_linear(final_layer_norm -> embed_out) on the last token of each sequence only (`prefill`); a caller that needs logits
+at more positions (prompt logprobs) takes the residual stream from `prefill_hidden` and runs `lm_head` on the rows it
+wants. The residual stream h is updated in place: h = h + attn(ln1(h)), then h = h + mlp(ln2(h)). At decode sizes each
+op is one launch (the LayerNorms run in the next GEMM's prologue): five per layer, plus the embedding gather and the LM
+head.
 
 It runs on either op set (engine.model.op_sets): the Triton kernels, or their plain-PyTorch twins.
 """
@@ -154,9 +155,8 @@ class PagedModel:
                                      checked=False)  # [tokens, heads * 3 * head_dim]
             attn = attend(qkv, k_cache, v_cache, index == 0)  # [tokens, hidden]
             h = self.ops.linear(attn, layer.dense_weight, bias=layer.dense_bias, residual=h, out=h, checked=False)
-            activated = self.ops.ln_linear(h, layer.ln2_weight, layer.ln2_bias, eps, layer.mlp_in_weight,
-                                           activation="gelu", checked=False)  # [tokens, intermediate]
-            h = self.ops.linear(activated, layer.mlp_out_weight, residual=h, out=h, checked=False)
+            h = self.ops.mlp(h, layer.ln2_weight, layer.ln2_bias, eps, layer.mlp_in_weight, layer.mlp_out_weight,
+                             out=h, checked=False)  # through [tokens, intermediate]
         return h
 
     def lm_head(self, hidden: Tensor, out: Tensor | None = None) -> Tensor:

@@ -64,7 +64,8 @@ def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Te
 
 
 def apply_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
-    """apply_repetition_penalty with the seen tokens as a bool mask [B, V] (the device sampler keeps one)."""
+    """transformers' repetition penalty: a seen token's logit is divided by the penalty if positive, multiplied
+    if negative; seen is a bool mask [B, V] (the device sampler keeps one per slot), penalty [B]."""
     penalized = torch.where(logits > 0, logits / penalty[:, None], logits * penalty[:, None])
     return torch.where(seen, penalized, logits)
 

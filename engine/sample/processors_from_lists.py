@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from hayabusa.engine.sample.logits_processors import bad_word_patterns, banned_tokens, padded_history, split_bad_words
-from hayabusa.engine.sample.ops import RowProcessors, apply_penalty
+from hayabusa.engine.sample.ops import RowProcessors
 from hayabusa.engine.sampling_params import SamplingParams, eos_token_ids
 
 
@@ -77,8 +77,3 @@ def seen_mask(seen_tokens: Sequence[Sequence[int]], vocab: int, device: torch.de
     mask[torch.tensor(rows, dtype=torch.int64, device=device), torch.tensor(cols, dtype=torch.int64, device=device)] \
         = True
     return mask
-
-
-def apply_repetition_penalty(logits: Tensor, seen_tokens: Sequence[Sequence[int]], penalty: Tensor) -> Tensor:
-    """transformers' rule: a seen token's logit is divided by the penalty if positive, multiplied if negative."""
-    return apply_penalty(logits, seen_mask(seen_tokens, logits.shape[-1], logits.device), penalty)

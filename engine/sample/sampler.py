@@ -251,8 +251,8 @@ class SlotSampler:
     def _draw(self, logits: Tensor, rows: slice | Tensor, steps: Tensor, seen: Tensor, history: Tensor | None,
               lengths: Tensor | None) -> Tensor:
         """Token ids [R] for logits [R, vocab] whose settings are those of slots `rows`; the token counter, seen
-        mask and, with history (the PROCESS mode), the history and its lengths are the rows' own (a verify
-        position's differ from its slot's by the draft tokens before it)."""
+        mask and, with history (the PROCESS mode), the history and its lengths are the rows' own (a draft
+        check position's differ from its slot's by the draft tokens before it)."""
         floats, ints = self.float_settings[rows], self.int_settings[rows]
         processors = None
         if history is not None:
@@ -275,7 +275,7 @@ class SlotSampler:
 
     def sample_positions(self, logits: Tensor, position_pass: Tensor, position_offset: Tensor, pass_slots: Tensor,
                          pass_drafts: Tensor, mode: SamplerMode) -> tuple[Tensor, Tensor]:
-        """Sample every position of P verify passes and keep each pass's agreeing drafts
+        """Sample every position of P draft checks and keep each pass's agreeing drafts
         (engine.decoding.prompt_lookup).
 
         Pass p feeds slot pass_slots[p]'s last token and its drafts pass_drafts[p] (int64 [P, K], -1 padded);

@@ -18,7 +18,7 @@ copy. Nothing in it waits for the host. When a row's request wants logprobs, the
 (outside the graph, from the logits it left in its static output buffer `decode_logits`) and ride the same
 read-back; a step with no such row launches exactly what it did without the feature.
 
-A mixed step (prompt chunks, verify passes, decode rows: engine.worker.varlen) runs eagerly. When a chunk scores prompt
+A mixed step (prompt chunks, draft checks, decode rows: engine.worker.varlen) runs eagerly. When a chunk scores prompt
 positions (prompt logprobs) it runs the layers (`PagedModel.prefill_hidden`), the LM head on the rows that sample,
 and the LM head on the scored positions in chunks (engine.sample.logprobs.prompt_logprobs); else `PagedModel.prefill`,
 which computes logits at the sampling rows only. Fork children started by their parent's last chunk sample from the
@@ -133,7 +133,7 @@ class ModelRunner:
         return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_rows)] if self.bucketed else num_rows
 
     def _padded_logit_rows(self, num_rows: int) -> int:
-        """The rows an LM head of num_rows runs at: a graph batch size, or past the largest (verify passes) a
+        """The rows an LM head of num_rows runs at: a graph batch size, or past the largest (draft checks) a
         prefill bucket."""
         return self.decode_batch_size(num_rows) if num_rows <= self.max_num_seqs else self._padded_tokens(num_rows)
 
@@ -252,8 +252,8 @@ class ModelRunner:
 
     def _launch_mixed(self, plan: StepPlan) -> InFlight:
         """One varlen forward over every row that computes tokens: decode rows (input from last_token), prompt
-        chunks and verify passes (input from the host); then the rows that reached the end of their prompt (and the
-        fork children they start), the decode rows and every position of a verify pass sample. Runs eagerly (its
+        chunks and draft checks (input from the host); then the rows that reached the end of their prompt (and the
+        fork children they start), the decode rows and every position of a draft check sample. Runs eagerly (its
         shapes vary); decode-only steps keep their graphs."""
         rows = np.flatnonzero(plan.num_new_tokens)
         counts = plan.num_new_tokens[rows]

@@ -1,11 +1,11 @@
-"""One varlen forward's inputs, packed on the host: prompt chunks, decode rows, verify passes and whole prompts in one
+"""One varlen forward's inputs, packed on the host: prompt chunks, decode rows, draft checks and whole prompts in one
 batch.
 
 Sequence i of a batch computes counts[i] tokens from positions[i] on; its cached prefix (positions before) is read
 from the KV pool through its block-table row `block_tables[slots[i]]`. Its input ids come from the host
-(`host_tokens[i]`: a prompt chunk, or a verify pass's last token and drafts) or, for a decode row, from the device:
+(`host_tokens[i]`: a prompt chunk, or a draft check's last token and drafts) or, for a decode row, from the device:
 the id the previous step sampled, which the host has not read yet (`last_token[slots[i]]`). Logits are computed for
-the last logit_counts[i] new tokens of sequence i: its last one, or every position of a verify pass (`drafts[i]`:
+the last logit_counts[i] new tokens of sequence i: its last one, or every position of a draft check (`drafts[i]`:
 its draft tokens), or none; then one logit row per fork child (`forks`: it samples from the last new token of the
 sequence it was forked from, with its own sampler row). Prompt logprobs: `scored` names the positions of prompt
 chunks whose next token is scored. The runner (engine.worker.model_runner) uploads the fields in one copy and runs
@@ -30,7 +30,7 @@ class VarlenBatch:
     counts: np.ndarray  # int64 [S], >= 1: the tokens each sequence computes
     host_tokens: dict[int, Sequence[int]]  # sequence index -> its counts[i] input ids; the others are decode rows
     logit_counts: np.ndarray  # int64 [S]: how many of its last new tokens get logits (0, 1, or a pass's all)
-    drafts: dict[int, Sequence[int]] = field(default_factory=dict)  # sequence index -> a verify pass's drafts
+    drafts: dict[int, Sequence[int]] = field(default_factory=dict)  # sequence index -> a draft check's drafts
     forks: list[tuple[int, int]] = field(default_factory=list)  # (sequence index of the parent, the child's slot)
     # (sequence index, first position, end position, the tokens at first + 1 .. end): scored prompt positions
     scored: list[tuple[int, int, int, Sequence[int]]] = field(default_factory=list)
@@ -50,7 +50,7 @@ class VarlenBatch:
 
 def varlen_fields(batch: VarlenBatch, num_padded_tokens: int, num_padded_logit_rows: int) -> list[Field]:
     """The upload fields of a batch whose T tokens run padded to num_padded_tokens and whose L logit rows run padded
-    to num_padded_logit_rows. With drafts, the verify passes' fields too: every sequence with logits is a pass (one
+    to num_padded_logit_rows. With drafts, the draft checks' fields too: every sequence with logits is a pass (one
     without drafts checks none), and logit row r is position position_offset[r] of pass position_pass[r]."""
     num_seqs, num_device = len(batch.slots), batch.num_device_tokens
     num_logits = batch.num_logits
@@ -73,14 +73,14 @@ def scored_fields(num_scored: int) -> list[Field]:
 
 
 def pass_fields(num_logits: int, num_passes: int, num_drafts: int) -> list[Field]:
-    """The verify passes' fields; their drafts travel flat (draft_index: pass * widest draft + place)."""
+    """The draft checks' fields; their drafts travel flat (draft_index: pass * widest draft + place)."""
     return [("position_pass", torch.int64, (num_logits,)), ("position_offset", torch.int64, (num_logits,)),
             ("pass_slots", torch.int64, (num_passes,)), ("draft_tokens", torch.int64, (num_drafts,)),
             ("draft_index", torch.int64, (num_drafts,))]
 
 
 def draft_width(batch: VarlenBatch) -> int:
-    """The widest draft of a batch with verify passes: pass_drafts is [passes, draft_width] on the device."""
+    """The widest draft of a batch with draft checks: pass_drafts is [passes, draft_width] on the device."""
     return max(len(draft) for draft in batch.drafts.values())
 
 
