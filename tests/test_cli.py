@@ -17,13 +17,14 @@ from hayabusa.bench.workloads import SIZES
 from hayabusa.engine.api import Engine
 from hayabusa.engine.cli import COMMANDS, SIGPIPE_STATUS, build_parser, flag_of, main
 from hayabusa.engine.core import paged_engine
-from hayabusa.engine.loading import hub, random_models
+from hayabusa.engine.loading import random_models
 from hayabusa.engine.loading.checkpoint_writer import FORMATS
 from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.model.op_sets import OP_SETS
 from hayabusa.engine.param_names import respelled
 from hayabusa.engine.platform import devices
 from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.tokenizer import hub
 
 
 @pytest.fixture(scope="module")

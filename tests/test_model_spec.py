@@ -14,17 +14,25 @@ import huggingface_hub
 import pytest
 import torch
 
-from hayabusa.engine.loading import hub, random_models
+from hayabusa.engine.loading import random_models
 from hayabusa.engine.loading.checkpoint_writer import write_random_checkpoint
 from hayabusa.engine.loading.config import PRESETS, load_config
-from hayabusa.engine.loading.hub import ModelNotFoundError, model_snapshot, tokenizer_snapshot
-from hayabusa.engine.loading.model_source import resolve_model_dir, resolve_tokenizer_dir
+from hayabusa.engine.loading.model_source import resolve_model_dir
 from hayabusa.engine.loading.weights import load_weights
-from hayabusa.tokenizer.vocab import VENDORED_DIR
+from hayabusa.tokenizer import hub
+from hayabusa.tokenizer.hub import ModelNotFoundError, model_snapshot, tokenizer_snapshot
+from hayabusa.tokenizer.vocab import RANDOM_PRESETS, VENDORED_DIR, resolve_vocab_files
 
 REPO = "abeja/gpt-neox-japanese-2.7b"
 MICRO = PRESETS["tiny"].with_overrides(vocab_size=96, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
                                        bos_token_id=95, eos_token_id=95)
+
+
+def resolve_tokenizer_dir(spec, revision=None) -> Path:
+    """The directory Tokenizer.from_pretrained(spec) reads vocab.txt and emoji.json from."""
+    vocab_file, emoji_file = resolve_vocab_files(spec, revision)
+    assert vocab_file.parent == emoji_file.parent
+    return vocab_file.parent
 
 
 @pytest.fixture
@@ -57,6 +65,10 @@ def test_a_name_that_is_nothing_fails_without_asking_the_hub(name, no_hub):
     for resolve in (resolve_model_dir, resolve_tokenizer_dir):
         with pytest.raises(ModelNotFoundError, match="not a local directory, a random preset .* or a Hub repo id"):
             resolve(name)
+
+
+def test_the_tokenizer_knows_every_random_preset() -> None:
+    assert RANDOM_PRESETS == tuple(PRESETS)  # it names them without the engine (and in errors in the same order)
 
 
 def test_a_preset_is_a_random_checkpoint_and_the_vendored_vocabulary(no_hub, monkeypatch):

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from hayabusa.engine.cli import main
-from hayabusa.engine.loading import hub
-from hayabusa.tokenizer import GPTNeoXJapaneseTokenizer, Tokenizer
+from hayabusa.tokenizer import GPTNeoXJapaneseTokenizer, Tokenizer, hub
 from hayabusa.tokenizer.vocab import VENDORED_DIR
 
 

@@ -23,9 +23,9 @@ import torch
 from tqdm import tqdm
 
 from hayabusa.engine.loading.config import DTYPES, PRESETS, ModelConfig
-from hayabusa.engine.loading.hub import BIN_FILES, SAFETENSORS_FILES
 from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
 from hayabusa.engine.loading.weights import SAFETENSORS_DTYPES
+from hayabusa.tokenizer.hub import BIN_FILES, SAFETENSORS_FILES
 
 FORMATS = ("safetensors", "bin")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -3,11 +3,12 @@
   1. a local directory: used as it is;
   2. a random preset (tiny, small, 2.7b) that is not also a directory: a random-weight checkpoint of that shape,
      written once into $HAYABUSA_CACHE (default ~/.cache/hayabusa); its tokenizer is the vendored vocabulary;
-  3. a Hub repo id 'owner/name': fetched once into the Hugging Face cache (see hub.py; offline, the cache only).
-Anything else fails at once, without asking the Hub.
+  3. a Hub repo id 'owner/name': fetched once into the Hugging Face cache (tokenizer/hub.py; offline, the cache only).
+Anything else fails at once, without asking the Hub. (`Tokenizer.from_pretrained` resolves names the same way for
+just the tokenizer's files, in the tokenizer package.)
 
-The Hub client (hub.py, huggingface_hub) loads when a name is resolved: every command's parser adds --model from
-here, and `hayabusa COMMAND --help` should not wait for it.
+The Hub client (huggingface_hub) loads when a name is resolved: every command's parser adds --model from here, and
+`hayabusa COMMAND --help` should not wait for it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
 
 def resolve_model_dir(spec: str | os.PathLike, revision: str | None = None) -> Path:
     """A directory holding config.json, the weights and the tokenizer files of the model `spec` names."""
-    local, name = _local_or_name(spec)
+    from hayabusa.tokenizer.hub import local_dir_or_name, model_snapshot  # huggingface_hub, on demand
+
+    local, name = local_dir_or_name(spec, PRESETS)
     if local is not None:
         return local
     if name in PRESETS:
@@ -42,36 +45,4 @@ def resolve_model_dir(spec: str | os.PathLike, revision: str | None = None) -> P
         )
 
         return random_preset_dir(name)
-    from hayabusa.engine.loading.hub import model_snapshot
-
     return model_snapshot(name, revision)
-
-
-def resolve_tokenizer_dir(spec: str | os.PathLike, revision: str | None = None) -> Path:
-    """A directory holding vocab.txt and emoji.json for the model `spec` names; only those two files are fetched."""
-    local, name = _local_or_name(spec)
-    if local is not None:
-        return local
-    if name in PRESETS:
-        from hayabusa.tokenizer.vocab import VENDORED_DIR  # what random checkpoints copy
-
-        return VENDORED_DIR
-    from hayabusa.engine.loading.hub import tokenizer_snapshot
-
-    return tokenizer_snapshot(name, revision)
-
-
-def _local_or_name(spec: str | os.PathLike) -> tuple[Path | None, str]:
-    """(the directory, spec) for a local directory, else (None, spec) for a preset or a repo id; else an error."""
-    from hayabusa.engine.loading.hub import ModelNotFoundError, is_repo_id
-
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path, str(spec)
-    if path.exists():
-        raise ModelNotFoundError(f"model {str(spec)!r} is a file; give the directory that holds config.json")
-    name = str(spec)
-    if name not in PRESETS and not is_repo_id(name):
-        raise ModelNotFoundError(f"model {name!r} is not a local directory, a random preset ({', '.join(PRESETS)}) "
-                                 f"or a Hub repo id of the form 'owner/name' (e.g. 'abeja/gpt-neox-japanese-2.7b')")
-    return None, name

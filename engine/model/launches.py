@@ -5,7 +5,7 @@ simulated device (an H200 by default), every launch recorded instead of executed
 - `engine_specializations`: every distinct compiled kernel (kernel, constexprs, warps, stages) the engine can
   launch for a model, dtype, device and batch limits. Linear configs are fixed per M bucket, decode attention's
   split count is a power of two and token counts are never specialized on, so the set is small; warm start
-  compiles it ahead and `_sm90_compile_check` checks it for register spills.
+  compiles it ahead and `bench/sm90_compile_check.py` checks it for register spills.
 """
 
 from __future__ import annotations

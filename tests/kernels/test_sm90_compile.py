@@ -16,8 +16,8 @@ import sys
 import pytest
 from triton.runtime.jit import KernelInterface
 
+from hayabusa.bench.sm90_compile_check import SKIP_EXIT_CODE
 from hayabusa.kernels._launch import H200
-from hayabusa.kernels._sm90_compile_check import SKIP_EXIT_CODE
 
 # by module path: hayabusa.kernels re-exports functions under some of these names
 KERNEL_MODULES = [importlib.import_module(f"hayabusa.kernels.{name}")
@@ -29,7 +29,7 @@ MAY_SPILL = {"_prefill_attention_kernel"}
 def test_every_kernel_compiles_for_sm90_within_shared_memory(tmp_path):
     results_path = tmp_path / "sm90.json"
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "hayabusa.kernels._sm90_compile_check", "--json", str(results_path)],
+    run = subprocess.run([sys.executable, "-m", "hayabusa.bench.sm90_compile_check", "--json", str(results_path)],
                          env=env, capture_output=True, text=True, timeout=600)
     print(run.stdout)  # the register / spill / shared-memory table, shown with -s or on failure
     if run.returncode == SKIP_EXIT_CODE:

@@ -9,7 +9,7 @@ path) decode at batch 1 and prefill at 1 and 2048 tokens, to stay in the time bu
 compiled kernel; exits 1 when one fails to compile or needs more shared memory than a block may use, 77 when this
 machine cannot compile for CUDA.
 
-    python -m hayabusa.kernels._sm90_compile_check [--json results.json] [--jobs N]
+    python -m hayabusa.bench.sm90_compile_check [--json results.json] [--jobs N]
 
 Run it without TRITON_INTERPRET (which turns @triton.jit kernels into interpreted functions).
 """
@@ -35,6 +35,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.model.launches import engine_specializations
 from hayabusa.kernels._launch import H200
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -70,7 +71,6 @@ class CompileResult:
 
 def engine_launches() -> list[Launch]:
     """One recorded launch per kernel specialization of the engine's 2.7B forward passes, on meta tensors."""
-    from hayabusa.engine.model.launches import engine_specializations  # the engine imports the kernels: import late
 
     launches = []
     for dtype, dtype_name in DTYPES.items():

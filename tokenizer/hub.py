@@ -1,4 +1,7 @@
-"""Fetch a model's files from the Hugging Face Hub (only what hayabusa reads), or find them in the Hub cache.
+"""The Hub client of hayabusa: a model's files fetched from the Hugging Face Hub (only what hayabusa reads: the
+tokenizer's two, `tokenizer_snapshot`, or everything the engine loads, `model_snapshot`), or found in the Hub cache;
+and what a model name means (`local_dir_or_name`), the same for every command and API. It sits in the tokenizer
+package, the lowest that fetches files (Tokenizer.from_pretrained takes a Hub id); the engine's loader uses it too.
 
 Before any download the Hub is asked once, with a short timeout, whether it answers at all: without a route to it
 huggingface_hub would retry each request for half a minute. When it does not answer (or HF_HUB_OFFLINE is set),
@@ -7,8 +10,10 @@ only the cache is used, and a repo that is not cached fails at once with the `hf
 
 from __future__ import annotations
 
+import os
 import re
 import threading
+from collections.abc import Collection
 from pathlib import Path
 
 from huggingface_hub import constants, snapshot_download
@@ -146,3 +151,18 @@ def _model_download_hint(repo_id: str, revision: str | None, reason: str) -> str
         f"adding {bin_includes} if the repo has no safetensors weights, then pass DIR as the model. Without "
         f"--local-dir the files land in the Hugging Face cache, where hayabusa finds them offline."
     )
+
+
+def local_dir_or_name(spec: str | os.PathLike, presets: Collection[str]) -> tuple[Path | None, str]:
+    """(the directory, spec) for a local directory, else (None, spec) for a random preset (one of `presets`, which
+    hayabusa writes itself) or a Hub repo id; anything else fails at once, without asking the Hub."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path, str(spec)
+    if path.exists():
+        raise ModelNotFoundError(f"model {str(spec)!r} is a file; give the directory that holds config.json")
+    name = str(spec)
+    if name not in presets and not is_repo_id(name):
+        raise ModelNotFoundError(f"model {name!r} is not a local directory, a random preset ({', '.join(presets)}) "
+                                 f"or a Hub repo id of the form 'owner/name' (e.g. 'abeja/gpt-neox-japanese-2.7b')")
+    return None, name
