@@ -97,7 +97,7 @@ def _convert_into(target: Tensor, source: Tensor) -> Tensor:
 
 
 def _tie_embeddings(state_dict: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
-    """transformers 5 (checked in tests/test_weights.py): with `tie_word_embeddings` (default true) a missing
+    """transformers 5 (checked in tests/loading/test_weights.py): with `tie_word_embeddings` (default true) a missing
     embed_out -- or a missing embed_in -- is shared with the other, a stored embed_out equal to embed_in (after
     conversion to the load dtype) is shared too, and a different one stays untied."""
     if config.tie_word_embeddings:

@@ -1,6 +1,6 @@
 """transformers' logits processors as batched tensor functions with per-row settings, for the device sampler.
 
-Each function equals its transformers counterpart row by row (tests/test_logits_processors.py checks the masks):
+Each function equals its transformers counterpart row by row (tests/sample/test_logits_processors.py checks the masks):
 `ban_repeated_ngrams` = NoRepeatNGramLogitsProcessor, `ban_bad_word_completions` with a static single-token ban =
 NoBadWordsLogitsProcessor, the eos gate of `banned_tokens` = MinNewTokensLengthLogitsProcessor, `mask_min_p` =
 MinPLogitsWarper, `mask_typical` = TypicalLogitsWarper, `logit_bias_rows` = SequenceBiasLogitsProcessor with

@@ -156,7 +156,7 @@ def test_a_pip_install_from_git_records_its_commit(installed_copy, tmp_path, mon
 
 
 def test_the_markdown_never_shows_commit_none():
-    results = json.loads((Path(__file__).parents[1] / "bench/results/cpu-2.7b-2026-12-01.json").read_text())
+    results = json.loads((Path(__file__).parents[2] / "bench/results/cpu-2.7b-2026-12-01.json").read_text())
     results |= {"commit": None, "commit_source": "no commit known: hayabusa 0.1.0 is an installed copy"}
     header = report.markdown_report(results).split("\n## ")[0]
     assert "None" not in header

@@ -172,6 +172,6 @@ def test_the_download_commands_parse_with_the_installed_hf_cli(offline, tmp_path
 
 
 def test_no_message_or_doc_names_the_retired_huggingface_cli():
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     for path in [root / "README.md", *root.glob("engine/*.py"), *root.glob("tokenizer/*.py"), *root.glob("bench/*.py")]:
         assert "huggingface-cli" not in path.read_text(encoding="utf-8"), path

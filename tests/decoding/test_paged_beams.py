@@ -1,6 +1,6 @@
 """Beam search in the paged engine (engine.decoding.paged_beams): the same beams, order and scores as the reference
-loop's beams, which tests/test_beam_search.py checks against transformers' generate(num_beams); beams sharing KV blocks,
-with chunked prompts, beside other requests, under preemption, and through the serving loop."""
+loop's beams, which tests/decoding/test_beam_search.py checks against transformers' generate(num_beams); beams sharing
+KV blocks, with chunked prompts, beside other requests, under preemption, and through the serving loop."""
 
 import math
 from dataclasses import replace

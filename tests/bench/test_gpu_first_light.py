@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_first_light.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_first_light.sh"
 STAGES = ["install", "checkpoint", "kernel-tests", "memcheck-small", "verify-fp16", "verify-bf16", "bench"]
 
 
