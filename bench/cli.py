@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hayabusa.bench.records import ENGINES, SCENARIOS
-from hayabusa.engine.config import DTYPE_NAMES
-from hayabusa.engine.devices import add_device_argument, resolve_device
-from hayabusa.engine.model_spec import add_model_arguments
+from hayabusa.engine.loading.config import DTYPE_NAMES
+from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
     from hayabusa.bench.suite import SuiteSettings
@@ -83,9 +83,9 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     from hayabusa.bench.suite import SuiteSettings
     from hayabusa.bench.workloads import check_sizes_fit, sizes_for
     from hayabusa.engine.api import default_dtype
-    from hayabusa.engine.config import DTYPES, ModelConfig
-    from hayabusa.engine.model_spec import resolve_model_dir
-    from hayabusa.engine.random_models import is_random_preset
+    from hayabusa.engine.loading.config import DTYPES, ModelConfig
+    from hayabusa.engine.loading.model_source import resolve_model_dir
+    from hayabusa.engine.loading.random_models import is_random_preset
 
     device = resolve_device(args.device)
     if device.type == "cpu":

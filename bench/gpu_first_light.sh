@@ -119,7 +119,7 @@ fi
 
 stage install 20 120 "$PYTHON" -m pip install --no-deps --no-build-isolation -q -e .
 stage checkpoint 25 180 "$PYTHON" -c \
-    "from hayabusa.engine.random_models import random_preset_dir as d; print(d('$MODEL'))"
+    "from hayabusa.engine.loading.random_models import random_preset_dir as d; print(d('$MODEL'))"
 stage kernel-tests 100 200 "$PYTHON" -m pytest -q -x -p no:cacheprovider "${KERNEL_TESTS[@]}"
 if [ "$MODE" = dry ] || command -v compute-sanitizer >/dev/null; then
     # Small shapes (tests/kernels honours HAYABUSA_KERNEL_SHAPES=small on a GPU); no caching allocator, so an

@@ -26,7 +26,7 @@ def decode_step_kernels(runner: HayabusaRunner, batch: int, prompt_len: int) -> 
     to last kernel's end), kernel_us, gap_us, launches}."""
     if runner.device.type != "cuda":
         raise EngineUnavailable("the per-kernel decode table times GPU kernels (torch.profiler, CUDA only)")
-    from hayabusa.engine.sampling import SamplingParams
+    from hayabusa.engine.sampling_params import SamplingParams
 
     paged = runner.engine.paged  # the engine's step loop: add_request / step / abort
     params = SamplingParams(max_new_tokens=WARM_STEPS + 3, do_sample=False, ignore_eos=True)

@@ -25,8 +25,8 @@ from dataclasses import replace
 import torch
 
 from hayabusa.engine.api import load_pretrained
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.sampling_params import SamplingParams
 
 NUM_RUNNING = 64
 LONG_PROMPT_TOKENS = 2048

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from hayabusa.bench.timing import time_ms
-from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.loading.config import ModelConfig
 
 PEAK_TIMED_RUNS = 10
 

@@ -86,7 +86,7 @@ class HayabusaRunner(BenchRunner):
         self.kv_cache_blocks = kv_cache_blocks  # None: the engine's own sizing
         try:
             from hayabusa.engine.api import Engine
-            from hayabusa.engine.sampling import SamplingParams
+            from hayabusa.engine.sampling_params import SamplingParams
         except ImportError as err:
             raise EngineUnavailable(f"hayabusa.engine is not importable: {err}") from None
         self._engine_cls, self._params_cls = Engine, SamplingParams

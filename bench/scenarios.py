@@ -14,7 +14,7 @@ from hayabusa.bench.records import BenchRecord
 from hayabusa.bench.runners import BenchRunner, GenerateResult
 from hayabusa.bench.timing import median, time_ms, time_once_ms
 from hayabusa.bench.workloads import SuiteSizes, grounded_len, grounded_prompt_sets, mixed_lengths, prompt_sets
-from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.loading.config import ModelConfig
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 

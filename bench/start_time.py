@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hayabusa.engine.config import DTYPES
+from hayabusa.engine.loading.config import DTYPES
 
 
 def time_start(model: str, dtype: torch.dtype, device: torch.device, backend: str) -> float:

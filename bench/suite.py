@@ -28,9 +28,9 @@ from hayabusa.bench.roofline import DeviceRoofline, measure_roofline
 from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
 from hayabusa.bench.workloads import SuiteSizes, workload_kv_blocks
-from hayabusa.engine.config import ModelConfig
-from hayabusa.engine.kernel_plan import decode_step_launches
-from hayabusa.engine.machine_load import measure_machine_load
+from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.model.launches import decode_step_launches
+from hayabusa.engine.platform.machine_load import measure_machine_load
 from hayabusa.kernels._launch import H200, device_limits
 
 TOKENIZER_ENGINES = ("hayabusa", "transformers-eager")  # hayabusa.tokenizer and transformers' tokenizer
@@ -154,7 +154,7 @@ def disturbed_cases_warning(disturbed: list[tuple[str, dict[str, Any]]], total_c
 
 
 def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
-    """hayabusa's kernel launches per decode step at each decode batch, counted without running (FastModel on meta
+    """hayabusa's kernel launches per decode step at each decode batch, counted without running (PagedModel on meta
     tensors) with the configs of this GPU, or of an H200 when the run is on a CPU."""
     on_gpu = settings.device.type == "cuda"
     limits = device_limits(settings.device) if on_gpu else H200

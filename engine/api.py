@@ -3,7 +3,7 @@
 Both backends run the same paged engine (continuous batching, paged KV cache, prefix caching, preemption,
 streaming, threads): backend="triton" on the Triton kernels (a CUDA device, or the CPU under TRITON_INTERPRET=1
 for tests), backend="reference" on their plain-PyTorch twins (any device, the CPU default). `Engine.logits` runs
-the reference model (engine.reference), the oracle both are checked against.
+the reference model (engine.oracle.reference_model), the oracle both are checked against.
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ from typing import Any
 
 import torch
 
-from hayabusa.engine.config import ModelConfig, check_context_fits
-from hayabusa.engine.cpu_threads import ThreadChoice, apply_cpu_threads
-from hayabusa.engine.devices import resolve_device, warn_if_interpreted
+from hayabusa.engine.core.request_checks import check_request, check_score_pair, check_token_ids
+from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.loading.tensor_names import EMBED_IN
+from hayabusa.engine.loading.weights import load_model_files
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
-from hayabusa.engine.reference import ReferenceModel
-from hayabusa.engine.sampling import SamplingParams, check_option_ids
-from hayabusa.engine.weights import EMBED_IN, load_model_files
+from hayabusa.engine.platform.cpu_threads import ThreadChoice, apply_cpu_threads
+from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
+from hayabusa.engine.sampling_params import SCORING, SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -63,14 +65,14 @@ class Engine:
         self.backend = backend
         self.device = device = torch.device(device)
         self.model_dir = model_dir
-        # On a CPU: torch's thread count for this model (process-wide; see cpu_threads.py). None on a GPU.
+        # On a CPU: torch's thread count for this model (process-wide; see platform/cpu_threads.py). None on a GPU.
         self.cpu_threads: ThreadChoice | None = None
         if device.type == "cpu":
             self.cpu_threads = apply_cpu_threads(config, state_dict[EMBED_IN].dtype)
         self.reference = ReferenceModel(config, state_dict)  # shares the weights; serves logits()
         if backend == "triton":
             warn_if_interpreted(torch.device(device), "the reference backend generates on a CPU at full speed")
-        from hayabusa.engine.llm_engine import PagedEngine  # here: importing the API stays light (no kernels)
+        from hayabusa.engine.core.paged_engine import PagedEngine  # here: importing the API stays light (no kernels)
 
         # add_request / abort / step / stats for a serving loop (see PagedEngine)
         self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
@@ -123,8 +125,8 @@ class Engine:
         prompt_ids = self._encode_prompts(prompts)
         params = self._sampling_params(sampling_params, kwargs, len(prompt_ids))
         for i, (ids, p) in enumerate(zip(prompt_ids, params, strict=True)):
-            self._check_fits(i, ids, p)
-        return self.paged.generate(prompt_ids, params)
+            self._check_request("prompt", i, ids, p)
+        return self.paged.generate(prompt_ids, params, checked=True)
 
     def score(self, contexts: Prompt | Sequence[Prompt], continuations: Prompt | Sequence[Prompt]) -> list[ScoreOutput]:
         """The log-likelihood of each continuation given its context (pairs: one context per continuation, or one
@@ -137,26 +139,26 @@ class Engine:
         if len(context_ids) != len(continuation_ids):
             raise ValueError(f"got {len(context_ids)} contexts but {len(continuation_ids)} continuations")
         for i, (context, continuation) in enumerate(zip(context_ids, continuation_ids, strict=True)):
-            self._check_fits(i, context + continuation, SamplingParams(max_new_tokens=0), "pair")
-        return self.paged.score(list(zip(context_ids, continuation_ids, strict=True)))
+            self._check_request("pair", i, context + continuation, SCORING, (context, continuation))
+        return self.paged.score(list(zip(context_ids, continuation_ids, strict=True)), checked=True)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None, **kwargs: Any) -> Iterator[str]:
         """Yield text deltas for one prompt as tokens are generated; they join to generate()'s text (one
         completion: num_return_sequences must be 1)."""
         (ids,) = self._encode_prompts([prompt])
         (params,) = self._sampling_params(sampling_params, kwargs, 1)
-        self._check_fits(0, ids, params)
+        self._check_request("prompt", 0, ids, params)
         if params.num_beams > 1:
             raise ValueError("num_beams > 1 does not stream: beam search knows its outputs only at the end (as in "
                              "transformers); use generate")
-        yield from self.paged.stream(ids, params)
+        yield from self.paged.stream(ids, params, checked=True)
 
     def logits(self, input_ids: torch.Tensor | Sequence[Sequence[int]]) -> torch.Tensor:
         """Full forward of the reference model: LongTensor [batch, seq] -> float32 logits [batch, seq, vocab]."""
         input_ids = torch.as_tensor(input_ids, dtype=torch.long)
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty [batch, seq] tensor, got shape {tuple(input_ids.shape)}")
-        self._check_ids("input_ids", input_ids.flatten().tolist())
+        check_token_ids("input_ids", input_ids.flatten().tolist(), self.config.vocab_size)
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"input_ids hold {input_ids.shape[1]} tokens; max_position_embeddings is "
                              f"{self.config.max_position_embeddings}")
@@ -166,7 +168,8 @@ class Engine:
         self.paged.close()
 
     def _encode_prompts(self, prompts: Prompt | Sequence[Prompt], what: str = "prompt") -> list[list[int]]:
-        """what: how errors name the texts (prompt, context, continuation)."""
+        """Token ids of each text; what: how errors name the texts (prompt, context, continuation). The ids are
+        checked against the model with the rest of the request (_check_request)."""
         _refuse_bytes(f"{what}s", prompts)
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and
                                         all(isinstance(t, int) for t in prompts)):
@@ -177,22 +180,12 @@ class Engine:
         for i, prompt in enumerate(prompts):
             _refuse_bytes(f"{what} {i}", prompt)
             if isinstance(prompt, str):
-                ids = self.tokenizer.encode(prompt)
+                encoded.append(self.tokenizer.encode(prompt))
             elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
-                ids = list(prompt)
-                self._check_ids(f"{what} {i}", ids)
+                encoded.append(list(prompt))
             else:
                 raise ValueError(f"{what} {i} must be a string or a list of token ids, got {type(prompt).__name__}")
-            if not ids:
-                raise ValueError(f"{what} {i} is empty" + (" (the first token of a text has no logprob: give the "
-                                                           "context at least one token)" if what == "context" else ""))
-            encoded.append(ids)
         return encoded
-
-    def _check_ids(self, what: str, ids: Sequence[int]) -> None:
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"{what} holds token id {bad[0]} outside the vocabulary [0, {self.config.vocab_size})")
 
     @staticmethod
     def _sampling_params(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
@@ -209,10 +202,16 @@ class Engine:
             raise ValueError(f"got {len(sampling_params)} sampling params for {count} prompts")
         return [replace(p, **kwargs) if kwargs else p for p in sampling_params]
 
-    def _check_fits(self, index: int, prompt_ids: list[int], params: SamplingParams, what: str = "prompt") -> None:
+    def _check_request(self, what: str, index: int, prompt_ids: list[int], params: SamplingParams,
+                       pair: tuple[list[int], list[int]] | None = None) -> None:
+        """Check a request against the model before any work starts (the paged engine then checks only that its
+        pool and batch can hold it); errors name which request (what: prompt or pair) it was. pair: a score()
+        request's (context, continuation)."""
         try:
-            check_context_fits(len(prompt_ids), params.max_new_tokens, self.config.max_position_embeddings)
-            check_option_ids(params, self.config.vocab_size)
+            if pair is not None:
+                check_score_pair(*pair)
+            check_request(prompt_ids, params, vocab_size=self.config.vocab_size,
+                          max_model_len=self.config.max_position_embeddings)
         except ValueError as err:
             raise ValueError(f"{what} {index}: {err}") from None
 

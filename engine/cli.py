@@ -4,9 +4,9 @@ Every command reports a problem the same way, `hayabusa COMMAND: error: ...` on 
 usage error, with that command's usage), checks --device before anything loads, and exits quietly when its reader
 goes away (`hayabusa generate ... | head`).
 
-Building a command's parser imports no torch (nor transformers or triton): each command's flags come from a light
-module (this one for generate, init-random and verify), and the module that runs it loads only once the arguments
-are parsed, so `hayabusa COMMAND --help` answers at once.
+Building a command's parser imports no torch (nor transformers or triton): each command's flags come from a light module
+(this one for generate, tokenize, init-random and verify), and the module that runs it loads only once the arguments are
+parsed, so `hayabusa COMMAND --help` answers at once.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import importlib
+import json
 import os
 import sys
 import warnings
@@ -23,9 +24,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hayabusa.engine.config import DTYPE_NAMES, PRESETS
-from hayabusa.engine.devices import add_device_argument, resolve_device
-from hayabusa.engine.model_spec import add_model_arguments
+from hayabusa.engine.loading.config import DTYPE_NAMES, PRESETS
+from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
     import torch
@@ -45,7 +46,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    from hayabusa.engine.config import DTYPES  # imports torch: only when --dtype is given
+    from hayabusa.engine.loading.config import DTYPES  # imports torch: only when --dtype is given
 
     try:
         return DTYPES[name]
@@ -153,7 +154,7 @@ def flag_error(err: ValueError) -> ValueError:
 
 def run_generate(args: argparse.Namespace) -> int:
     from hayabusa.engine.api import Engine
-    from hayabusa.engine.sampling import SamplingParams
+    from hayabusa.engine.sampling_params import SamplingParams
 
     def params_for(bad_words_ids: tuple[tuple[int, ...], ...]) -> SamplingParams:
         early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
@@ -193,6 +194,30 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("text", type=command_line_text, help="text to tokenize")
+    add_model_arguments(parser, required=False,
+                        model_help="whose vocab.txt + emoji.json to use: a model directory, a Hub repo id (only those "
+                                   "two files are fetched) or a random preset (tiny, small, 2.7b: the vendored "
+                                   "vocabulary); default: the vendored GPT-NeoX-Japanese vocabulary")
+    parser.add_argument("--clean", action="store_true",
+                        help="replace URLs, e-mail addresses, phone numbers, dates and prices by tags first "
+                             "(transformers' do_clean_text)")
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    """Print the ids and the vocabulary piece of each."""
+    from hayabusa.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(args.model, revision=args.revision)
+    ids = tokenizer.encode(args.text, clean=args.clean)
+    print(f"{len(ids)} tokens")
+    print(json.dumps(ids))
+    for token_id, piece in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True):
+        print(f"{token_id:>6}  {piece}")
+    return 0
+
+
 def add_init_random_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Write a random-weight GPT-NeoX-Japanese checkpoint (real tensor names, shapes, config "
                           "keys and tokenizer files) that transformers and hayabusa load. Its text is meaningless.")
@@ -216,7 +241,9 @@ def add_init_random_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _shard_size(text: str) -> int:
-    from hayabusa.engine.checkpoint_writer import parse_size  # its module imports torch: only when the flag is given
+    from hayabusa.engine.loading.checkpoint_writer import (
+        parse_size,  # its module imports torch: only when the flag is given
+    )
 
     try:
         return parse_size(text)
@@ -229,7 +256,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
     add_device_argument(parser)
-    parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # fast_model.OP_SETS
+    parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # model.op_sets.OP_SETS
                         help="triton: the kernels; torch: their plain-PyTorch references")
     parser.add_argument("--prompt", type=non_empty_text, action="append", default=None,
                         help="prompt text (repeatable; default: four built-in Japanese prompts)")
@@ -247,12 +274,12 @@ COMMANDS = {
     "generate": Command("generate text, streamed to stdout",
                         "hayabusa.engine.cli:add_generate_arguments", "hayabusa.engine.cli:run_generate"),
     "tokenize": Command("print the token ids and pieces of a text",
-                        "hayabusa.tokenizer.cli:add_arguments", "hayabusa.tokenizer.cli:run"),
+                        "hayabusa.engine.cli:add_tokenize_arguments", "hayabusa.engine.cli:run_tokenize"),
     "init-random": Command("write a random-weight checkpoint with the real tensor names and shapes",
                            "hayabusa.engine.cli:add_init_random_arguments",
-                           "hayabusa.engine.checkpoint_writer:run_init_random"),
+                           "hayabusa.engine.loading.checkpoint_writer:run_init_random"),
     "verify": Command("compare the kernel path with the reference on the same weights",
-                      "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.verify:run"),
+                      "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.oracle.verify:run"),
     "bench": Command("benchmark hayabusa side by side with transformers",
                      "hayabusa.bench.cli:add_arguments", "hayabusa.bench.cli:run"),
     "serve": Command("serve an OpenAI-compatible HTTP API (/v1/completions)",

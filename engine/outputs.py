@@ -1,7 +1,9 @@
-"""A request's output as it grows: text deltas for streaming, stopping rules, and the final result.
+"""What a request's outputs are: the types the API hands out (GenerationOutput with its Timings, TokenLogprobs and
+SpeculationStats; RequestUpdate, one step's news of a request; ScoreOutput; EngineStats), and `OutputBuilder`, which
+turns a request's sampled tokens into them: text deltas for streaming, stopping rules, the final result.
 
-Both the reference loop and the paged engine feed sampled tokens through `OutputBuilder`, so eos, stop
-strings and length limits behave the same on every backend.
+Both the reference loop and the paged engine feed sampled tokens through `OutputBuilder`, so eos, stop strings and
+length limits behave the same on every backend.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from hayabusa.engine.logprobs import HostLogprobs, TokenLogprobs
-from hayabusa.engine.sampling import SamplingParams, eos_token_ids
+from hayabusa.engine.sampling_params import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from hayabusa.engine.sample.logprobs import HostLogprobs
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,14 @@ class Timings:
     time_to_first_token_s: float  # from the request's creation to its first sampled token
     total_s: float
 
-    @property
-    def decode_tokens_per_s(self) -> float:
-        decode_time = self.total_s - self.time_to_first_token_s
-        return (self.generated_tokens - 1) / decode_time if self.generated_tokens > 1 and decode_time > 0 else 0.0
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One position of an output: its token, that token's logprob, and the most likely tokens there."""
+
+    token_id: int
+    logprob: float  # log p(token | everything before it), from the raw logits
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) of the N most likely tokens, most likely first
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class SpeculationStats:
 
     draft_tokens: int  # tokens drafted and checked
     accepted_tokens: int  # drafts the model agreed with
-    verify_passes: int  # forward passes that checked drafts
+    draft_checks: int  # forward passes that checked drafts
 
     @property
     def acceptance_rate(self) -> float:
@@ -202,7 +210,7 @@ class OutputBuilder:
             self._final.append(delta)
         return delta
 
-    def count_verify_pass(self, num_drafts: int, num_accepted: int) -> None:
+    def count_draft_check(self, num_drafts: int, num_accepted: int) -> None:
         """One forward pass checked num_drafts draft tokens and agreed with the first num_accepted."""
         self._speculation[0] += num_drafts
         self._speculation[1] += num_accepted

@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import fields
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 # A field's name as a word of its own: not inside a longer name (stop in early_stopping) and not quoted, as a value
 # echoed back in an error is (got ('top_k',)).

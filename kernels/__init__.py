@@ -24,7 +24,7 @@ if __name__ == "kernels":
         _spec.loader.exec_module(_module)
 else:
     from .decode_attention import decode_attention, decode_attention_ref
-    from .layernorm import add_layer_norm, add_layer_norm_ref, layer_norm, layer_norm_ref
+    from .layernorm import layer_norm, layer_norm_ref
     from .linear import linear, linear_ref, ln_linear, ln_linear_ref
     from .mlp import fused_mlp, fused_mlp_ref
     from .prefill_attention import prefill_attention, prefill_attention_ref
@@ -38,5 +38,4 @@ else:
         "ln_linear", "ln_linear_ref",
         "fused_mlp", "fused_mlp_ref",
         "layer_norm", "layer_norm_ref",
-        "add_layer_norm", "add_layer_norm_ref",
     ]

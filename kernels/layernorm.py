@@ -1,4 +1,4 @@
-"""LayerNorm with bias (fp32 statistics), alone or fused with the residual add before it; one program per row."""
+"""LayerNorm with bias (fp32 statistics), one program per row (the LayerNorm launch of the tile GEMMs' `ln_linear`)."""
 
 import torch
 import triton
@@ -8,20 +8,14 @@ from ._launch import cast_rounded, check_tensor, check_triton_device, interprete
 
 
 @triton.jit
-def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, summed_ptr, N, eps,
-                       BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+def _layer_norm_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, N, eps, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr,
                        INTERPRETED_BF16: tl.constexpr):
-    # x, residual, out, summed: [M, N] rows; weight, bias: [N]. summed = x + residual (model dtype), out = LN(summed).
+    # x, out: [M, N] rows; weight, bias: [N].
     row_start = tl.program_id(0).to(tl.int64) * N
     cols = tl.arange(0, BLOCK_N)
     if WHOLE_ROW:  # BLOCK_N >= N: the whole row stays in registers: one read, one write
         mask = cols < N
-        row = tl.load(x_ptr + row_start + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            row = row.to(tl.float32) + tl.load(residual_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
-            row = cast_rounded(row, summed_ptr.dtype.element_ty, INTERPRETED_BF16)
-            tl.store(summed_ptr + row_start + cols, row, mask=mask)
-        row = row.to(tl.float32)
+        row = tl.load(x_ptr + row_start + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(row, axis=0) / N
         centered = tl.where(mask, row - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
@@ -30,31 +24,21 @@ def _layer_norm_kernel(x_ptr, residual_ptr, weight_ptr, bias_ptr, out_ptr, summe
         normalized = cast_rounded(centered * rstd * weight + bias, out_ptr.dtype.element_ty, INTERPRETED_BF16)
         tl.store(out_ptr + row_start + cols, normalized, mask=mask)
     else:  # long rows: walk the row in BLOCK_N chunks (sum, then centered squares, then normalize)
-        source_ptr = x_ptr
-        if HAS_RESIDUAL:
-            source_ptr = summed_ptr
         total = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
-            chunk = tl.load(x_ptr + row_start + start + cols, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                chunk = chunk.to(tl.float32) + tl.load(residual_ptr + row_start + start + cols, mask=mask,
-                                                       other=0.0).to(tl.float32)
-                chunk = cast_rounded(chunk, summed_ptr.dtype.element_ty, INTERPRETED_BF16)
-                tl.store(summed_ptr + row_start + start + cols, chunk, mask=mask)
-            total += chunk.to(tl.float32)
-        tl.debug_barrier()  # the passes below re-read `summed` that this program just wrote
+            total += tl.load(x_ptr + row_start + start + cols, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(total, axis=0) / N
         squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
-            chunk = tl.load(source_ptr + row_start + start + cols, mask=mask, other=0.0).to(tl.float32)
+            chunk = tl.load(x_ptr + row_start + start + cols, mask=mask, other=0.0).to(tl.float32)
             centered = tl.where(mask, chunk - mean, 0.0)
             squares += centered * centered
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / N + eps)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
-            chunk = tl.load(source_ptr + row_start + start + cols, mask=mask, other=0.0).to(tl.float32)
+            chunk = tl.load(x_ptr + row_start + start + cols, mask=mask, other=0.0).to(tl.float32)
             weight = tl.load(weight_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
             bias = tl.load(bias_ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
             normalized = cast_rounded((chunk - mean) * rstd * weight + bias, out_ptr.dtype.element_ty, INTERPRETED_BF16)
@@ -75,18 +59,14 @@ def _check_layer_norm_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         check_tensor("out", out, shape=tuple(x.shape), dtype=x.dtype, device=x.device)
 
 
-def launch_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                      eps: float, out: torch.Tensor, summed: torch.Tensor | None) -> None:
-    """Launch on already-validated arguments: out = LN(x + residual), summed = x + residual (residual optional)."""
+def launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    """Launch on already-validated arguments: out = LN(x)."""
     M, N = x.shape
     if M == 0:
         return
     block_n, num_warps = row_block(N)
-    _layer_norm_kernel[(M,)](
-        x, residual if residual is not None else x, weight, bias, out, summed if summed is not None else out,
-        N, float(eps), BLOCK_N=block_n, WHOLE_ROW=block_n >= N, HAS_RESIDUAL=residual is not None,
-        INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device), num_warps=num_warps,
-    )
+    _layer_norm_kernel[(M,)](x, weight, bias, out, N, float(eps), BLOCK_N=block_n, WHOLE_ROW=block_n >= N,
+                             INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device), num_warps=num_warps)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
@@ -96,7 +76,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     check_triton_device("x", x)
     if out is None:
         out = torch.empty_like(x)
-    launch_layer_norm(x, None, weight, bias, eps, out, None)
+    launch_layer_norm(x, weight, bias, eps, out)
     return out
 
 
@@ -111,40 +91,3 @@ def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
 def reference_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over x's rows in fp32, rounded to x's dtype (arguments already validated)."""
     return torch.nn.functional.layer_norm(x.float(), (x.shape[1],), weight.float(), bias.float(), eps).to(x.dtype)
-
-
-def _check_residual_args(x: torch.Tensor, residual: torch.Tensor, summed_out: torch.Tensor | None) -> None:
-    check_tensor("residual", residual, shape=tuple(x.shape), dtype=x.dtype, device=x.device)
-    if summed_out is not None:
-        check_tensor("summed_out", summed_out, shape=tuple(x.shape), dtype=x.dtype, device=x.device)
-
-
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                   *, out: torch.Tensor | None = None,
-                   summed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, summed): summed = x + residual rounded to x's dtype, y = layer_norm(summed); all [M, N].
-
-    `out` / `summed_out` (optional) receive y / summed; `summed_out` may be `residual` (in-place stream update).
-    """
-    _check_layer_norm_args(x, weight, bias, eps, out)
-    _check_residual_args(x, residual, summed_out)
-    check_triton_device("x", x)
-    out = torch.empty_like(x) if out is None else out
-    summed_out = torch.empty_like(x) if summed_out is None else summed_out
-    launch_layer_norm(x, residual, weight, bias, eps, out, summed_out)
-    return out, summed_out
-
-
-def add_layer_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                       *, out: torch.Tensor | None = None,
-                       summed_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch `add_layer_norm`: the sum rounded to x's dtype, then `layer_norm_ref` of it."""
-    _check_layer_norm_args(x, weight, bias, eps, out)
-    _check_residual_args(x, residual, summed_out)
-    summed = (x.float() + residual.float()).to(x.dtype)
-    y = layer_norm_ref(summed, weight, bias, eps)
-    if out is not None:
-        y = out.copy_(y)
-    if summed_out is not None:
-        summed = summed_out.copy_(summed)
-    return y, summed

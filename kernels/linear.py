@@ -60,7 +60,7 @@ class GemmConfig:
 
 
 @dataclass(frozen=True)
-class LinearPlan:
+class LinearChoice:
     """How `linear` / `ln_linear` run one shape: the GEMV (LayerNorm fused) or the tile GEMM (LayerNorm apart)."""
 
     gemv: GemvConfig | None
@@ -123,12 +123,6 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
                 SPLIT_K, HAS_BIAS, GELU, HAS_RESIDUAL, INTERPRETED_BF16)
 
 
-def choose_config(M: int, N: int, K: int, elem_bytes: int, sm_count: int, smem_bytes: int) -> GemmConfig:
-    """The tile config for an [M, K] x [N, K]^T product: a small table keyed on M's bucket, fitted to N, K, the SM
-    count and the shared memory a block may use."""
-    return _bucket_config(m_bucket(M), N, K, elem_bytes, sm_count, smem_bytes)
-
-
 @functools.cache
 def _bucket_config(bucket: int, N: int, K: int, elem_bytes: int, sm_count: int, smem_bytes: int) -> GemmConfig:
     if bucket <= 64:  # decode: a thin M-tile, long K-tiles so each program streams big contiguous weight rows
@@ -158,15 +152,15 @@ def _bucket_config(bucket: int, N: int, K: int, elem_bytes: int, sm_count: int, 
 
 
 @functools.cache
-def _cached_plan(bucket: int, N: int, K: int, elem_bytes: int, limits: DeviceLimits) -> LinearPlan:
+def _cached_choice(bucket: int, N: int, K: int, elem_bytes: int, limits: DeviceLimits) -> LinearChoice:
     if bucket <= GEMV_MAX_M:
-        return LinearPlan(choose_gemv_config(bucket, N, K, limits), None)
-    return LinearPlan(None, _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes))
+        return LinearChoice(choose_gemv_config(bucket, N, K, limits), None)
+    return LinearChoice(None, _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes))
 
 
-def plan_linear(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearPlan:
+def choose_linear(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> LinearChoice:
     """The kernel and config `linear` and `ln_linear` run for this shape on `device`."""
-    return _cached_plan(m_bucket(M), N, K, dtype.itemsize, device_limits(device))
+    return _cached_choice(m_bucket(M), N, K, dtype.itemsize, device_limits(device))
 
 
 def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -236,14 +230,14 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, resid
     N = weight.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    plan = plan_linear(M, N, K, x.dtype, x.device)
-    if plan.gemv is not None:
-        return launch_gemv(plan.gemv, x, weight, bias, residual, activation, out, ln)
+    choice = choose_linear(M, N, K, x.dtype, x.device)
+    if choice.gemv is not None:
+        return launch_gemv(choice.gemv, x, weight, bias, residual, activation, out, ln)
     if ln is not None:  # the tile GEMM normalizes nothing itself: a LayerNorm launch first, each row read once
         normed = torch.empty_like(x)
-        launch_layer_norm(x, None, ln[0], ln[1], ln[2], normed, None)
+        launch_layer_norm(x, ln[0], ln[1], ln[2], normed)
         x = normed
-    return launch_linear(plan.gemm, x, weight, bias, residual, activation, out)
+    return launch_linear(choice.gemm, x, weight, bias, residual, activation, out)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,

@@ -3,7 +3,7 @@
 import torch
 from transformers import GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM
 
-from hayabusa.engine.config import ModelConfig
+from hayabusa.engine.loading.config import ModelConfig
 
 
 def random_hf_model(seed: int, *, hidden: int = 64, heads: int = 4, layers: int = 3, vocab: int = 101,

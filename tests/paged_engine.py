@@ -1,7 +1,7 @@
 """A small random model and the paged engine on the torch op set (CPU): the step-loop and fork tests' setting."""
 
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

@@ -19,6 +19,8 @@ from pathlib import Path
 VOCAB_FILE = "vocab.txt"
 EMOJI_FILE = "emoji.json"
 VENDORED_DIR = Path(__file__).resolve().parent / "vocab"
+# hayabusa's random-weight presets (engine.loading.config.PRESETS): their checkpoints carry this vocabulary
+RANDOM_PRESETS = ("2.7b", "small", "tiny")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,13 @@ def resolve_vocab_files(model: str | os.PathLike | None, revision: str | None = 
     command does (a directory, a random preset, or a Hub repo id of which only these two files are fetched)."""
     if model is None:
         return VENDORED_DIR / VOCAB_FILE, VENDORED_DIR / EMOJI_FILE
-    from hayabusa.engine.model_spec import resolve_tokenizer_dir  # the engine's model resolver (and torch) on demand
+    from hayabusa.tokenizer.hub import local_dir_or_name, tokenizer_snapshot  # huggingface_hub, on demand
 
-    directory = resolve_tokenizer_dir(model, revision)
+    local, name = local_dir_or_name(model, RANDOM_PRESETS)
+    if local is not None:
+        directory = local
+    elif name in RANDOM_PRESETS:
+        directory = VENDORED_DIR  # what their checkpoints are written with
+    else:
+        directory = tokenizer_snapshot(name, revision)
     return directory / VOCAB_FILE, directory / EMOJI_FILE

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hayabusa.engine.llm_engine import PagedEngine
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
 from hf_oracle import random_hf_model

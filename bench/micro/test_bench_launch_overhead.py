@@ -17,8 +17,8 @@ import torch
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
-from hayabusa.engine.config import PRESETS
-from hayabusa.engine.kernel_plan import placeholder_decode_inputs, placeholder_kv_caches, placeholder_model
+from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.model.launches import placeholder_decode_inputs, placeholder_kv_caches, placeholder_model
 from hayabusa.kernels._launch import H200, simulated_device
 from hayabusa.kernels.decode_attention import decode_attention
 from hayabusa.kernels.layernorm import layer_norm
@@ -95,7 +95,7 @@ def test_overhead_decode_attention_b1(benchmark, stubbed_launches, checked):
 
 
 def test_overhead_decode_step_per_launch(benchmark, stubbed_launches):
-    """FastModel.decode of the 2.7B model at batch 1 (weights allocated, never written or read: launches are
+    """PagedModel.decode of the 2.7B model at batch 1 (weights allocated, never written or read: launches are
     stubbed): host time per step over its launches, the embedding gather (torch) included."""
     model = placeholder_model(PRESETS["2.7b"], DTYPE, torch.device(DEVICE))
     blocks = CONTEXT // PAGE

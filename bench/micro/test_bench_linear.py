@@ -60,19 +60,21 @@ def test_bench_linear(benchmark, M, projection):
 @pytest.mark.parametrize("M", BATCHES)
 def test_bench_fused_mlp(benchmark, M):
     x = torch.randn(M, HIDDEN, device="cuda", dtype=DTYPE)
+    ln_weight = torch.randn(HIDDEN, device="cuda", dtype=DTYPE)
+    ln_bias = torch.randn(HIDDEN, device="cuda", dtype=DTYPE)
     w_in = torch.randn(INTER, HIDDEN, device="cuda", dtype=DTYPE) / HIDDEN**0.5
     w_out = torch.randn(HIDDEN, INTER, device="cuda", dtype=DTYPE) / INTER**0.5
-    residual = torch.randn(M, HIDDEN, device="cuda", dtype=DTYPE)
-    out = torch.empty_like(residual)
+    out = torch.empty_like(x)
 
     def kernel():
-        fused_mlp(x, w_in, w_out, residual, out=out)
+        fused_mlp(x, ln_weight, ln_bias, 1e-5, w_in, w_out, out=out)
 
     def baseline():
-        return residual + F.gelu(x @ w_in.T) @ w_out.T
+        return x + F.gelu(F.layer_norm(x, (HIDDEN,), ln_weight, ln_bias, 1e-5) @ w_in.T) @ w_out.T
 
     elem = DTYPE.itemsize
-    # weights once, x and residual in, the activated intermediate written and read back, the output out
+    # weights once, x in (twice: normalized and as the residual), the activated intermediate written and read back,
+    # the output out
     num_bytes = (2 * INTER * HIDDEN + 3 * M * HIDDEN + 2 * M * INTER) * elem
     report(benchmark, f"fused_mlp M={M} hidden={HIDDEN} inter={INTER}", kernel, baseline, num_bytes,
            4 * M * HIDDEN * INTER, dtype=DTYPE)

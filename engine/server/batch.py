@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from hayabusa.engine.api import Engine
-from hayabusa.engine.config import DTYPES
+from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.server.batch_input import parse_line, read_lines
 from hayabusa.engine.server.cli import require
 

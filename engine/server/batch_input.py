@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 
 # One output line per input line, text only: several completions and logprobs are for the Python API and the server.
 PER_LINE_UNSUPPORTED = frozenset({"num_return_sequences", "logprobs", "prompt_logprobs"})

@@ -11,9 +11,9 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from hayabusa.engine.config import DTYPE_NAMES
-from hayabusa.engine.devices import add_device_argument
-from hayabusa.engine.model_spec import add_model_arguments
+from hayabusa.engine.loading.config import DTYPE_NAMES
+from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.platform.devices import add_device_argument
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000

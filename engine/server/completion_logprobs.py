@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hayabusa.engine.logprobs import TokenLogprobs
+from hayabusa.engine.outputs import TokenLogprobs
 from hayabusa.engine.server.protocol import CompletionLogprobs
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from hayabusa.engine.llm_engine import PagedEngine, RequestUpdate
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.core.paged_engine import PagedEngine, RequestUpdate
+from hayabusa.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("hayabusa.server")
 

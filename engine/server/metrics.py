@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from hayabusa.engine.llm_engine import PagedEngine, RequestUpdate
+from hayabusa.engine.core.paged_engine import PagedEngine, RequestUpdate
 
 # Seconds: a 2.7B decode step is ~2-10 ms on a GPU and ~100 ms+ on a CPU; prefill of a long prompt ~1 s.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

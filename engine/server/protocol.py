@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hayabusa.engine.logits_processors import MAX_LOGIT_BIAS
+from hayabusa.engine.sample.logits_processors import MAX_LOGIT_BIAS
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20

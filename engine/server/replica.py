@@ -11,9 +11,9 @@ import torch
 from starlette.applications import Starlette
 
 from hayabusa.engine.api import BACKENDS, OPS_OF_BACKEND, default_backend, default_warmup, load_pretrained
-from hayabusa.engine.config import DTYPES
-from hayabusa.engine.devices import resolve_device
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
+from hayabusa.engine.loading.config import DTYPES
+from hayabusa.engine.platform.devices import resolve_device
 from hayabusa.engine.server.app import build_app
 from hayabusa.engine.server.cli import DEFAULT_MAX_WAITING
 from hayabusa.engine.server.engine_loop import EngineLoop

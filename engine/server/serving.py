@@ -21,10 +21,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from hayabusa.engine.logprobs import TokenLogprobs
-from hayabusa.engine.outputs import GenerationOutput
+from hayabusa.engine.outputs import GenerationOutput, TokenLogprobs
 from hayabusa.engine.param_names import respelled
-from hayabusa.engine.sampling import SamplingParams
+from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.engine.server.completion_logprobs import ChoiceLogprobs, joined
 from hayabusa.engine.server.engine_loop import EngineFailedError, EngineLoop, QueueFullError, Submission
 from hayabusa.engine.server.metrics import ServerMetrics

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hayabusa.kernels.gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
-from hayabusa.kernels.linear import linear, linear_ref, ln_linear, ln_linear_ref, plan_linear
+from hayabusa.kernels.linear import choose_linear, linear, linear_ref, ln_linear, ln_linear_ref
 
 from devices import DEVICE
 from tolerance import Guarded, assert_close
@@ -50,7 +50,7 @@ def test_ln_linear_matches_reference(M, N, K, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("M,N,K", SHAPES[:4])
 def test_gemv_linear_matches_reference(M, N, K, dtype):
-    assert plan_linear(M, N, K, dtype, torch.device(DEVICE)).gemv is not None
+    assert choose_linear(M, N, K, dtype, torch.device(DEVICE)).gemv is not None
     t = make_inputs(M, N, K, dtype, seed=1)
     for bias, activation, residual in ((None, None, None), (t["bias"], None, t["residual"])):
         out = guarded_out(M, N, dtype)
@@ -85,8 +85,8 @@ def test_crossover_and_configs():
     limits = DeviceLimits(**h200)
     assert GEMV_MAX_M == 4
     for M in (1, 2, 3, 4):
-        assert plan_linear(M, 2560, 2560, torch.float16, torch.device(DEVICE)).gemv is not None
-    assert plan_linear(5, 2560, 2560, torch.float16, torch.device(DEVICE)).gemm is not None
+        assert choose_linear(M, 2560, 2560, torch.float16, torch.device(DEVICE)).gemv is not None
+    assert choose_linear(5, 2560, 2560, torch.float16, torch.device(DEVICE)).gemm is not None
     # the 2.7B widths on an H200: every weight-row block is a program; K is split only where N is narrow
     assert choose_gemv_config(1, 7680, 2560, limits).split_k == 1  # qkv: 480 programs
     dense = choose_gemv_config(1, 2560, 2560, limits)  # 160 blocks < 2 per SM: split K in two

@@ -4,7 +4,8 @@ import pytest
 import torch
 import triton
 
-from hayabusa.kernels.linear import GemmConfig, choose_config, launch_linear, linear, linear_ref
+from hayabusa.kernels._launch import DeviceLimits, simulated_device
+from hayabusa.kernels.linear import GemmConfig, choose_linear, launch_linear, linear, linear_ref
 
 from devices import DEVICE, FULL_SHAPES, ON_GPU
 from tolerance import GuardRegistry, assert_close, poisoned
@@ -104,17 +105,22 @@ def test_linear_residual_in_place_and_empty_batch(guards):
     assert empty.shape == (0, 40)
 
 
-def test_choose_config_regimes():
-    h100 = dict(elem_bytes=2, sm_count=132, smem_bytes=232448)
-    decode = choose_config(1, 2560, 10240, **h100)  # dense_4h_to_h: 40 output tiles of 64 columns
+def test_tile_config_regimes():
+    def tile_config(M: int, N: int, K: int, dtype: torch.dtype = torch.float16, smem_bytes: int = 232448):
+        with simulated_device(DeviceLimits(num_sms=132, shared_memory_bytes=smem_bytes)):  # an H100's SMs
+            choice = choose_linear(M, N, K, dtype, torch.device("meta"))
+        assert choice.gemv is None  # rows past GEMV_MAX_M: the tile GEMM
+        return choice.gemm
+
+    decode = tile_config(16, 2560, 10240)  # dense_4h_to_h: 40 output tiles of 64 columns
     assert decode.block_m == 16 and decode.split_k == 4  # K split until every SM streams weights
     assert triton.cdiv(10240, decode.block_k) // decode.split_k >= 4
-    assert choose_config(1, 10240, 2560, **h100).split_k == 1  # 160 output tiles already cover 132 SMs
-    prefill = choose_config(2048, 10240, 2560, **h100)
+    assert tile_config(16, 10240, 2560).split_k == 1  # 160 output tiles already cover 132 SMs
+    prefill = tile_config(2048, 10240, 2560)
     assert prefill.block_m == 128 and prefill.split_k == 1
-    small_smem = choose_config(2048, 10240, 2560, elem_bytes=2, sm_count=132, smem_bytes=101376)
+    small_smem = tile_config(2048, 10240, 2560, smem_bytes=101376)
     assert small_smem.num_stages * (small_smem.block_m + small_smem.block_n) * small_smem.block_k * 2 <= 101376
-    assert choose_config(1, 97, 80, elem_bytes=4, sm_count=132, smem_bytes=232448).block_k == 64  # fits tiny K
+    assert tile_config(16, 97, 80, torch.float32).block_k == 64  # fits tiny K
 
 
 def test_linear_rejects_bad_arguments(monkeypatch):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 import uvicorn
 
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.server.replica import ServerSettings, build_server, load_paged_engine
 
 MODEL = "tiny"  # random weights of the real architecture, the real tokenizer; 512 positions

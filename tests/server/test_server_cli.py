@@ -13,13 +13,13 @@ import time
 import httpx
 import pytest
 
-from hayabusa.engine import model_runner
 from hayabusa.engine.cli import build_parser, main
-from hayabusa.engine.llm_engine import PagedEngine
+from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.server import listen, replica
 from hayabusa.engine.server.cli import Scaling, settings_from_args
 from hayabusa.engine.server.listen import listening_sockets
 from hayabusa.engine.server.replica import ServerSettings, load_paged_engine
+from hayabusa.engine.worker import kv_cache
 
 
 def parse(argv: list[str]):
@@ -87,9 +87,9 @@ def test_serve_help_shows_every_default(capsys) -> None:
                   "uvicorn's log level (default: info)", "answers 429 (default: 1024)"):
         assert shown in help_text
     gpu_fraction = inspect.signature(PagedEngine).parameters["gpu_memory_utilization"].default
-    assert (gpu_fraction, model_runner.CPU_KV_MEMORY_FRACTION) == (0.9, 0.5)  # as the help says in words
+    assert (gpu_fraction, kv_cache.CPU_KV_MEMORY_FRACTION) == (0.9, 0.5)  # as the help says in words
     assert ("(default: on cuda, what 90% of the GPU's memory leaves after the weights and activations; on cpu, room "
-            f"for {model_runner.CPU_DEFAULT_SEQUENCES} sequences of the full context length, fewer if half the "
+            f"for {kv_cache.CPU_DEFAULT_SEQUENCES} sequences of the full context length, fewer if half the "
             "available RAM cannot hold them)") in help_text
 
 

@@ -6,8 +6,8 @@ import openai
 import pytest
 
 from hayabusa.engine import Engine
-from hayabusa.engine.logits_processors import MAX_LOGIT_BIAS
-from hayabusa.engine.sampling import completion_seed
+from hayabusa.engine.sample.logits_processors import MAX_LOGIT_BIAS
+from hayabusa.engine.sample.seeds import completion_seed
 
 from server_harness import MODEL, assert_openai_error, post, running_server
 

@@ -1,0 +1,195 @@
+"""Compile every Triton kernel specialization the engine launches for the 2.7B model on an H200 (sm_90), no GPU.
+
+The set is `engine_specializations` (engine/model/launches.py): PagedModel's decode at every batch bucket up to 256 and
+every block-table width, and its prefill at every token-count bucket up to 2048, run on meta tensors under
+`simulated_device(H200)` (132 SMs, 227 KB of shared memory per block) with each launch recorded instead of run.
+Triton's own binder specializes each recorded launch as a real launch would, and `triton.compile` builds it for
+sm_90 with a fresh cache, so ptxas reports registers and spills. fp16 and bf16 get every bucket; fp32 (the exactness
+path) decode at batch 1 and prefill at 1 and 2048 tokens, to stay in the time budget. Prints one row per distinct
+compiled kernel; exits 1 when one fails to compile or needs more shared memory than a block may use, 77 when this
+machine cannot compile for CUDA.
+
+    python -m hayabusa.bench.sm90_compile_check [--json results.json] [--jobs N]
+
+Run it without TRITON_INTERPRET (which turns @triton.jit kernels into interpreted functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.model.launches import engine_specializations
+from hayabusa.kernels._launch import H200
+
+SM90 = GPUTarget("cuda", 90, 32)
+SKIP_EXIT_CODE = 77
+MAX_NUM_SEQS = 256  # decode batches (CUDA-graph sizes) up to this
+MAX_PREFILL_TOKENS = 2048  # a full-context prefill
+FP32_TOKEN_COUNTS = [1, 2048]  # fp32's decode and prefill regimes
+DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class Launch:
+    label: str  # the forward pass that makes it, e.g. "decode batch 1 blocks 128 fp16"
+    kernel: JITFunction
+    args: tuple
+    kwargs: dict
+
+
+@dataclass
+class CompileResult:
+    label: str  # the first launch that compiles to this kernel
+    same_kernel: list[str]  # the other launches that compile to exactly the same kernel
+    kernel: str
+    config: str  # the constexprs and launch options that shape the code
+    ok: bool
+    error: str = ""
+    registers: int = -1
+    spill_stores: int = -1  # bytes, from ptxas -v
+    spill_loads: int = -1
+    shared: int = -1  # bytes of shared memory per block (Triton's dynamic allocation)
+    seconds: float = 0.0
+
+
+def engine_launches() -> list[Launch]:
+    """One recorded launch per kernel specialization of the engine's 2.7B forward passes, on meta tensors."""
+
+    launches = []
+    for dtype, dtype_name in DTYPES.items():
+        fp32 = dtype == torch.float32
+        specializations = engine_specializations(
+            PRESETS["2.7b"], dtype, limits=H200, max_num_seqs=1 if fp32 else MAX_NUM_SEQS,
+            max_num_batched_tokens=MAX_PREFILL_TOKENS, token_counts=FP32_TOKEN_COUNTS if fp32 else None)
+        launches += [Launch(f"{spec.example} {dtype_name}", spec.launch.kernel, spec.launch.args, spec.launch.kwargs)
+                     for spec in specializations]
+    return launches
+
+
+def specialize(launch: Launch) -> tuple[ASTSource, dict, str]:
+    """(source, options, config summary) exactly as JITFunction.run would build them on an sm_90 device."""
+    backend = make_backend(SM90)
+    binder = create_function_from_signature(launch.kernel.signature, launch.kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = launch.kernel._pack_args(backend, launch.kwargs, bound_args,
+                                                                      specialization, options)
+    names = launch.kernel.arg_names
+    shown = {names[path[0]]: value for path, value in constexprs.items() if names[path[0]].isupper()}
+    shown.update(num_warps=options.num_warps, num_stages=options.num_stages)
+    config = " ".join(f"{name}={value}" for name, value in shown.items())
+    return ASTSource(launch.kernel, signature, constexprs, attrs), options.__dict__, config
+
+
+def compile_key(launch: Launch) -> str:
+    source, options, _ = specialize(launch)
+    return f"{source.hash()}-{sorted(options.items())}"
+
+
+_launches: list[Launch] = []  # set before the worker processes fork
+
+
+def compile_one(index: int) -> CompileResult:
+    launch = _launches[index]
+    source, options, config = specialize(launch)
+    result = CompileResult(launch.label, [], launch.kernel.__name__, config, ok=False)
+    start = time.perf_counter()
+    ptxas_log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(ptxas_log):  # Triton prints ptxas -v output with dump_ptxas_log
+            compiled = triton.compile(source, target=SM90, options=options)
+    except Exception as error:  # noqa: BLE001 - any compiler failure is this kernel's result
+        result.error = f"{type(error).__name__}: {error}"[:2000]
+        return result
+    result.seconds = time.perf_counter() - start
+    registers = re.search(r"Used (\d+) registers", ptxas_log.getvalue())
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log.getvalue())
+    if registers is None or spills is None:
+        result.error = f"no ptxas -v report in the compiler's output: {ptxas_log.getvalue()[-500:]!r}"
+        return result
+    result.registers = int(registers.group(1))
+    result.spill_stores, result.spill_loads = int(spills.group(1)), int(spills.group(2))
+    result.shared = compiled.metadata.shared
+    result.ok = result.shared <= H200.shared_memory_bytes
+    if not result.ok:
+        result.error = f"needs {result.shared} bytes of shared memory, the H200 allows {H200.shared_memory_bytes}"
+    return result
+
+
+def cuda_compiler_missing() -> str | None:
+    """Why this machine cannot compile Triton kernels for CUDA, or None when it can."""
+    if triton.knobs.runtime.interpret:
+        return "TRITON_INTERPRET is set: @triton.jit kernels are interpreted functions and cannot be compiled"
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+        get_ptxas_version(SM90.arch)
+    except Exception as error:  # noqa: BLE001 - a missing backend or ptxas shows up in many forms
+        return f"Triton's CUDA backend or its ptxas is unusable here: {type(error).__name__}: {error}"
+    return None
+
+
+def format_table(results: list[CompileResult]) -> str:
+    """One row per compiled kernel; "(+n)": n more launches compile to exactly this kernel."""
+    rows = [f"{'launch':<40} {'kernel':<25} {'regs':>4} {'spill st/ld':>11} {'shared':>6} {'s':>4}  config"]
+    for r in results:
+        label = r.label + (f" (+{len(r.same_kernel)})" if r.same_kernel else "")
+        rows.append(f"{label:<40} {r.kernel:<25} {r.registers:>4} {f'{r.spill_stores}/{r.spill_loads}':>11} "
+                    f"{r.shared:>6} {r.seconds:>4.1f}  {r.config}" + ("" if r.ok else f"\n    FAILED: {r.error}"))
+    return "\n".join(rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="parallel compiles")
+    args = parser.parse_args()
+    reason = cuda_compiler_missing()
+    if reason is not None:
+        print(f"skip: {reason}")
+        return SKIP_EXIT_CODE
+
+    # A fresh cache, so every kernel really goes through ptxas (whose -v report gives registers and spills).
+    cache_dir = tempfile.TemporaryDirectory(prefix="hayabusa-sm90-")
+    triton.knobs.cache.dir = cache_dir.name
+    triton.knobs.nvidia.dump_ptxas_log = True
+    launches = engine_launches()
+    launches_of_key: dict[str, list[int]] = {}
+    for index, launch in enumerate(launches):
+        launches_of_key.setdefault(compile_key(launch), []).append(index)
+    _launches[:] = launches
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        results = pool.map(compile_one, [indices[0] for indices in launches_of_key.values()], chunksize=1)
+    cache_dir.cleanup()
+    for result, indices in zip(results, launches_of_key.values(), strict=True):
+        result.same_kernel = [launches[index].label for index in indices[1:]]
+
+    print(format_table(results))
+    failed = [r for r in results if not r.ok]
+    print(f"{len(results)} distinct kernels from {len(launches)} launches compiled for sm_90 in "
+          f"{time.perf_counter() - start:.1f} s: {len(failed)} failed, "
+          f"{sum(r.spill_stores > 0 for r in results)} spill registers")
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump([asdict(r) for r in results], file, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
