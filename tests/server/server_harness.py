@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -13,10 +14,17 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
+from hayabusa.engine.cli import build_parser
 from hayabusa.engine.llm_engine import PagedEngine
 from hayabusa.engine.server.replica import ServerSettings, build_server, load_paged_engine
 
 MODEL = "tiny"  # random weights of the real architecture, the real tokenizer; 512 positions
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments `hayabusa ARGV` runs with."""
+    parser, _, _ = build_parser(argv)
+    return parser.parse_args(argv)
 
 
 @dataclass
