@@ -90,5 +90,5 @@ class ApiKeyMiddleware:
             return "the Authorization header must be 'Bearer <key>'"
         # (Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent)
         if not hmac.compare_digest(hashlib.sha256(key.strip().encode("latin-1")).digest(), self._key_digest):
-            return "the API key is not this server's"
+            return "the API key sent as 'Authorization: Bearer <key>' is not this server's"
         return None

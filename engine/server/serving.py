@@ -7,8 +7,9 @@ frequency_penalty, logit_bias and best_of keep their names); choice i * n + j is
 choice starts with its prompt's text (its tokens decoded) and, with logprobs, the prompt tokens' logprobs (None for
 the first).
 
-Every failure leaves through `api_error` (one place, one shape): bad input 400, unknown model 404, full
-queue 429 with Retry-After, engine failure 500 (the exception's name and message, never a traceback).
+Every failure leaves through `api_error` (one place, one shape): bad input or a request past a limit (limits.py)
+400, unknown model 404, full queue 429 with Retry-After, engine failure 500 (the exception's name and message, never
+a traceback). A request a draining server aborted (engine_loop.abort_all) ends with finish_reason "abort".
 """
 
 from __future__ import annotations
