@@ -2,7 +2,9 @@
 fifth of them hung up on purpose at a random point, over a KV pool small enough to preempt. Afterwards nothing has
 leaked: every KV block is back in the pool, no request is tracked by the engine loop or the drain, the event loop
 runs as many tasks and the process holds as many file descriptors as after the warm-up, and the resident memory
-grew by at most RSS_BOUND_MIB over the whole run (sampled after every round of requests).
+(sampled after every round of requests) grew by at most RSS_BOUND_MIB over the whole run and at most
+LATE_RSS_BOUND_MIB after its first round: flat, not creeping. (Seen on a 2-core CPU: +6.4 MiB in the first 500
+requests, the allocator settling, then +0.6 MiB over the next 4,500.)
 
 CI runs a short soak (SHORT_ROUNDS); `-m soak` runs 5,000 requests after the warm-up.
 """
@@ -23,7 +25,8 @@ USERS = 16
 HANG_UP = 0.2
 KV_CACHE_BLOCKS = 24  # 384 tokens for 16 users: requests wait and get preempted
 WARM_UP_REQUESTS = 100
-RSS_BOUND_MIB = 48  # resident memory may grow this much from the warm-up to the end of the soak
+RSS_BOUND_MIB = 16  # resident memory may grow this much from the warm-up to the end of the soak
+LATE_RSS_BOUND_MIB = 2  # ... and this much after the first round
 SHORT_ROUNDS = (100, 100)  # CI: 200 requests after the warm-up
 LONG_ROUNDS = (500,) * 10  # -m soak: 5,000 requests after the warm-up
 
@@ -89,8 +92,9 @@ def soak(rounds: tuple[int, ...]) -> None:
     assert metric(text, 'hayabusa_requests_total{finish_reason="error"}') == 0
     assert metric(text, 'hayabusa_requests_total{finish_reason="abort"}') > 0  # the hang-ups reached the engine
     assert outcomes["hung_up"] > 0 and outcomes["completed"] > 0
-    growth = max(rss) - baseline_rss
-    assert growth <= RSS_BOUND_MIB, f"resident memory grew {growth:.1f} MiB: {baseline_rss:.1f} -> {rss}"
+    growth, late_growth = max(rss) - baseline_rss, max(rss) - rss[0]
+    assert growth <= RSS_BOUND_MIB and late_growth <= LATE_RSS_BOUND_MIB, \
+        f"resident memory grew {growth:.1f} MiB ({late_growth:.1f} after the first round): {baseline_rss:.1f} -> {rss}"
 
 
 @pytest.mark.usefixtures("one_torch_thread")
