@@ -42,6 +42,8 @@ def test_a_drain_refuses_new_requests_and_aborts_what_outlives_the_grace() -> No
             thread.start()
         assert gate.held.wait(30)
         drain = server.app.state.drain
+        while drain.loop.num_in_flight < 2:  # both in the engine (one may still wait for its prefill)
+            time.sleep(0.01)
         event_loop = server.uvicorn.servers[0].get_loop()
         draining = asyncio.run_coroutine_threadsafe(drain.run(grace_s=0.3), event_loop)
         while not drain.draining:
@@ -61,7 +63,7 @@ def test_a_drain_refuses_new_requests_and_aborts_what_outlives_the_grace() -> No
         (response,) = plain
         (choice,) = response.json()["choices"]
         assert response.status_code == 200 and choice["finish_reason"] == "abort"
-        assert 0 < response.json()["usage"]["completion_tokens"] < 200  # its text so far
+        assert response.json()["usage"]["completion_tokens"] < 200  # its text so far
         assert finish_reasons(events) == ["abort"] and events[-1] == "[DONE]"
         server.wait_until_idle()  # every KV block back
         assert metric(httpx.get(f"{server.url}/metrics").text, 'hayabusa_requests_total{finish_reason="abort"}') == 2
