@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hayabusa.bench.records import ENGINES, SCENARIOS
+from hayabusa.bench.records import DEFAULT_SCENARIOS, ENGINES, SCENARIOS
 from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (space or comma separated; default: all)")
+                        help=f"any of {', '.join(SCENARIOS)} (space or comma separated; default: all but serve, "
+                             "which runs `hayabusa serve` under locust's streaming users and needs "
+                             "pip install \"hayabusa[bench,serve]\")")
     parser.add_argument("--engines", nargs="+", default=None, metavar="ENGINE",
                         help=f"any of {', '.join(ENGINES)} (default: all that can run on the device; naming an "
                              "engine runs it even where it is skipped by default)")
@@ -92,7 +94,7 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
         # Triton kernels (only used when the hayabusa engine is forced on a CPU) need the interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    scenarios = _choices(args.scenarios, SCENARIOS, "--scenarios") or SCENARIOS
+    scenarios = _choices(args.scenarios, SCENARIOS, "--scenarios") or DEFAULT_SCENARIOS
     engines = _choices(args.engines, ENGINES, "--engines")
     sizes = sizes_for(args.sizes, device)
     if args.repeats is not None:

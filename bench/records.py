@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ENGINES = ("hayabusa", "hayabusa-reference", "transformers-eager", "transformers-compile")
-SCENARIOS = ("decode", "prefill", "throughput", "speculation", "load", "tokenizer")
+SCENARIOS = ("decode", "prefill", "throughput", "speculation", "load", "tokenizer", "serve")
+# `serve` runs only when named: it needs the [serve] extra and locust, and a server of its own for minutes
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s != "serve")
 # Keys every record in results.json carries (None where a figure does not apply to the scenario).
 RECORD_KEYS = ("engine", "scenario", "case", "batch", "prompt_len", "gen_len", "ms_per_token", "ms",
                "tokens_per_s", "pct_roofline", "roofline_basis", "repeats", "samples_ms", "warmup_ms", "extra")
@@ -16,8 +18,8 @@ RECORD_KEYS = ("engine", "scenario", "case", "batch", "prompt_len", "gen_len", "
 class BenchRecord:
     engine: str  # one of ENGINES
     scenario: str  # one of SCENARIOS
-    case: str  # e.g. "batch8", "prompt512", "uniform", "mixed", "encode"
-    batch: int | None  # sequences decoded together / requests submitted / texts tokenized
+    case: str  # e.g. "batch8", "prompt512", "uniform", "mixed", "encode", "users32"
+    batch: int | None  # sequences decoded together / requests submitted / texts tokenized / concurrent users
     prompt_len: int | None  # prompt tokens per request (the mean for a mixed set)
     gen_len: int | None  # generated tokens per request, forced (the mean for a mixed set)
     ms_per_token: float | None  # decode: median ms per decode step (one token for each of `batch` sequences)

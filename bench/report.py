@@ -85,6 +85,9 @@ def markdown_report(results: dict[str, Any]) -> str:
          _speculation_table),
         ("load", "## Weight load (checkpoint dir to ready model, warm page cache)", _load_table),
         ("tokenizer", "## Tokenizer", _tokenizer_table),
+        ("serve", "## Serving: `hayabusa serve` under locust's streaming users (prompt "
+                  f"{sizes.get('serve_prompt_len')}, {sizes.get('serve_gen_len')} tokens, "
+                  f"{sizes.get('serve_seconds')} s per row; latencies as the client sees them)", _serve_table),
     ]
     for scenario, title, table in sections:
         rows = _records(results, scenario)
@@ -204,6 +207,18 @@ def _tokenizer_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["tokenizer", "case", "texts", "ms", "tokens / s", "chars / s"],
                   [[r["engine"], r["case"], str(r["batch"]), _fmt(r["ms"]), _fmt(r["tokens_per_s"], 0),
                     _fmt(r["extra"]["chars_per_s"], 0)] for r in rows])
+
+
+def _serve_table(rows: list[dict[str, Any]]) -> list[str]:
+    def errors(r: dict[str, Any]) -> str:
+        return ", ".join(f"{kind}: {count}" for kind, count in r["extra"]["errors"].items()) or "none"
+
+    return _table(["engine", "users", "requests", "requests / s", "tokens / s", "TTFT p50 ms", "TTFT p99 ms",
+                   "ITL p50 ms", "ITL p99 ms", "errors", "others' CPUs"],
+                  [[r["engine"], str(r["batch"]), str(r["extra"]["completed"]), _fmt(r["extra"]["requests_per_s"]),
+                    _fmt(r["tokens_per_s"], 1), _fmt(r["extra"]["ttft_p50_ms"], 1), _fmt(r["extra"]["ttft_p99_ms"], 1),
+                    _fmt(r["extra"]["itl_p50_ms"], 1), _fmt(r["extra"]["itl_p99_ms"], 1), errors(r),
+                    _case_load(r)[1]] for r in rows])
 
 
 def write_plot(results: dict[str, Any], path: Path) -> None:

@@ -26,6 +26,7 @@ from hayabusa.bench.kernel_profile import decode_step_kernels
 from hayabusa.bench.records import BenchRecord
 from hayabusa.bench.roofline import DeviceRoofline, measure_roofline
 from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
+from hayabusa.bench.serve_scenario import run_serve
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
 from hayabusa.bench.workloads import SuiteSizes, workload_kv_blocks
 from hayabusa.engine.loading.config import ModelConfig
@@ -115,7 +116,8 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
         result.warnings.append(busy_at_start_warning(start_load.as_dict()))
     cases = generation_cases(settings, device_roofline)
     tokenizer_engines = [e for e in settings.engines if e in TOKENIZER_ENGINES and "tokenizer" in settings.scenarios]
-    total = len(settings.engines) * len(cases) + len(tokenizer_engines)
+    serves = "serve" in settings.scenarios and "hayabusa" in settings.engines
+    total = len(settings.engines) * len(cases) + len(tokenizer_engines) + serves
     with tqdm(total=total, desc="hayabusa bench", unit="case", dynamic_ncols=True) as progress:
         for engine in settings.engines:
             torch.set_num_threads(run_threads)  # not the thread count the previous engine chose for itself
@@ -125,6 +127,10 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
             progress.set_postfix_str(f"{engine} tokenizer")
             _guarded(result, engine, "tokenizer",
                      lambda e=engine: result.records.extend(run_tokenizer(e, settings.model_dir, sizes)))
+            progress.update(1)
+        if serves:  # hayabusa's HTTP server in a process of its own, under locust
+            progress.set_postfix_str("hayabusa serve")
+            _guarded(result, "hayabusa", "serve", lambda: result.records.extend(run_serve(settings)))
             progress.update(1)
     torch.set_num_threads(run_threads)
     disturbed = [(label, load) for label, load in result.case_loads if load["others_busy"]]

@@ -30,6 +30,11 @@ class SuiteSizes:
     roofline_copy_bytes: int
     roofline_matmul_size: int
     long_decode_prompt_len: int | None = None  # also decode one sequence after this long a prompt (None: not run)
+    # the serve scenario: concurrent streaming users (locust), each request prompt + generated tokens, for a window
+    serve_users: tuple[int, ...] = (1, 8, 32, 128)
+    serve_prompt_len: int = 128
+    serve_gen_len: int = 128
+    serve_seconds: float = 60.0  # per number of users
 
     @property
     def calls(self) -> int:
@@ -62,6 +67,7 @@ SIZES: dict[str, SuiteSizes] = {
         prefill_prompt_lens=(128, 256, 512), throughput_requests=32, throughput_prompt_len=128,
         throughput_gen_len=16, mixed_prompt_lens=(16, 256), mixed_gen_lens=(4, 32), static_batch=32,
         tokenizer_chars=20_000, repeats=3, warmup=1, roofline_copy_bytes=128 << 20, roofline_matmul_size=1024,
+        serve_prompt_len=32, serve_gen_len=16, serve_seconds=30.0,
     ),
     # Smallest sizes that still exercise every code path: for tests and a quick look.
     "smoke": SuiteSizes(
@@ -69,6 +75,7 @@ SIZES: dict[str, SuiteSizes] = {
         prefill_prompt_lens=(16, 32), throughput_requests=4, throughput_prompt_len=16,
         throughput_gen_len=4, mixed_prompt_lens=(4, 24), mixed_gen_lens=(2, 5), static_batch=4,
         tokenizer_chars=2_000, repeats=1, warmup=1, roofline_copy_bytes=8 << 20, roofline_matmul_size=256,
+        serve_users=(1, 2), serve_prompt_len=8, serve_gen_len=4, serve_seconds=2.0,
     ),
 }
 
@@ -123,7 +130,8 @@ def _generating_workloads(sizes: SuiteSizes) -> list[tuple[str, int, int]]:
             ("speculation", grounded_len(sizes.decode_prompt_len), sizes.decode_gen_len),
             ("long decode", sizes.long_decode_prompt_len or 0, sizes.decode_gen_len),
             ("throughput", sizes.throughput_prompt_len, sizes.throughput_gen_len),
-            ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1])]
+            ("mixed throughput", sizes.mixed_prompt_lens[1], sizes.mixed_gen_lens[1]),
+            ("serve", sizes.serve_prompt_len, sizes.serve_gen_len)]
 
 
 def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:

@@ -85,6 +85,7 @@ class EngineLoop:
         self._wake = threading.Condition(self._lock)
         self._tracked: dict[int, _Tracked] = {}  # engine request id -> where its updates go
         self._stopping = False
+        self._flush = False  # step once more even without work: aborts' final updates wait in the engine
         self._thread = threading.Thread(target=self._run, name="hayabusa-engine-loop", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -104,6 +105,12 @@ class EngineLoop:
     @property
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping
+
+    @property
+    def num_in_flight(self) -> int:
+        """Engine requests submitted and not yet ended (or aborted)."""
+        with self._lock:
+            return len(self._tracked)
 
     # ---- called from asyncio handlers --------------------------------------------------------------------------
 
@@ -140,6 +147,15 @@ class EngineLoop:
         submission.closed = True
         submission.queue.put_nowait(_Closed(error=None))
 
+    def abort_all(self) -> None:
+        """End every request in flight with finish_reason "abort", keeping their clients: each gets its final update
+        (its text so far) from the next step, as if it had finished (a draining server's last word)."""
+        with self._wake:
+            for request_id in self._tracked:
+                self.engine.abort(request_id)
+            self._flush = True
+            self._wake.notify()
+
     def _abort_locked(self, submission: Submission, finish_reason: str | None) -> None:
         dropped = {i: tracked for i in submission.request_ids if (tracked := self._tracked.pop(i, None)) is not None}
         for request_id in dropped:
@@ -153,10 +169,11 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._stopping and not self.engine.has_unfinished_requests():
+                while not self._stopping and not self._flush and not self.engine.has_unfinished_requests():
                     self._wake.wait()
                 if self._stopping:
                     return
+                self._flush = False
             try:
                 self._fan_out(self.engine.step())
             except Exception as err:  # tell the clients of every request in flight; keep serving

@@ -1,23 +1,51 @@
 """The wire format of the OpenAI-compatible API: request and response models with OpenAI's field names.
 
-Requests are validated strictly where they enter (no "5" for 5, no unknown fields); a failure becomes an
+Requests are validated strictly where they enter (no "5" for 5, no unknown fields, no NaN); a failure becomes an
 `APIError` naming the field, which the serving layer turns into OpenAI's error body.
+
+Fields checked by a plain validator carry their wire schema (`WithJsonSchema`), so /openapi.json (openapi.py) says
+what the validator accepts; openapi.py bounds each token id's schema (titled TokenId) by the served vocabulary.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from typing_extensions import Self
 
-from hayabusa.engine.sample.logits_processors import MAX_LOGIT_BIAS
+from hayabusa.engine.sample.logits_processors import MAX_BAD_WORD_TOKENS, MAX_LOGIT_BIAS, MAX_NO_REPEAT_NGRAM_SIZE
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20
 MAX_N = 128  # as OpenAI; the engine also needs n <= its max_num_seqs
+MAX_SEED = (1 << 63) - 1  # the engine keys int64 noise with it
 
 Prompt = str | list[str] | list[int] | list[list[int]]
+
+# Wire schemas of the fields a plain validator checks.
+TOKEN_ID_SCHEMA = {"title": "TokenId", "type": "integer", "minimum": 0}  # the engine checks: < the vocabulary size
+TOKEN_IDS_SCHEMA = {"type": "array", "items": TOKEN_ID_SCHEMA, "minItems": 1}
+PROMPT_SCHEMA = {
+    "description": "A text, a list of texts, a list of token ids, or a list of those (each a prompt of its own; "
+                   "none empty)",
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+              TOKEN_IDS_SCHEMA,
+              {"type": "array", "items": TOKEN_IDS_SCHEMA, "minItems": 1}],
+}
+STOP_SCHEMA = {"anyOf": [{"type": "string", "minLength": 1},
+                         {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS}]}
+LOGIT_BIAS_SCHEMA = {
+    "description": "Token id (a decimal string) -> bias added to its logit",
+    "type": "object", "maxProperties": MAX_LOGIT_BIAS, "propertyNames": {"pattern": "^[0-9]+$"},
+    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+}
+BAD_WORD_SCHEMA = {**TOKEN_IDS_SCHEMA, "maxItems": MAX_BAD_WORD_TOKENS}
+EOS_TOKEN_ID_SCHEMA = {"anyOf": [TOKEN_ID_SCHEMA, TOKEN_IDS_SCHEMA]}
+EARLY_STOPPING_SCHEMA = {"anyOf": [{"type": "boolean"}, {"const": "never"}]}
+SUFFIX_SCHEMA = {"description": "Insertion is not supported: only null", "type": "null"}
 
 
 class APIError(Exception):
@@ -37,17 +65,26 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class StrictRequest(BaseModel):
+    """A request body: strict types, no unknown fields, no NaN; `parse` turns pydantic's complaint into a 400."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @classmethod
+    def parse(cls, body: bytes) -> Self:
+        try:
+            return cls.model_validate_json(body)
+        except ValidationError as err:
+            raise validation_error(err) from None
 
 
-class StreamOptions(_Strict):
+class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
-class CompletionRequest(_Strict):
+class CompletionRequest(StrictRequest):
     model: str
-    prompt: Prompt
+    prompt: Annotated[Prompt, WithJsonSchema(PROMPT_SCHEMA)]
     max_tokens: int = Field(16, ge=0)  # 0 only with echo (serving checks): the prompt and its logprobs
     temperature: float = Field(1.0, ge=0.0)  # 0: greedy
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -56,14 +93,14 @@ class CompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    stop: Annotated[str | list[str] | None, WithJsonSchema(STOP_SCHEMA)] = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = None  # accepted and ignored, as a self-hosted server has no per-user accounting
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] = {}  # JSON keys are token ids as strings ("50256")
+    logit_bias: Annotated[dict[int, float], WithJsonSchema(LOGIT_BIAS_SCHEMA)] = {}  # keys: ids as strings ("50256")
     best_of: int | None = Field(None, ge=1, le=MAX_N)  # None: n (serving checks best_of >= n)
-    suffix: None = None  # insertion is not supported: only null (or no field) passes
+    suffix: Annotated[None, WithJsonSchema(SUFFIX_SCHEMA)] = None  # no insertion: only null (or no field) passes
     # hayabusa's own sampling fields (vLLM spells them the same way).
     top_k: int = Field(0, ge=0)  # 0: off
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -72,14 +109,14 @@ class CompletionRequest(_Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     typical_p: float = Field(1.0, gt=0.0, le=1.0)
     min_new_tokens: int = Field(0, ge=0)
-    no_repeat_ngram_size: int = Field(0, ge=0)
-    bad_words_ids: list[list[int]] = []
-    eos_token_id: int | list[int] | None = None
+    no_repeat_ngram_size: int = Field(0, ge=0, le=MAX_NO_REPEAT_NGRAM_SIZE)
+    bad_words_ids: list[Annotated[list[int], WithJsonSchema(BAD_WORD_SCHEMA)]] = []
+    eos_token_id: Annotated[int | list[int] | None, WithJsonSchema(EOS_TOKEN_ID_SCHEMA)] = None
     prompt_lookup_num_tokens: int | None = Field(None, ge=1)
     max_matching_ngram_size: int | None = Field(None, ge=1)
     num_beams: int = Field(1, ge=1)  # n picks how many of the beams come back (n <= num_beams)
     length_penalty: float = 1.0
-    early_stopping: bool | Literal["never"] = False
+    early_stopping: Annotated[bool | Literal["never"], WithJsonSchema(EARLY_STOPPING_SCHEMA)] = False
 
     @model_validator(mode="before")
     @classmethod
@@ -145,12 +182,10 @@ class CompletionRequest(_Strict):
             raise ValueError(f"must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")
         return stop
 
-    @classmethod
-    def parse(cls, body: bytes) -> CompletionRequest:
-        try:
-            return cls.model_validate_json(body)
-        except ValidationError as err:
-            raise validation_error(err) from None
+
+def model_not_found(model: str, served: str) -> APIError:
+    return APIError(404, f"the model '{model}' does not exist; this server serves '{served}'", param="model",
+                    code="model_not_found")
 
 
 def validation_error(err: ValidationError) -> APIError:
@@ -160,7 +195,7 @@ def validation_error(err: ValidationError) -> APIError:
     if first["type"] == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first['ctx']['error']}")
     if param is None:
-        return APIError(400, f"the request body must be a JSON object of completion fields: {first['msg']}")
+        return APIError(400, f"the request body must be a JSON object of the request's fields: {first['msg']}")
     if first["type"] == "extra_forbidden":
         return APIError(400, f"unknown field '{param}'", param=param)
     message = first["msg"].removeprefix("Value error, ")
@@ -187,7 +222,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None  # when the request set logprobs
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "abort"] | None  # abort: the server shut down before it ended
 
 
 class CompletionResponse(BaseModel):
@@ -210,3 +245,24 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, authentication_error, rate_limit_error, server_error, ...
+    param: str | None  # the request field at fault, if one is
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (APIError.body)."""
+
+    error: ErrorDetail
+
+
+class HealthStatus(BaseModel):
+    status: str  # "ok"; else why the server cannot serve (503)
+
+
+class VersionInfo(BaseModel):
+    version: str  # hayabusa's

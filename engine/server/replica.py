@@ -10,15 +10,19 @@ from dataclasses import dataclass
 import torch
 from starlette.applications import Starlette
 
+import hayabusa
 from hayabusa.engine.api import BACKENDS, OPS_OF_BACKEND, default_backend, default_warmup, load_pretrained
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.platform.devices import resolve_device
 from hayabusa.engine.server.app import build_app
-from hayabusa.engine.server.cli import DEFAULT_MAX_WAITING
+from hayabusa.engine.server.cli import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_PER_REQUEST, DEFAULT_MAX_WAITING
 from hayabusa.engine.server.engine_loop import EngineLoop
+from hayabusa.engine.server.limits import RequestLimits
 from hayabusa.engine.server.metrics import ServerMetrics
+from hayabusa.engine.server.openapi import openapi_document
 from hayabusa.engine.server.serving import CompletionServing
+from hayabusa.engine.server.tokenization import TokenizationServing
 
 
 @dataclass(frozen=True)
@@ -32,15 +36,27 @@ class ServerSettings:
     kv_cache_blocks: int | None = None  # default: from free memory (model_runner's pool sizing, per device)
     block_size: int = 16
     max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # tokens per engine step; default: the engine's
     max_waiting: int = DEFAULT_MAX_WAITING  # more waiting requests than this: 429
+    max_model_len: int | None = None  # prompt + max_tokens per prompt; default: the model's positions
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # a larger body: 413
+    max_tokens_per_request: int = DEFAULT_MAX_TOKENS_PER_REQUEST  # prompt tokens + sequences x max_tokens
+    api_key: str | None = None  # every route but /health, /metrics, /version, /openapi.json needs it as a Bearer token
+    allowed_origins: tuple[str, ...] = ()  # CORS: the browser origins allowed ("*": any); none: no CORS headers
 
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.max_waiting < 1:
-            raise ValueError(f"max_waiting must be >= 1, got {self.max_waiting}")
+        for name in ("max_waiting", "max_request_bytes", "max_tokens_per_request"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_model_len", "max_num_batched_tokens"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.api_key == "":
+            raise ValueError("the API key is empty: give a key, or none for a server without one")
 
     @property
     def model_name(self) -> str:
@@ -55,14 +71,31 @@ def load_paged_engine(settings: ServerSettings) -> PagedEngine:
                                                        device=device, revision=settings.revision)
     return PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
                        kv_cache_blocks=settings.kv_cache_blocks, block_size=settings.block_size,
-                       max_num_seqs=settings.max_num_seqs, warmup=default_warmup(device, backend))
+                       max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
+                       warmup=default_warmup(device, backend))
+
+
+def request_limits(settings: ServerSettings, engine: PagedEngine) -> RequestLimits:
+    positions = engine.config.max_position_embeddings
+    max_model_len = settings.max_model_len or positions
+    if max_model_len > positions:
+        raise ValueError(f"--max-model-len {max_model_len} is more than the model's {positions} positions "
+                         f"(max_position_embeddings); give at most {positions}")
+    return RequestLimits(max_model_len=max_model_len, max_request_bytes=settings.max_request_bytes,
+                         max_tokens_per_request=settings.max_tokens_per_request)
 
 
 def build_server(settings: ServerSettings, engine: PagedEngine | None = None) -> Starlette:
     """The ASGI app of one replica (its lifespan starts the engine loop). `engine`: reuse a loaded one."""
     engine = engine or load_paged_engine(settings)
+    limits = request_limits(settings, engine)
     metrics = ServerMetrics(engine)
     loop = EngineLoop(engine, max_waiting=settings.max_waiting, observer=metrics)
-    serving = CompletionServing(loop, engine.tokenizer, model_name=settings.model_name,
-                                max_model_len=engine.config.max_position_embeddings, metrics=metrics)
-    return build_app(serving, loop, metrics)
+    name = settings.model_name
+    serving = CompletionServing(loop, engine.tokenizer, model_name=name, limits=limits, metrics=metrics)
+    tokenization = TokenizationServing(engine.tokenizer, model_name=name, max_model_len=limits.max_model_len)
+    version = hayabusa.__version__
+    openapi = openapi_document(model_name=name, vocab_size=engine.config.vocab_size, limits=limits, version=version,
+                               api_key=settings.api_key is not None)
+    return build_app(serving, tokenization, loop, metrics, limits=limits, openapi=openapi, version=version,
+                     api_key=settings.api_key, allowed_origins=settings.allowed_origins)

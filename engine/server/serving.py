@@ -7,8 +7,9 @@ frequency_penalty, logit_bias and best_of keep their names); choice i * n + j is
 choice starts with its prompt's text (its tokens decoded) and, with logprobs, the prompt tokens' logprobs (None for
 the first).
 
-Every failure leaves through `api_error` (one place, one shape): bad input 400, unknown model 404, full
-queue 429 with Retry-After, engine failure 500 (the exception's name and message, never a traceback).
+Every failure leaves through `api_error` (one place, one shape): bad input or a request past a limit (limits.py)
+400, unknown model 404, full queue 429 with Retry-After, engine failure 500 (the exception's name and message, never
+a traceback). A request a draining server aborted (engine_loop.abort_all) ends with finish_reason "abort".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hayabusa.engine.param_names import respelled
 from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.engine.server.completion_logprobs import ChoiceLogprobs, joined
 from hayabusa.engine.server.engine_loop import EngineFailedError, EngineLoop, QueueFullError, Submission
+from hayabusa.engine.server.limits import RequestLimits
 from hayabusa.engine.server.metrics import ServerMetrics
 from hayabusa.engine.server.protocol import (
     APIError,
@@ -36,6 +38,7 @@ from hayabusa.engine.server.protocol import (
     ModelCard,
     ModelList,
     UsageInfo,
+    model_not_found,
 )
 from hayabusa.tokenizer import Tokenizer
 
@@ -108,16 +111,16 @@ def api_error(err: Exception) -> APIError:
 
 
 class CompletionServing:
-    def __init__(self, loop: EngineLoop, tokenizer: Tokenizer, *, model_name: str, max_model_len: int,
+    def __init__(self, loop: EngineLoop, tokenizer: Tokenizer, *, model_name: str, limits: RequestLimits,
                  metrics: ServerMetrics | None = None) -> None:
         self.loop = loop
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.max_model_len = max_model_len
+        self.limits = limits
         self.metrics = metrics
 
     def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.max_model_len)])
+        return ModelList(data=[ModelCard(id=self.model_name, max_model_len=self.limits.max_model_len)])
 
     def error(self, err: Exception) -> APIError:
         """The one exit of every failure: map it and count it."""
@@ -131,13 +134,14 @@ class CompletionServing:
         """A response, or SSE lines for a stream. Raises for errors before the first byte (see `error`)."""
         request = CompletionRequest.parse(body)
         if request.model != self.model_name:
-            raise APIError(404, f"the model '{request.model}' does not exist; this server serves "
-                                f"'{self.model_name}'", param="model", code="model_not_found")
+            raise model_not_found(request.model, self.model_name)
         if request.max_tokens == 0 and not request.echo:
             raise APIError(400, "max_tokens 0 needs echo (to return the prompt, with logprobs its logprobs); "
                                 "otherwise ask for at least 1 token", param="max_tokens")
         check_openai_options(request, self.loop.engine.config.vocab_size)
-        prompts = self._encode(request.prompt)
+        prompts = await asyncio.to_thread(self._encode, request.prompt)  # off the event loop: streams keep flowing
+        num_sequences = max(request.n, request.best_of or 1, request.num_beams)
+        self.limits.check_completion(prompts, request.max_tokens, num_sequences)
         try:
             submission = self.loop.submit(prompts, sampling_params(request))
         except ValueError as err:  # SamplingParams' checks, or a prompt the engine can never run
@@ -238,7 +242,9 @@ def _joined(pieces: list[CompletionLogprobs]) -> CompletionLogprobs | None:
 
 
 def _checked(output: GenerationOutput) -> GenerationOutput:
-    if output.finish_reason not in ("stop", "length"):  # "error": the request failed alone in the engine
+    """The output, unless the request failed alone in the engine (finish_reason "error"). "abort" passes: the
+    server ended it while draining, and the client gets its text so far."""
+    if output.finish_reason == "error":
         raise EngineFailedError(f"the request failed: {output.error}")
     return output
 

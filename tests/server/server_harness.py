@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -11,17 +12,27 @@ from dataclasses import dataclass
 
 import httpx
 import uvicorn
+from starlette.applications import Starlette
 
+from hayabusa.engine.cli import build_parser
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.server.replica import ServerSettings, build_server, load_paged_engine
 
 MODEL = "tiny"  # random weights of the real architecture, the real tokenizer; 512 positions
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments `hayabusa ARGV` runs with."""
+    parser, _, _ = build_parser(argv)
+    return parser.parse_args(argv)
+
+
 @dataclass
 class RunningServer:
     url: str  # http://127.0.0.1:PORT
     engine: PagedEngine
+    app: Starlette  # app.state.drain: its drain
+    uvicorn: uvicorn.Server  # .servers / .server_state: its event loop's connections and tasks
 
     def wait_until_idle(self, timeout_s: float = 10.0) -> None:
         """Aborts and finishes land one engine step after the HTTP side lets go; wait for the pool to empty."""
@@ -38,7 +49,8 @@ class RunningServer:
 def running_server(**settings) -> Iterator[RunningServer]:
     settings = ServerSettings(model=MODEL, backend="reference", device="cpu", **settings)
     engine = load_paged_engine(settings)
-    config = uvicorn.Config(build_server(settings, engine), host="127.0.0.1", port=0, log_level="warning")
+    app = build_server(settings, engine)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
@@ -48,7 +60,7 @@ def running_server(**settings) -> Iterator[RunningServer]:
         time.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield RunningServer(f"http://127.0.0.1:{port}", engine)
+        yield RunningServer(f"http://127.0.0.1:{port}", engine, app, server)
     finally:
         server.should_exit = True
         thread.join(30)

@@ -10,7 +10,7 @@ import httpx
 
 from hayabusa.engine.cli import main
 
-from server_harness import MODEL, running_server
+from server_harness import MODEL, parse, running_server
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 SERVE = README[README.index("## Serve"): README.index("## CLI")]
@@ -20,12 +20,12 @@ README_URL = "http://127.0.0.1:8000"
 def test_curl_bodies_and_the_client_example_run_against_a_server(capsys) -> None:
     urls = re.findall(r"^curl -sN? (\S+)", SERVE, re.M)
     bodies = [json.loads(body) for body in re.findall(r"^  -d '(.*)'$", SERVE, re.M)]
-    assert len(urls) == len(bodies) == 2
+    assert len(urls) == len(bodies) == 3  # two completions, one /tokenize
     client_blocks = re.findall(r"```py\n(.*?)```", SERVE, re.S)
     assert len(client_blocks) == 1 and README_URL in client_blocks[0]
     with running_server(kv_cache_blocks=64) as server:
         for url, body in zip(urls, bodies, strict=True):
-            assert body["model"] == MODEL
+            assert body.get("model", MODEL) == MODEL
             response = httpx.post(url.replace(README_URL, server.url), json=body, timeout=30)
             assert response.status_code == 200, response.text
             if body.get("stream"):
@@ -44,3 +44,11 @@ def test_the_batch_recipe(tmp_path, monkeypatch) -> None:
     result = json.loads(line)
     assert result["completion_tokens"] == json.loads(echo)["max_new_tokens"]
     assert set(result) == {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"}
+
+
+def test_the_serve_command_lines_parse() -> None:
+    lines = re.findall(r"^hayabusa (serve .*?)(?:\s+#.*)?$", SERVE, re.M)
+    commands = [parse(shlex.split(line)) for line in lines]
+    assert len(commands) == 4 and all(args.command == "serve" and args.model for args in commands)
+    assert [(args.host, args.max_model_len, args.grace) for args in commands if args.host != "127.0.0.1"] == [
+        ("0.0.0.0", 1024, 25.0)]
