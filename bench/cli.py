@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--sizes preset's, 1920 in gpu)")
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
                         help="also append every figure, skip, failure and kernel table to FILE as one JSON line "
-                             "the moment it exists (a run cut short keeps what it measured)")
+                             "the moment it exists, so a run cut short keeps what it measured (default: no such file)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every engine (default: each engine's own choice; hayabusa picks "
                              "by model size and machine load, transformers keeps torch's default)")
