@@ -15,13 +15,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hayabusa.bench.records import DEFAULT_SCENARIOS, ENGINES, SCENARIOS
+from hayabusa.bench.records import DEFAULT_SCENARIOS, ENGINES, KERNEL_TABLE, SCENARIOS
 from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
     from hayabusa.bench.suite import SuiteSettings
+
+SCENARIO_CHOICES = (*SCENARIOS, KERNEL_TABLE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="default: float16 on cuda, float32 on cpu")
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
-                        help=f"any of {', '.join(SCENARIOS)} (space or comma separated; default: all but serve, "
-                             "which runs `hayabusa serve` under locust's streaming users and needs "
-                             "pip install \"hayabusa[bench,serve]\")")
+                        help=f"any of {', '.join(SCENARIO_CHOICES)} (space or comma separated; default: all but "
+                             "serve, which runs `hayabusa serve` under locust's streaming users and needs "
+                             "pip install \"hayabusa[bench,serve]\"); "
+                             f"{KERNEL_TABLE}: hayabusa's per-kernel table of one decode step per decode case (GPU)")
     parser.add_argument("--engines", nargs="+", default=None, metavar="ENGINE",
                         help=f"any of {', '.join(ENGINES)} (default: all that can run on the device; naming an "
                              "engine runs it even where it is skipped by default)")
@@ -44,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "auto picks full on cuda and cpu on cpu")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed runs per figure (median reported; default: the --sizes preset's)")
+    parser.add_argument("--decode-batches", type=int, nargs="+", default=None, metavar="N",
+                        help="decode these batch sizes (default: the --sizes preset's)")
+    parser.add_argument("--long-decode-prompt", type=int, default=None, metavar="TOKENS",
+                        help="also decode one sequence after a prompt this long; 0: no such case (default: the "
+                             "--sizes preset's, 1920 in gpu)")
+    parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
+                        help="also append every figure, skip, failure and kernel table to FILE as one JSON line "
+                             "the moment it exists, so a run cut short keeps what it measured (default: no such file)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every engine (default: each engine's own choice; hayabusa picks "
                              "by model size and machine load, transformers keeps torch's default)")
@@ -94,18 +105,32 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
         # Triton kernels (only used when the hayabusa engine is forced on a CPU) need the interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    scenarios = _choices(args.scenarios, SCENARIOS, "--scenarios") or DEFAULT_SCENARIOS
+    scenarios = _choices(args.scenarios, SCENARIO_CHOICES, "--scenarios") or (*DEFAULT_SCENARIOS, KERNEL_TABLE)
     engines = _choices(args.engines, ENGINES, "--engines")
     sizes = sizes_for(args.sizes, device)
     if args.repeats is not None:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
         sizes = replace(sizes, repeats=args.repeats)
+    if args.decode_batches is not None:
+        if min(args.decode_batches) < 1:
+            raise ValueError(f"--decode-batches must all be >= 1, got {' '.join(map(str, args.decode_batches))}")
+        if max(args.decode_batches) > sizes.static_batch:
+            raise ValueError(f"--decode-batches {max(args.decode_batches)}: more than the {sizes.static_batch} "
+                             f"sequences --sizes {sizes.name} gives an engine at once")
+        sizes = replace(sizes, decode_batches=tuple(dict.fromkeys(args.decode_batches)))
+    if args.long_decode_prompt is not None:
+        if args.long_decode_prompt < 0:
+            raise ValueError(f"--long-decode-prompt must be >= 0 (0: no long-context case), got "
+                             f"{args.long_decode_prompt}")
+        sizes = replace(sizes, long_decode_prompt_len=args.long_decode_prompt or None)
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # hayabusa's engine then keeps this count, as asked
     prepare_out_dir(args.out)
+    if args.jsonl is not None:
+        _check_appendable(args.jsonl)
     plot = check_optional_packages(engines or ENGINES, engines is not None, scenarios)
     preset = args.model if is_random_preset(args.model) else None
     model_dir = resolve_model_dir(args.model, args.revision)
@@ -113,7 +138,19 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     check_sizes_fit(sizes, config.max_position_embeddings)
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
                          dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
-                         engines_requested=engines is not None, threads=args.threads), plot
+                         engines_requested=engines is not None, threads=args.threads, jsonl=args.jsonl), plot
+
+
+def _check_appendable(path: Path) -> None:
+    """--jsonl FILE can be appended to (created with its directory if missing), or ValueError naming it."""
+    if path.is_dir():
+        raise ValueError(f"--jsonl {path} is a directory; give a file to append JSON lines to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        raise ValueError(f"--jsonl {path}: cannot append to it ({err.strerror or err})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

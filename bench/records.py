@@ -9,6 +9,9 @@ ENGINES = ("hayabusa", "hayabusa-reference", "transformers-eager", "transformers
 SCENARIOS = ("decode", "prefill", "throughput", "speculation", "load", "tokenizer", "serve")
 # `serve` runs only when named: it needs the [serve] extra and locust, and a server of its own for minutes
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s != "serve")
+# --scenarios also takes this: hayabusa's per-kernel table of one decode step per decode case (results.json's
+# decode_kernels; CUDA only), which makes no record of its own.
+KERNEL_TABLE = "kernels"
 # Keys every record in results.json carries (None where a figure does not apply to the scenario).
 RECORD_KEYS = ("engine", "scenario", "case", "batch", "prompt_len", "gen_len", "ms_per_token", "ms",
                "tokens_per_s", "pct_roofline", "roofline_basis", "repeats", "samples_ms", "warmup_ms", "extra")

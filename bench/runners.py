@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 PAD_TOKEN_ID = 0  # left padding for transformers' batched generate on a mixed-length set; masked out
+RECOMPILE_LIMIT = 256  # torch.compile recompiles per function: one per (batch, cache length) case, with room to spare
 
 
 class EngineUnavailable(RuntimeError):
@@ -158,7 +159,7 @@ class TransformersRunner(BenchRunner):
         if compiled:
             # Every (batch, cache length) is a new static shape; the default limit of 8 recompiles would make
             # later cases silently fall back to eager and be timed as "compiled".
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            raise_recompile_limit(RECOMPILE_LIMIT)
 
     def load(self) -> None:
         # Straight onto the device when accelerate is there to do it (what a transformers user would write),
@@ -234,6 +235,18 @@ class TransformersRunner(BenchRunner):
             input_ids[row, longest - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, longest - len(prompt):] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
+
+
+def raise_recompile_limit(limit: int) -> str | None:
+    """Let torch.compile recompile a function at least `limit` times before it falls back to eager. Older torch
+    calls the setting cache_size_limit, newer recompile_limit: whichever this torch has is raised; its name, or None
+    when it has neither (then torch's own limit holds)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), limit))
+            return name
+    return None
 
 
 class FirstTokenClock:

@@ -1,9 +1,12 @@
 """Run the whole comparison: roofline first, then each engine in turn over the chosen scenarios.
 
 One engine is loaded at a time (and unloaded before the next) so they never share device memory. An engine
-that cannot run here is skipped with its reason; one that fails mid-run is recorded with its error, and the
-others still run. Every case records the machine's load just before it and torch's CPU thread count; each engine
-starts from the run's thread count, whatever the engine before it chose. A busy machine is warned about once: at
+that cannot run here, or whose runner cannot be built here, is skipped with its reason; one that fails mid-run is
+recorded with its error, and the others still run. With a JSON-lines file (`--jsonl`), every figure, skip, failure
+and kernel table is appended to it the moment it exists, so a run cut short keeps what it measured.
+
+Every case records the machine's load just before it and torch's CPU thread count; each engine starts from the
+run's thread count, whatever the engine before it chose. A busy machine is warned about once: at
 the start (other processes, or a high load average before the run adds its own), and once for all the cases
 other processes disturbed (the load average then counts the benchmark itself, so only others' CPU time does).
 """
@@ -11,6 +14,7 @@ other processes disturbed (the load average then counts the benchmark itself, so
 from __future__ import annotations
 
 import datetime
+import json
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,16 +27,14 @@ from tqdm.auto import tqdm
 
 from hayabusa.bench import environment, scenarios
 from hayabusa.bench.kernel_profile import decode_step_kernels
-from hayabusa.bench.records import BenchRecord
+from hayabusa.bench.records import KERNEL_TABLE, BenchRecord
 from hayabusa.bench.roofline import DeviceRoofline, measure_roofline
 from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
 from hayabusa.bench.serve_scenario import run_serve
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
 from hayabusa.bench.workloads import SuiteSizes, workload_kv_blocks
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.model.launches import decode_step_launches
 from hayabusa.engine.platform.machine_load import measure_machine_load
-from hayabusa.kernels._launch import H200, device_limits
 
 TOKENIZER_ENGINES = ("hayabusa", "transformers-eager")  # hayabusa.tokenizer and transformers' tokenizer
 Case = tuple[str, str, Callable[[BenchRunner], BenchRecord]]  # (scenario, label, measure(runner))
@@ -52,6 +54,7 @@ class SuiteSettings:
     engines: tuple[str, ...]
     engines_requested: bool  # True when the user named the engines (forces ones skipped by default)
     threads: int | None = None  # torch CPU threads for every engine (--threads); None: each engine's default
+    jsonl: Path | None = None  # --jsonl: append every figure, skip, failure and kernel table here as it happens
 
 
 @dataclass
@@ -68,6 +71,28 @@ class SuiteResult:
     case_loads: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (label, load just before it)
     started: str = ""
     seconds: float = 0.0
+
+    def add_record(self, record: BenchRecord) -> None:
+        self.records.append(record)
+        self.emit("record", record.as_dict())
+
+    def add_skip(self, engine: str, scenario: str, reason: str) -> None:
+        self.skipped.append({"engine": engine, "scenario": scenario, "reason": reason})
+        self.emit("skipped", self.skipped[-1])
+
+    def add_error(self, engine: str, scenario: str, error: str) -> None:
+        self.errors.append({"engine": engine, "scenario": scenario, "error": error})
+        self.emit("error", self.errors[-1])
+
+    def add_decode_kernels(self, table: dict[str, Any]) -> None:
+        self.decode_kernels.append(table)
+        self.emit("decode_kernels", table)
+
+    def emit(self, event: str, payload: dict[str, Any]) -> None:
+        """One JSON line in --jsonl, written and closed at once: a run killed later keeps it."""
+        if self.settings.jsonl is not None:
+            with self.settings.jsonl.open("a", encoding="utf-8") as file:
+                file.write(json.dumps({"event": event, **payload}, ensure_ascii=False) + "\n")
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
@@ -112,6 +137,10 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     result = SuiteResult(settings, device_roofline, started=started.isoformat(timespec="seconds"),
                          launches_per_decode_step=launch_counts(settings),
                          machine_load={"start": start_load.as_dict()})
+    result.emit("run", {"device": environment.device_description(settings.device),
+                         "dtype": str(settings.dtype).removeprefix("torch."), "sizes": settings.sizes.name,
+                         "engines": list(settings.engines), "scenarios": list(settings.scenarios),
+                         "roofline": device_roofline.as_dict()})
     if start_load.busy:
         result.warnings.append(busy_at_start_warning(start_load.as_dict()))
     cases = generation_cases(settings, device_roofline)
@@ -121,12 +150,12 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     with tqdm(total=total, desc="hayabusa bench", unit="case", dynamic_ncols=True) as progress:
         for engine in settings.engines:
             torch.set_num_threads(run_threads)  # not the thread count the previous engine chose for itself
-            if cases:
+            if cases or profiles_kernels(engine, settings):
                 _run_engine(engine, cases, settings, result, progress)
         for engine in tokenizer_engines:
             progress.set_postfix_str(f"{engine} tokenizer")
-            _guarded(result, engine, "tokenizer",
-                     lambda e=engine: result.records.extend(run_tokenizer(e, settings.model_dir, sizes)))
+            _guarded(result, engine, "tokenizer", lambda e=engine: [
+                result.add_record(record) for record in run_tokenizer(e, settings.model_dir, sizes)])
             progress.update(1)
         if serves:  # hayabusa's HTTP server in a process of its own, under locust
             progress.set_postfix_str("hayabusa serve")
@@ -161,13 +190,27 @@ def disturbed_cases_warning(disturbed: list[tuple[str, dict[str, Any]]], total_c
 
 def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
     """hayabusa's kernel launches per decode step at each decode batch, counted without running (PagedModel on meta
-    tensors) with the configs of this GPU, or of an H200 when the run is on a CPU."""
-    on_gpu = settings.device.type == "cuda"
-    limits = device_limits(settings.device) if on_gpu else H200
-    counts = [decode_step_launches(settings.config, batch, dtype=settings.dtype, limits=limits).as_dict()
-              for batch in settings.sizes.decode_batches]
+    tensors) with the configs of this GPU, or of an H200 when the run is on a CPU.
+
+    The counter is a tool built on Triton's internals (it records launches instead of running them): it is imported
+    only here, and where it breaks (another Triton) the run records why and goes on without the counts."""
+    try:
+        from hayabusa.engine.model.launches import decode_step_launches
+        from hayabusa.kernels._launch import H200, device_limits
+
+        on_gpu = settings.device.type == "cuda"
+        limits = device_limits(settings.device) if on_gpu else H200
+        counts = [decode_step_launches(settings.config, batch, dtype=settings.dtype, limits=limits).as_dict()
+                  for batch in settings.sizes.decode_batches]
+    except Exception as err:  # noqa: BLE001 - any failure of the tool only drops its counts
+        return {"unavailable": f"the launch counter failed here: {type(err).__name__}: {err}"}
     return {"configs_of": "this device" if on_gpu else "H200 (simulated: 132 SMs)", "num_sms": limits.num_sms,
             "by_batch": counts}
+
+
+def profiles_kernels(engine: str, settings: SuiteSettings) -> bool:
+    """Whether this engine's run includes the per-kernel table of a decode step (hayabusa's Triton engine only)."""
+    return engine == "hayabusa" and KERNEL_TABLE in settings.scenarios
 
 
 def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -> list[Case]:
@@ -202,11 +245,15 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
         runner = make_runner(engine, settings.model_dir, settings.dtype, settings.device, settings.sizes.static_batch,
                              settings.engines_requested, kv_blocks)
     except EngineUnavailable as err:
-        result.skipped.append({"engine": engine, "scenario": "all", "reason": str(err)})
+        result.add_skip(engine, "all", str(err))
+        progress.update(len(cases))
+        return
+    except Exception as err:  # noqa: BLE001 - e.g. a torch without a setting the runner sets: skip, keep the run
+        result.add_skip(engine, "all", f"its runner could not be built here: {type(err).__name__}: {err}")
         progress.update(len(cases))
         return
     try:
-        if cases[0][0] != "load":
+        if not cases or cases[0][0] != "load":
             progress.set_postfix_str(f"{engine} load")
             if not _guarded(result, engine, "load", runner.load):
                 progress.update(len(cases))
@@ -215,19 +262,26 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
             progress.set_postfix_str(f"{engine} {label}")
             load = measure_machine_load().as_dict()
             result.case_loads.append((f"{engine} {label}", load))
-            ok = _guarded(result, engine, scenario, lambda m=measure: result.records.append(m(runner)))
-            if ok:
-                result.records[-1].extra |= {"torch_threads": torch.get_num_threads(), "machine_load": {
-                    key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "others_busy")}}
+            ok = _guarded(result, engine, scenario,
+                          lambda m=measure, case_load=load: result.add_record(_with_case_facts(m(runner), case_load)))
             progress.update(1)
             if not ok and scenario == "load":  # nothing else can run without the model
                 progress.update(len(cases) - done - 1)
                 return
-        if engine == "hayabusa" and "decode" in settings.scenarios:
-            _guarded(result, engine, "decode kernels", lambda: result.decode_kernels.extend(
-                decode_step_kernels(runner, batch, prompt_len) for batch, prompt_len in decode_cases(settings.sizes)))
+        if profiles_kernels(engine, settings):
+            progress.set_postfix_str(f"{engine} decode kernels")
+            _guarded(result, engine, KERNEL_TABLE, lambda: [
+                result.add_decode_kernels(decode_step_kernels(runner, batch, prompt_len))
+                for batch, prompt_len in decode_cases(settings.sizes)])
     finally:
         runner.unload()
+
+
+def _with_case_facts(record: BenchRecord, load: dict[str, Any]) -> BenchRecord:
+    """The record with the torch threads it ran with and the machine's load just before it."""
+    record.extra |= {"torch_threads": torch.get_num_threads(),
+                     "machine_load": {key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "others_busy")}}
+    return record
 
 
 def decode_cases(sizes: SuiteSizes) -> list[tuple[int, int]]:
@@ -242,9 +296,9 @@ def _guarded(result: SuiteResult, engine: str, scenario: str, fn: Callable[[], o
         fn()
         return True
     except EngineUnavailable as err:
-        result.skipped.append({"engine": engine, "scenario": scenario, "reason": str(err)})
+        result.add_skip(engine, scenario, str(err))
     except Exception as err:  # noqa: BLE001 - any engine failure must be reported, not hide the other engines
-        result.errors.append({"engine": engine, "scenario": scenario, "error": f"{type(err).__name__}: {err}"})
+        result.add_error(engine, scenario, f"{type(err).__name__}: {err}")
         tqdm.write(f"[{engine} {scenario}] failed:\n{traceback.format_exc()}")
     if torch.cuda.is_available():  # e.g. after an out-of-memory error, before the next case allocates
         torch.cuda.empty_cache()
