@@ -5,9 +5,10 @@ every block-table width, and its prefill at every token-count bucket up to 2048,
 `simulated_device(H200)` (132 SMs, 227 KB of shared memory per block) with each launch recorded instead of run.
 Triton's own binder specializes each recorded launch as a real launch would, and `triton.compile` builds it for
 sm_90 with a fresh cache, so ptxas reports registers and spills. fp16 and bf16 get every bucket; fp32 (the exactness
-path) decode at batch 1 and prefill at 1 and 2048 tokens, to stay in the time budget. Prints one row per distinct
-compiled kernel; exits 1 when one fails to compile or needs more shared memory than a block may use, 77 when this
-machine cannot compile for CUDA.
+path) decode at batch 1 and prefill at 1 and 2048 tokens, to stay in the time budget. `quantized_launches` adds
+the linear layers on int8 / int4 weights (issue 18's presets) at the decode GEMV buckets and a prefill.
+Prints one row per distinct compiled kernel; exits 1 when one fails to compile or needs more shared memory than a
+block may use, 77 when this machine cannot compile for CUDA.
 
     python -m hayabusa.bench.sm90_compile_check [--json results.json] [--jobs N]
 
@@ -80,6 +81,59 @@ def engine_launches() -> list[Launch]:
             max_num_batched_tokens=MAX_PREFILL_TOKENS, token_counts=FP32_TOKEN_COUNTS if fp32 else None)
         launches += [Launch(f"{spec.example} {dtype_name}", spec.launch.kernel, spec.launch.args, spec.launch.kwargs)
                      for spec in specializations]
+    return launches
+
+
+# Quantized weights (QuantizedWeight: bits, group_size, symmetric), the presets of issue 18, on the 2.7B model's
+# projections: the decode GEMV at every M bucket and the tile GEMM at a full prefill.
+QUANTIZED_SCHEMES = {"int8-channel": (8, None, True), "int8-g128": (8, 128, True), "int4-g128": (4, 128, True),
+                     "int4-g128-asym": (4, 128, False)}
+# fp16 at every GEMV bucket and the prefill; bf16 (the same code but for x's conversions) at decode batch 1, to stay
+# in the time budget (a run with bf16 at M = 2, 4, 16, 2048 and fp16 at 16 as well compiled all 200 without spills)
+QUANTIZED_TOKEN_COUNTS = {torch.float16: [1, 2, 4, 2048], torch.bfloat16: [1]}
+
+
+def quantized_launches() -> list[Launch]:
+    """One recorded launch per kernel specialization of `linear` / `ln_linear` on a QuantizedWeight, for each
+    preset and dtype, as the engine's layers would call them (meta tensors, H200 configs)."""
+    from hayabusa.kernels._launch import simulated_device
+    from hayabusa.kernels.launch_count import recorded_launches
+    from hayabusa.kernels.linear import linear, ln_linear
+    from hayabusa.kernels.quantized_weight import QuantizedWeight, code_columns
+
+    config = PRESETS["2.7b"]
+    hidden, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+    # (name, N, K, LayerNorm fused, bias, activation, residual), as engine/fast_model.py calls them
+    projections = [("qkv", 3 * hidden, hidden, True, False, None, False),
+                   ("dense", hidden, hidden, False, True, None, True),
+                   ("dense-no-bias", hidden, hidden, False, False, None, True),
+                   ("mlp-in", inter, hidden, True, False, "gelu", False),
+                   ("mlp-out", hidden, inter, False, False, None, True),
+                   ("lm-head", vocab, hidden, True, False, None, False)]
+    meta = torch.device("meta")
+    launches = []
+    for scheme, (bits, group_size, symmetric) in QUANTIZED_SCHEMES.items():
+        for dtype, token_counts in QUANTIZED_TOKEN_COUNTS.items():
+            for tokens in token_counts:
+                for name, N, K, has_ln, has_bias, activation, has_residual in projections:
+                    groups = 1 if group_size is None else K // group_size
+                    weight = QuantizedWeight(
+                        torch.empty(N, code_columns(bits, K), dtype=torch.uint8, device=meta),
+                        torch.empty(N, groups, dtype=dtype, device=meta),
+                        None if symmetric else torch.empty(N, groups, dtype=torch.uint8, device=meta),
+                        bits, group_size, K)
+                    x = torch.empty(tokens, K, dtype=dtype, device=meta)
+                    vector = torch.empty(K, dtype=dtype, device=meta)
+                    epilogue = dict(bias=torch.empty(N, dtype=dtype, device=meta) if has_bias else None,
+                                    residual=torch.empty(tokens, N, dtype=dtype, device=meta) if has_residual
+                                    else None, activation=activation)
+                    with simulated_device(H200), recorded_launches() as log:
+                        if has_ln:
+                            ln_linear(x, vector, vector, 1e-5, weight, **epilogue)
+                        else:
+                            linear(x, weight, **epilogue)
+                    launches += [Launch(f"{scheme} {name} M={tokens} {DTYPES[dtype]}", launch.kernel, launch.args,
+                                        launch.kwargs) for launch in log.triton]
     return launches
 
 
@@ -168,7 +222,7 @@ def main() -> int:
     cache_dir = tempfile.TemporaryDirectory(prefix="hayabusa-sm90-")
     triton.knobs.cache.dir = cache_dir.name
     triton.knobs.nvidia.dump_ptxas_log = True
-    launches = engine_launches()
+    launches = engine_launches() + quantized_launches()
     launches_of_key: dict[str, list[int]] = {}
     for index, launch in enumerate(launches):
         launches_of_key.setdefault(compile_key(launch), []).append(index)

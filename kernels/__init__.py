@@ -28,6 +28,7 @@ else:
     from .linear import linear, linear_ref, ln_linear, ln_linear_ref
     from .mlp import fused_mlp, fused_mlp_ref
     from .prefill_attention import prefill_attention, prefill_attention_ref
+    from .quantized_weight import QuantizedWeight, dequantize_ref
     from .rotary import apply_rotary_ref, rotary_tables
 
     __all__ = [
@@ -38,4 +39,5 @@ else:
         "ln_linear", "ln_linear_ref",
         "fused_mlp", "fused_mlp_ref",
         "layer_norm", "layer_norm_ref",
+        "QuantizedWeight", "dequantize_ref",
     ]

@@ -41,7 +41,10 @@ from ._launch import (
 )
 from ._reference_gemm import reference_linear
 from .gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
+from .gemv_quantized import choose_quantized_gemv_config, launch_quantized_gemv
 from .layernorm import launch_layer_norm, reference_layer_norm
+from .linear_quantized import launch_quantized_linear, quantized_gemm_config
+from .quantized_weight import QuantizedWeight, check_quantized_weight, dequantize_ref
 
 ACTIVATIONS = (None, "gelu")
 M_BUCKETS = (1, 2, 4, 16, 32, 64, 256)  # decode buckets (configs are fixed within one); above 256, one prefill bucket
@@ -163,13 +166,34 @@ def choose_linear(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devi
     return _cached_choice(m_bucket(M), N, K, dtype.itemsize, device_limits(device))
 
 
-def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+@functools.cache
+def _cached_quantized_choice(bucket: int, N: int, K: int, elem_bytes: int, bits: int, group_size: int | None,
+                           limits: DeviceLimits) -> LinearChoice:
+    if bucket <= GEMV_MAX_M:
+        return LinearChoice(choose_quantized_gemv_config(bucket, N, K, bits, elem_bytes, limits), None)
+    dense = _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes)
+    return LinearChoice(None, quantized_gemm_config(dense, group_size))
+
+
+def choose_quantized_linear(M: int, weight: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> LinearChoice:
+    """The kernel and config `linear` and `ln_linear` run for x [M, K] of `dtype` on `device` and this weight."""
+    N, K = weight.shape
+    return _cached_quantized_choice(m_bucket(M), N, K, dtype.itemsize, weight.bits, weight.group_size,
+                                  device_limits(device))
+
+
+def _check_linear_args(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None,
                        residual: torch.Tensor | None, activation: str | None, out: torch.Tensor | None) -> None:
     check_tensor("x", x, ndim=2)
-    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
+    if isinstance(weight, QuantizedWeight):
+        check_quantized_weight("weight", weight)
+        if weight.device != x.device:
+            raise ValueError(f"weight is on {weight.device}, expected {x.device}")
+    else:
+        check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
     M, K = x.shape
-    N = weight.shape[0]
-    if weight.shape[1] != K:
+    N, weight_k = weight.shape
+    if weight_k != K:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [N, {K}] to match x's K = {K}")
     if N == 0 or K == 0:
         raise ValueError(f"linear needs N >= 1 and K >= 1, got weight shape {tuple(weight.shape)}")
@@ -223,27 +247,33 @@ def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bia
     return out
 
 
-def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-         activation: str | None, out: torch.Tensor | None,
+def _run(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None,
+         residual: torch.Tensor | None, activation: str | None, out: torch.Tensor | None,
          ln: tuple[torch.Tensor, torch.Tensor, float] | None) -> torch.Tensor:
     M, K = x.shape
     N = weight.shape[0]
     if out is None:
         out = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    choice = choose_linear(M, N, K, x.dtype, x.device)
+    quantized = isinstance(weight, QuantizedWeight)
+    choice = choose_quantized_linear(M, weight, x.dtype, x.device) if quantized \
+        else choose_linear(M, N, K, x.dtype, x.device)
     if choice.gemv is not None:
-        return launch_gemv(choice.gemv, x, weight, bias, residual, activation, out, ln)
+        gemv = launch_quantized_gemv if quantized else launch_gemv
+        return gemv(choice.gemv, x, weight, bias, residual, activation, out, ln)
     if ln is not None:  # the tile GEMM normalizes nothing itself: a LayerNorm launch first, each row read once
         normed = torch.empty_like(x)
         launch_layer_norm(x, ln[0], ln[1], ln[2], normed)
         x = normed
-    return launch_linear(choice.gemm, x, weight, bias, residual, activation, out)
+    gemm = launch_quantized_linear if quantized else launch_linear
+    return gemm(choice.gemm, x, weight, bias, residual, activation, out)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, *, bias: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, activation: str | None = None,
            out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
     """act(x @ weight.T + bias) + residual in one launch; x: [M, K], weight: [N, K] -> [M, N] in x's dtype.
+
+    weight: a tensor of x's dtype, or a QuantizedWeight (int8 / int4 codes), dequantized inside the same launch.
 
     activation: None or "gelu" (exact erf GELU). Accumulates in fp32 and rounds once. `out` ([M, N], optional)
     receives the result; it may be `residual` itself (in-place residual add), never `x` or `weight`.
@@ -255,7 +285,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None =
     return _run(x, weight, bias, residual, activation, out, None)
 
 
-def ln_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor, *,
+def ln_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+              weight: torch.Tensor | QuantizedWeight, *,
               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None, activation: str | None = None,
               out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
     """linear(layer_norm(x, ln_weight, ln_bias, eps), weight, ...): x: [M, K], ln_weight/ln_bias: [K].
@@ -270,23 +301,29 @@ def ln_linear(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, e
     return _run(x, weight, bias, residual, activation, out, (ln_weight, ln_bias, float(eps)))
 
 
-def linear_ref(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+def linear_ref(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, *, bias: torch.Tensor | None = None,
                residual: torch.Tensor | None = None, activation: str | None = None,
                out: torch.Tensor | None = None, checked: bool = True) -> torch.Tensor:
     """Plain-PyTorch `linear`: the same math in fp32, rounded to x's dtype at the end (always checks; how it is
-    computed fast on a CPU: _reference_gemm.py)."""
+    computed fast on a CPU: _reference_gemm.py). A QuantizedWeight is dequantized first (dequantize_ref, in its
+    scales' dtype, then x's)."""
     _check_linear_args(x, weight, bias, residual, activation, out)
-    y = reference_linear(x, weight, bias, residual, activation)
+    y = reference_linear(x, _dense(weight, x.dtype), bias, residual, activation)
     return y if out is None else out.copy_(y)
 
 
-def ln_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, weight: torch.Tensor,
-                  *, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                  activation: str | None = None, out: torch.Tensor | None = None,
+def ln_linear_ref(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                  weight: torch.Tensor | QuantizedWeight, *, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None, activation: str | None = None, out: torch.Tensor | None = None,
                   checked: bool = True) -> torch.Tensor:
     """Plain-PyTorch `ln_linear`: layer_norm_ref (rounded to x's dtype), then linear_ref (always checks, once: the
     reference engine calls it twice per layer per step)."""
     _check_linear_args(x, weight, bias, residual, activation, out)
     _check_ln_args(x, ln_weight, ln_bias, eps)
-    y = reference_linear(reference_layer_norm(x, ln_weight, ln_bias, eps), weight, bias, residual, activation)
+    y = reference_linear(reference_layer_norm(x, ln_weight, ln_bias, eps), _dense(weight, x.dtype), bias, residual,
+                         activation)
     return y if out is None else out.copy_(y)
+
+
+def _dense(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_ref(weight).to(dtype) if isinstance(weight, QuantizedWeight) else weight

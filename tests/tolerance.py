@@ -67,6 +67,8 @@ class Guarded:
         numel = 1
         for size in shape:
             numel *= size
+        if not dtype.is_floating_point and fill != fill:  # integer tensors (quantized weights' codes): NaN has no bits
+            fill = 0
         # torch.full, not torch.empty: GuardRegistry.patch_allocations routes torch.empty through this class
         self._buffer = torch.full((guard + numel + guard,), fill, dtype=dtype, device=device)
         bits = self._buffer.view(_same_size_int(dtype))

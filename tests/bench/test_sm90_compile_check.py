@@ -21,7 +21,8 @@ from hayabusa.kernels._launch import H200
 
 # by module path: hayabusa.kernels re-exports functions under some of these names
 KERNEL_MODULES = [importlib.import_module(f"hayabusa.kernels.{name}")
-                  for name in ("gemv", "linear", "layernorm", "decode_attention", "prefill_attention")]
+                  for name in ("gemv", "linear", "layernorm", "decode_attention", "prefill_attention",
+                               "gemv_quantized", "linear_quantized")]
 # Prefill attention is neither decode nor a GEMM: its fp32 variant (the exactness path) spills 32 bytes at 64x32 tiles.
 MAY_SPILL = {"_prefill_attention_kernel"}
 
