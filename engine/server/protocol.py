@@ -45,6 +45,9 @@ LOGIT_BIAS_SCHEMA = {
 BAD_WORD_SCHEMA = {**TOKEN_IDS_SCHEMA, "maxItems": MAX_BAD_WORD_TOKENS}
 EOS_TOKEN_ID_SCHEMA = {"anyOf": [TOKEN_ID_SCHEMA, TOKEN_IDS_SCHEMA]}
 EARLY_STOPPING_SCHEMA = {"anyOf": [{"type": "boolean"}, {"const": "never"}]}
+JSON_SCHEMA_SCHEMA = {"description": "A JSON schema (an object, or its JSON text)",
+                      "anyOf": [{"type": "object"}, {"type": "string", "minLength": 1}]}
+CHOICE_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
 SUFFIX_SCHEMA = {"description": "Insertion is not supported: only null", "type": "null"}
 
 
@@ -82,6 +85,34 @@ class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
+class StructuredOutputsRequest(StrictRequest):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object (engine.structured_outputs
+    checks the rest: one given, the schema, regex or grammar valid)."""
+
+    json_: Annotated[dict[str, Any] | str | None, WithJsonSchema(JSON_SCHEMA_SCHEMA)] = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str] | None, WithJsonSchema(CHOICE_SCHEMA)] = None
+    grammar: str | None = None  # GBNF or Lark
+    json_object: bool | None = None
+    disable_any_whitespace: bool = True  # compact JSON (True by default here, unlike vLLM)
+
+
+class JsonSchemaFormat(StrictRequest):
+    """OpenAI's response_format.json_schema."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(StrictRequest):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class CompletionRequest(StrictRequest):
     model: str
     prompt: Annotated[Prompt, WithJsonSchema(PROMPT_SCHEMA)]
@@ -117,6 +148,13 @@ class CompletionRequest(StrictRequest):
     num_beams: int = Field(1, ge=1)  # n picks how many of the beams come back (n <= num_beams)
     length_penalty: float = 1.0
     early_stopping: Annotated[bool | Literal["never"], WithJsonSchema(EARLY_STOPPING_SCHEMA)] = False
+    # Structured outputs (vLLM's fields): one of structured_outputs, the older guided_* spellings, response_format.
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: Annotated[dict[str, Any] | str | None, WithJsonSchema(JSON_SCHEMA_SCHEMA)] = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str] | None, WithJsonSchema(CHOICE_SCHEMA)] = None
+    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -223,6 +261,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None  # when the request set logprobs
     finish_reason: Literal["stop", "length", "abort"] | None  # abort: the server shut down before it ended
+    # With a structured output constraint, on the choice's last chunk: whether text is a whole match (false: it ran
+    # out of max_tokens first, or a stop string cut it). null otherwise.
+    structured_output_complete: bool | None = None
 
 
 class CompletionResponse(BaseModel):
