@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from typing_extensions import Self
 
 from hayabusa.engine.sample.logits_processors import MAX_BAD_WORD_TOKENS, MAX_LOGIT_BIAS, MAX_NO_REPEAT_NGRAM_SIZE
+from hayabusa.engine.sampling_params import MAX_FLOAT32, MAX_LENGTH_PENALTY, MIN_NORMAL_FLOAT32
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20
@@ -117,7 +118,7 @@ class CompletionRequest(StrictRequest):
     model: str
     prompt: Annotated[Prompt, WithJsonSchema(PROMPT_SCHEMA)]
     max_tokens: int = Field(16, ge=0)  # 0 only with echo (serving checks): the prompt and its logprobs
-    temperature: float = Field(1.0, ge=0.0)  # 0: greedy
+    temperature: float = Field(1.0, ge=0.0, le=MAX_FLOAT32)  # 0: greedy; the sampler holds it in float32
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -134,7 +135,7 @@ class CompletionRequest(StrictRequest):
     suffix: Annotated[None, WithJsonSchema(SUFFIX_SCHEMA)] = None  # no insertion: only null (or no field) passes
     # hayabusa's own sampling fields (vLLM spells them the same way).
     top_k: int = Field(0, ge=0)  # 0: off
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_NORMAL_FLOAT32, le=MAX_FLOAT32)  # float32 too
     ignore_eos: bool = False
     # transformers' generate options, with their names (README: generate options); SamplingParams checks the rest.
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -146,7 +147,7 @@ class CompletionRequest(StrictRequest):
     prompt_lookup_num_tokens: int | None = Field(None, ge=1)
     max_matching_ngram_size: int | None = Field(None, ge=1)
     num_beams: int = Field(1, ge=1)  # n picks how many of the beams come back (n <= num_beams)
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)
     early_stopping: Annotated[bool | Literal["never"], WithJsonSchema(EARLY_STOPPING_SCHEMA)] = False
     # Structured outputs (vLLM's fields): one of structured_outputs, the older guided_* spellings, response_format.
     structured_outputs: StructuredOutputsRequest | None = None
