@@ -47,17 +47,26 @@ def token_bytes(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...], vocab_size
 
 
 class GrammarTokenizer:
-    """What llguidance's TokenizerWrapper reads: tokens (bytes per id), eos, bos, special ids, and a tokenize
-    call (llguidance uses it only to turn forced text back into tokens, which hayabusa does not ask for)."""
+    """What llguidance's TokenizerWrapper reads: tokens (bytes per id), eos, bos, special ids, and a tokenize call.
+
+    llguidance tokenizes the text a grammar forces (the only way on, e.g. the rest of a fixed string) and allows
+    those tokens, so the call must give tokens whose bytes spell the text exactly. The tokenizer's own encoding does
+    not always: it folds whitespace and maps whole classes of symbols to one token ("▀" encodes to <U2000U2BFF>, which
+    decodes to "‖"). Where it does not decode back to the text, the text's UTF-8 bytes as <|byteN|> tokens do."""
 
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...], vocab_size: int) -> None:
         self.tokens, self.special_token_ids = token_bytes(tokenizer, eos_token_ids, vocab_size)
         self.eos_token_id = eos_token_ids[0]
         self.bos_token_id = tokenizer.bos_token_id
-        self._encode = tokenizer.encode
+        self._tokenizer = tokenizer
+        self._byte_ids = {tokenizer.byte_value(i): i for i in range(min(vocab_size, tokenizer.vocab_size))
+                          if tokenizer.byte_value(i) >= 0}
 
     def __call__(self, text: str) -> list[int]:
-        return self._encode(text)
+        ids = self._tokenizer.encode(text)
+        if self._tokenizer.decode(ids) == text or not all(b in self._byte_ids for b in text.encode()):
+            return ids
+        return [self._byte_ids[b] for b in text.encode()]
 
 
 def llguidance_tokenizer(tokenizer: Tokenizer, eos_token_ids: tuple[int, ...],
