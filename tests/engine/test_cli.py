@@ -181,6 +181,24 @@ def test_an_unknown_flag_shows_the_commands_usage(capsys):
     assert err.endswith("hayabusa generate: error: unrecognized arguments: --bogus\n")
 
 
+def test_generate_keeps_to_a_json_schema_regex_or_choices(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    schema = {"type": "object", "properties": {"答え": {"enum": ["はい", "いいえ"]}}, "required": ["答え"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema, ensure_ascii=False), encoding="utf-8")
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--json-schema", str(tmp_path / "schema.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["答え"] in ("はい", "いいえ")
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--choice", "はい", "--choice", "🐯 🍙"]) == 0
+    assert capsys.readouterr().out in ("はい\n", "🐯 🍙\n")
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--regex", "[0-9]{9}", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().isdigit() and "warning: the output does not match the constraint yet: --max-new-tokens " \
+                                         "ran out" in out.err
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--regex", "a(b"]) == 1
+    assert "error: --regex: structured_outputs.regex is invalid" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--json-schema", str(tmp_path / "missing.json")]) == 1
+    assert f"error: --json-schema {tmp_path / 'missing.json'}: cannot read it" in capsys.readouterr().err
+
+
 def test_generate_help_shows_the_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--help"])
