@@ -132,12 +132,14 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: as many as --num-return-sequences)")
     structured = parser.add_mutually_exclusive_group()
     structured.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
-                            help="the output is JSON valid against the JSON schema in FILE")
-    structured.add_argument("--regex", type=non_empty_text, default=None, help="the output fully matches this regex")
+                            help="the output is JSON valid against the JSON schema in FILE (default: no "
+                                 "constraint; at most one of --json-schema, --regex, --choice, --grammar)")
+    structured.add_argument("--regex", type=non_empty_text, default=None,
+                            help="the output fully matches this regex (default: none)")
     structured.add_argument("--choice", type=non_empty_text, action="append", default=None,
-                            help="the output is one of these strings (repeatable)")
+                            help="the output is one of these strings (repeatable; default: none)")
     structured.add_argument("--grammar", type=Path, default=None, metavar="FILE",
-                            help="the output derives from the grammar in FILE (GBNF or Lark)")
+                            help="the output derives from the grammar in FILE (GBNF or Lark; default: none)")
     add_device_argument(parser)
     parser.add_argument("--dtype", type=parse_dtype, default=None,
                         help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
