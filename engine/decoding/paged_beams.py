@@ -73,8 +73,10 @@ class BeamGroup:
         tokens = [list(self.seqs[parent].token_ids) for parent in step.parents]
         for seq, token_ids, token in zip(self.seqs, tokens, step.tokens, strict=True):
             seq.token_ids = token_ids + [token]
-        if self._grammars is not None:  # a beam whose token its grammar refuses (its score is -inf) fails: it allows
-            self._grammars = [self._grammars[parent].copy() for parent in step.parents]  # nothing from then on
+        if self._grammars is not None:
+            # A beam whose token its grammar refuses (picked at -inf when fewer tokens are allowed than beams run) is
+            # failed: its grammar allows nothing from then on, so it never ranks above a live one.
+            self._grammars = [self._grammars[parent].copy() for parent in step.parents]
             for grammar, token in zip(self._grammars, step.tokens, strict=True):
                 grammar.accept(token)
 
