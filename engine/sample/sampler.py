@@ -15,6 +15,9 @@ A step samples in one of three modes, the cheapest that serves all its rows (`ro
 - PROCESS: SAMPLE plus the processors (logit_bias, frequency_penalty, presence_penalty, no_repeat_ngram_size,
   bad_words_ids, min_new_tokens, min_p, typical_p) and the token history they read, appended to on the device as
   tokens are sampled.
+Structured outputs add no mode: a step whose rows have grammars passes their allowed tokens (`allowed`, unpacked from
+the step's uploaded bitmasks) and each mode masks the rows' logits with them once, after the processors and before
+the warpers; without them the step launches what it did before.
 Rows whose option is off come out of a richer mode exactly as the cheaper one would give them. Per-row state that
 only a richer mode reads (masks, patterns, history) is loaded only for the rows that use it, and read only where the
 row's settings say it was loaded, so stale rows left by earlier occupants never matter.
