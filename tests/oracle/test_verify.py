@@ -13,7 +13,8 @@ from hayabusa.engine.model.op_sets import OpSet
 from hayabusa.engine.oracle import verify
 from hayabusa.engine.platform import devices
 
-ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None)
+ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None,
+            quantization=None, fp_model=None)
 
 
 @pytest.fixture(scope="module")
