@@ -282,8 +282,9 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt")
     add_quantization_argument(parser)
     parser.add_argument("--fp-model", default=None, metavar="DIR",
-                        help="for a quantized checkpoint: the fp checkpoint it was quantized from, to report how far "
-                             "the quantized model drifts from it (with --quantization: --model itself)")
+                        help="the fp checkpoint a quantized --model was quantized from, to report how far the "
+                             "quantized model drifts from it (default: --model itself with --quantization; none for a "
+                             "quantized checkpoint, whose drift then goes unreported)")
 
 
 @dataclass(frozen=True)
