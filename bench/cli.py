@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from hayabusa.bench.records import DEFAULT_SCENARIOS, ENGINES, KERNEL_TABLE, SCENARIOS
 from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.loading.quant_schemes import ALIASES, QUANTIZATION_CHOICES, SCHEMES
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
@@ -55,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
                         help="also append every figure, skip, failure and kernel table to FILE as one JSON line "
                              "the moment it exists, so a run cut short keeps what it measured (default: no such file)")
+    parser.add_argument("--quantization", nargs="+", default=None, metavar="SCHEME",
+                        help="run hayabusa's engines once per SCHEME, quantizing the checkpoint while loading: none "
+                             f"(as stored) or any of {', '.join(QUANTIZATION_CHOICES)} (space or comma separated; "
+                             "default: none); transformers runs the checkpoint as stored, decompressing a quantized "
+                             "one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every engine (default: each engine's own choice; hayabusa picks "
                              "by model size and machine load, transformers keeps torch's default)")
@@ -98,7 +104,10 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     from hayabusa.engine.api import default_dtype
     from hayabusa.engine.loading.config import DTYPES, ModelConfig
     from hayabusa.engine.loading.model_source import resolve_model_dir
+    from hayabusa.engine.loading.quantized_tensors import check_groups
     from hayabusa.engine.loading.random_models import is_random_preset
+    from hayabusa.engine.loading.tensor_names import expected_shapes, layer_linear_weights
+    from hayabusa.engine.loading.weights import read_quantization
 
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -107,6 +116,9 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     scenarios = _choices(args.scenarios, SCENARIO_CHOICES, "--scenarios") or (*DEFAULT_SCENARIOS, KERNEL_TABLE)
     engines = _choices(args.engines, ENGINES, "--engines")
+    quantizations = tuple(dict.fromkeys(None if name == "none" else ALIASES.get(name, name) for name in
+                                        _choices(args.quantization, ("none", *QUANTIZATION_CHOICES), "--quantization")
+                                        or ("none",)))
     sizes = sizes_for(args.sizes, device)
     if args.repeats is not None:
         if args.repeats < 1:
@@ -136,9 +148,18 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     model_dir = resolve_model_dir(args.model, args.revision)
     config = ModelConfig.from_json(model_dir / "config.json")
     check_sizes_fit(sizes, config.max_position_embeddings)
+    stored = read_quantization(model_dir, config)
+    if stored is not None and quantizations != (None,):
+        raise ValueError(f"--quantization: {args.model} is quantized already ({stored.describe()}); hayabusa runs it "
+                         "as stored, without --quantization")
+    shapes = expected_shapes(config)
+    for name in filter(None, quantizations):
+        for weight in layer_linear_weights(config):
+            check_groups(weight, SCHEMES[name], shapes[weight][1], f"--quantization {name} quantizes")
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
                          dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
-                         engines_requested=engines is not None, threads=args.threads, jsonl=args.jsonl), plot
+                         engines_requested=engines is not None, threads=args.threads, jsonl=args.jsonl,
+                         quantizations=quantizations), plot
 
 
 def _check_appendable(path: Path) -> None:

@@ -9,7 +9,7 @@ scale in the load dtype (exact in float32). The codes are never widened: no fp c
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from hayabusa.engine.loading.compressed_tensors_config import PACKED_FORMAT, ModuleQuantization
 from hayabusa.engine.loading.quant_schemes import WeightScheme
+from hayabusa.engine.loading.tensor_names import LinearWeight
 from hayabusa.kernels.compressed_tensors_format import from_pack_quantized, pack_codes, quantize_rtn
 from hayabusa.kernels.quantized_weight import QuantizedWeight
 
@@ -109,6 +110,17 @@ def quantize_weight(weight: Tensor, scheme: WeightScheme, dtype: torch.dtype, de
     computes for the scheme), scales then in `dtype`."""
     stored = weight.to(device=device, dtype=QUANTIZE_DTYPES[weight.dtype])
     return _placed(quantize_rtn(stored, scheme.bits, scheme.group_size, scheme.symmetric), dtype, device)
+
+
+def scheme_counts(weights: Iterable[LinearWeight]) -> dict[str, int]:
+    """The quantized weights among `weights`, counted by scheme name (a preset's, or a description), first seen
+    first; empty when none is quantized."""
+    counts: dict[str, int] = {}
+    for weight in weights:
+        if isinstance(weight, QuantizedWeight):
+            name = WeightScheme(weight.bits, weight.group_size, weight.zeros is None).name
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _placed(weight: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> QuantizedWeight:

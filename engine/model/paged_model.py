@@ -112,11 +112,19 @@ class PagedModel:
                              f"on {self.device} (load every weight with one dtype and device)")
         return tensor.contiguous()  # a no-op for loaded weights; the kernels need row-major
 
+    def linear_weights(self) -> list[LinearWeight]:
+        """Every Linear's weight: each layer's qkv, dense, MLP in and out, then the LM head."""
+        return [*(weight for layer in self.layers for weight in (layer.qkv_weight, layer.dense_weight,
+                                                                  layer.mlp_in_weight, layer.mlp_out_weight)),
+                self.embed_out]
+
     def weight_bytes_per_decode_step(self, batch: int) -> int:
         """Bytes of weights one decode step of `batch` sequences reads: every layer's weights (a quantized Linear's
         codes, scales and zero codes), the final LayerNorm, the LM head, and `batch` rows of the embedding."""
-        layer_weights_read = [weight for layer in self.layers for weight in vars(layer).values() if weight is not None]
-        read = [*layer_weights_read, self.final_ln_weight, self.final_ln_bias, self.embed_out]
+        vectors = [vector for layer in self.layers
+                   for vector in (layer.ln1_weight, layer.ln1_bias, layer.dense_bias, layer.ln2_weight, layer.ln2_bias)
+                   if vector is not None]
+        read = [*self.linear_weights(), *vectors, self.final_ln_weight, self.final_ln_bias]
         return sum(weight.nbytes for weight in read) + batch * self.embed_in[0].nbytes
 
     def prefill(self, inputs: PrefillInputs, kv_caches: KVCaches) -> Tensor:

@@ -33,7 +33,8 @@ from hayabusa.engine.api import default_dtype
 from hayabusa.engine.core.block_manager import PagedPrompt
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES, ModelConfig
-from hayabusa.engine.loading.quant_schemes import WeightScheme, scheme_named
+from hayabusa.engine.loading.quant_schemes import scheme_named
+from hayabusa.engine.loading.quantized_tensors import scheme_counts
 from hayabusa.engine.loading.tensor_names import LinearWeight
 from hayabusa.engine.loading.weights import load_model_files
 from hayabusa.engine.oracle.quantization_drift import measure_drift
@@ -123,12 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
 def quantized_linears(state_dict: dict[str, LinearWeight]) -> str:
     """E.g. "W4A16 on 128 linear layers" (a scheme by its name, or described when it is no preset)."""
-    counts: dict[str, int] = {}
-    for weight in state_dict.values():
-        if isinstance(weight, QuantizedWeight):
-            name = WeightScheme(weight.bits, weight.group_size, weight.zeros is None).name
-            counts[name] = counts.get(name, 0) + 1
-    return ", ".join(f"{name} on {count} linear layer{'s' * (count > 1)}" for name, count in counts.items())
+    return ", ".join(f"{name} on {count} linear layer{'s' * (count > 1)}"
+                     for name, count in scheme_counts(state_dict.values()).items())
 
 
 def report_drift(args: argparse.Namespace, quantized: ReferenceModel, tokenizer: Tokenizer, prompts: list[list[int]],
