@@ -166,6 +166,8 @@ def _quantized_on_load(names: list[str], stored: dict[str, StoredTensor], read_t
               disable=total < QUANTIZE_PROGRESS_MIN_BYTES) as bar:
         for name in bar:
             quantized[name] = quantize_weight(read_tensor(name), scheme, dtype, device)
+    if device.type == "cuda":  # hand the temporaries' cached blocks back: the KV pool is sized from free memory
+        torch.cuda.empty_cache()
     return quantized
 
 
