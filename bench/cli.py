@@ -104,10 +104,8 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     from hayabusa.engine.api import default_dtype
     from hayabusa.engine.loading.config import DTYPES, ModelConfig
     from hayabusa.engine.loading.model_source import resolve_model_dir
-    from hayabusa.engine.loading.quantized_tensors import check_groups
     from hayabusa.engine.loading.random_models import is_random_preset
-    from hayabusa.engine.loading.tensor_names import expected_shapes, layer_linear_weights
-    from hayabusa.engine.loading.weights import read_quantization
+    from hayabusa.engine.loading.weights import check_quantizable, read_quantization
 
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -149,13 +147,11 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     config = ModelConfig.from_json(model_dir / "config.json")
     check_sizes_fit(sizes, config.max_position_embeddings)
     stored = read_quantization(model_dir, config)
-    if stored is not None and quantizations != (None,):
-        raise ValueError(f"--quantization: {args.model} is quantized already ({stored.describe()}); hayabusa runs it "
-                         "as stored, without --quantization")
-    shapes = expected_shapes(config)
     for name in filter(None, quantizations):
-        for weight in layer_linear_weights(config):
-            check_groups(weight, SCHEMES[name], shapes[weight][1], f"--quantization {name} quantizes")
+        try:
+            check_quantizable(model_dir, config, SCHEMES[name], stored)
+        except ValueError as err:
+            raise ValueError(f"--quantization {name}: {err}") from None
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
                          dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
                          engines_requested=engines is not None, threads=args.threads, jsonl=args.jsonl,

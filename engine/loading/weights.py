@@ -100,27 +100,31 @@ def load_weights(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dty
     stored, read_tensor = _open_checkpoint(model_dir)
     checkpoint_quantization = read_quantization(model_dir, config)
     if quantization is not None:
-        if checkpoint_quantization is not None:
-            raise CheckpointError(f"{model_dir} is quantized already ({checkpoint_quantization.describe()}); load it "
-                                  f"as stored, without a quantization ({quantization.name}) on top")
-        shapes = expected_shapes(config)
-        for name in layer_linear_weights(config):
-            check_groups(name, quantization, shapes[name][1], f"quantization {quantization.name} quantizes")
+        check_quantizable(model_dir, config, quantization, checkpoint_quantization)
     specs = expected_tensors(config, checkpoint_quantization)
     needed = _validate(model_dir, stored, config, specs)
-    state_dict: dict[str, LinearWeight] = {}
-    if checkpoint_quantization is not None:
-        for module, module_quantization in checkpoint_quantization.modules.items():
-            name = module + ".weight"
-            state_dict[name] = read_quantized(module, module_quantization, expected_shapes(config)[name], read_tensor,
-                                              set(stored), dtype, device)
-    dense = [name for name in needed if specs[name].dtypes is None]
+    shapes = expected_shapes(config)
+    modules = checkpoint_quantization.modules.items() if checkpoint_quantization is not None else ()
+    state_dict: dict[str, LinearWeight] = {
+        f"{module}.weight": read_quantized(module, module_quantization, shapes[f"{module}.weight"], read_tensor,
+                                           set(stored), dtype, device) for module, module_quantization in modules}
     if quantization is not None:
         state_dict |= _quantized_on_load(layer_linear_weights(config), stored, read_tensor, quantization, dtype,
                                          device)
-        dense = [name for name in dense if name not in state_dict]
+    dense = [name for name in needed if specs[name].dtypes is None and name not in state_dict]
     state_dict |= _materialize(dense, stored, read_tensor, dtype, device)
     return _tie_embeddings(state_dict, config)
+
+
+def check_quantizable(model_dir: Path, config: ModelConfig, scheme: WeightScheme,
+                      stored: CheckpointQuantization | None) -> None:
+    """CheckpointError for a checkpoint quantized already; ValueError for a layer width the groups do not tile."""
+    if stored is not None:
+        raise CheckpointError(f"{model_dir} is quantized already ({stored.describe()}); load it as stored, without a "
+                              f"quantization ({scheme.name}) on top")
+    shapes = expected_shapes(config)
+    for name in layer_linear_weights(config):
+        check_groups(name, scheme, shapes[name][1], f"quantization {scheme.name} quantizes")
 
 
 def open_stored_weights(model_dir: Path, config: ModelConfig

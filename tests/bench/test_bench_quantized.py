@@ -11,7 +11,7 @@ from hayabusa.engine.api import Engine
 from hayabusa.engine.loading.quant_schemes import SCHEMES
 from hayabusa.engine.loading.quantize_checkpoint import quantize_checkpoint
 
-FAST = ["--device", "cpu", "--sizes", "smoke", "--scenarios", "decode", "--decode-batches", "1",
+FAST = ["--device", "cpu", "--sizes", "smoke", "--scenarios", "decode", "--decode-batches", "1", "--repeats", "1",
         "--engines", "hayabusa-reference,transformers-eager"]
 
 
@@ -50,10 +50,10 @@ def test_a_quantized_checkpoint_runs_as_stored_in_every_engine(tmp_path, capsys)
     _, records = decode_records(out)
     assert set(records) == {("hayabusa-reference", "W8A16_CHANNEL"), ("transformers-eager", None)}
     assert cli.main(["--model", str(checkpoint), "--out", str(out), *FAST, "--quantization", "int4"]) == 1
-    assert "--quantization: " + str(checkpoint) + " is quantized already (W8A16_CHANNEL (pack-quantized) on 8 " \
+    assert f"--quantization W4A16: {checkpoint} is quantized already (W8A16_CHANNEL (pack-quantized) on 8 " \
         "linear layers)" in capsys.readouterr().err
     assert cli.main(["--model", "tiny", "--out", str(out), *FAST, "--quantization", "W4A16"]) == 1
-    assert "--quantization W4A16 quantizes in groups of 128 columns, but 'gpt_neox_japanese.layers.0.attention" \
-        ".query_key_value.weight' has 160" in capsys.readouterr().err
+    assert "--quantization W4A16: quantization W4A16 quantizes in groups of 128 columns, but 'gpt_neox_japanese" \
+        ".layers.0.attention.query_key_value.weight' has 160" in capsys.readouterr().err
     assert cli.main(["--model", "tiny", "--out", str(out), *FAST, "--quantization", "int3"]) == 1
     assert "--quantization: unknown 'int3'; choose from none, int8, int4, W8A16" in capsys.readouterr().err
