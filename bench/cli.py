@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from hayabusa.bench.records import DEFAULT_SCENARIOS, ENGINES, KERNEL_TABLE, SCENARIOS
 from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.loading.quant_schemes import ALIASES, QUANTIZATION_CHOICES, SCHEMES
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
@@ -56,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jsonl", type=Path, default=None, metavar="FILE",
                         help="also append every figure, skip, failure and kernel table to FILE as one JSON line "
                              "the moment it exists, so a run cut short keeps what it measured (default: no such file)")
+    parser.add_argument("--quantization", nargs="+", default=None, metavar="SCHEME",
+                        help="run hayabusa's engines once per SCHEME, quantizing the checkpoint while loading: none "
+                             f"(as stored) or any of {', '.join(QUANTIZATION_CHOICES)} (space or comma separated; "
+                             "default: none); transformers runs the checkpoint as stored, decompressing a quantized "
+                             "one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for every engine (default: each engine's own choice; hayabusa picks "
                              "by model size and machine load, transformers keeps torch's default)")
@@ -100,6 +106,7 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     from hayabusa.engine.loading.config import DTYPES, ModelConfig
     from hayabusa.engine.loading.model_source import resolve_model_dir
     from hayabusa.engine.loading.random_models import is_random_preset
+    from hayabusa.engine.loading.weights import check_quantizable, read_quantization
 
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -108,6 +115,9 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     scenarios = _choices(args.scenarios, SCENARIO_CHOICES, "--scenarios") or (*DEFAULT_SCENARIOS, KERNEL_TABLE)
     engines = _choices(args.engines, ENGINES, "--engines")
+    quantizations = tuple(dict.fromkeys(None if name == "none" else ALIASES.get(name, name) for name in
+                                        _choices(args.quantization, ("none", *QUANTIZATION_CHOICES), "--quantization")
+                                        or ("none",)))
     sizes = sizes_for(args.sizes, device)
     if args.repeats is not None:
         if args.repeats < 1:
@@ -137,9 +147,16 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     model_dir = resolve_model_dir(args.model, args.revision)
     config = ModelConfig.from_json(model_dir / "config.json")
     check_sizes_fit(sizes, config.max_position_embeddings)
+    stored = read_quantization(model_dir, config)
+    for name in filter(None, quantizations):
+        try:
+            check_quantizable(model_dir, config, SCHEMES[name], stored)
+        except ValueError as err:
+            raise ValueError(f"--quantization {name}: {err}") from None
     return SuiteSettings(model=args.model, model_dir=model_dir, preset=preset, config=config, device=device,
                          dtype=dtype, sizes=sizes, scenarios=scenarios, engines=engines or ENGINES,
-                         engines_requested=engines is not None, threads=args.threads, jsonl=args.jsonl), plot
+                         engines_requested=engines is not None, threads=args.threads, jsonl=args.jsonl,
+                         quantizations=quantizations), plot
 
 
 def _check_appendable(path: Path) -> None:

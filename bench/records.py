@@ -14,7 +14,8 @@ DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("serve", "structured
 KERNEL_TABLE = "kernels"
 # Keys every record in results.json carries (None where a figure does not apply to the scenario).
 RECORD_KEYS = ("engine", "scenario", "case", "batch", "prompt_len", "gen_len", "ms_per_token", "ms",
-               "tokens_per_s", "pct_roofline", "roofline_basis", "repeats", "samples_ms", "warmup_ms", "extra")
+               "tokens_per_s", "pct_roofline", "roofline_basis", "repeats", "samples_ms", "warmup_ms", "extra",
+               "quantization")
 
 
 @dataclass
@@ -34,6 +35,7 @@ class BenchRecord:
     samples_ms: list[float]  # every timed sample, warm-up excluded
     warmup_ms: float | None  # the first (untimed) call: compilation and cold caches show up here
     extra: dict[str, Any] = field(default_factory=dict)
+    quantization: str | None = None  # the engine's quantized weights (scheme names joined by "+"); None: dense
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -43,6 +45,11 @@ class BenchRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def engine_label(record: dict[str, Any]) -> str:
+    """The engine and, for quantized weights, their scheme: "hayabusa-reference W4A16"."""
+    return record["engine"] + (f" {record['quantization']}" if record.get("quantization") else "")
 
 
 def speedup(ours: dict[str, Any], base: dict[str, Any], key: str, higher_is_better: bool) -> float | None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from hayabusa.bench.kernel_profile import kernel_summary
 from hayabusa.bench.preflight import plot_library_missing
-from hayabusa.bench.records import ENGINES, speedup
+from hayabusa.bench.records import ENGINES, engine_label, speedup
 from hayabusa.bench.targets import evaluate_targets
 
 BASELINE = "transformers-eager"  # the "x vs" columns compare with what users run today
@@ -33,10 +33,13 @@ def write_results(results: dict[str, Any], out_dir: Path, plot: bool = True) -> 
 
 
 def _records(results: dict[str, Any], scenario: str) -> list[dict[str, Any]]:
-    """The scenario's records grouped by case (in the order they were run), engines in ENGINES order."""
+    """The scenario's records grouped by case (in the order they were run), engines in ENGINES order, each engine's
+    quantized variants after its dense run (in the order they were run)."""
     rows = [r for r in results["records"] if r["scenario"] == scenario]
     case_order = {case: i for i, case in enumerate(dict.fromkeys(r["case"] for r in rows))}  # first-seen order
-    return sorted(rows, key=lambda r: (case_order[r["case"]], ENGINES.index(r["engine"])))
+    variant_order = {q: i for i, q in enumerate(dict.fromkeys(r.get("quantization") for r in rows))}
+    return sorted(rows, key=lambda r: (case_order[r["case"]], ENGINES.index(r["engine"]),
+                                       r.get("quantization") is not None, variant_order[r.get("quantization")]))
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:
@@ -49,7 +52,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 def _speedup(rows: list[dict[str, Any]], row: dict[str, Any], key: str, higher_is_better: bool) -> str:
     """row's figure relative to the baseline engine's on the same case ("1.00x" for the baseline itself)."""
-    base = next((r for r in rows if r["engine"] == BASELINE and r["case"] == row["case"]), None)
+    base = next((r for r in rows if r["engine"] == BASELINE and not r.get("quantization")
+                 and r["case"] == row["case"]), None)
     ratio = None if base is None else speedup(row, base, key, higher_is_better)
     return "–" if ratio is None else f"{ratio:.2f}x"
 
@@ -147,14 +151,14 @@ def _case_load(r: dict[str, Any]) -> tuple[str, str]:
 def _decode_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "batch", "prompt", "ms / token", "tokens / s", "% of bandwidth floor", "weights GB / s",
                    "vs eager", "threads", "others' CPUs"],
-                  [[r["engine"], str(r["batch"]), str(r["prompt_len"]), _fmt(r["ms_per_token"]),
+                  [[engine_label(r), str(r["batch"]), str(r["prompt_len"]), _fmt(r["ms_per_token"]),
                     _fmt(r["tokens_per_s"], 1), _fmt(r["pct_roofline"], 1), _fmt(r["extra"].get("weight_gb_per_s")),
                     _speedup(rows, r, "ms_per_token", False), *_case_load(r)] for r in rows])
 
 
 def _prefill_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "prompt", "ms", "tokens / s", "% of matmul peak", "vs eager"],
-                  [[r["engine"], str(r["prompt_len"]), _fmt(r["ms"]), _fmt(r["tokens_per_s"], 1),
+                  [[engine_label(r), str(r["prompt_len"]), _fmt(r["ms"]), _fmt(r["tokens_per_s"], 1),
                     _fmt(r["pct_roofline"], 1), _speedup(rows, r, "ms", False)] for r in rows])
 
 
@@ -166,14 +170,15 @@ def _throughput_table(rows: list[dict[str, Any]]) -> list[str]:
         return f"{p0}–{p1}", f"{g0}–{g1}"
 
     return _table(["engine", "set", "requests", "prompt", "generated", "s", "generated tokens / s", "vs eager"],
-                  [[r["engine"], r["case"], str(r["batch"]), *lengths(r), _fmt(r["ms"] / 1e3),
+                  [[engine_label(r), r["case"], str(r["batch"]), *lengths(r), _fmt(r["ms"] / 1e3),
                     _fmt(r["tokens_per_s"], 1), _speedup(rows, r, "tokens_per_s", True)] for r in rows])
 
 
 def _speculation_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "drafts", "prompt", "generated", "ms", "ms without", "speed-up", "acceptance",
                    "tokens / forward pass"],
-                  [[r["engine"], r["case"].rsplit("-", 1)[1], str(r["prompt_len"]), str(r["gen_len"]), _fmt(r["ms"]),
+                  [[engine_label(r), r["case"].rsplit("-", 1)[1], str(r["prompt_len"]), str(r["gen_len"]),
+                    _fmt(r["ms"]),
                     _fmt(r["extra"]["plain_ms"]), f"{r['extra']['speedup']:.2f}x",
                     f"{100 * r['extra']['acceptance_rate']:.0f}%", _fmt(r["extra"]["tokens_per_forward_pass"])]
                    for r in rows])
@@ -182,7 +187,7 @@ def _speculation_table(rows: list[dict[str, Any]]) -> list[str]:
 def _load_table(rows: list[dict[str, Any]]) -> list[str]:
     return _table(["engine", "ms", "GB / s", "vs eager", "cold start, empty Triton cache (ms)",
                    "warm start, Triton cache reused (ms)", "threads", "others' CPUs"],
-                  [[r["engine"], _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"]), _speedup(rows, r, "ms", False),
+                  [[engine_label(r), _fmt(r["ms"]), _fmt(r["extra"]["gb_per_s"]), _speedup(rows, r, "ms", False),
                     _fmt(r["extra"].get("cold_start_ms")), _fmt(r["extra"].get("warm_start_ms")),
                     *_case_load(r)] for r in rows])
 
@@ -192,12 +197,13 @@ def _kernel_section(tables: list[dict[str, Any]]) -> list[str]:
     if not tables:
         return []
     lines = ["## One hayabusa decode step, kernel by kernel (torch.profiler)", "",
-             *_table(["batch", "prompt", "step µs (first kernel start to last end)", "kernel µs", "gaps µs",
-                      "kernels"],
-                     [[str(t["batch"]), str(t["prompt_len"]), _fmt(t["step_us"], 1), _fmt(t["kernel_us"], 1),
-                       _fmt(t["gap_us"], 1), str(t["launches"])] for t in tables]), ""]
+             *_table(["weights", "batch", "prompt", "step µs (first kernel start to last end)", "kernel µs",
+                      "gaps µs", "kernels"],
+                     [[t.get("quantization") or "dense", str(t["batch"]), str(t["prompt_len"]), _fmt(t["step_us"], 1),
+                       _fmt(t["kernel_us"], 1), _fmt(t["gap_us"], 1), str(t["launches"])] for t in tables]), ""]
     for t in tables:
-        lines += [f"Batch {t['batch']}, prompt {t['prompt_len']} (gaps: idle GPU time before each call):", "",
+        weights = f", {t['quantization']} weights" if t.get("quantization") else ""
+        lines += [f"Batch {t['batch']}, prompt {t['prompt_len']}{weights} (gaps: idle GPU time before each call):", "",
                   *_table(["kernel", "calls", "total µs", "mean µs", "gaps before µs"],
                           [[f"`{k['name'][:80]}`", str(k["calls"]), _fmt(k["total_us"], 1), _fmt(k["mean_us"], 1),
                             _fmt(k["gap_before_us"], 1)] for k in kernel_summary(t["kernels"])]), ""]
@@ -246,10 +252,10 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), constrained_layout=True)
     for ax, (scenario, x_key, y_key, title, y_label) in zip(axes, panels, strict=True):
         rows = [r for r in _records(results, scenario) if "-prompt" not in r["case"]]  # one context per curve
-        for engine in ENGINES:
-            points = sorted((r[x_key], r[y_key]) for r in rows if r["engine"] == engine and r[y_key] is not None)
+        for label in dict.fromkeys(map(engine_label, rows)):  # one curve per engine and quantization
+            points = sorted((r[x_key], r[y_key]) for r in rows if engine_label(r) == label and r[y_key] is not None)
             if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=engine)
+                ax.plot(*zip(*points, strict=True), marker="o", label=label)
         ax.set_title(title)
         ax.set_xlabel("sequences decoded together" if x_key == "batch" else "prompt tokens")
         ax.set_ylabel(y_label)

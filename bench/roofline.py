@@ -49,14 +49,18 @@ def decode_kv_bytes(config: ModelConfig, context_lens: Sequence[int], bytes_per_
     return per_position * (sum(context_lens) + len(context_lens))
 
 
-def decode_step_bytes(config: ModelConfig, context_lens: Sequence[int], bytes_per_value: int) -> int:
-    """Bytes one batched decode step must move: weights once + each sequence's KV cache."""
-    return (decode_weight_bytes(config, len(context_lens), bytes_per_value)
-            + decode_kv_bytes(config, context_lens, bytes_per_value))
+def decode_step_bytes(config: ModelConfig, context_lens: Sequence[int], bytes_per_value: int,
+                      weight_bytes: int | None = None) -> int:
+    """Bytes one batched decode step must move: weights once + each sequence's KV cache. weight_bytes: the
+    weights' bytes per step in the format the engine holds them (quantized: codes, scales and zero points);
+    default: every parameter in the KV cache's dtype."""
+    if weight_bytes is None:
+        weight_bytes = decode_weight_bytes(config, len(context_lens), bytes_per_value)
+    return weight_bytes + decode_kv_bytes(config, context_lens, bytes_per_value)
 
 
-def mean_decode_step_bytes(config: ModelConfig, batch: int, prompt_len: int, gen_len: int,
-                           bytes_per_value: int) -> float:
+def mean_decode_step_bytes(config: ModelConfig, batch: int, prompt_len: int, gen_len: int, bytes_per_value: int,
+                           weight_bytes: int | None = None) -> float:
     """Mean bytes per step over the gen_len - 1 decode steps after the first token of a forced-length run.
 
     Decode step j (1 .. gen_len - 1) feeds the token at position prompt_len + j - 1, which attends to
@@ -64,7 +68,8 @@ def mean_decode_step_bytes(config: ModelConfig, batch: int, prompt_len: int, gen
     """
     if gen_len < 2:
         raise ValueError(f"gen_len must be >= 2 to have a decode step, got {gen_len}")
-    steps = [decode_step_bytes(config, [prompt_len + j - 1] * batch, bytes_per_value) for j in range(1, gen_len)]
+    steps = [decode_step_bytes(config, [prompt_len + j - 1] * batch, bytes_per_value, weight_bytes)
+             for j in range(1, gen_len)]
     return sum(steps) / len(steps)
 
 

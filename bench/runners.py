@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib.util
+import json
 import time
 import warnings
 from abc import ABC, abstractmethod
@@ -16,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from hayabusa.bench.roofline import decode_weight_bytes
+from hayabusa.engine.loading.config import ModelConfig
 
 PAD_TOKEN_ID = 0  # left padding for transformers' batched generate on a mixed-length set; masked out
 RECOMPILE_LIMIT = 256  # torch.compile recompiles per function: one per (batch, cache length) case, with room to spare
@@ -40,6 +44,15 @@ class BenchRunner(ABC):
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
         self.model_dir, self.dtype, self.device = model_dir, dtype, device
+
+    @property
+    def quantization(self) -> str | None:
+        """The loaded model's quantized weights as records name them (scheme names joined by "+"); None: dense."""
+        return None
+
+    def weight_bytes_per_step(self, config: ModelConfig, batch: int) -> int:
+        """Weight bytes one decode step of `batch` sequences reads, in the format the loaded model holds them."""
+        return decode_weight_bytes(config, batch, self.dtype.itemsize)
 
     @abstractmethod
     def load(self) -> None:
@@ -78,13 +91,15 @@ def static_batches(count: int, static_batch: int | None) -> list[slice]:
 class HayabusaRunner(BenchRunner):
     """hayabusa's Engine with the Triton backend ("hayabusa": its scheduler batches all requests continuously) or
     the reference one ("hayabusa-reference": the same paged engine on the kernels' PyTorch twins, given requests
-    in static batches, one generate call each, like transformers)."""
+    in static batches, one generate call each, like transformers). `quantize`: a quant_schemes name to quantize the
+    checkpoint with while loading (a quantized checkpoint runs quantized without it)."""
 
     def __init__(self, name: str, backend: str, model_dir: Path, dtype: torch.dtype, device: torch.device,
-                 static_batch: int | None, kv_cache_blocks: int | None = None) -> None:
+                 static_batch: int | None, kv_cache_blocks: int | None = None, quantize: str | None = None) -> None:
         super().__init__(model_dir, dtype, device)
         self.name, self.backend, self.static_batch = name, backend, static_batch
         self.kv_cache_blocks = kv_cache_blocks  # None: the engine's own sizing
+        self.quantize = quantize
         try:
             from hayabusa.engine.api import Engine
             from hayabusa.engine.sampling_params import SamplingParams
@@ -95,7 +110,8 @@ class HayabusaRunner(BenchRunner):
 
     def load(self) -> None:
         self.engine = self._engine_cls.from_pretrained(str(self.model_dir), dtype=self.dtype, device=str(self.device),
-                                                       backend=self.backend, kv_cache_blocks=self.kv_cache_blocks)
+                                                       backend=self.backend, kv_cache_blocks=self.kv_cache_blocks,
+                                                       quantization=self.quantize)
 
     def unload(self) -> None:
         if self.engine is not None:
@@ -103,12 +119,21 @@ class HayabusaRunner(BenchRunner):
         self.engine = None
         self._free()
 
+    @property
+    def quantization(self) -> str | None:
+        from hayabusa.engine.loading.quantized_tensors import scheme_counts
+
+        return "+".join(scheme_counts(self.engine.paged.model.linear_weights())) or None
+
+    def weight_bytes_per_step(self, config: ModelConfig, batch: int) -> int:
+        return self.engine.paged.model.weight_bytes_per_decode_step(batch)
+
     def start_times(self) -> tuple[float, float] | None:
         if self.backend != "triton":
             return None
         from hayabusa.bench.start_time import measure_starts
 
-        return measure_starts(self.model_dir, self.dtype, self.device, self.backend)
+        return measure_starts(self.model_dir, self.dtype, self.device, self.backend, self.quantize)
 
     def generate(self, prompts: list[list[int]], gen_lens: list[int]) -> GenerateResult:
         return self._generate(prompts, gen_lens, None)[0]
@@ -165,11 +190,25 @@ class TransformersRunner(BenchRunner):
         # Straight onto the device when accelerate is there to do it (what a transformers user would write),
         # else through host memory.
         placement = {"device_map": str(self.device)} if importlib.util.find_spec("accelerate") else {}
-        model = self._transformers.AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype,
-                                                                        **placement)
+        with warnings.catch_warnings():  # that the checkpoint's own quantization_config is used, with dequantize
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+            model = self._transformers.AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=self.dtype,
+                                                                            **placement, **self._decompressed())
         # Forced length: a None eos in each call's config would be filled in from these defaults, so clear it here.
         model.generation_config.eos_token_id = None
         self.model = model.to(self.device).eval()
+
+    def _decompressed(self) -> dict:
+        """For a quantized (compressed-tensors) checkpoint, the option that has compressed-tensors decompress it on
+        load: transformers then runs dense weights of self.dtype (transformers 5.25 with compressed-tensors 0.20
+        loads an asymmetric checkpoint no other way)."""
+        config = json.loads((self.model_dir / "config.json").read_text(encoding="utf-8"))
+        if "quantization_config" not in config:
+            return {}
+        if importlib.util.find_spec("compressed_tensors") is None:
+            raise EngineUnavailable("transformers needs the compressed-tensors package to load a quantized checkpoint "
+                                    "(pip install compressed-tensors)")
+        return {"quantization_config": self._transformers.CompressedTensorsConfig(dequantize=True)}
 
     def unload(self) -> None:
         self.model = None
@@ -276,17 +315,19 @@ class FirstTokenClock:
 
 
 def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.device, static_batch: int,
-                explicitly_requested: bool, kv_cache_blocks: int | None = None) -> BenchRunner:
+                explicitly_requested: bool, kv_cache_blocks: int | None = None,
+                quantize: str | None = None) -> BenchRunner:
     """The runner for engine `name`, or EngineUnavailable with the reason it is skipped on this device.
-    kv_cache_blocks: the KV pool of hayabusa's CPU engine (None: its default)."""
+    kv_cache_blocks: the KV pool of hayabusa's CPU engine (None: its default). quantize: hayabusa's engines
+    quantize the checkpoint with this quant_schemes name while loading (transformers' engines run it as stored)."""
     on_gpu = device.type == "cuda"
     if name == "hayabusa":
         if not on_gpu and not explicitly_requested:
             raise EngineUnavailable("the Triton backend needs a CUDA GPU; on a CPU Triton runs in its interpreter, "
                                     "which checks correctness, not speed (pass --engines hayabusa to force it)")
-        return HayabusaRunner(name, "triton", model_dir, dtype, device, static_batch=None)
+        return HayabusaRunner(name, "triton", model_dir, dtype, device, static_batch=None, quantize=quantize)
     if name == "hayabusa-reference":
-        return HayabusaRunner(name, "reference", model_dir, dtype, device, static_batch, kv_cache_blocks)
+        return HayabusaRunner(name, "reference", model_dir, dtype, device, static_batch, kv_cache_blocks, quantize)
     if name == "transformers-eager":
         return TransformersRunner(name, False, model_dir, dtype, device, static_batch)
     if name == "transformers-compile":

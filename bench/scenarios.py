@@ -59,8 +59,9 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
         raise RuntimeError(f"{runner.name} split a decode batch of {batch}; its decode time is not one batch's")
     step_samples = [r.decode_s * 1e3 / (gen_len - 1) for r in results[sizes.warmup:]]
     ms_per_token = median(step_samples)
-    step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, runner.dtype.itemsize)
-    weight_bytes = roofline.decode_weight_bytes(config, batch, runner.dtype.itemsize)
+    weight_bytes = runner.weight_bytes_per_step(config, batch)  # in the format the runner holds: codes + scales
+    step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, runner.dtype.itemsize,
+                                                 weight_bytes)
     floor_ms = device_roofline.decode_floor_ms(step_bytes)
     case = f"batch{batch}-prompt{prompt_len}" if long_context else f"batch{batch}"
     return BenchRecord(

@@ -23,12 +23,13 @@ import torch
 from hayabusa.engine.loading.config import DTYPES
 
 
-def time_start(model: str, dtype: torch.dtype, device: torch.device, backend: str) -> float:
+def time_start(model: str, dtype: torch.dtype, device: torch.device, backend: str,
+               quantization: str | None = None) -> float:
     """ms for Engine.from_pretrained to return a ready engine (warm-up included, device work finished)."""
     from hayabusa.engine.api import Engine
 
     start = time.perf_counter()
-    engine = Engine.from_pretrained(model, dtype=dtype, device=device, backend=backend)
+    engine = Engine.from_pretrained(model, dtype=dtype, device=device, backend=backend, quantization=quantization)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -36,12 +37,15 @@ def time_start(model: str, dtype: torch.dtype, device: torch.device, backend: st
     return elapsed_ms
 
 
-def measure_starts(model_dir: Path, dtype: torch.dtype, device: torch.device, backend: str) -> tuple[float, float]:
+def measure_starts(model_dir: Path, dtype: torch.dtype, device: torch.device, backend: str,
+                   quantization: str | None = None) -> tuple[float, float]:
     """(cold ms, warm ms): two fresh processes sharing one new, at first empty, Triton cache directory."""
     with tempfile.TemporaryDirectory(prefix="hayabusa-triton-cache-") as cache:
         env = {**os.environ, "TRITON_CACHE_DIR": cache}
         command = [sys.executable, "-m", "hayabusa.bench.start_time", "--model", str(model_dir),
                    "--dtype", str(dtype).removeprefix("torch."), "--device", str(device), "--backend", backend]
+        if quantization is not None:
+            command += ["--quantization", quantization]
         times = []
         for _ in range(2):
             done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -57,8 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", required=True, choices=tuple(DTYPES))
     parser.add_argument("--device", required=True)
     parser.add_argument("--backend", required=True, choices=("reference", "triton"))
+    parser.add_argument("--quantization", default=None)
     args = parser.parse_args(argv)
-    ms = time_start(args.model, DTYPES[args.dtype], torch.device(args.device), args.backend)
+    ms = time_start(args.model, DTYPES[args.dtype], torch.device(args.device), args.backend, args.quantization)
     print(json.dumps({"ms": ms}))
 
 

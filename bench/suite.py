@@ -56,6 +56,9 @@ class SuiteSettings:
     engines_requested: bool  # True when the user named the engines (forces ones skipped by default)
     threads: int | None = None  # torch CPU threads for every engine (--threads); None: each engine's default
     jsonl: Path | None = None  # --jsonl: append every figure, skip, failure and kernel table here as it happens
+    # --quantization: hayabusa's engines run once per entry, quantizing the checkpoint in that scheme while loading
+    # (None: as stored); transformers' engines run the checkpoint as stored, once
+    quantizations: tuple[str | None, ...] = (None,)
 
 
 @dataclass
@@ -148,12 +151,13 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     tokenizer_engines = [e for e in settings.engines if e in TOKENIZER_ENGINES and "tokenizer" in settings.scenarios]
     serves = "serve" in settings.scenarios and "hayabusa" in settings.engines
     structured = "structured" in settings.scenarios and "hayabusa" in settings.engines
-    total = len(settings.engines) * len(cases) + len(tokenizer_engines) + serves + structured
+    runs = [(engine, quantize) for engine in settings.engines for quantize in engine_variants(engine, settings)]
+    total = len(runs) * len(cases) + len(tokenizer_engines) + serves + structured
     with tqdm(total=total, desc="hayabusa bench", unit="case", dynamic_ncols=True) as progress:
-        for engine in settings.engines:
+        for engine, quantize in runs:
             torch.set_num_threads(run_threads)  # not the thread count the previous engine chose for itself
             if cases or profiles_kernels(engine, settings):
-                _run_engine(engine, cases, settings, result, progress)
+                _run_engine(engine, quantize, cases, settings, result, progress)
         for engine in tokenizer_engines:
             progress.set_postfix_str(f"{engine} tokenizer")
             _guarded(result, engine, "tokenizer", lambda e=engine: [
@@ -214,6 +218,12 @@ def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
             "by_batch": counts}
 
 
+def engine_variants(engine: str, settings: SuiteSettings) -> tuple[str | None, ...]:
+    """The quantizations an engine runs: each of --quantization for hayabusa's, the checkpoint as stored for
+    transformers' (with compressed-tensors decompressing a quantized one)."""
+    return settings.quantizations if engine.startswith("hayabusa") else (None,)
+
+
 def profiles_kernels(engine: str, settings: SuiteSettings) -> bool:
     """Whether this engine's run includes the per-kernel table of a decode step (hayabusa's Triton engine only)."""
     return engine == "hayabusa" and KERNEL_TABLE in settings.scenarios
@@ -244,49 +254,55 @@ def generation_cases(settings: SuiteSettings, device_roofline: DeviceRoofline) -
     return cases
 
 
-def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result: SuiteResult,
+def _run_engine(engine: str, quantize: str | None, cases: list[Case], settings: SuiteSettings, result: SuiteResult,
                 progress: tqdm) -> None:
+    """One engine over every case: `quantize` (a quant_schemes name) quantizes the checkpoint while loading. Its
+    skips and failures name it with the scheme ("hayabusa-reference W4A16")."""
     kv_blocks = workload_kv_blocks(settings.sizes) if settings.device.type == "cpu" else None
+    label = engine + (f" {quantize}" if quantize else "")
     try:
-        runner = make_runner(engine, settings.model_dir, settings.dtype, settings.device, settings.sizes.static_batch,
-                             settings.engines_requested, kv_blocks)
+        runner = make_runner(engine, settings.model_dir, settings.dtype, settings.device,
+                             settings.sizes.static_batch, settings.engines_requested, kv_blocks, quantize)
     except EngineUnavailable as err:
-        result.add_skip(engine, "all", str(err))
+        result.add_skip(label, "all", str(err))
         progress.update(len(cases))
         return
     except Exception as err:  # noqa: BLE001 - e.g. a torch without a setting the runner sets: skip, keep the run
-        result.add_skip(engine, "all", f"its runner could not be built here: {type(err).__name__}: {err}")
+        result.add_skip(label, "all", f"its runner could not be built here: {type(err).__name__}: {err}")
         progress.update(len(cases))
         return
     try:
         if not cases or cases[0][0] != "load":
-            progress.set_postfix_str(f"{engine} load")
-            if not _guarded(result, engine, "load", runner.load):
+            progress.set_postfix_str(f"{label} load")
+            if not _guarded(result, label, "load", runner.load):
                 progress.update(len(cases))
                 return
-        for done, (scenario, label, measure) in enumerate(cases):
-            progress.set_postfix_str(f"{engine} {label}")
+        for done, (scenario, case_label, measure) in enumerate(cases):
+            progress.set_postfix_str(f"{label} {case_label}")
             load = measure_machine_load().as_dict()
-            result.case_loads.append((f"{engine} {label}", load))
-            ok = _guarded(result, engine, scenario,
-                          lambda m=measure, case_load=load: result.add_record(_with_case_facts(m(runner), case_load)))
+            result.case_loads.append((f"{label} {case_label}", load))
+            ok = _guarded(result, label, scenario, lambda m=measure, case_load=load: result.add_record(
+                _with_case_facts(m(runner), case_load, runner.quantization)))
             progress.update(1)
             if not ok and scenario == "load":  # nothing else can run without the model
                 progress.update(len(cases) - done - 1)
                 return
         if profiles_kernels(engine, settings):
-            progress.set_postfix_str(f"{engine} decode kernels")
-            _guarded(result, engine, KERNEL_TABLE, lambda: [
-                result.add_decode_kernels(decode_step_kernels(runner, batch, prompt_len))
+            progress.set_postfix_str(f"{label} decode kernels")
+            _guarded(result, label, KERNEL_TABLE, lambda: [
+                result.add_decode_kernels({**decode_step_kernels(runner, batch, prompt_len),
+                                           "quantization": runner.quantization})
                 for batch, prompt_len in decode_cases(settings.sizes)])
     finally:
         runner.unload()
 
 
-def _with_case_facts(record: BenchRecord, load: dict[str, Any]) -> BenchRecord:
-    """The record with the torch threads it ran with and the machine's load just before it."""
+def _with_case_facts(record: BenchRecord, load: dict[str, Any], quantization: str | None) -> BenchRecord:
+    """The record with the torch threads it ran with, the machine's load just before it and the runner's
+    quantized weights."""
     record.extra |= {"torch_threads": torch.get_num_threads(),
                      "machine_load": {key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "others_busy")}}
+    record.quantization = quantization
     return record
 
 

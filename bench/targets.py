@@ -24,8 +24,9 @@ class Target:
 
 
 def _record(results: Results, engine: str, scenario: str, case: str) -> dict[str, Any] | None:
-    return next((r for r in results["records"]
-                 if r["engine"] == engine and r["scenario"] == scenario and r["case"] == case), None)
+    """The engine's record of the case on dense weights (the targets were set for fp16)."""
+    return next((r for r in results["records"] if r["engine"] == engine and r["scenario"] == scenario
+                 and r["case"] == case and not r.get("quantization")), None)
 
 
 def _figure(engine: str, scenario: str, case: str, key: str) -> Callable[[Results], float | None]:

@@ -17,7 +17,8 @@ import torch
 
 from hayabusa.engine.core.request_checks import check_request, check_score_pair, check_token_ids
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.loading.tensor_names import EMBED_IN
+from hayabusa.engine.loading.quant_schemes import scheme_named
+from hayabusa.engine.loading.tensor_names import EMBED_IN, LinearWeight
 from hayabusa.engine.loading.weights import load_model_files
 from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
@@ -45,16 +46,19 @@ def default_warmup(device: torch.device, backend: str) -> bool:
 
 
 def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, device: torch.device,
-                    revision: str | None = None) -> tuple[Path, ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+                    revision: str | None = None, quantization: str | None = None
+                    ) -> tuple[Path, ModelConfig, dict[str, LinearWeight], Tokenizer]:
     """(model directory, config, weights on `device` in `dtype` (default: default_dtype), tokenizer) of a local
-    directory, a hub id or a random preset name."""
+    directory, a hub id or a random preset name; `quantization` (a quant_schemes name: int8, int4, W4A16, ...)
+    quantizes every layer's Linear weights while loading."""
+    scheme = None if quantization is None else scheme_named(quantization)  # a bad name fails before the download
     model_dir, config, state_dict = load_model_files(str(name_or_path), dtype=dtype or default_dtype(device),
-                                                     device=device, revision=revision)
+                                                     device=device, revision=revision, quantization=scheme)
     return model_dir, config, state_dict, Tokenizer.from_pretrained(str(model_dir))
 
 
 class Engine:
-    def __init__(self, config: ModelConfig, state_dict: dict[str, torch.Tensor], tokenizer: Tokenizer, *,
+    def __init__(self, config: ModelConfig, state_dict: dict[str, LinearWeight], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
                  model_dir: Path | None = None, warmup: bool = False, max_num_batched_tokens: int | None = None
                  ) -> None:
@@ -84,7 +88,7 @@ class Engine:
                         device: str | torch.device | None = None, backend: str | None = None,
                         kv_cache_blocks: int | None = None, block_size: int = 16,
                         revision: str | None = None, warmup: bool | None = None,
-                        max_num_batched_tokens: int | None = None) -> Engine:
+                        max_num_batched_tokens: int | None = None, quantization: str | None = None) -> Engine:
         """Load a local model directory, a hub id (e.g. "abeja/gpt-neox-japanese-2.7b") or a random preset.
 
         A preset name (tiny, small, 2.7b) that is not a local directory loads a random-weight checkpoint of that
@@ -95,6 +99,10 @@ class Engine:
         can launch before returning, with a progress bar, so that no request waits for a compile.
         max_num_batched_tokens: tokens per engine step (default 512): prompts run in chunks of what the decoding
         requests leave of it, so it bounds how long they wait for their next token when a long prompt arrives.
+        quantization: quantize the weights of every layer's Linear layers while loading, round to nearest: "int8"
+        (= "W8A16_CHANNEL", one scale per output channel), "int4" (= "W4A16", groups of 128, symmetric), "W8A16" or
+        "W4A16_ASYM"; a quantized checkpoint (compressed-tensors, as llm-compressor writes it) loads as stored
+        without it.
         """
         device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
         if backend is None:
@@ -102,7 +110,7 @@ class Engine:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         model_dir, config, state_dict, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device,
-                                                                   revision=revision)
+                                                                   revision=revision, quantization=quantization)
         if warmup is None:
             warmup = default_warmup(device, backend)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,

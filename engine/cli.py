@@ -1,12 +1,13 @@
-"""The `hayabusa` command (also `python -m hayabusa`): generate, tokenize, init-random, verify, bench, serve, batch.
+"""The `hayabusa` command (also `python -m hayabusa`): generate, tokenize, init-random, quantize, verify, bench, serve,
+batch.
 
 Every command reports a problem the same way, `hayabusa COMMAND: error: ...` on stderr and exit status 1 (2 for a
 usage error, with that command's usage), checks --device before anything loads, and exits quietly when its reader
 goes away (`hayabusa generate ... | head`).
 
 Building a command's parser imports no torch (nor transformers or triton): each command's flags come from a light module
-(this one for generate, tokenize, init-random and verify), and the module that runs it loads only once the arguments are
-parsed, so `hayabusa COMMAND --help` answers at once.
+(this one for generate, tokenize, init-random, quantize and verify), and the module that runs it loads only once the
+arguments are parsed, so `hayabusa COMMAND --help` answers at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from hayabusa.engine.loading.config import DTYPE_NAMES, PRESETS
 from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.loading.quant_schemes import QUANTIZATION_CHOICES, add_quantization_argument
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
 
 if TYPE_CHECKING:
@@ -145,6 +147,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
     parser.add_argument("--backend", choices=("reference", "triton"), default=None,
                         help="default: triton on cuda, reference on cpu")
+    add_quantization_argument(parser)
 
 
 # SamplingParams field -> the generate flag that sets it, where that is not the field's name with dashes
@@ -209,7 +212,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise flag_error(err) from None
     engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, backend=args.backend,
-                                    revision=args.revision)
+                                    revision=args.revision, quantization=args.quantization)
     try:
         params = params_for(tuple(tuple(engine.tokenizer.encode(word)) for word in args.bad_word))
         if params.num_beams > 1 or params.num_return_sequences > 1 or params.ranks_candidates:  # one block per output
@@ -299,6 +302,22 @@ def _shard_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Write a weight-only quantized copy of an fp checkpoint in the compressed-tensors format "
+                          "(llm-compressor's; vLLM and transformers with compressed-tensors load it), its "
+                          "round-to-nearest numbers equal to llm-compressor's for the same scheme. Every layer's "
+                          "Linear weights are quantized; the embeddings and the LM head are kept as stored.")
+    parser.add_argument("source", metavar="SRC",
+                        help="the fp checkpoint: a model directory, a Hub repo id or a random preset")
+    parser.add_argument("out_dir", metavar="DST", type=Path, help="directory to write (created if missing)")
+    parser.add_argument("--scheme", required=True, choices=QUANTIZATION_CHOICES,
+                        help="W8A16, W4A16 (groups of 128, symmetric), W4A16_ASYM (groups of 128 with zero points), "
+                             "W8A16_CHANNEL (one scale per output channel); int8 = W8A16_CHANNEL, int4 = W4A16")
+    parser.add_argument("--revision", default=None, help="Hub revision of a Hub repo id (default: main)")
+    parser.add_argument("--overwrite", action="store_true", help="replace weight files already in DST")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
@@ -309,6 +328,11 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", type=non_empty_text, action="append", default=None,
                         help="prompt text (repeatable; default: four built-in Japanese prompts)")
     parser.add_argument("--steps", type=int, default=32, help="greedy tokens compared per prompt")
+    add_quantization_argument(parser)
+    parser.add_argument("--fp-model", default=None, metavar="DIR",
+                        help="the fp checkpoint a quantized --model was quantized from, to report how far the "
+                             "quantized model drifts from it (default: --model itself with --quantization; none for a "
+                             "quantized checkpoint, whose drift then goes unreported)")
 
 
 @dataclass(frozen=True)
@@ -326,6 +350,9 @@ COMMANDS = {
     "init-random": Command("write a random-weight checkpoint with the real tensor names and shapes",
                            "hayabusa.engine.cli:add_init_random_arguments",
                            "hayabusa.engine.loading.checkpoint_writer:run_init_random"),
+    "quantize": Command("write an int8 / int4 weight-only quantized copy of a checkpoint (compressed-tensors)",
+                        "hayabusa.engine.cli:add_quantize_arguments",
+                        "hayabusa.engine.loading.quantize_checkpoint:run"),
     "verify": Command("compare the kernel path with the reference on the same weights",
                       "hayabusa.engine.cli:add_verify_arguments", "hayabusa.engine.oracle.verify:run"),
     "bench": Command("benchmark hayabusa side by side with transformers",

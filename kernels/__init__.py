@@ -23,21 +23,25 @@ if __name__ == "kernels":
     if _spec.loader is not None:
         _spec.loader.exec_module(_module)
 else:
-    from .decode_attention import decode_attention, decode_attention_ref
-    from .layernorm import layer_norm, layer_norm_ref
-    from .linear import linear, linear_ref, ln_linear, ln_linear_ref
-    from .mlp import fused_mlp, fused_mlp_ref
-    from .prefill_attention import prefill_attention, prefill_attention_ref
-    from .quantized_weight import QuantizedWeight, dequantize_ref
-    from .rotary import apply_rotary_ref, rotary_tables
+    # Exported lazily (PEP 562): the engine's loader and reference model hold QuantizedWeights, and importing
+    # hayabusa.kernels.quantized_weight for that must not import Triton and compile-time state with it.
+    import importlib as _importlib
 
-    __all__ = [
-        "rotary_tables", "apply_rotary_ref",
-        "prefill_attention", "prefill_attention_ref",
-        "decode_attention", "decode_attention_ref",
-        "linear", "linear_ref",
-        "ln_linear", "ln_linear_ref",
-        "fused_mlp", "fused_mlp_ref",
-        "layer_norm", "layer_norm_ref",
-        "QuantizedWeight", "dequantize_ref",
-    ]
+    _MODULE_OF = {
+        "rotary_tables": "rotary", "apply_rotary_ref": "rotary",
+        "prefill_attention": "prefill_attention", "prefill_attention_ref": "prefill_attention",
+        "decode_attention": "decode_attention", "decode_attention_ref": "decode_attention",
+        "linear": "linear", "linear_ref": "linear",
+        "ln_linear": "linear", "ln_linear_ref": "linear",
+        "fused_mlp": "mlp", "fused_mlp_ref": "mlp",
+        "layer_norm": "layernorm", "layer_norm_ref": "layernorm",
+        "QuantizedWeight": "quantized_weight", "dequantize_ref": "quantized_weight",
+    }
+    __all__ = list(_MODULE_OF)
+
+    def __getattr__(name: str):
+        if name not in _MODULE_OF:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(_importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+        globals()[name] = value  # later reads find it without calling here
+        return value

@@ -15,24 +15,48 @@ from dataclasses import dataclass, field
 import torch
 
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.loading.tensor_names import EMBED_IN, EMBED_OUT, expected_shapes
+from hayabusa.engine.loading.quant_schemes import WeightScheme
+from hayabusa.engine.loading.tensor_names import (
+    EMBED_IN,
+    EMBED_OUT,
+    LinearWeight,
+    expected_shapes,
+    layer_linear_weights,
+)
 from hayabusa.engine.model.op_sets import load_ops
 from hayabusa.engine.model.paged_model import DecodeInputs, KVCaches, PagedModel, PrefillInputs
 from hayabusa.kernels._launch import H200, DeviceLimits, cdiv, simulated_device
 from hayabusa.kernels.launch_count import LaunchLog, RecordedLaunch, recorded_launches
 from hayabusa.kernels.linear import M_BUCKETS
+from hayabusa.kernels.quantized_weight import QuantizedWeight, code_columns
 
 META = torch.device("meta")
 BLOCK_SIZE = 16  # the engine's default KV-cache page
 
 
-def placeholder_model(config: ModelConfig, dtype: torch.dtype, device: torch.device = META) -> PagedModel:
+def placeholder_model(config: ModelConfig, dtype: torch.dtype, device: torch.device = META,
+                      scheme: WeightScheme | None = None) -> PagedModel:
     """PagedModel on the Triton op set with weights that are never written: on the meta device (the default: no
-    memory, nothing can run) or allocated uninitialized on `device`, for recording or stubbing launches."""
-    state = {name: torch.empty(shape, dtype=dtype, device=device) for name, shape in expected_shapes(config).items()}
+    memory, nothing can run) or allocated uninitialized on `device`, for recording or stubbing launches. `scheme`:
+    every layer's Linear weights quantized in it (as --quantization loads them)."""
+    state: dict[str, LinearWeight] = {name: torch.empty(shape, dtype=dtype, device=device)
+                                      for name, shape in expected_shapes(config).items()}
     if config.tie_word_embeddings:
         state[EMBED_OUT] = state[EMBED_IN]
+    if scheme is not None:
+        for name in layer_linear_weights(config):
+            state[name] = placeholder_quantized_weight(state[name].shape, scheme, dtype, device)
     return PagedModel(config, state, load_ops("triton"))
+
+
+def placeholder_quantized_weight(shape: tuple[int, int], scheme: WeightScheme, dtype: torch.dtype,
+                                 device: torch.device) -> QuantizedWeight:
+    """An unwritten QuantizedWeight of dense shape (N, K) in `scheme`, scales in `dtype`."""
+    N, K = shape
+    groups = 1 if scheme.group_size is None else K // scheme.group_size
+    zeros = None if scheme.symmetric else torch.empty(N, groups, dtype=torch.uint8, device=device)
+    return QuantizedWeight(torch.empty(N, code_columns(scheme.bits, K), dtype=torch.uint8, device=device),
+                           torch.empty(N, groups, dtype=dtype, device=device), zeros, scheme.bits, scheme.group_size, K)
 
 
 def placeholder_kv_caches(model: PagedModel, num_blocks: int) -> KVCaches:
@@ -102,11 +126,12 @@ class StepLaunchCount:
 
 
 def decode_step_launches(config: ModelConfig, batch: int = 1, *, dtype: torch.dtype = torch.float16,
-                         limits: DeviceLimits = H200) -> StepLaunchCount:
-    """Count one decode step's launches with `limits`' configs; per layer from one more layer's difference."""
+                         limits: DeviceLimits = H200, scheme: WeightScheme | None = None) -> StepLaunchCount:
+    """Count one decode step's launches with `limits`' configs (`scheme`: on weights quantized in it); per layer from
+    one more layer's difference."""
     logs = []
     for num_layers in (config.num_hidden_layers, config.num_hidden_layers + 1):
-        model = placeholder_model(config.with_overrides(num_hidden_layers=num_layers), dtype)
+        model = placeholder_model(config.with_overrides(num_hidden_layers=num_layers), dtype, scheme=scheme)
         blocks_per_seq = cdiv(config.max_position_embeddings, BLOCK_SIZE)
         with simulated_device(limits):
             _record_decode(model, batch, blocks_per_seq)  # first use allocates (split-K tickets): not a step's cost

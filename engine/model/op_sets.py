@@ -1,6 +1,7 @@
 """The ops the paged model runs, as a pluggable set: `load_ops("triton")` the Triton kernels, `load_ops("torch")` their
 plain-PyTorch `*_ref` twins (same signatures and cache writes), which lets CPU tests drive the whole paged engine at
-scale without the slow Triton interpreter.
+scale without the slow Triton interpreter. Both sets' linear ops take a dense weight or a QuantizedWeight; the torch
+set's live in torch_linears.py, where `quantized_linear` is the seam for a fast CPU path on quantized weights.
 """
 
 from __future__ import annotations
@@ -34,12 +35,16 @@ def load_ops(name: str) -> OpSet:
     def op(module: str, function: str) -> Callable[..., Tensor]:
         return getattr(importlib.import_module(f"hayabusa.kernels.{module}"), function + suffix)
 
+    if name == "torch":
+        from hayabusa.engine.model import torch_linears
+
+        linears = dict(linear=torch_linears.linear, ln_linear=torch_linears.ln_linear, mlp=torch_linears.mlp)
+    else:
+        linears = dict(linear=op("linear", "linear"), ln_linear=op("linear", "ln_linear"), mlp=op("mlp", "fused_mlp"))
     return OpSet(
         name=name,
-        linear=op("linear", "linear"),
-        ln_linear=op("linear", "ln_linear"),
+        **linears,
         layer_norm=op("layernorm", "layer_norm"),
-        mlp=op("mlp", "fused_mlp"),
         prefill_attention=op("prefill_attention", "prefill_attention"),
         decode_attention=op("decode_attention", "decode_attention"),
     )

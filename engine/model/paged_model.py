@@ -9,7 +9,10 @@ wants. The residual stream h is updated in place: h = h + attn(ln1(h)), then h =
 op is one launch (the LayerNorms run in the next GEMM's prologue): five per layer, plus the embedding gather and the LM
 head.
 
-It runs on either op set (engine.model.op_sets): the Triton kernels, or their plain-PyTorch twins.
+It runs on either op set (engine.model.op_sets): the Triton kernels, or their plain-PyTorch twins. A Linear's weight
+may be a QuantizedWeight (int8 / int4 codes with scales): the op sets' linear functions take either, and the
+dequantization happens inside them (inside the GEMV or GEMM launch on the Triton op set), so a decode step launches
+what it launches on dense weights and no dense copy of a quantized weight exists.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from hayabusa.engine.loading.tensor_names import (
     EMBED_OUT,
     FINAL_LN_BIAS,
     FINAL_LN_WEIGHT,
+    LinearWeight,
     expected_shapes,
     layer_weights,
 )
 from hayabusa.engine.model.op_sets import OpSet
 from hayabusa.kernels._attention_checks import MAX_HEAD_DIM
+from hayabusa.kernels.quantized_weight import QuantizedWeight
 from hayabusa.kernels.rotary import rotary_tables
 
 
@@ -66,7 +71,7 @@ Attend = Callable[[Tensor, Tensor, Tensor, bool], Tensor]  # (qkv, k_cache, v_ca
 
 
 class PagedModel:
-    def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor], ops: OpSet) -> None:
+    def __init__(self, config: ModelConfig, state_dict: dict[str, LinearWeight], ops: OpSet) -> None:
         if config.head_dim > MAX_HEAD_DIM:  # refused at load, not at the first forward
             raise ValueError(f"config keys 'hidden_size' {config.hidden_size} / 'num_attention_heads' "
                              f"{config.num_attention_heads} give head_dim {config.head_dim}; the paged attention "
@@ -76,6 +81,8 @@ class PagedModel:
         self.shapes = expected_shapes(config)
         if EMBED_IN not in state_dict:
             raise ValueError(f"state dict has no tensor {EMBED_IN!r}")
+        if isinstance(state_dict[EMBED_IN], QuantizedWeight):  # a gather, not a Linear
+            raise ValueError(f"tensor {EMBED_IN!r} is a QuantizedWeight; only Linear weights may be quantized")
         self.dtype = state_dict[EMBED_IN].dtype
         self.device = state_dict[EMBED_IN].device
         weights = {name: self._checked(name, state_dict) for name in self.shapes if name != EMBED_OUT}
@@ -90,16 +97,35 @@ class PagedModel:
         self.cos, self.sin = rotary_tables(config.rotary_dims, config.max_position_embeddings, config.rope_theta,
                                            self.device)  # float32 [max_positions, rotary_dims // 2]
 
-    def _checked(self, name: str, state_dict: dict[str, Tensor]) -> Tensor:
+    def _checked(self, name: str, state_dict: dict[str, LinearWeight]) -> LinearWeight:
         if name not in state_dict:
             raise ValueError(f"state dict has no tensor {name!r}")
         tensor = state_dict[name]
         if tuple(tensor.shape) != self.shapes[name]:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {self.shapes[name]}")
+        if isinstance(tensor, QuantizedWeight):  # its own checks ran when it was made (codes, scales, zeros)
+            if tensor.device != self.device:
+                raise ValueError(f"tensor {name!r} is on {tensor.device}; embed_in is on {self.device}")
+            return tensor
         if tensor.dtype != self.dtype or tensor.device != self.device:
             raise ValueError(f"tensor {name!r} is {tensor.dtype} on {tensor.device}; embed_in is {self.dtype} "
                              f"on {self.device} (load every weight with one dtype and device)")
         return tensor.contiguous()  # a no-op for loaded weights; the kernels need row-major
+
+    def linear_weights(self) -> list[LinearWeight]:
+        """Every Linear's weight: each layer's qkv, dense, MLP in and out, then the LM head."""
+        return [*(weight for layer in self.layers for weight in (layer.qkv_weight, layer.dense_weight,
+                                                                  layer.mlp_in_weight, layer.mlp_out_weight)),
+                self.embed_out]
+
+    def weight_bytes_per_decode_step(self, batch: int) -> int:
+        """Bytes of weights one decode step of `batch` sequences reads: every layer's weights (a quantized Linear's
+        codes, scales and zero codes), the final LayerNorm, the LM head, and `batch` rows of the embedding."""
+        vectors = [vector for layer in self.layers
+                   for vector in (layer.ln1_weight, layer.ln1_bias, layer.dense_bias, layer.ln2_weight, layer.ln2_bias)
+                   if vector is not None]
+        read = [*self.linear_weights(), *vectors, self.final_ln_weight, self.final_ln_bias]
+        return sum(weight.nbytes for weight in read) + batch * self.embed_in[0].nbytes
 
     def prefill(self, inputs: PrefillInputs, kv_caches: KVCaches) -> Tensor:
         """Logits of each sequence's last new token: [S, vocab] in the model dtype; writes the new tokens' KV."""

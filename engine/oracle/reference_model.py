@@ -1,7 +1,8 @@
 """The plain-PyTorch reference model: the oracle the kernels are checked against, and the CPU fallback.
 
 One file, no Triton. The math follows transformers' GPTNeoXJapaneseForCausalLM step by step (so fp32 logits
-agree to ~1e-6) but runs on the weights as a flat HF state dict and a simple contiguous KV cache.
+agree to ~1e-6) but runs on the weights as a flat HF state dict and a simple contiguous KV cache. A quantized Linear
+weight (QuantizedWeight) is dequantized for each use (`linear`): the model holds no dense copy of it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,18 @@ from hayabusa.engine.loading.tensor_names import (
     FINAL_LN_BIAS,
     FINAL_LN_WEIGHT,
     LayerWeights,
+    LinearWeight,
     layer_weights,
 )
+from hayabusa.kernels.quantized_weight import QuantizedWeight, dequantize_ref
+
+
+def linear(x: Tensor, weight: LinearWeight) -> Tensor:
+    """x @ weight.T in x's dtype; a QuantizedWeight is dequantized first ((q - zero) * scale in the scales' dtype,
+    compressed-tensors' arithmetic), then cast to x's dtype."""
+    if isinstance(weight, QuantizedWeight):
+        weight = dequantize_ref(weight).to(x.dtype)
+    return F.linear(x, weight)
 
 
 def rotary_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
@@ -68,7 +79,7 @@ class KVCache:
 
 
 class ReferenceModel:
-    def __init__(self, config: ModelConfig, state_dict: dict[str, Tensor]) -> None:
+    def __init__(self, config: ModelConfig, state_dict: dict[str, LinearWeight]) -> None:
         self.config = config
         self.embed_in = state_dict[EMBED_IN]  # [vocab, hidden]
         self.layers = [layer_weights(config, state_dict, i) for i in range(config.num_hidden_layers)]
@@ -101,7 +112,7 @@ class ReferenceModel:
         hidden = self.hidden_states(input_ids, positions, cache, key_mask)[-1]
         if last_token_only:
             hidden = hidden[:, -1:]
-        return F.linear(hidden, self.embed_out).float()
+        return linear(hidden, self.embed_out).float()
 
     @torch.inference_mode()
     def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None, cache: KVCache | None = None,
@@ -154,7 +165,7 @@ class ReferenceModel:
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
 
         x = F.layer_norm(h, (hidden,), w.ln1_weight, w.ln1_bias, cfg.layer_norm_eps)
-        qkv = F.linear(x, w.qkv_weight).view(batch, seq, heads, 3 * head_dim).permute(0, 2, 1, 3)
+        qkv = linear(x, w.qkv_weight).view(batch, seq, heads, 3 * head_dim).permute(0, 2, 1, 3)
         q, k, v = qkv.split(head_dim, dim=-1)  # each [B, H, T, D]
         q = apply_rotary(q, cos, sin, cfg.rotary_dims)
         k = apply_rotary(k, cos, sin, cfg.rotary_dims)
@@ -164,11 +175,11 @@ class ReferenceModel:
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim) + mask  # [B, H, T, S]
         probs = torch.softmax(scores, dim=-1).to(v.dtype)
         attn = torch.matmul(probs, v).permute(0, 2, 1, 3).reshape(batch, seq, hidden)
-        attn = F.linear(attn, w.dense_weight)
+        attn = linear(attn, w.dense_weight)
         if w.dense_bias is not None:
             attn = attn + w.dense_bias
         h = h + attn
 
         x = F.layer_norm(h, (hidden,), w.ln2_weight, w.ln2_bias, cfg.layer_norm_eps)
-        mlp = F.linear(F.gelu(F.linear(x, w.mlp_in_weight)), w.mlp_out_weight)
+        mlp = linear(F.gelu(linear(x, w.mlp_in_weight)), w.mlp_out_weight)
         return h + mlp

@@ -10,6 +10,10 @@ the kernel path in --dtype. Reported, and checked against the tolerance of --dty
   - greedy decoding for --steps tokens through the paged engine (continuous batching, paged KV cache, CUDA
     graphs on a GPU) vs the reference loop: identical tokens, or a first divergence at such a near-tie.
 Exit status 0 when every check passes, 1 otherwise.
+
+A quantized model (--quantization, or a quantized checkpoint) is checked the same way, the reference running on its
+dequantized weights; then its drift from the fp model (--model itself with --quantization, or --fp-model) is
+reported too (engine.oracle.quantization_drift), as figures, not as checks.
 """
 
 from __future__ import annotations
@@ -29,11 +33,16 @@ from hayabusa.engine.api import default_dtype
 from hayabusa.engine.core.block_manager import PagedPrompt
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES, ModelConfig
+from hayabusa.engine.loading.quant_schemes import scheme_named
+from hayabusa.engine.loading.quantized_tensors import scheme_counts
+from hayabusa.engine.loading.tensor_names import LinearWeight
 from hayabusa.engine.loading.weights import load_model_files
+from hayabusa.engine.oracle.quantization_drift import measure_drift
 from hayabusa.engine.oracle.reference_generate import reference_generate
-from hayabusa.engine.oracle.reference_model import ReferenceModel
+from hayabusa.engine.oracle.reference_model import ReferenceModel, linear
 from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
 from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.kernels.quantized_weight import QuantizedWeight
 from hayabusa.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -70,7 +79,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
-    model_dir, config, state_dict = load_model_files(args.model, dtype=dtype, device=device, revision=args.revision)
+    scheme = scheme_named(args.quantization) if args.quantization else None
+    model_dir, config, state_dict = load_model_files(args.model, dtype=dtype, device=device, revision=args.revision,
+                                                     quantization=scheme)
+    quantized = any(isinstance(weight, QuantizedWeight) for weight in state_dict.values())
+    if args.fp_model is not None and not quantized:
+        raise ValueError(f"--fp-model measures a quantized model's drift, but {args.model} is not quantized (add "
+                         "--quantization, or verify a quantized checkpoint)")
     if args.ops == "triton":
         warn_if_interpreted(device, "--ops torch checks the engine without the kernels in seconds")
     tokenizer = Tokenizer.from_pretrained(str(model_dir))
@@ -84,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {config.num_hidden_layers} layers, hidden {config.hidden_size}, {config.num_attention_heads} heads; "
           f"{args.ops} ops in {str(dtype).removeprefix('torch.')} on {device} vs the float32 reference; "
           f"prompts: {len(prompts)}, greedy steps: {args.steps}", flush=True)
+    if quantized:
+        print(f"  quantized weights: {quantized_linears(state_dict)}; the reference runs on them dequantized")
     tolerance = TOLERANCES[dtype]
     reference = ReferenceModel(config, upcast(state_dict))
     engine = PagedEngine(config, state_dict, tokenizer, device=device, ops=args.ops,
@@ -98,9 +115,37 @@ def run(args: argparse.Namespace) -> int:
     for check in checks:
         print(f"  {'ok  ' if check.passed else 'FAIL'} {check.name:<16} {check.detail}")
     failed = [check.name for check in checks if not check.passed]
+    if quantized:
+        report_drift(args, reference, tokenizer, prompts, device)
     print(f"verify: {'FAILED: ' + ', '.join(failed) if failed else 'passed'} (tolerance {tolerance:g} for "
           f"{str(dtype).removeprefix('torch.')})")
     return 1 if failed else 0
+
+
+def quantized_linears(state_dict: dict[str, LinearWeight]) -> str:
+    """E.g. "W4A16 on 128 linear layers" (a scheme by its name, or described when it is no preset)."""
+    return ", ".join(f"{name} on {count} linear layer{'s' * (count > 1)}"
+                     for name, count in scheme_counts(state_dict.values()).items())
+
+
+def report_drift(args: argparse.Namespace, quantized: ReferenceModel, tokenizer: Tokenizer, prompts: list[list[int]],
+                 device: torch.device) -> None:
+    """The quantized model's drift from the fp one (both float32 references), printed; nothing when no fp model
+    is known."""
+    fp_source = args.fp_model or (args.model if args.quantization else None)
+    if fp_source is None:
+        print("  drift from the fp model: not measured (--fp-model DIR names the checkpoint this one was quantized "
+              "from)")
+        return
+    fp_revision = None if args.fp_model else args.revision
+    _, fp_config, fp_weights = load_model_files(fp_source, dtype=torch.float32, device=device, revision=fp_revision)
+    if fp_config.to_hf_dict() != quantized.config.to_hf_dict():
+        raise ValueError(f"--fp-model {fp_source} is another model: its config.json differs from {args.model}'s")
+    drift = _with_elapsed_time("drift from the fp model", measure_drift, ReferenceModel(fp_config, fp_weights),
+                               quantized, tokenizer, prompts, args.steps)
+    print(f"  drift from the fp model {fp_source} (float32 references; figures, not checks):")
+    for line in drift.report_lines():
+        print(f"       {line}")
 
 
 def progress(stage: str, iterable: Iterable | None = None, *, total: int | None = None, unit: str = "it") -> tqdm:
@@ -111,10 +156,19 @@ def progress(stage: str, iterable: Iterable | None = None, *, total: int | None 
                 bar_format=None if counted else "{desc}: {elapsed}")
 
 
-def upcast(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """float32 copies, keeping tied tensors tied."""
-    copies: dict[int, Tensor] = {}
-    return {name: copies.setdefault(id(t), t.float()) for name, t in state_dict.items()}
+def upcast(state_dict: dict[str, LinearWeight]) -> dict[str, LinearWeight]:
+    """float32 copies, keeping tied tensors tied; a QuantizedWeight keeps its codes and gets its scales in float32
+    (exactly; its dequantized values are then exact, where the kernel path rounds them to its dtype), so no dense
+    copy of it is made."""
+    copies: dict[int, LinearWeight] = {}
+    return {name: copies.setdefault(id(t), _upcast(t)) for name, t in state_dict.items()}
+
+
+def _upcast(weight: LinearWeight) -> LinearWeight:
+    if isinstance(weight, QuantizedWeight):
+        return QuantizedWeight(weight.qweight, weight.scales.float(), weight.zeros, weight.bits, weight.group_size,
+                               weight.in_features)
+    return weight.float()
 
 
 @torch.no_grad()
@@ -140,7 +194,7 @@ def compare_prefill(config: ModelConfig, reference: ReferenceModel, engine: Page
             engine.block_manager.deallocate(prompt)
         for i, (a, e) in enumerate(zip(actual_states, expected_states, strict=True)):
             state_errors[i] = max(state_errors[i], relative_error(a, e), key=lambda x: x[1])
-        expected_logits = torch.nn.functional.linear(expected_states[-1], reference.embed_out)  # [T, vocab]
+        expected_logits = linear(expected_states[-1], reference.embed_out)  # [T, vocab]
         actual_logits = fast.ops.linear(actual_states[-1], fast.embed_out).float()
         logit_errors = max(logit_errors, relative_error(actual_logits, expected_logits), key=lambda x: x[1])
         chosen = actual_logits.argmax(-1)

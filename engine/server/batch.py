@@ -36,10 +36,12 @@ class EngineSpec:
     device: str | torch.device | None = None
     dtype: str | None = None
     kv_cache_blocks: int | None = None
+    quantization: str | None = None  # a quant_schemes name: quantize while loading
 
     def load(self) -> Engine:
         return Engine.from_pretrained(self.model, revision=self.revision, backend=self.backend, device=self.device,
-                                      dtype=DTYPES.get(self.dtype), kv_cache_blocks=self.kv_cache_blocks)
+                                      dtype=DTYPES.get(self.dtype), kv_cache_blocks=self.kv_cache_blocks,
+                                      quantization=self.quantization)
 
 
 Numbered = Sequence[tuple[int, str]]  # (line number in the input file, line)
@@ -119,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with out:
             spec = EngineSpec(model=args.model, revision=args.revision, backend=args.backend, device=args.device,
-                              dtype=args.dtype, kv_cache_blocks=args.kv_cache_blocks)
+                              dtype=args.dtype, kv_cache_blocks=args.kv_cache_blocks,
+                              quantization=args.quantization)
             if args.ray:
                 require("ray", extra="ray")
                 results = run_ray(spec, lines, args.batch_size, args.replicas, where)

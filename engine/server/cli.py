@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
+from hayabusa.engine.loading.quant_schemes import add_quantization_argument
 from hayabusa.engine.platform.devices import add_device_argument
 
 DEFAULT_HOST = "127.0.0.1"
@@ -85,6 +86,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "reference)")
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                         help="default: float16 on cuda, float32 on cpu")
+    add_quantization_argument(parser)
     # The defaults are model_runner's pool sizing (CPU_DEFAULT_SEQUENCES, CPU_KV_MEMORY_FRACTION,
     # gpu_memory_utilization); that module imports torch, so they are spelled out here.
     parser.add_argument("--kv-cache-blocks", type=positive_int, default=None,
@@ -167,7 +169,8 @@ def settings_from_args(args: argparse.Namespace):
 
     return ServerSettings(model=args.model, revision=args.revision, served_model_name=args.served_model_name,
                           backend=args.backend, device=args.device, dtype=args.dtype,
-                          kv_cache_blocks=args.kv_cache_blocks, max_num_seqs=args.max_num_seqs,
+                          quantization=args.quantization, kv_cache_blocks=args.kv_cache_blocks,
+                          max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_waiting=args.max_waiting,
                           max_model_len=args.max_model_len, max_request_bytes=args.max_request_bytes,
                           max_tokens_per_request=args.max_tokens_per_request, api_key=api_key_from(args),

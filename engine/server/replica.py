@@ -14,6 +14,7 @@ import hayabusa
 from hayabusa.engine.api import BACKENDS, OPS_OF_BACKEND, default_backend, default_warmup, load_pretrained
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES
+from hayabusa.engine.loading.quant_schemes import scheme_named
 from hayabusa.engine.platform.devices import resolve_device
 from hayabusa.engine.server.app import build_app
 from hayabusa.engine.server.cli import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_PER_REQUEST, DEFAULT_MAX_WAITING
@@ -33,6 +34,7 @@ class ServerSettings:
     backend: str | None = None  # "triton" (the kernels) or "reference" (plain-PyTorch ops); default per device
     device: str | torch.device | None = None  # default: cuda when available, else cpu
     dtype: str | None = None  # a config.DTYPES name; default per device
+    quantization: str | None = None  # a quant_schemes name (int8, int4, W4A16, ...): quantize while loading
     kv_cache_blocks: int | None = None  # default: from free memory (model_runner's pool sizing, per device)
     block_size: int = 16
     max_num_seqs: int = 256
@@ -49,6 +51,8 @@ class ServerSettings:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None:
+            scheme_named(self.quantization)  # a bad name fails here, before the model loads
         for name in ("max_waiting", "max_request_bytes", "max_tokens_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -68,7 +72,8 @@ def load_paged_engine(settings: ServerSettings) -> PagedEngine:
     device = resolve_device(settings.device)
     backend = settings.backend or default_backend(device)
     _, config, state_dict, tokenizer = load_pretrained(settings.model, dtype=DTYPES.get(settings.dtype),
-                                                       device=device, revision=settings.revision)
+                                                       device=device, revision=settings.revision,
+                                                       quantization=settings.quantization)
     return PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
                        kv_cache_blocks=settings.kv_cache_blocks, block_size=settings.block_size,
                        max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,

@@ -58,6 +58,17 @@ def test_generate_reports_bad_input_without_a_traceback(tiny_dir: Path, capsys: 
     assert "missing" in capsys.readouterr().err
 
 
+def test_generate_quantizes_while_loading(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["generate", "--model", str(tiny_dir), "吾輩は猫である", "--max-new-tokens", "8", "--ignore-eos"]
+    assert main([*args, "--quantization", "int8"]) == 0
+    engine = Engine.from_pretrained(tiny_dir, quantization="W8A16_CHANNEL")
+    expected = engine.generate("吾輩は猫である", max_new_tokens=8, ignore_eos=True)[0].text
+    assert capsys.readouterr().out == expected + "\n"
+    assert main([*args, "--quantization", "int4"]) == 1  # tiny's 160 columns are no whole number of groups
+    assert "quantization W4A16 quantizes in groups of 128 columns, but 'gpt_neox_japanese.layers.0.attention" \
+           ".query_key_value.weight' has 160" in capsys.readouterr().err
+
+
 def test_generate_takes_transformers_options_and_prints_beams_best_first(tiny_dir: Path, capsys) -> None:
     from hayabusa.engine.api import Engine
 

@@ -276,7 +276,7 @@ def test_non_float_dtype(tmp_path):
     model_dir = micro_checkpoint(tmp_path)
     rewrite_safetensors(model_dir, lambda sd: sd.update({LAST_DENSE_BIAS: torch.ones(32, dtype=torch.int64)}))
     message = error_of(model_dir)
-    assert f"tensor '{LAST_DENSE_BIAS}' in model.safetensors has dtype I64, expected a float dtype" in message
+    assert f"tensor '{LAST_DENSE_BIAS}' in model.safetensors has dtype torch.int64, expected a float dtype" in message
 
 
 def test_non_float_dtype_in_bin(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hayabusa.engine.loading.config import PRESETS
+from hayabusa.engine.loading.quant_schemes import SCHEMES
 from hayabusa.engine.model.launches import decode_step_launches, engine_specializations, placeholder_model
 from hayabusa.engine.sample.sampler import SamplerMode, row_mode
 from hayabusa.engine.sampling_params import SamplingParams
@@ -16,6 +17,7 @@ from hayabusa.kernels.launch_count import recorded_launches
 
 CONFIG = PRESETS["2.7b"]
 GEMV, ATTENTION = "_gemv_kernel", "_decode_attention_kernel"
+QUANTIZED_GEMV = "_gemv_quantized_kernel"
 
 
 def test_decode_step_at_batch_1_fits_the_launch_budget():
@@ -59,11 +61,11 @@ def test_token_counts_and_table_widths_never_pick_a_compiled_variant(module, ker
     assert argument in unspecialized
 
 
-def record_decode_step(mode: SamplerMode, batch: int = 1):
-    """The launches of the runner's decode step as a CUDA graph holds it: the block-table scatter, the model, the
-    sampler in `mode`."""
-    runner = ModelRunner(placeholder_model(CONFIG, torch.float16), block_size=16, num_kv_blocks=128, max_num_seqs=8,
-                         max_num_batched_tokens=512, use_cuda_graphs=False)
+def record_decode_step(mode: SamplerMode, batch: int = 1, scheme=None):
+    """The launches of the runner's decode step as a CUDA graph holds it: the block-table scatter, the model (its
+    layers' Linear weights quantized in `scheme`), the sampler in `mode`."""
+    runner = ModelRunner(placeholder_model(CONFIG, torch.float16, scheme=scheme), block_size=16, num_kv_blocks=128,
+                         max_num_seqs=8, max_num_batched_tokens=512, use_cuda_graphs=False)
     views = runner._decode_layout(batch).device
     with simulated_device(H200):
         with recorded_launches():  # first use allocates (split-K tickets): not a step's cost
@@ -77,6 +79,17 @@ def test_the_whole_decode_step_with_greedy_sampling_fits_164():
     log = record_decode_step(SamplerMode.GREEDY)
     assert log.torch_ops == ["aten.index_copy_.default", "aten.embedding.default", "aten.max.dim_max"]
     assert len(log.triton) == 32 * 5 + 1
+    assert len(log.triton) + len(log.torch_ops) == 164
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_a_quantized_greedy_decode_step_fits_164_too(name):
+    """int8 / int4 weights: the dequantization is inside each linear's launch, so the step launches what it does
+    on fp16 weights, one quantized GEMV per linear (the LM head stays fp16)."""
+    log = record_decode_step(SamplerMode.GREEDY, scheme=SCHEMES[name])
+    assert log.torch_ops == ["aten.index_copy_.default", "aten.embedding.default", "aten.max.dim_max"]
+    assert [launch.name for launch in log.triton[:5]] == [QUANTIZED_GEMV, ATTENTION] + [QUANTIZED_GEMV] * 3
+    assert [launch.name for launch in log.triton[-1:]] == [GEMV]
     assert len(log.triton) + len(log.torch_ops) == 164
 
 

@@ -13,7 +13,8 @@ from hayabusa.engine.model.op_sets import OpSet
 from hayabusa.engine.oracle import verify
 from hayabusa.engine.platform import devices
 
-ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None)
+ARGS = dict(dtype="float32", device="cpu", ops="torch", prompt=["人とAIが協調するためには、"], steps=4, revision=None,
+            quantization=None, fp_model=None)
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +74,27 @@ def test_the_kernels_on_a_cpu_warn_that_the_interpreter_is_slow(model_dir, monke
     with pytest.warns(devices.InterpreterWarning, match="--ops torch checks the engine without the kernels"), \
             pytest.raises(Stop):
         verify.run(argparse.Namespace(model=str(model_dir), **{**ARGS, "ops": "triton"}))
+
+
+def test_a_model_quantized_while_loading_is_checked_and_its_drift_reported(model_dir, capsys) -> None:
+    status = verify.run(argparse.Namespace(model=str(model_dir), **{**ARGS, "quantization": "int8"}))
+    report = capsys.readouterr().out
+    assert status == 0, report
+    assert "quantized weights: W8A16_CHANNEL on 8 linear layers; the reference runs on them dequantized" in report
+    assert "ok   logits" in report and "4/4 tokens identical" in report
+    assert f"drift from the fp model {model_dir} (float32 references; figures, not checks):" in report
+    drift = report[report.index("drift from the fp model"):]
+    assert "max |err| / max |fp logit|" in drift and "prompt positions agree" in drift and "/4" in drift
+
+
+def test_a_quantized_checkpoint_reports_drift_from_the_fp_model_it_names(model_dir, tmp_path, capsys) -> None:
+    from hayabusa.engine.loading.quant_schemes import SCHEMES
+    from hayabusa.engine.loading.quantize_checkpoint import quantize_checkpoint
+
+    quantized = quantize_checkpoint(model_dir, tmp_path / "int8", SCHEMES["W8A16_CHANNEL"], progress=False)
+    assert verify.run(argparse.Namespace(model=str(quantized), **ARGS)) == 0
+    assert "drift from the fp model: not measured (--fp-model DIR" in capsys.readouterr().out
+    assert verify.run(argparse.Namespace(model=str(quantized), **{**ARGS, "fp_model": str(model_dir)})) == 0
+    assert f"drift from the fp model {model_dir}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--fp-model measures a quantized model's drift, but .* is not quantized"):
+        verify.run(argparse.Namespace(model=str(model_dir), **{**ARGS, "fp_model": str(model_dir)}))

@@ -75,6 +75,20 @@ def test_both_backends_serve_the_paged_engine(backend, op_set) -> None:
     assert engine.stats().num_blocks == 8
 
 
+def test_serve_and_batch_quantize_while_loading() -> None:
+    from hayabusa.engine.server.batch import EngineSpec
+    from hayabusa.kernels.quantized_weight import QuantizedWeight
+
+    settings = settings_from_args(parse(["serve", "--model", "tiny", "--quantization", "int8", "--backend",
+                                         "reference", "--kv-cache-blocks", "8"]))
+    engine = load_paged_engine(settings)
+    assert settings.quantization == "int8" and isinstance(engine.model.layers[0].qkv_weight, QuantizedWeight)
+    batch_engine = EngineSpec(model="tiny", backend="reference", kv_cache_blocks=8, quantization="int8").load()
+    assert isinstance(batch_engine.paged.model.layers[1].mlp_out_weight, QuantizedWeight)
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4, .* got 'int2'"):
+        ServerSettings(model="tiny", quantization="int2")
+
+
 def test_serve_help_shows_every_default(capsys) -> None:
     """Before: --host, --port and --log-level showed none; --kv-cache-blocks said "from free GPU memory" on a CPU."""
     with pytest.raises(SystemExit):
