@@ -15,6 +15,7 @@ from hayabusa.engine.api import BACKENDS, OPS_OF_BACKEND, default_backend, defau
 from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.platform.devices import resolve_device
+from hayabusa.engine.platform.dtypes import AUTO
 from hayabusa.engine.server.app import build_app
 from hayabusa.engine.server.cli import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_PER_REQUEST, DEFAULT_MAX_WAITING
 from hayabusa.engine.server.engine_loop import EngineLoop
@@ -32,7 +33,7 @@ class ServerSettings:
     served_model_name: str | None = None  # the `model` clients send; default: `model`
     backend: str | None = None  # "triton" (the kernels) or "reference" (plain-PyTorch ops); default per device
     device: str | torch.device | None = None  # default: cuda when available, else cpu
-    dtype: str | None = None  # a config.DTYPES name; default per device
+    dtype: str | None = None  # a config.DTYPES name; None or "auto": the device's default (platform.dtypes)
     kv_cache_blocks: int | None = None  # default: from free memory (model_runner's pool sizing, per device)
     block_size: int = 16
     max_num_seqs: int = 256
@@ -47,8 +48,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (None, AUTO, *DTYPES):
+            raise ValueError(f"dtype must be one of {', '.join((AUTO, *DTYPES))}, got {self.dtype!r}")
         for name in ("max_waiting", "max_request_bytes", "max_tokens_per_request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
