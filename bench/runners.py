@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from hayabusa.bench.roofline import DENSE_FORMATS
+
 PAD_TOKEN_ID = 0  # left padding for transformers' batched generate on a mixed-length set; masked out
 RECOMPILE_LIMIT = 256  # torch.compile recompiles per function: one per (batch, cache length) case, with room to spare
 
@@ -40,6 +42,12 @@ class BenchRunner(ABC):
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
         self.model_dir, self.dtype, self.device = model_dir, dtype, device
+        # the weights as the engine streams them (roofline.WEIGHT_FORMAT_BYTES): its decode floor's basis
+        self.weight_format = DENSE_FORMATS[dtype]
+
+    def record_facts(self) -> dict:
+        """Settings every record of this engine carries (in its extra), e.g. a peer's precision settings."""
+        return {}
 
     @abstractmethod
     def load(self) -> None:
@@ -275,6 +283,9 @@ class FirstTokenClock:
             torch.cuda.synchronize(self.device)
 
 
+OPENVINO_ENGINES = ("openvino", "openvino-int8", "openvino-int4")  # bench/openvino_runner.py
+
+
 def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.device, static_batch: int,
                 explicitly_requested: bool, kv_cache_blocks: int | None = None) -> BenchRunner:
     """The runner for engine `name`, or EngineUnavailable with the reason it is skipped on this device.
@@ -295,4 +306,8 @@ def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.de
                                     "compiling every shape dominates a short run (pass --engines "
                                     "transformers-compile to force it)")
         return TransformersRunner(name, True, model_dir, dtype, device, static_batch)
+    if name in OPENVINO_ENGINES:
+        from hayabusa.bench.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(name, model_dir, device, static_batch)
     raise ValueError(f"unknown engine {name!r}")

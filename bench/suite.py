@@ -263,7 +263,8 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
             load = measure_machine_load().as_dict()
             result.case_loads.append((f"{engine} {label}", load))
             ok = _guarded(result, engine, scenario,
-                          lambda m=measure, case_load=load: result.add_record(_with_case_facts(m(runner), case_load)))
+                          lambda m=measure, case_load=load: result.add_record(
+                              _with_case_facts(m(runner), case_load, runner.record_facts())))
             progress.update(1)
             if not ok and scenario == "load":  # nothing else can run without the model
                 progress.update(len(cases) - done - 1)
@@ -277,9 +278,9 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
         runner.unload()
 
 
-def _with_case_facts(record: BenchRecord, load: dict[str, Any]) -> BenchRecord:
-    """The record with the torch threads it ran with and the machine's load just before it."""
-    record.extra |= {"torch_threads": torch.get_num_threads(),
+def _with_case_facts(record: BenchRecord, load: dict[str, Any], runner_facts: dict[str, Any]) -> BenchRecord:
+    """The record with the torch threads it ran with, the machine's load just before it and the runner's settings."""
+    record.extra |= {**runner_facts, "torch_threads": torch.get_num_threads(),
                      "machine_load": {key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "others_busy")}}
     return record
 
