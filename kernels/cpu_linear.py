@@ -60,6 +60,11 @@ class PackedLinearWeight:
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the kernel streams for this weight (its data, scales and zero offsets)."""
+        return sum(t.nbytes for t in (self.data, self.scales, self.zero_offsets) if t is not None)
+
 
 LinearWeight = Tensor | QuantizedWeight | PackedLinearWeight
 

@@ -111,6 +111,13 @@ def test_large_fp32_weight_is_packed_and_exact():
                  linear_ref(x, weight, residual=residual, activation="gelu"), torch.float32)
 
 
+def test_bytes_streamed_follow_the_format():
+    for case, per_weight in (("bf16-dense", 2), ("int8-channel", 1), ("int4-g128", 0.5)):
+        weight, _ = make(case, 1)
+        N, K = weight.shape
+        assert N * K * per_weight <= packed(case, weight).nbytes <= N * K * per_weight * 1.1
+
+
 def test_zero_rows():
     weight, t = make("int4-g32-asym", 1)
     result = cpu_linear.linear(t["x"][:0], packed("int4-g32-asym", weight))
