@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
                         help=f"any of {', '.join(SCENARIO_CHOICES)} (space or comma separated; default: all but "
                              "serve, which runs `hayabusa serve` under locust's streaming users and needs "
-                             "pip install \"hayabusa[bench,serve]\"); "
+                             "pip install \"hayabusa[bench,serve]\", and structured, the per-step cost of "
+                             "structured outputs' grammar masks at batch 1 and 32); "
                              f"{KERNEL_TABLE}: hayabusa's per-kernel table of one decode step per decode case (GPU)")
     parser.add_argument("--engines", nargs="+", default=None, metavar="ENGINE",
                         help=f"any of {', '.join(ENGINES)} (default: all that can run on the device; naming an "

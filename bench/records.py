@@ -7,9 +7,9 @@ from typing import Any
 
 ENGINES = ("hayabusa", "hayabusa-reference", "transformers-eager", "transformers-compile", "openvino", "openvino-int8",
            "openvino-int4")
-SCENARIOS = ("decode", "prefill", "throughput", "speculation", "load", "tokenizer", "serve")
+SCENARIOS = ("decode", "prefill", "throughput", "speculation", "load", "tokenizer", "serve", "structured")
 # `serve` runs only when named: it needs the [serve] extra and locust, and a server of its own for minutes
-DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s != "serve")
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("serve", "structured"))
 # --scenarios also takes this: hayabusa's per-kernel table of one decode step per decode case (results.json's
 # decode_kernels; CUDA only), which makes no record of its own.
 KERNEL_TABLE = "kernels"

@@ -91,6 +91,8 @@ def markdown_report(results: dict[str, Any]) -> str:
         ("serve", "## Serving: `hayabusa serve` under locust's streaming users (prompt "
                   f"{sizes.get('serve_prompt_len')}, {sizes.get('serve_gen_len')} tokens, "
                   f"{sizes.get('serve_seconds')} s per row; latencies as the client sees them)", _serve_table),
+        ("structured", "## Structured outputs: per decode step, constrained (JSON schema) vs not (prompt "
+                       f"{sizes['decode_prompt_len']}, {sizes['decode_gen_len']} tokens)", _structured_table),
     ]
     for scenario, title, table in sections:
         rows = _records(results, scenario)
@@ -105,6 +107,15 @@ def markdown_report(results: dict[str, Any]) -> str:
         lines += ["## Failed measurements", ""]
         lines += [f"- `{e['engine']}` {e['scenario']}: {e['error']}" for e in results["errors"]] + [""]
     return "\n".join(lines)
+
+
+def _structured_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| batch | unconstrained, ms / step | constrained, ms / step | masks' cost, ms / step |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['extra']['unconstrained_ms_per_step']:.2f} | {r['ms_per_token']:.2f} | "
+                     f"{r['extra']['mask_cost_ms_per_step']:.2f} |")
+    return lines
 
 
 def _code_line(results: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from hayabusa.bench.records import KERNEL_TABLE, BenchRecord
 from hayabusa.bench.roofline import DeviceRoofline, measure_roofline
 from hayabusa.bench.runners import BenchRunner, EngineUnavailable, make_runner
 from hayabusa.bench.serve_scenario import run_serve
+from hayabusa.bench.structured_scenario import run_structured
 from hayabusa.bench.tokenizer_scenario import run_tokenizer
 from hayabusa.bench.workloads import SuiteSizes, workload_kv_blocks
 from hayabusa.engine.loading.config import ModelConfig
@@ -146,7 +147,8 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     cases = generation_cases(settings, device_roofline)
     tokenizer_engines = [e for e in settings.engines if e in TOKENIZER_ENGINES and "tokenizer" in settings.scenarios]
     serves = "serve" in settings.scenarios and "hayabusa" in settings.engines
-    total = len(settings.engines) * len(cases) + len(tokenizer_engines) + serves
+    structured = "structured" in settings.scenarios and "hayabusa" in settings.engines
+    total = len(settings.engines) * len(cases) + len(tokenizer_engines) + serves + structured
     with tqdm(total=total, desc="hayabusa bench", unit="case", dynamic_ncols=True) as progress:
         for engine in settings.engines:
             torch.set_num_threads(run_threads)  # not the thread count the previous engine chose for itself
@@ -160,6 +162,10 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
         if serves:  # hayabusa's HTTP server in a process of its own, under locust
             progress.set_postfix_str("hayabusa serve")
             _guarded(result, "hayabusa", "serve", lambda: result.records.extend(run_serve(settings)))
+            progress.update(1)
+        if structured:  # the per-step cost of structured outputs' masks, on an engine of its own
+            progress.set_postfix_str("hayabusa structured")
+            _guarded(result, "hayabusa", "structured", lambda: result.records.extend(run_structured(settings)))
             progress.update(1)
     torch.set_num_threads(run_threads)
     disturbed = [(label, load) for label, load in result.case_loads if load["others_busy"]]

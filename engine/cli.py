@@ -134,6 +134,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--best-of", type=int, default=None,
                         help="sample this many candidates and print the --num-return-sequences best by summed logprob "
                              "(default: as many as --num-return-sequences)")
+    structured = parser.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", type=Path, default=None, metavar="FILE",
+                            help="the output is JSON valid against the JSON schema in FILE (default: no "
+                                 "constraint; at most one of --json-schema, --regex, --choice, --grammar)")
+    structured.add_argument("--regex", type=non_empty_text, default=None,
+                            help="the output fully matches this regex (default: none)")
+    structured.add_argument("--choice", type=non_empty_text, action="append", default=None,
+                            help="the output is one of these strings (repeatable; default: none)")
+    structured.add_argument("--grammar", type=Path, default=None, metavar="FILE",
+                            help="the output derives from the grammar in FILE (GBNF or Lark; default: none)")
     add_device_argument(parser)
     parser.add_argument("--dtype", type=parse_dtype, default=None, metavar="{" + ",".join(DTYPE_CHOICES) + "}",
                         help=DTYPE_HELP)
@@ -156,9 +166,33 @@ def flag_error(err: ValueError) -> ValueError:
     return ValueError(respelled(str(err), flag_of)[0])
 
 
+def structured_outputs_of(args: argparse.Namespace):  # -> StructuredOutputs | None
+    """The constraint --json-schema, --regex, --choice or --grammar asks for; ValueError naming the flag (and file)."""
+    from hayabusa.engine.structured_outputs import StructuredOutputs
+
+    flag, kind, value = next(((flag, kind, value) for flag, kind, value in (
+        ("--json-schema", "json", args.json_schema), ("--regex", "regex", args.regex),
+        ("--choice", "choice", args.choice), ("--grammar", "grammar", args.grammar)) if value is not None),
+        (None, None, None))
+    if flag is None:
+        return None
+    if isinstance(value, Path):
+        try:
+            value = value.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"{flag} {value}: cannot read it ({err})") from None
+        flag = f"{flag} {args.json_schema or args.grammar}"
+    try:
+        return StructuredOutputs(**{kind: value})
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from hayabusa.engine.api import Engine
     from hayabusa.engine.sampling_params import SamplingParams
+
+    structured = structured_outputs_of(args)  # a bad schema, regex or grammar fails before the model loads
 
     def params_for(bad_words_ids: tuple[tuple[int, ...], ...]) -> SamplingParams:
         early_stopping = {"false": False, "true": True, "never": "never"}[args.early_stopping]
@@ -171,7 +205,8 @@ def run_generate(args: argparse.Namespace) -> int:
             prompt_lookup_num_tokens=args.prompt_lookup_num_tokens, num_beams=args.num_beams,
             length_penalty=args.length_penalty, early_stopping=early_stopping,
             num_return_sequences=args.num_return_sequences, presence_penalty=args.presence_penalty,
-            frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias), best_of=args.best_of)
+            frequency_penalty=args.frequency_penalty, logit_bias=dict(args.logit_bias), best_of=args.best_of,
+            structured_outputs=structured)
 
     try:
         params_for(())  # bad options fail here, before the model loads
@@ -186,6 +221,12 @@ def run_generate(args: argparse.Namespace) -> int:
                 score = f" (score {out.score:.4f})" if out.score is not None else \
                     f" (logprob {out.cumulative_logprob:.4f})" if params.ranks_candidates else ""
                 sys.stdout.write(f"[{i}]{score}\n{out.text}\n")
+                _warn_if_incomplete(out, f"[{i}]")
+            return 0
+        if structured is not None:  # printed whole, then whether it matched
+            out = engine.generate(args.prompt, params)[0]
+            sys.stdout.write(out.text + "\n")
+            _warn_if_incomplete(out, "the output")
             return 0
         for delta in engine.stream(args.prompt, params):
             sys.stdout.write(delta)
@@ -196,6 +237,13 @@ def run_generate(args: argparse.Namespace) -> int:
         engine.close()
     sys.stdout.write("\n")
     return 0
+
+
+def _warn_if_incomplete(out, which: str) -> None:  # out: GenerationOutput
+    if out.structured_output_complete is False:
+        why = "--max-new-tokens ran out" if out.finish_reason == "length" else f"it ended ({out.finish_reason})"
+        sys.stderr.write(f"hayabusa generate: warning: {which} does not match the constraint yet: {why} before it "
+                         f"was complete\n")
 
 
 def add_tokenize_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,11 @@ from hayabusa.engine.sampling_params import SamplingParams, eos_token_ids
 from hayabusa.tokenizer import StreamDecoder, Tokenizer
 
 if TYPE_CHECKING:
+    from hayabusa.engine.sample.grammars import GrammarMatcher
     from hayabusa.engine.sample.logprobs import HostLogprobs
+
+NO_ALLOWED_TOKEN = ("no token satisfies structured_outputs together with the request's other options "
+                    "(bad_words_ids, no_repeat_ngram_size, min_new_tokens, eos_token_id)")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,11 @@ class GenerationOutput:
     # The summed logprobs (raw logits, as `logprobs`) of token_ids, when they were computed: SamplingParams.logprobs
     # asked, or best_of ranked candidates by it. None otherwise.
     cumulative_logprob: float | None = None
+    # With structured_outputs: whether text is a whole match. True when it ended on eos (allowed only where the
+    # grammar may end) or ran out of max_new_tokens just where it may end; False when max_new_tokens ran out before
+    # (finish_reason "length": raise max_new_tokens, or bound the schema's lengths), a stop string cut it, or it was
+    # aborted or failed. None without structured_outputs.
+    structured_output_complete: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,9 @@ class OutputBuilder:
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                 eos_token_id: int | None) -> None:
+                 eos_token_id: int | None, grammar: GrammarMatcher | None = None) -> None:
+        """grammar: params.structured_outputs' matcher at its start (engine.sample.grammars); every appended token
+        advances it, and a token it does not allow fails the request."""
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.eos_token_id = eos_token_id
@@ -133,6 +144,7 @@ class OutputBuilder:
         self._finished_at: float | None = None
         self._speculation = [0, 0, 0]  # SpeculationStats' fields
         self.score: float | None = None  # beam search: the hypothesis's sequences_scores
+        self.grammar = grammar
 
     @property
     def finished(self) -> bool:
@@ -141,7 +153,8 @@ class OutputBuilder:
     def fork(self) -> OutputBuilder:
         """A builder for a fork of this unfinished request: its prompt, params and tokens so far (their text counts
         as already released), timed from the same start."""
-        child = OutputBuilder(self._tokenizer, self.prompt_ids, self.params, self.eos_token_id)
+        child = OutputBuilder(self._tokenizer, self.prompt_ids, self.params, self.eos_token_id,
+                              self.grammar.restarted() if self.grammar is not None else None)
         for token_id in self.token_ids:
             child.append(token_id)
         child._created, child._first_token_at = self._created, self._first_token_at
@@ -161,6 +174,9 @@ class OutputBuilder:
         """Record one sampled token; return the text that became final (may be "")."""
         if self.finish_reason is not None:
             raise RuntimeError("append() after the request finished")
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            self.abort("error", f"{NO_ALLOWED_TOKEN} at completion token {len(self.token_ids)}")
+            return ""
         if self._first_token_at is None:
             self._first_token_at = time.perf_counter()
         self.token_ids.append(token_id)
@@ -244,4 +260,10 @@ class OutputBuilder:
             prompt_logprobs=self.prompt_logprobs,
             score=self.score,
             cumulative_logprob=self.cumulative_logprob,
+            structured_output_complete=None if self.grammar is None else self._structure_complete(),
         )
+
+    def _structure_complete(self) -> bool:
+        if self.finish_reason == "stop":
+            return bool(self.token_ids) and self.token_ids[-1] in self._stop_ids  # eos, not a stop string
+        return self.finish_reason == "length" and self.grammar.is_complete

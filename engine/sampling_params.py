@@ -2,12 +2,11 @@
 meaning), each value checked when the params are made, so a request's options are valid wherever they travel.
 
 What the options do to the logits is engine.sample.ops (the order of the processors and warpers); the seeds that key
-sampled draws are engine.sample.seeds.
+sampled draws are engine.sample.seeds; structured outputs (what the text must match) are engine.structured_outputs.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,8 +16,14 @@ from hayabusa.engine.sample.logits_processors import (
     MAX_LOGIT_BIAS,
     MAX_NO_REPEAT_NGRAM_SIZE,
 )
+from hayabusa.engine.structured_outputs import StructuredOutputs, as_structured_outputs
 
 MAX_LOGPROBS = 20  # as OpenAI's completions API: logprobs and prompt_logprobs are 0..20
+# The sampler holds temperature and repetition_penalty as float32: beyond these they would become inf or 0.
+MAX_FLOAT32 = 3.4028234663852886e38
+MIN_NORMAL_FLOAT32 = 1.1754943508222875e-38
+# Beam scores are divided by generated_tokens ** length_penalty, a float64: 2048 ** 64 is still far inside its range.
+MAX_LENGTH_PENALTY = 64.0
 
 
 @dataclass(frozen=True)
@@ -64,11 +69,16 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = field(default_factory=dict, hash=False)
     best_of: int | None = None
+    # What the generated text must match (a JSON schema, a regex, one of some strings, a grammar): a
+    # StructuredOutputs, or a dict of its fields. The output ends (on eos) where the constraint is met; greedy,
+    # sampling, n, best_of and beams all keep to it.
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))
         object.__setattr__(self, "bad_words_ids", _token_lists("bad_words_ids", self.bad_words_ids))
         object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        object.__setattr__(self, "structured_outputs", as_structured_outputs(self.structured_outputs))
         if self.eos_token_id is not None:
             eos = (self.eos_token_id,) if _is_natural(self.eos_token_id) else self.eos_token_id
             if not _is_token_list(eos):
@@ -78,14 +88,17 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0 (0: only score the prompt), "
                              f"got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 <= self.temperature <= MAX_FLOAT32:
+            raise ValueError(f"temperature must be a number in [0, {MAX_FLOAT32:.7g}] (float32's largest: the sampler "
+                             f"holds it in float32), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not MIN_NORMAL_FLOAT32 <= self.repetition_penalty <= MAX_FLOAT32:
+            raise ValueError(f"repetition_penalty must be > 0, in [{MIN_NORMAL_FLOAT32:.7g}, {MAX_FLOAT32:.7g}] "
+                             f"(float32's normal range: the sampler holds it in float32), got "
+                             f"{self.repetition_penalty!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 1 << 63):
             raise ValueError(f"seed must be a non-negative integer below 2**63 (it keys int64 noise), "
                              f"got {self.seed!r}")
@@ -138,17 +151,30 @@ class SamplingParams:
         if self.prompt_lookup_num_tokens is not None and wants_logprobs:
             raise ValueError("logprobs and prompt_logprobs are not supported with prompt_lookup_num_tokens (a draft "
                              "check samples several tokens per step); drop one of them")
+        if self.structured_outputs is not None:
+            self._check_structured()
         if self.prompt_lookup_num_tokens is not None and self.ranks_candidates:
             raise ValueError("best_of > num_return_sequences is not supported with prompt_lookup_num_tokens "
                              "(candidates are ranked by their tokens' logprobs, which a draft check does not compute)")
         self._check_beams()
 
+    def _check_structured(self) -> None:
+        refused = {
+            "ignore_eos": self.ignore_eos and "a constrained text ends on eos where its grammar ends",
+            "prompt_lookup_num_tokens": self.prompt_lookup_num_tokens is not None
+            and "each token of a constrained text is checked against the grammar before the next is drawn",
+        }
+        for option, why in refused.items():
+            if why:
+                raise ValueError(f"{option} is not supported with structured_outputs: {why}")
+
     def _check_beams(self) -> None:
         if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
             raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {self.num_beams!r}")
         if isinstance(self.length_penalty, bool) or not isinstance(self.length_penalty, int | float) \
-                or not math.isfinite(self.length_penalty):
-            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+                or not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise ValueError(f"length_penalty must be a number in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}] "
+                             f"(beam scores divide by length ** length_penalty), got {self.length_penalty!r}")
         if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams == 1:

@@ -50,8 +50,9 @@ from hayabusa.engine.loading.tensor_names import EMBED_IN
 from hayabusa.engine.model.op_sets import load_ops
 from hayabusa.engine.model.paged_model import PagedModel
 from hayabusa.engine.outputs import EngineStats, GenerationOutput, OutputBuilder, RequestUpdate, ScoreOutput, Timings
+from hayabusa.engine.sample.grammars import GrammarCompiler
 from hayabusa.engine.sample.seeds import completion_seed
-from hayabusa.engine.sampling_params import SCORING, SamplingParams
+from hayabusa.engine.sampling_params import SCORING, SamplingParams, eos_token_ids
 from hayabusa.engine.worker.model_runner import InFlight, ModelRunner, StepResult
 from hayabusa.tokenizer import Tokenizer
 
@@ -99,6 +100,7 @@ class PagedEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
                                    chunked_prefill=chunked_prefill)
+        self.grammars = GrammarCompiler(tokenizer, config.vocab_size)  # structured outputs' grammars, compiled once
         self._seq_ids = itertools.count()
         self._cond = threading.Condition()  # guards the scheduler and every Sequence; notified after each step
         self._driving = False  # a thread is inside _step()
@@ -122,7 +124,9 @@ class PagedEngine:
         check_capacity(len(prompt_ids), params, max_num_seqs=self.scheduler.max_num_seqs,
                        num_blocks=self.block_manager.num_blocks, block_size=self.block_manager.block_size)
         num_sequences = max(params.num_candidates, params.num_beams)
-        output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id)
+        grammar = self.grammars.matcher(params.structured_outputs, eos_token_ids(params, self.config.eos_token_id)) \
+            if params.structured_outputs is not None else None
+        output = OutputBuilder(self.tokenizer, prompt_ids, params, self.config.eos_token_id, grammar)
         seq = Sequence(next(self._seq_ids), prompt_ids, params, output, delivery)
         seq.fork_children = [seq.fork(next(self._seq_ids), completion_seed(seq.seed, index), index)
                              for index in range(1, num_sequences)]
@@ -211,7 +215,8 @@ class PagedEngine:
                 self.scheduler.publish_prefilled(plan)
             if previous is not None:
                 self._process(previous, results)
-        if plan.drafts or plan.beams:  # the next drafts or beams start from these tokens: read them back at once
+        # The next drafts, beams or grammar masks start from these tokens: read them back at once.
+        if plan.drafts or plan.beams or plan.grammar_masks is not None:
             launched, self._in_flight = self._in_flight, None
             results = self.runner.collect(launched)
             with self._cond:

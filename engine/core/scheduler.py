@@ -51,6 +51,7 @@ from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.decoding.beam_search import BeamStep
 from hayabusa.engine.decoding.paged_beams import BeamGroup
 from hayabusa.engine.decoding.prompt_lookup import draft_rows
+from hayabusa.engine.sample.grammars import grammar_masks
 
 if TYPE_CHECKING:
     from hayabusa.engine.core.output_processor import StepOutputs
@@ -120,6 +121,8 @@ class Scheduler:
             plan = StepPlan(slots.running(), decoding, positions, new_blocks, slots.sampler_mode,
                             wants_logprobs=slots.num_logprob_rows > 0)
         if plan.has_work:  # an idle plan is not launched: its moves, loads and copies wait for the next one
+            if slots.num_constrained:
+                plan.grammar_masks = self._grammar_masks(plan)
             plan.slot_moves = slots.take_moves()
             # Children that left before this launch (aborted) hold no row any more.
             plan.settings_loads = [seq for seq in self._settings_loads if seq.slot >= 0]
@@ -174,6 +177,14 @@ class Scheduler:
                         sorted(seq.slot for seq, _, _ in chunks), admitted, drafts,
                         forked_from, dict(sorted(scored.items())), sorted(prompt_ends), beams,
                         wants_logprobs=wants_logprobs)
+
+    def _grammar_masks(self, plan: StepPlan) -> np.ndarray | None:
+        """The allowed tokens of the plan's sampling rows that have a grammar (every token of theirs is known: a step
+        that sampled one was read back at once), or None when none samples. Beams are masked where their search scores
+        them (engine.decoding.paged_beams)."""
+        rows = [(seq.output.grammar, row) for row in np.flatnonzero(plan.tokens_per_row).tolist()
+                if (seq := plan.seqs[row]).output.grammar is not None and seq.beam_group is None]
+        return grammar_masks(rows, plan.num_rows) if rows else None
 
     def _plan_chunks(self, budget: int) -> tuple[list[tuple[Sequence, int, int]], list[int]]:
         """(sequence, first token, end) of each prompt chunk that fits `budget` tokens, continuing prefills first,

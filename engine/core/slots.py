@@ -41,6 +41,7 @@ class SlotTable:
         self.num_speculating = 0  # running rows with prompt-lookup speculation
         self.num_logprob_rows = 0  # rows whose sampled tokens' logprobs are computed (logprobs, best_of)
         self.num_beam_rows = 0  # rows of beam-search requests (engine.decoding.paged_beams)
+        self.num_constrained = 0  # rows with structured outputs (their grammar masks are made each step)
         self.may_share_write_block: set[int] = set()
         self._moves: dict[int, int] = {}  # destination row -> source row whose device state it must receive
 
@@ -116,6 +117,7 @@ class SlotTable:
         self.num_speculating += change * (seq.params.prompt_lookup_num_tokens is not None)
         self.num_logprob_rows += change * seq.params.wants_token_logprobs
         self.num_beam_rows += change * (seq.params.num_beams > 1)
+        self.num_constrained += change * (seq.params.structured_outputs is not None)
         self.mode_counts[row_mode(seq.params)] += change
         self.sampler_mode = max((mode for mode in SamplerMode if self.mode_counts[mode]), default=SamplerMode.GREEDY)
 

@@ -54,6 +54,10 @@ class StepPlan:
     # started, its rows are fed from the host (the tokens the search appended) and sample nothing themselves.
     beams: list[tuple[BeamGroup, list[int]]] = field(default_factory=list)
     wants_logprobs: bool = False  # some sampling row's request wants its sampled tokens' logprobs
+    # Structured outputs: int32 [rows, ceil(vocab / 32)], the tokens each row's grammar allows at the token it samples
+    # (engine.sample.grammars; every token in rows without one); None when no sampling row has a grammar. Such a
+    # step is read back at once: the next masks start from its tokens.
+    grammar_masks: np.ndarray | None = None
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
     settings_loads: Seq[Sequence] = ()  # running sequences forked since the last launch: their sampler rows load

@@ -161,12 +161,13 @@ class BeamSearch:
 
 
 def beam_logprobs(logits: Tensor, params: SamplingParams, token_lists: Sequence[Sequence[int]], num_generated: int,
-                  model_eos_token_id: int | None) -> Tensor:
+                  model_eos_token_id: int | None, allowed: Tensor | None = None) -> Tensor:
     """logits [rows, vocab] of beams whose tokens (prompt included) are token_lists, the last num_generated of them
     generated -> what BeamSearch.step takes: fp32 log-softmax, then the logits processors on those log-probabilities
     (transformers' order in beam search), in the sampler's order: logit_bias, the repetition penalty over each beam's
     own tokens, the frequency and presence penalties over its generated ones, and -inf where no_repeat_ngram_size,
-    bad_words_ids or min_new_tokens forbid a token."""
+    bad_words_ids or min_new_tokens forbid a token; then -inf where a structured output's grammar does not allow it
+    (allowed: bool [rows, vocab], or None)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     rows, vocab = logprobs.shape
     processors = listed_processors([params] * rows, token_lists, [num_generated] * rows, model_eos_token_id, vocab,
@@ -179,6 +180,8 @@ def beam_logprobs(logits: Tensor, params: SamplingParams, token_lists: Sequence[
     if processors is not None:
         logprobs = penalize_generated(logprobs, processors.generated_counts, processors.frequency_penalty,
                                       processors.presence_penalty).masked_fill(processors.banned, float("-inf"))
+    if allowed is not None:
+        logprobs = logprobs.masked_fill(~allowed, float("-inf"))
     return logprobs
 
 

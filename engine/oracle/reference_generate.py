@@ -2,7 +2,8 @@
 
 The plain loop users run on a CPU and the oracle the paged engine's outputs are compared with. It computes sampled
 tokens' logprobs (SamplingParams.logprobs) and refuses what only the paged engine does: prompt logprobs, several
-completions per prompt, max_new_tokens 0. `reference_outputs` also runs beam search (engine.oracle.reference_beams).
+completions per prompt, max_new_tokens 0, structured outputs. `reference_outputs` also runs beam search
+(engine.oracle.reference_beams).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ GenerationEvent = tuple[int, str, GenerationOutput | None]
 def reference_generate(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
                        params: Sequence[SamplingParams]) -> Iterator[GenerationEvent]:
     """Run all prompts as one batch; yield text deltas as tokens are sampled. Inputs are validated by the caller."""
+    _refuse_structured(params)
     for p in params:
         if p.num_beams > 1:
             raise ValueError("beam search does not stream; reference_outputs runs it (engine.oracle.reference_beams)")
@@ -78,6 +80,7 @@ def reference_outputs(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequ
                       params: Sequence[SamplingParams]) -> list[GenerationOutput]:
     """Every request's outputs in prompt order: reference_generate run to the end, or for a beam request
     (num_beams > 1) its num_return_sequences best hypotheses, consecutive and best first."""
+    _refuse_structured(params)
     outputs = {i: reference_beam_outputs(model, tokenizer, prompts[i], p) for i, p in enumerate(params)
                if p.num_beams > 1}
     plain = [i for i, p in enumerate(params) if p.num_beams == 1]
@@ -87,3 +90,9 @@ def reference_outputs(model: ReferenceModel, tokenizer: Tokenizer, prompts: Sequ
             if finished is not None:
                 outputs[plain[index]] = [finished]
     return [out for i in range(len(prompts)) for out in outputs[i]]
+
+
+def _refuse_structured(params: Sequence[SamplingParams]) -> None:
+    if any(p.structured_outputs is not None for p in params):
+        raise ValueError("structured_outputs run on the paged engine (Engine.generate) only: the reference loop has no "
+                         "grammar engine")

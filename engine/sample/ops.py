@@ -38,12 +38,14 @@ class RowProcessors:
 
 
 def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Tensor, penalty: Tensor,
-                seeds: Tensor, steps: Tensor, seen: Tensor, processors: RowProcessors | None = None) -> Tensor:
+                seeds: Tensor, steps: Tensor, seen: Tensor, processors: RowProcessors | None = None,
+                allowed: Tensor | None = None) -> Tensor:
     """logits [B, V] -> token ids int64 [B]; every setting is a per-row device tensor [B], seen is bool [B, V].
 
-    temperature 0 marks a greedy row (argmax after the processors); processors None skips them. No host sync and no
-    data-dependent branch, so a CUDA graph can capture it. A penalty of 1.0 leaves a row exactly as it was (x / 1
-    and x * 1 are exact).
+    temperature 0 marks a greedy row (argmax after the processors); processors None skips them. allowed (bool
+    [B, V], allowed_tokens): the tokens a structured output's grammar allows, None for no constraint. No host sync
+    and no data-dependent branch, so a CUDA graph can capture it. A penalty of 1.0 leaves a row exactly as it was
+    (x / 1 and x * 1 are exact).
     """
     x = logits.float()
     if processors is not None:
@@ -53,6 +55,8 @@ def sample_rows(logits: Tensor, *, temperature: Tensor, top_k: Tensor, top_p: Te
         x = penalize_generated(x, processors.generated_counts, processors.frequency_penalty,
                                processors.presence_penalty)
         x = x.masked_fill(processors.banned, -torch.inf)
+    if allowed is not None:
+        x = x.masked_fill(~allowed, -torch.inf)
     greedy = temperature == 0
     greedy_tokens = x.argmax(dim=-1)
     scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
@@ -86,3 +90,10 @@ def mask_top_k_top_p(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     cutoff = sorted_kept.masked_fill(~in_nucleus, torch.inf).min(dim=-1, keepdim=True).values
     keep &= logits >= cutoff
     return logits.masked_fill(~keep, -torch.inf)
+
+
+def allowed_tokens(bitmask: Tensor, vocab_size: int) -> Tensor:
+    """int32 bitmask [R, W] (engine.sample.grammars: bit t % 32 of word t // 32 for token t) -> bool [R, vocab]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [R, W, 32]: an arithmetic shift keeps bit k at the bottom
+    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()

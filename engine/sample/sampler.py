@@ -15,6 +15,9 @@ A step samples in one of three modes, the cheapest that serves all its rows (`ro
 - PROCESS: SAMPLE plus the processors (logit_bias, frequency_penalty, presence_penalty, no_repeat_ngram_size,
   bad_words_ids, min_new_tokens, min_p, typical_p) and the token history they read, appended to on the device as
   tokens are sampled.
+Structured outputs add no mode: a step whose rows have grammars passes their allowed tokens (`allowed`, unpacked from
+the step's uploaded bitmasks) and each mode masks the rows' logits with them once, after the processors and before
+the warpers; without them the step launches what it did before.
 Rows whose option is off come out of a richer mode exactly as the cheaper one would give them. Per-row state that
 only a richer mode reads (masks, patterns, history) is loaded only for the rows that use it, and read only where the
 row's settings say it was loaded, so stale rows left by earlier occupants never matter.
@@ -217,13 +220,20 @@ class SlotSampler:
 
     # ---- sampling --------------------------------------------------------------------------------------------
 
-    def sample(self, logits: Tensor, rows: slice | Tensor, mode: SamplerMode, positions: Tensor | None = None) -> None:
+    def sample(self, logits: Tensor, rows: slice | Tensor, mode: SamplerMode, positions: Tensor | None = None,
+               allowed: Tensor | None = None) -> None:
         """logits [rows, vocab] of the slots `rows` (a slice, or int64 slot ids) -> last_token[rows], row_max[rows];
         no host sync. positions (a decode step's, int32 [rows]): rows at -1 computed nothing (padding, a prompt
         still running in chunks, a fork child waiting for it, a finished row riding along); their noise step, seen
-        tokens and history stay as they are."""
+        tokens and history stay as they are. allowed (bool [slots, vocab], indexed like the slots: `rows` picks the
+        step's): the tokens structured outputs' grammars allow, every token in an unconstrained row; None: no row is
+        constrained. row_max stays the raw logits' (a masked token's NaN still fails its row)."""
+        allowed_rows = allowed[rows] if allowed is not None else None
         if mode is SamplerMode.GREEDY:
-            if isinstance(rows, slice):
+            if allowed_rows is not None:
+                self.row_max[rows] = logits.amax(dim=-1)
+                self.last_token[rows] = logits.masked_fill(~allowed_rows, -torch.inf).argmax(dim=-1)
+            elif isinstance(rows, slice):
                 torch.max(logits, dim=-1, out=(self.row_max[rows], self.last_token[rows]))
             else:
                 self.row_max[rows], self.last_token[rows] = logits.max(dim=-1)
@@ -233,7 +243,8 @@ class SlotSampler:
         steps = self.int_settings[rows, STEP]
         processed = mode is SamplerMode.PROCESS
         lengths = self.int_settings[rows, PROMPT_LEN] + steps if processed else None  # tokens in the history
-        ids = self._draw(logits, rows, steps, self.seen[rows], self.history[rows] if processed else None, lengths)
+        ids = self._draw(logits, rows, steps, self.seen[rows], self.history[rows] if processed else None, lengths,
+                         allowed_rows)
         self.last_token[rows] = ids
         if positions is None:  # every row sampled a token of its own
             if processed:
@@ -249,10 +260,11 @@ class SlotSampler:
         self.seen[row_ids, ids] |= active
 
     def _draw(self, logits: Tensor, rows: slice | Tensor, steps: Tensor, seen: Tensor, history: Tensor | None,
-              lengths: Tensor | None) -> Tensor:
+              lengths: Tensor | None, allowed: Tensor | None) -> Tensor:
         """Token ids [R] for logits [R, vocab] whose settings are those of slots `rows`; the token counter, seen
         mask and, with history (the PROCESS mode), the history and its lengths are the rows' own (a draft
-        check position's differ from its slot's by the draft tokens before it)."""
+        check position's differ from its slot's by the draft tokens before it); allowed (bool [R, vocab]) the
+        tokens the rows' grammars allow, or None."""
         floats, ints = self.float_settings[rows], self.int_settings[rows]
         processors = None
         if history is not None:
@@ -271,10 +283,11 @@ class SlotSampler:
                 min_p=floats[:, MIN_P], typical_p=floats[:, TYPICAL_P])
         return sample_rows(logits, temperature=floats[:, TEMPERATURE], top_k=ints[:, TOP_K], top_p=floats[:, TOP_P],
                            penalty=floats[:, PENALTY], seeds=ints[:, SEED], steps=steps, seen=seen,
-                           processors=processors)
+                           processors=processors, allowed=allowed)
 
     def sample_positions(self, logits: Tensor, position_pass: Tensor, position_offset: Tensor, pass_slots: Tensor,
-                         pass_drafts: Tensor, mode: SamplerMode) -> tuple[Tensor, Tensor]:
+                         pass_drafts: Tensor, mode: SamplerMode, allowed: Tensor | None = None
+                         ) -> tuple[Tensor, Tensor]:
         """Sample every position of P draft checks and keep each pass's agreeing drafts
         (engine.decoding.prompt_lookup).
 
@@ -284,11 +297,14 @@ class SlotSampler:
         and min_new_tokens all advanced by the drafts before it). A pass emits its sampled tokens up to the first
         that differs from the draft it checks, inclusive. Returns (emitted int64 [P, K + 1], -1 past each pass's
         count; count int64 [P]), and leaves the slots' state as if the emitted tokens were sampled one by one.
+        allowed (bool [slots, vocab], as in `sample`): what the grammars allow; a constrained row never drafts, so its
+        pass is the one position its mask was made for.
         """
         num_passes, width = pass_drafts.shape
         slots = pass_slots[position_pass]  # [R]
+        allowed = allowed[slots] if allowed is not None else None
         if mode is SamplerMode.GREEDY:
-            ids = logits.argmax(dim=-1)
+            ids = (logits if allowed is None else logits.masked_fill(~allowed, -torch.inf)).argmax(dim=-1)
         else:
             drafts = pass_drafts[position_pass]  # [R, K]
             before = torch.arange(width, device=logits.device)[None, :] < position_offset[:, None]  # drafts fed
@@ -300,7 +316,7 @@ class SlotSampler:
                 history = self.history[slots]
                 _write_history(history, lengths, torch.where(before, drafts, -1))
                 lengths = lengths + position_offset
-            ids = self._draw(logits, slots, base_steps + position_offset, seen, history, lengths)
+            ids = self._draw(logits, slots, base_steps + position_offset, seen, history, lengths, allowed)
         sampled = torch.full((num_passes, width + 1), -1, dtype=torch.int64, device=logits.device)
         sampled[position_pass, position_offset] = ids
         agree = (sampled[:, :width] == pass_drafts).to(torch.int64).cumprod(dim=1)

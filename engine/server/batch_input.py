@@ -1,6 +1,7 @@
 """`hayabusa batch`'s input: a jsonl file read and every line checked before any model loads.
 
-A line is {"prompt": text or token ids, ...} plus `Engine.generate`'s sampling keywords. A problem is a ValueError
+A line is {"prompt": text or token ids, ...} plus `Engine.generate`'s sampling keywords; an output constraint as the
+server takes it (`structured_outputs`, a `guided_*` field or `response_format`). A problem is a ValueError
 naming the file, the line and the field: bytes that are not UTF-8, a line that is not JSON, an empty prompt, an
 unknown field, a field of the wrong JSON type (checked against SamplingParams' annotations, so that "false" is no
 true and "hot" no temperature), and whatever SamplingParams refuses.
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.engine.structured_outputs import GUIDED_ALIASES, from_request_fields
 
 # One output line per input line, text only: several completions and logprobs are for the Python API and the server.
 PER_LINE_UNSUPPORTED = frozenset({"num_return_sequences", "logprobs", "prompt_logprobs"})
 SAMPLING_FIELDS = frozenset(f.name for f in fields(SamplingParams)) - PER_LINE_UNSUPPORTED
+CONSTRAINT_FIELDS = ("structured_outputs", *GUIDED_ALIASES, "response_format")  # what from_request_fields reads
 FIELD_TYPES = typing.get_type_hints(SamplingParams)
 
 Prompt = str | list[int]
@@ -59,9 +62,16 @@ def parse_line(text: str, where: str) -> tuple[Prompt, SamplingParams]:
     if unsupported:
         raise ValueError(f"{where}: {unsupported[0]!r} is not supported by hayabusa batch (one text per line); use "
                          f"Engine.generate or the server")
-    unknown = sorted(set(record) - SAMPLING_FIELDS)
+    known = SAMPLING_FIELDS | set(CONSTRAINT_FIELDS)
+    unknown = sorted(set(record) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: prompt, {', '.join(sorted(SAMPLING_FIELDS))}")
+        raise ValueError(f"{where}: unknown field {unknown[0]!r}; known: prompt, {', '.join(sorted(known))}")
+    try:
+        constraint = from_request_fields({name: record.pop(name) for name in CONSTRAINT_FIELDS if name in record})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if constraint is not None:
+        record["structured_outputs"] = constraint
     for name, value in record.items():
         if not _matches(value, FIELD_TYPES[name]):
             raise ValueError(f"{where}: {name!r} must be {_described(FIELD_TYPES[name])}, got {json.dumps(value)}")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from typing_extensions import Self
 
 from hayabusa.engine.sample.logits_processors import MAX_BAD_WORD_TOKENS, MAX_LOGIT_BIAS, MAX_NO_REPEAT_NGRAM_SIZE
+from hayabusa.engine.sampling_params import MAX_FLOAT32, MAX_LENGTH_PENALTY, MIN_NORMAL_FLOAT32
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_LOGPROBS = 20
@@ -45,6 +46,9 @@ LOGIT_BIAS_SCHEMA = {
 BAD_WORD_SCHEMA = {**TOKEN_IDS_SCHEMA, "maxItems": MAX_BAD_WORD_TOKENS}
 EOS_TOKEN_ID_SCHEMA = {"anyOf": [TOKEN_ID_SCHEMA, TOKEN_IDS_SCHEMA]}
 EARLY_STOPPING_SCHEMA = {"anyOf": [{"type": "boolean"}, {"const": "never"}]}
+JSON_SCHEMA_SCHEMA = {"description": "A JSON schema (an object, or its JSON text)",
+                      "anyOf": [{"type": "object"}, {"type": "string", "minLength": 1}]}
+CHOICE_SCHEMA = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}
 SUFFIX_SCHEMA = {"description": "Insertion is not supported: only null", "type": "null"}
 
 
@@ -82,11 +86,39 @@ class StreamOptions(StrictRequest):
     include_usage: bool = False
 
 
+class StructuredOutputsRequest(StrictRequest):
+    """vLLM's structured_outputs: exactly one of json, regex, choice, grammar, json_object (engine.structured_outputs
+    checks the rest: one given, the schema, regex or grammar valid)."""
+
+    json_: Annotated[dict[str, Any] | str | None, WithJsonSchema(JSON_SCHEMA_SCHEMA)] = Field(None, alias="json")
+    regex: str | None = None
+    choice: Annotated[list[str] | None, WithJsonSchema(CHOICE_SCHEMA)] = None
+    grammar: str | None = None  # GBNF or Lark
+    json_object: bool | None = None
+    disable_any_whitespace: bool = True  # compact JSON (True by default here, unlike vLLM)
+
+
+class JsonSchemaFormat(StrictRequest):
+    """OpenAI's response_format.json_schema."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(StrictRequest):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON that validates against a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class CompletionRequest(StrictRequest):
     model: str
     prompt: Annotated[Prompt, WithJsonSchema(PROMPT_SCHEMA)]
     max_tokens: int = Field(16, ge=0)  # 0 only with echo (serving checks): the prompt and its logprobs
-    temperature: float = Field(1.0, ge=0.0)  # 0: greedy
+    temperature: float = Field(1.0, ge=0.0, le=MAX_FLOAT32)  # 0: greedy; the sampler holds it in float32
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -103,7 +135,7 @@ class CompletionRequest(StrictRequest):
     suffix: Annotated[None, WithJsonSchema(SUFFIX_SCHEMA)] = None  # no insertion: only null (or no field) passes
     # hayabusa's own sampling fields (vLLM spells them the same way).
     top_k: int = Field(0, ge=0)  # 0: off
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    repetition_penalty: float = Field(1.0, ge=MIN_NORMAL_FLOAT32, le=MAX_FLOAT32)  # float32 too
     ignore_eos: bool = False
     # transformers' generate options, with their names (README: generate options); SamplingParams checks the rest.
     min_p: float = Field(0.0, ge=0.0, le=1.0)
@@ -115,8 +147,15 @@ class CompletionRequest(StrictRequest):
     prompt_lookup_num_tokens: int | None = Field(None, ge=1)
     max_matching_ngram_size: int | None = Field(None, ge=1)
     num_beams: int = Field(1, ge=1)  # n picks how many of the beams come back (n <= num_beams)
-    length_penalty: float = 1.0
+    length_penalty: float = Field(1.0, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)
     early_stopping: Annotated[bool | Literal["never"], WithJsonSchema(EARLY_STOPPING_SCHEMA)] = False
+    # Structured outputs (vLLM's fields): one of structured_outputs, the older guided_* spellings, response_format.
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: Annotated[dict[str, Any] | str | None, WithJsonSchema(JSON_SCHEMA_SCHEMA)] = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str] | None, WithJsonSchema(CHOICE_SCHEMA)] = None
+    guided_grammar: str | None = None
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -223,6 +262,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None  # when the request set logprobs
     finish_reason: Literal["stop", "length", "abort"] | None  # abort: the server shut down before it ended
+    # With a structured output constraint, on the choice's last chunk: whether text is a whole match (false: it ran
+    # out of max_tokens first, or a stop string cut it). null otherwise.
+    structured_output_complete: bool | None = None
 
 
 class CompletionResponse(BaseModel):

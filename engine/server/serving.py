@@ -40,6 +40,7 @@ from hayabusa.engine.server.protocol import (
     UsageInfo,
     model_not_found,
 )
+from hayabusa.engine.structured_outputs import StructuredOutputs, from_request_fields
 from hayabusa.tokenizer import Tokenizer
 
 logger = logging.getLogger("hayabusa.server")
@@ -55,6 +56,7 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
         raise APIError(400, "num_beams > 1 needs temperature 0: beam search is greedy (and temperature defaults to 1)",
                        param="temperature")
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    structured = structured_outputs(request)
     return SamplingParams(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
                           temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
                           repetition_penalty=request.repetition_penalty, seed=request.seed, stop=stop,
@@ -67,7 +69,24 @@ def sampling_params(request: CompletionRequest) -> SamplingParams:
                           max_matching_ngram_size=request.max_matching_ngram_size, num_beams=request.num_beams,
                           length_penalty=request.length_penalty, early_stopping=request.early_stopping,
                           presence_penalty=request.presence_penalty, frequency_penalty=request.frequency_penalty,
-                          logit_bias=request.logit_bias, best_of=request.best_of)
+                          logit_bias=request.logit_bias, best_of=request.best_of, structured_outputs=structured)
+
+
+STRUCTURED_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "response_format")
+
+
+def structured_outputs(request: CompletionRequest) -> StructuredOutputs | None:
+    """The request's output constraint, from whichever field carries it; a 400 naming that field when it is invalid
+    (a bad schema, regex or grammar is refused here, before any decoding)."""
+    fields = {name: getattr(request, name) for name in STRUCTURED_FIELDS if getattr(request, name) is not None}
+    wire = {name: value.model_dump(by_alias=True, exclude_none=True) if hasattr(value, "model_dump") else value
+            for name, value in fields.items()}
+    try:
+        return from_request_fields(wire)
+    except ValueError as err:
+        param = next(iter(fields)) if len(fields) == 1 else None
+        raise APIError(400, f"'{param}': {err}" if param else str(err), param=param) from None
 
 
 def check_openai_options(request: CompletionRequest, vocab_size: int) -> None:
@@ -163,7 +182,8 @@ class CompletionServing:
             if completion is not None:
                 pieces.append(completion.piece(out.logprobs, out.token_ids))
             choices.append(CompletionChoice(index=choice, text=prefix + out.text, logprobs=_joined(pieces),
-                                            finish_reason=out.finish_reason))
+                                            finish_reason=out.finish_reason,
+                                            structured_output_complete=out.structured_output_complete))
         return CompletionResponse(id=completion_id, model=self.model_name, choices=choices,
                                   usage=_usage(prompts, sum(len(out.token_ids) for out in outputs.values())))
 
@@ -209,8 +229,10 @@ class CompletionServing:
                         pieces.append(completion.piece(update.new_logprobs, update.new_token_ids))
                     if prefix or update.text_delta or pieces or finished is not None:
                         reason = finished.finish_reason if finished is not None else None
+                        complete = finished.structured_output_complete if finished is not None else None
                         yield chunk([CompletionChoice(index=choice, text=prefix + update.text_delta,
-                                                      logprobs=_joined(pieces), finish_reason=reason)])
+                                                      logprobs=_joined(pieces), finish_reason=reason,
+                                                      structured_output_complete=complete)])
                 if submission.closed:
                     return  # the client went away
                 if include_usage:

@@ -18,6 +18,10 @@ copy. Nothing in it waits for the host. When a row's request wants logprobs, the
 (outside the graph, from the logits it left in its static output buffer `decode_logits`) and ride the same
 read-back; a step with no such row launches exactly what it did without the feature.
 
+A step with structured outputs' grammar masks (plan.grammar_masks) uploads them with its inputs and runs eagerly (a
+decode step too: the graphs hold the unmasked sampler); the sampler unpacks them on the device and masks the rows'
+logits once (engine.sample.ops.allowed_tokens).
+
 A mixed step (prompt chunks, draft checks, decode rows: engine.worker.varlen) runs eagerly. When a chunk scores prompt
 positions (prompt logprobs) it runs the layers (`PagedModel.prefill_hidden`), the LM head on the rows that sample,
 and the LM head on the scored positions in chunks (engine.sample.logprobs.prompt_logprobs); else `PagedModel.prefill`,
@@ -42,7 +46,9 @@ from tqdm.auto import tqdm
 from hayabusa.engine.core.block_manager import PagedPrompt, PagedSequence
 from hayabusa.engine.core.step_plan import StepPlan
 from hayabusa.engine.model.paged_model import DecodeInputs, PagedModel, PrefillInputs
+from hayabusa.engine.sample.grammars import mask_words
 from hayabusa.engine.sample.logprobs import PROMPT_CHUNK_ROWS, StepLogprobs, prompt_logprobs, token_logprobs
+from hayabusa.engine.sample.ops import allowed_tokens
 from hayabusa.engine.sample.sampler import SamplerMode, SlotSampler
 from hayabusa.engine.worker.kv_cache import blocks_that_fit, kv_pool
 from hayabusa.engine.worker.shape_buckets import graph_batch_sizes, prefill_bucket, prefill_buckets
@@ -114,12 +120,13 @@ class ModelRunner:
         # Where every decode step (eager or graph) writes its logits, so that logprobs can read them after a replay.
         self.decode_logits = torch.empty(max_num_seqs, config.vocab_size, dtype=model.dtype, device=self.device)
         self._per_slot = [self.block_tables] + self.sampler.per_slot_tensors()
-        self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs)),
+        self.mask_words = mask_words(config.vocab_size)  # int32 words per row of a grammar mask
+        self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs, masked=True)),
                                         self._largest_varlen_upload()), self.device)
         self.bookkeeping_uploads = PackedUpload(PackedUpload.nbytes(self._bookkeeping_fields(*(max_num_seqs,) * 3)),
                                                 self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
-        self._decode_layouts: dict[int, Layout] = {}
+        self._decode_layouts: dict[tuple[int, bool], Layout] = {}  # (batch, masked) -> layout
         # The torch op set reads indices back to the host (a sync no graph capture allows); it runs eagerly.
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and self.bucketed
         self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
@@ -140,9 +147,14 @@ class ModelRunner:
     def _padded_tokens(self, num_tokens: int) -> int:
         return prefill_bucket(num_tokens) if self.bucketed else num_tokens
 
-    def _decode_fields(self, batch: int) -> list[Field]:
-        return [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
-                ("table_index", torch.int64, (batch,))]
+    def _decode_fields(self, batch: int, masked: bool = False) -> list[Field]:
+        fields = [("positions", torch.int32, (batch,)), ("table_block", torch.int32, (batch,)),
+                  ("table_index", torch.int64, (batch,))]
+        return fields + self._mask_fields(batch) if masked else fields
+
+    def _mask_fields(self, num_rows: int) -> list[Field]:
+        """Structured outputs' grammar masks of num_rows rows (StepPlan.grammar_masks)."""
+        return [("grammar_masks", torch.int32, (num_rows, self.mask_words))]
 
     def _table_fields(self, num_entries: int) -> list[Field]:
         """Block-table entries a step adds: flat index slot * max_blocks_per_seq + column, and the block id."""
@@ -157,7 +169,7 @@ class ModelRunner:
         fields = varlen_fields(largest, self._padded_tokens(self.max_prefill_tokens), self.decode_batch_size(rows))
         fields += self._table_fields(rows * (self.max_blocks_per_seq + 1))
         fields += pass_fields(self.max_prefill_tokens, rows, self.max_prefill_tokens)
-        fields += scored_fields(self.max_prefill_tokens)
+        fields += scored_fields(self.max_prefill_tokens) + self._mask_fields(rows)
         return PackedUpload.nbytes(fields + self.sampler.settings_fields(rows, rows * length))
 
     @staticmethod
@@ -166,10 +178,10 @@ class ModelRunner:
         return [("moves", torch.int64, (2, num_moves)), ("block_copies", torch.int64, (2, num_copies)),
                 *SlotSampler.settings_fields(num_loads, 0)]
 
-    def _decode_layout(self, batch: int) -> Layout:
-        layout = self._decode_layouts.get(batch)
+    def _decode_layout(self, batch: int, masked: bool = False) -> Layout:
+        layout = self._decode_layouts.get((batch, masked))
         if layout is None:
-            layout = self._decode_layouts[batch] = self.uploads.layout(self._decode_fields(batch))
+            layout = self._decode_layouts[batch, masked] = self.uploads.layout(self._decode_fields(batch, masked))
         return layout
 
     # ---- launching -------------------------------------------------------------------------------------------
@@ -220,9 +232,9 @@ class ModelRunner:
             self.kv_pool.index_copy_(2, blocks[1], self.kv_pool.index_select(2, blocks[0]))
 
     def _launch_decode(self, plan: StepPlan) -> Readback:
-        rows = plan.num_rows
+        rows, masks = plan.num_rows, plan.grammar_masks
         batch = self.decode_batch_size(rows)
-        layout = self._decode_layout(batch)
+        layout = self._decode_layout(batch, masked=masks is not None)
         host = self.uploads.host_views(layout)
         positions, table_index, table_block = host["positions"], host["table_index"], host["table_block"]
         positions[:rows] = plan.positions
@@ -232,8 +244,11 @@ class ModelRunner:
             table_index[i] = slot * width + column
             table_block[i] = block_id
         table_index[len(plan.new_blocks):] = self._trash_entry
+        if masks is not None:
+            host["grammar_masks"][:rows] = masks
+            host["grammar_masks"][rows:] = -1
         views = self.uploads.upload(layout)
-        graph = self.graphs.get((batch, plan.sampler_mode))
+        graph = self.graphs.get((batch, plan.sampler_mode)) if masks is None else None
         if graph is not None:
             graph.replay()
         else:
@@ -248,7 +263,12 @@ class ModelRunner:
         inputs = DecodeInputs(input_ids=self.sampler.last_token[:batch], positions=views["positions"],
                               block_tables=self.block_tables[:batch], check_indices=False)
         logits = self.model.decode(inputs, self.kv_caches, logits_out=self.decode_logits[:batch])  # [batch, vocab]
-        self.sampler.sample(logits, slice(0, batch), mode, views["positions"])
+        self.sampler.sample(logits, slice(0, batch), mode, views["positions"], self._allowed(views))
+
+    def _allowed(self, views: dict[str, Tensor]) -> Tensor | None:
+        """bool [rows, vocab]: what the uploaded grammar masks allow (None when the step has none)."""
+        masks = views.get("grammar_masks")
+        return allowed_tokens(masks, self.config.vocab_size) if masks is not None else None
 
     def _launch_mixed(self, plan: StepPlan) -> InFlight:
         """One varlen forward over every row that computes tokens: decode rows (input from last_token), prompt
@@ -274,7 +294,8 @@ class ModelRunner:
                   for row, (first, end) in plan.scored.items() if end > first]
         batch = VarlenBatch(rows, plan.positions[rows], counts, host_tokens, logit_counts, drafts, forks, scored)
         admitted = [plan.seqs[row] for row in plan.admitted]
-        inputs, views = self._pack_varlen(batch, plan.new_blocks, plan.admitted, admitted)
+        inputs, views = self._pack_varlen(batch, plan.new_blocks, plan.admitted, admitted, plan.grammar_masks)
+        allowed = self._allowed(views)  # [rows, vocab] by slot
         if admitted:
             self.sampler.load(views)
             self.sampler.load_processors(plan.admitted, admitted)
@@ -295,7 +316,7 @@ class ModelRunner:
             pass_drafts.index_copy_(0, views["draft_index"], views["draft_tokens"])
             emitted, emitted_counts = self.sampler.sample_positions(
                 logits, views["position_pass"], views["position_offset"], views["pass_slots"],
-                pass_drafts.view(num_passes, -1), plan.sampler_mode)
+                pass_drafts.view(num_passes, -1), plan.sampler_mode, allowed)
             pass_rows = rows[np.flatnonzero(logit_counts)].tolist() + [child for _, child in forks]
             passes = (emitted, emitted_counts, pass_rows)
             # Rows that ask for logprobs never speculate: their pass is one position, emitting one token.
@@ -308,7 +329,7 @@ class ModelRunner:
                                          emitted[torch.as_tensor(asked, device=self.device), 0]).scatter(
                     torch.as_tensor([pass_rows[p] for p in asked], device=self.device), plan.num_rows)
         elif num_logits:  # else only prompt chunks short of their end: their KV is all this step makes
-            self.sampler.sample(logits, views["logit_slots"], plan.sampler_mode)
+            self.sampler.sample(logits, views["logit_slots"], plan.sampler_mode, allowed=allowed)
             if plan.wants_logprobs:  # by slot row, as in a decode step
                 sampled = token_logprobs(logits, self.sampler.last_token[views["logit_slots"]]).scatter(
                     views["logit_slots"], plan.num_rows)
@@ -335,9 +356,10 @@ class ModelRunner:
         return self._pack_varlen(batch, entries, [], [])[0]
 
     def _pack_varlen(self, batch: VarlenBatch, table_entries: list[tuple[int, int, int]], loaded_slots: list[int],
-                     loaded: list) -> tuple[PrefillInputs, dict[str, Tensor]]:
-        """Upload a varlen batch with the block-table entries it adds and the sampler settings of the sequences it
-        loads, in one copy; scatter the entries and bring in the decode rows' input ids (both on the device)."""
+                     loaded: list, grammar_masks: np.ndarray | None = None) -> tuple[PrefillInputs, dict[str, Tensor]]:
+        """Upload a varlen batch with the block-table entries it adds, the sampler settings of the sequences it
+        loads and the grammar masks of its rows, in one copy; scatter the entries and bring in the decode rows' input
+        ids (both on the device)."""
         num_tokens = batch.num_tokens
         fields = varlen_fields(batch, self._padded_tokens(num_tokens),
                                self._padded_logit_rows(max(batch.num_logits, 1)))
@@ -345,9 +367,13 @@ class ModelRunner:
         fields += self.sampler.settings_fields(len(loaded), self.sampler.num_seen_tokens(loaded))
         if batch.scored:
             fields += scored_fields(sum(len(targets) for *_, targets in batch.scored))
+        if grammar_masks is not None:
+            fields += self._mask_fields(len(grammar_masks))
         layout = self.uploads.layout(fields)
         host = self.uploads.host_views(layout)
         fill_varlen(host, batch)
+        if grammar_masks is not None:
+            host["grammar_masks"][...] = grammar_masks
         if table_entries:
             slots, columns, block_ids = np.array(table_entries, dtype=np.int64).T
             host["table_index"][:] = slots * self.max_blocks_per_seq + columns

@@ -54,7 +54,7 @@ def test_generate_streams_text_and_is_repeatable(tiny_dir: Path, capsys: pytest.
 def test_generate_reports_bad_input_without_a_traceback(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--model", str(tiny_dir), "猫", "--temperature", "-1"]) == 1
     err = capsys.readouterr().err
-    assert "temperature must be >= 0" in err and "Traceback" not in err
+    assert "temperature must be a number in [0, " in err and "Traceback" not in err
     assert main(["generate", "--model", str(tiny_dir / "missing"), "猫"]) == 1
     assert "missing" in capsys.readouterr().err
 
@@ -180,6 +180,24 @@ def test_an_unknown_flag_shows_the_commands_usage(capsys):
     assert exit_status.value.code == 2
     assert err.startswith("usage: hayabusa generate ") and "--max-new-tokens" in err
     assert err.endswith("hayabusa generate: error: unrecognized arguments: --bogus\n")
+
+
+def test_generate_keeps_to_a_json_schema_regex_or_choices(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    schema = {"type": "object", "properties": {"答え": {"enum": ["はい", "いいえ"]}}, "required": ["答え"],
+              "additionalProperties": False}
+    (tmp_path / "schema.json").write_text(json.dumps(schema, ensure_ascii=False), encoding="utf-8")
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--json-schema", str(tmp_path / "schema.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["答え"] in ("はい", "いいえ")
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--choice", "はい", "--choice", "🐯 🍙"]) == 0
+    assert capsys.readouterr().out in ("はい\n", "🐯 🍙\n")
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--regex", "[0-9]{9}", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr()
+    assert out.out.strip().isdigit() and "warning: the output does not match the constraint yet: --max-new-tokens " \
+                                         "ran out" in out.err
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--regex", "a(b"]) == 1
+    assert "error: --regex: structured_outputs.regex is invalid" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tiny_dir), "猫", "--json-schema", str(tmp_path / "missing.json")]) == 1
+    assert f"error: --json-schema {tmp_path / 'missing.json'}: cannot read it" in capsys.readouterr().err
 
 
 def test_generate_help_shows_the_defaults(capsys):

@@ -6,7 +6,12 @@ from hayabusa.engine.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
-    ("temperature", -0.5, "temperature must be >= 0"),
+    ("temperature", -0.5, r"temperature must be a number in \[0, 3.402823e\+38\]"),
+    # Floats the sampler holds in float32 are bounded by its range (past it they would silently become inf or 0).
+    ("temperature", 1e300, r"temperature must be a number in \[0, 3.402823e\+38\] \(float32's largest"),
+    ("repetition_penalty", 1e39, r"repetition_penalty must be > 0, in \[1.175494e-38, 3.402823e\+38\]"),
+    ("repetition_penalty", 1e-300, r"repetition_penalty must be > 0, in \[1.175494e-38"),
+    ("length_penalty", 1e300, r"length_penalty must be a number in \[-64, 64\]"),
     ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
     ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
     ("top_k", -1, "top_k must be an integer >= 0"),

@@ -59,6 +59,9 @@ def nothing_loads(monkeypatch):
     ('{"prompt": "a", "num_return_sequences": 2}', ["in.jsonl:3: 'num_return_sequences' is not supported by hayabusa "
                                                     "batch (one text per line)"]),
     ('{"prompt": "a"', ["in.jsonl:3: not valid JSON"]),
+    ('{"prompt": "a", "guided_regex": "a(b"}', ["in.jsonl:3: structured_outputs.regex is invalid", "unclosed group"]),
+    ('{"prompt": "a", "guided_regex": "a", "structured_outputs": {"choice": ["b"]}}',
+     ["in.jsonl:3: guided_regex and structured_outputs each constrain the output"]),
 ])
 def test_a_bad_line_is_named_before_any_work(tmp_path, capsys, nothing_loads, bad_line, words) -> None:
     """Before: an empty prompt failed after the model loaded (leaving an empty .partial), and a wrong type was "a
@@ -125,3 +128,15 @@ def test_lines_end_at_newlines_only(tmp_path) -> None:
     assert run_batch(tmp_path, [json.dumps(r, ensure_ascii=False) for r in records]) == 0
     got = (tmp_path / "out.jsonl").read_text(encoding="utf-8").split("\n")
     assert len(got) == 3 and got[2] == "" and json.loads(got[0])["prompt_tokens"] > 1
+
+
+def test_lines_may_carry_an_output_constraint(tmp_path) -> None:
+    records = [{"prompt": "東京", "max_new_tokens": 20, "structured_outputs": {"regex": "[0-9]{3}"}},
+               {"prompt": "東京", "max_new_tokens": 20, "guided_choice": ["はい", "いいえ"]},
+               {"prompt": "東京", "max_new_tokens": 40, "response_format": {"type": "json_schema", "json_schema": {
+                   "name": "n", "schema": {"type": "object", "properties": {"n": {"enum": [1, 2]}},
+                                           "required": ["n"], "additionalProperties": False}}}}]
+    assert run_batch(tmp_path, [json.dumps(r, ensure_ascii=False) for r in records]) == 0
+    regex, choice, schema = (json.loads(line)["text"]
+                             for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines())
+    assert len(regex) == 3 and regex.isdigit() and choice in ("はい", "いいえ") and json.loads(schema)["n"] in (1, 2)
