@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hayabusa.bench.records import DEFAULT_SCENARIOS, ENGINES, KERNEL_TABLE, SCENARIOS
-from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
 from hayabusa.engine.loading.quant_schemes import ALIASES, QUANTIZATION_CHOICES, SCHEMES
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
+from hayabusa.engine.platform.dtypes import AUTO, DTYPE_CHOICES, DTYPE_HELP
 
 if TYPE_CHECKING:
     from hayabusa.bench.suite import SuiteSettings
@@ -31,8 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="directory for results.json, results.md, results.png")
     add_device_argument(parser)
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
     parser.add_argument("--scenarios", nargs="+", default=None, metavar="SCENARIO",
                         help=f"any of {', '.join(SCENARIO_CHOICES)} (space or comma separated; default: all but "
                              "serve, which runs `hayabusa serve` under locust's streaming users and needs "
@@ -112,7 +111,7 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
     if device.type == "cpu":
         # Triton kernels (only used when the hayabusa engine is forced on a CPU) need the interpreter.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = DTYPES.get(args.dtype) or default_dtype(device)  # "auto": the device's default
     scenarios = _choices(args.scenarios, SCENARIO_CHOICES, "--scenarios") or (*DEFAULT_SCENARIOS, KERNEL_TABLE)
     engines = _choices(args.engines, ENGINES, "--engines")
     quantizations = tuple(dict.fromkeys(None if name == "none" else ALIASES.get(name, name) for name in

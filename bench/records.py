@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-ENGINES = ("hayabusa", "hayabusa-reference", "transformers-eager", "transformers-compile")
+ENGINES = ("hayabusa", "hayabusa-reference", "transformers-eager", "transformers-compile", "openvino", "openvino-int8",
+           "openvino-int4")
 SCENARIOS = ("decode", "prefill", "throughput", "speculation", "load", "tokenizer", "serve", "structured")
 # `serve` runs only when named: it needs the [serve] extra and locust, and a server of its own for minutes
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("serve", "structured"))

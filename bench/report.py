@@ -74,10 +74,13 @@ def markdown_report(results: dict[str, Any]) -> str:
         f" · triton {results['versions'].get('triton')} · transformers {results['versions'].get('transformers')}",
         f"- **Sizes**: `{sizes['name']}`; median of {sizes['repeats']} timed runs after {sizes['warmup']} warm-up;"
         " same prompts and forced token counts (end-of-sequence ignored) for every engine",
-        f"- **Roofline measured in this run**: copy {roof['copy_gb_per_s']:.1f} GB/s, {roof['dtype']} matmul "
+        f"- **Roofline measured in this run**: copy {roof['copy_gb_per_s']:.1f} GB/s"
+        + (f", read {roof['read_gb_per_s']:.1f} GB/s" if roof.get("read_gb_per_s") else "")
+        + f", {roof['dtype']} matmul "
         f"{_flop_rate(roof['matmul_tflops'])} (n = {roof['matmul_size']})"
         + (f"; each the fastest of {roof['timed_runs']} timed runs" if "timed_runs" in roof else ""),
         *_machine_lines(results),
+        *_peer_settings_lines(results),
         "",
     ]
     sections: list[tuple[str, str, Callable[[list[dict[str, Any]]], list[str]]]] = [
@@ -142,6 +145,13 @@ def _machine_lines(results: dict[str, Any]) -> list[str]:
     return [line] + [f"- **Warning**: {warning}" for warning in results.get("warnings", [])]
 
 
+def _peer_settings_lines(results: dict[str, Any]) -> list[str]:
+    """One line per OpenVINO variant: the settings its compiled model reported (they decide what it computes)."""
+    settings = {r["engine"]: r["extra"]["openvino"] for r in results["records"] if "openvino" in r["extra"]}
+    return [f"- **{engine} settings**: " + ", ".join(f"{key} {value}" for key, value in values.items())
+            for engine, values in settings.items()]
+
+
 def _case_load(r: dict[str, Any]) -> tuple[str, str]:
     """(torch threads, CPUs other processes kept busy) just before the case, where recorded."""
     load = r["extra"].get("machine_load", {})
@@ -149,10 +159,11 @@ def _case_load(r: dict[str, Any]) -> tuple[str, str]:
 
 
 def _decode_table(rows: list[dict[str, Any]]) -> list[str]:
-    return _table(["engine", "batch", "prompt", "ms / token", "tokens / s", "% of bandwidth floor", "weights GB / s",
-                   "vs eager", "threads", "others' CPUs"],
-                  [[engine_label(r), str(r["batch"]), str(r["prompt_len"]), _fmt(r["ms_per_token"]),
-                    _fmt(r["tokens_per_s"], 1), _fmt(r["pct_roofline"], 1), _fmt(r["extra"].get("weight_gb_per_s")),
+    return _table(["engine", "weights", "batch", "prompt", "ms / token", "tokens / s", "% of bandwidth floor",
+                   "weights GB / s", "% of weight-read floor", "vs eager", "threads", "others' CPUs"],
+                  [[engine_label(r), r["extra"].get("weight_format", "–"), str(r["batch"]), str(r["prompt_len"]),
+                    _fmt(r["ms_per_token"]), _fmt(r["tokens_per_s"], 1), _fmt(r["pct_roofline"], 1),
+                    _fmt(r["extra"].get("weight_gb_per_s")), _fmt(r["extra"].get("pct_read_bandwidth_weights"), 1),
                     _speedup(rows, r, "ms_per_token", False), *_case_load(r)] for r in rows])
 
 

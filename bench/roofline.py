@@ -1,7 +1,10 @@
 """Roofline: what the model must move and compute per step, and what this device can move and compute.
 
 Decode is bound by memory: every step reads all weights once plus each sequence's KV cache, so its floor is
-`bytes_per_decode_step / copy_bandwidth`. Prefill is bound by matmul rate: its floor is `flops / matmul_rate`.
+`bytes_per_decode_step / copy_bandwidth`; at batch 1 the weights alone over the read bandwidth (a reduction over a
+buffer: weights are only read) is the floor a CPU engine is held to. Weights count in the format the engine streams
+(WEIGHT_FORMAT_BYTES: a quantized engine reads fewer bytes, so its floor is lower). Prefill is bound by matmul
+rate: its floor is `flops / matmul_rate`.
 Both device figures are measured in the same run (not taken from a spec sheet), in the run's dtype and with its
 torch threads, so "% of roofline" compares the engine with what this device actually sustains. Each is the fastest
 of its timed calls: another process or a scheduler hiccup can only slow a call down, and a limit measured low
@@ -19,6 +22,10 @@ from hayabusa.bench.timing import time_ms
 from hayabusa.engine.loading.config import ModelConfig
 
 PEAK_TIMED_RUNS = 10
+# Bytes per weight an engine streams, by format: int8 per output channel (a scale per row: negligible); int4 in
+# groups of 128 with a 16-bit scale and a 4-bit zero point per group.
+WEIGHT_FORMAT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5 + 2.5 / 128}
+DENSE_FORMATS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def layer_weight_params(config: ModelConfig) -> int:
@@ -27,7 +34,7 @@ def layer_weight_params(config: ModelConfig) -> int:
     return 3 * h * h + h * h + 2 * h * inter + 4 * h
 
 
-def decode_weight_bytes(config: ModelConfig, batch: int, bytes_per_param: int) -> int:
+def decode_weight_bytes(config: ModelConfig, batch: int, bytes_per_param: float) -> float:
     """Weight bytes one decode step reads: all layers, final LN, the whole LM head and `batch` embedding rows."""
     h, vocab = config.hidden_size, config.vocab_size
     params = (config.num_hidden_layers * layer_weight_params(config)
@@ -87,7 +94,8 @@ def prefill_flops(config: ModelConfig, batch: int, prompt_len: int) -> int:
 
 @dataclass(frozen=True)
 class DeviceRoofline:
-    """Measured device limits: bytes/s of a device-to-device copy and FLOP/s of a large square matmul."""
+    """Measured device limits: bytes/s of a device-to-device copy, FLOP/s of a large square matmul and bytes/s
+    read by a reduction over a buffer of copy_bytes (None where not measured)."""
 
     device: str
     dtype: str
@@ -96,16 +104,21 @@ class DeviceRoofline:
     copy_bytes: int  # size of the copied buffer
     matmul_size: int  # n of the n x n x n matmul
     timed_runs: int = PEAK_TIMED_RUNS  # each rate is the fastest of this many
+    read_bytes_per_s: float | None = None
 
     def decode_floor_ms(self, step_bytes: float) -> float:
         return step_bytes / self.copy_bytes_per_s * 1e3
+
+    def read_floor_ms(self, read_bytes: float) -> float | None:
+        return None if self.read_bytes_per_s is None else read_bytes / self.read_bytes_per_s * 1e3
 
     def prefill_floor_ms(self, flops: float) -> float:
         return flops / self.matmul_flops_per_s * 1e3
 
     def as_dict(self) -> dict:
+        read = None if self.read_bytes_per_s is None else self.read_bytes_per_s / 1e9
         return {**asdict(self), "copy_gb_per_s": self.copy_bytes_per_s / 1e9,
-                "matmul_tflops": self.matmul_flops_per_s / 1e12}
+                "matmul_tflops": self.matmul_flops_per_s / 1e12, "read_gb_per_s": read}
 
 
 def pct_of_floor(floor_ms: float, measured_ms: float) -> float:
@@ -123,6 +136,13 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int, repeats: int = 
     return 2 * num_bytes / (min(timing.samples_ms) / 1e3)
 
 
+def measure_read_bandwidth(device: torch.device, num_bytes: int, repeats: int = PEAK_TIMED_RUNS) -> float:
+    """Bytes/s of the fastest max over a float32 buffer of num_bytes: a vectorized read of every byte."""
+    src = torch.randn(num_bytes // 4, device=device)
+    timing = time_ms(lambda: src.amax(), device, repeats=repeats, warmup=2)
+    return src.nbytes / (min(timing.samples_ms) / 1e3)
+
+
 def measure_matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: int = PEAK_TIMED_RUNS) -> float:
     """FLOP/s of the fastest n x n @ n x n matmul in `dtype` (2 n^3 FLOPs)."""
     a = torch.randn(size, size, device=device).to(dtype)
@@ -137,6 +157,6 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, copy_bytes: int, 
         device=str(device), dtype=str(dtype).removeprefix("torch."),
         copy_bytes_per_s=measure_copy_bandwidth(device, copy_bytes),
         matmul_flops_per_s=measure_matmul_rate(device, dtype, matmul_size),
-        copy_bytes=copy_bytes, matmul_size=matmul_size,
+        copy_bytes=copy_bytes, matmul_size=matmul_size, read_bytes_per_s=measure_read_bandwidth(device, copy_bytes),
     )
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hayabusa.bench.roofline import decode_weight_bytes
+from hayabusa.bench.roofline import DENSE_FORMATS, decode_weight_bytes
 from hayabusa.engine.loading.config import ModelConfig
 
 PAD_TOKEN_ID = 0  # left padding for transformers' batched generate on a mixed-length set; masked out
@@ -44,6 +44,12 @@ class BenchRunner(ABC):
 
     def __init__(self, model_dir: Path, dtype: torch.dtype, device: torch.device) -> None:
         self.model_dir, self.dtype, self.device = model_dir, dtype, device
+        # the weights as the engine streams them (roofline.WEIGHT_FORMAT_BYTES): its decode floor's basis
+        self.weight_format = DENSE_FORMATS[dtype]
+
+    def record_facts(self) -> dict:
+        """Settings every record of this engine carries (in its extra), e.g. a peer's precision settings."""
+        return {}
 
     @property
     def quantization(self) -> str | None:
@@ -112,6 +118,8 @@ class HayabusaRunner(BenchRunner):
         self.engine = self._engine_cls.from_pretrained(str(self.model_dir), dtype=self.dtype, device=str(self.device),
                                                        backend=self.backend, kv_cache_blocks=self.kv_cache_blocks,
                                                        quantization=self.quantize)
+        layer_linears = self.engine.paged.model.linear_weights()[:-1]  # the LM head stays dense
+        self.weight_format = "+".join(dict.fromkeys(streamed_format(weight) for weight in layer_linears))
 
     def unload(self) -> None:
         if self.engine is not None:
@@ -121,9 +129,7 @@ class HayabusaRunner(BenchRunner):
 
     @property
     def quantization(self) -> str | None:
-        from hayabusa.engine.loading.quantized_tensors import scheme_counts
-
-        return "+".join(scheme_counts(self.engine.paged.model.linear_weights())) or None
+        return "+".join(self.engine.paged.model.weight_schemes) or None
 
     def weight_bytes_per_step(self, config: ModelConfig, batch: int) -> int:
         return self.engine.paged.model.weight_bytes_per_decode_step(batch)
@@ -314,6 +320,22 @@ class FirstTokenClock:
             torch.cuda.synchronize(self.device)
 
 
+def streamed_format(weight: object) -> str:
+    """The format a loaded linear weight is read in each step: "int8" / "int4" codes, or its dense dtype's name (a
+    CPU runs an int8 weight in groups dequantized: kernels/cpu_linear.py)."""
+    from hayabusa.kernels.cpu_linear import PackedLinearWeight
+    from hayabusa.kernels.quantized_weight import QuantizedWeight
+
+    if isinstance(weight, QuantizedWeight):
+        return f"int{weight.bits}"
+    if isinstance(weight, PackedLinearWeight):
+        return {"int4pack": "int4", "int8pack": "int8"}.get(weight.kind) or DENSE_FORMATS[weight.dtype]
+    return DENSE_FORMATS[weight.dtype]
+
+
+OPENVINO_ENGINES = ("openvino", "openvino-int8", "openvino-int4")  # bench/openvino_runner.py
+
+
 def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.device, static_batch: int,
                 explicitly_requested: bool, kv_cache_blocks: int | None = None,
                 quantize: str | None = None) -> BenchRunner:
@@ -336,4 +358,8 @@ def make_runner(name: str, model_dir: Path, dtype: torch.dtype, device: torch.de
                                     "compiling every shape dominates a short run (pass --engines "
                                     "transformers-compile to force it)")
         return TransformersRunner(name, True, model_dir, dtype, device, static_batch)
+    if name in OPENVINO_ENGINES:
+        from hayabusa.bench.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner(name, model_dir, device, static_batch)
     raise ValueError(f"unknown engine {name!r}")

@@ -63,6 +63,7 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
     step_bytes = roofline.mean_decode_step_bytes(config, batch, prompt_len, gen_len, runner.dtype.itemsize,
                                                  weight_bytes)
     floor_ms = device_roofline.decode_floor_ms(step_bytes)
+    read_floor_ms = device_roofline.read_floor_ms(weight_bytes)
     case = f"batch{batch}-prompt{prompt_len}" if long_context else f"batch{batch}"
     return BenchRecord(
         runner.name, "decode", case, batch, prompt_len, gen_len, ms_per_token, median(timing.samples_ms),
@@ -71,7 +72,11 @@ def run_decode(runner: BenchRunner, sizes: SuiteSizes, config: ModelConfig, devi
         {"step_samples_ms": step_samples, "bytes_per_step": step_bytes, "floor_ms_per_step": floor_ms,
          # the weights alone (what batch 1 is about): their bytes per step over the measured step time, as a
          # fraction of the copy bandwidth measured in this run
-         "weight_bytes_per_step": weight_bytes, "weight_gb_per_s": weight_bytes / ms_per_token / 1e6,
+         "weight_format": runner.weight_format, "weight_bytes_per_step": weight_bytes,
+         "weight_gb_per_s": weight_bytes / ms_per_token / 1e6,
+         # the weights over the read bandwidth measured in this run: the floor of a batch-1 step on a CPU
+         "pct_read_bandwidth_weights": None if read_floor_ms is None else roofline.pct_of_floor(read_floor_ms,
+                                                                                                ms_per_token),
          "pct_copy_bandwidth_weights": roofline.pct_of_floor(device_roofline.decode_floor_ms(weight_bytes),
                                                              ms_per_token)},
     )

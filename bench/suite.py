@@ -282,7 +282,7 @@ def _run_engine(engine: str, quantize: str | None, cases: list[Case], settings: 
             load = measure_machine_load().as_dict()
             result.case_loads.append((f"{label} {case_label}", load))
             ok = _guarded(result, label, scenario, lambda m=measure, case_load=load: result.add_record(
-                _with_case_facts(m(runner), case_load, runner.quantization)))
+                _with_case_facts(m(runner), case_load, runner.record_facts(), runner.quantization)))
             progress.update(1)
             if not ok and scenario == "load":  # nothing else can run without the model
                 progress.update(len(cases) - done - 1)
@@ -297,10 +297,11 @@ def _run_engine(engine: str, quantize: str | None, cases: list[Case], settings: 
         runner.unload()
 
 
-def _with_case_facts(record: BenchRecord, load: dict[str, Any], quantization: str | None) -> BenchRecord:
-    """The record with the torch threads it ran with, the machine's load just before it and the runner's
-    quantized weights."""
-    record.extra |= {"torch_threads": torch.get_num_threads(),
+def _with_case_facts(record: BenchRecord, load: dict[str, Any], runner_facts: dict[str, Any],
+                     quantization: str | None) -> BenchRecord:
+    """The record with the torch threads it ran with, the machine's load just before it, the runner's settings
+    and its quantized weights."""
+    record.extra |= {**runner_facts, "torch_threads": torch.get_num_threads(),
                      "machine_load": {key: load[key] for key in ("loadavg_1m", "other_busy_cpus", "others_busy")}}
     record.quantization = quantization
     return record

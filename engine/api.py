@@ -24,6 +24,7 @@ from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.outputs import GenerationOutput, ScoreOutput
 from hayabusa.engine.platform.cpu_threads import ThreadChoice, apply_cpu_threads
 from hayabusa.engine.platform.devices import resolve_device, warn_if_interpreted
+from hayabusa.engine.platform.dtypes import AUTO, auto_dtype
 from hayabusa.engine.sampling_params import SCORING, SamplingParams
 from hayabusa.tokenizer import Tokenizer
 
@@ -33,7 +34,8 @@ BACKENDS = tuple(OPS_OF_BACKEND)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    return torch.float16 if device.type == "cuda" else torch.float32
+    """What an omitted dtype means (`--dtype auto`): engine.platform.dtypes.auto_dtype."""
+    return auto_dtype(device)
 
 
 def default_backend(device: torch.device) -> str:
@@ -60,8 +62,8 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype | None, devi
 class Engine:
     def __init__(self, config: ModelConfig, state_dict: dict[str, LinearWeight], tokenizer: Tokenizer, *,
                  backend: str, device: torch.device, kv_cache_blocks: int | None = None, block_size: int = 16,
-                 model_dir: Path | None = None, warmup: bool = False, max_num_batched_tokens: int | None = None
-                 ) -> None:
+                 model_dir: Path | None = None, warmup: bool = False, max_num_batched_tokens: int | None = None,
+                 quantization: str | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.config = config
@@ -69,11 +71,13 @@ class Engine:
         self.backend = backend
         self.device = device = torch.device(device)
         self.model_dir = model_dir
+        self.quantization = quantization  # the quant_schemes name model_dir was quantized with while loading
         # On a CPU: torch's thread count for this model (process-wide; see platform/cpu_threads.py). None on a GPU.
         self.cpu_threads: ThreadChoice | None = None
         if device.type == "cpu":
             self.cpu_threads = apply_cpu_threads(config, state_dict[EMBED_IN].dtype)
-        self.reference = ReferenceModel(config, state_dict)  # shares the weights; serves logits()
+        self.dtype = state_dict[EMBED_IN].dtype
+        self._reference: ReferenceModel | None = None  # serves logits(); built on first use (see `reference`)
         if backend == "triton":
             warn_if_interpreted(torch.device(device), "the reference backend generates on a CPU at full speed")
         from hayabusa.engine.core.paged_engine import PagedEngine  # here: importing the API stays light (no kernels)
@@ -82,9 +86,13 @@ class Engine:
         self.paged = PagedEngine(config, state_dict, tokenizer, device=device, ops=OPS_OF_BACKEND[backend],
                                  kv_cache_blocks=kv_cache_blocks, block_size=block_size, warmup=warmup,
                                  max_num_batched_tokens=max_num_batched_tokens)
+        # The loaded weights stay for the reference while the paged model reads them in place; where it packed its
+        # own copy (a CPU) and the directory can be read again, they are let go (the memory of a second model).
+        reloadable = model_dir is not None and self.paged.model.owns_weights
+        self._reference_weights: dict[str, torch.Tensor] | None = None if reloadable else state_dict
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, backend: str | None = None,
                         kv_cache_blocks: int | None = None, block_size: int = 16,
                         revision: str | None = None, warmup: bool | None = None,
@@ -94,9 +102,11 @@ class Engine:
         A preset name (tiny, small, 2.7b) that is not a local directory loads a random-weight checkpoint of that
         shape, written once into the cache ($HAYABUSA_CACHE or ~/.cache/hayabusa).
 
-        Defaults: device cuda when available else cpu; dtype float16 on cuda, float32 on cpu; backend triton on
-        cuda, reference on cpu. warmup (default: with the triton backend on cuda) runs every kernel shape the engine
-        can launch before returning, with a progress bar, so that no request waits for a compile.
+        Defaults: device cuda when available else cpu; dtype (None or "auto") float16 on cuda, on a cpu bfloat16
+        where it computes bf16 natively (avx512_bf16 or AMX), else float32 (engine.platform.dtypes; float32 is
+        the exact path); backend triton on cuda, reference on cpu. warmup (default: with the triton backend on
+        cuda) runs every kernel shape the engine can launch before returning, with a progress bar, so that no
+        request waits for a compile.
         max_num_batched_tokens: tokens per engine step (default 512): prompts run in chunks of what the decoding
         requests leave of it, so it bounds how long they wait for their next token when a long prompt arrives.
         quantization: quantize the weights of every layer's Linear layers while loading, round to nearest: "int8"
@@ -105,6 +115,10 @@ class Engine:
         without it.
         """
         device = resolve_device(device)  # before anything loads: a bad device fails in a second, not after the weights
+        if dtype == AUTO:
+            dtype = None
+        elif dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype, {AUTO!r} or None, got {dtype!r}")
         if backend is None:
             backend = default_backend(device)
         if backend not in BACKENDS:
@@ -115,7 +129,7 @@ class Engine:
             warmup = default_warmup(device, backend)
         return cls(config, state_dict, tokenizer, backend=backend, device=device, kv_cache_blocks=kv_cache_blocks,
                    block_size=block_size, model_dir=model_dir, warmup=warmup,
-                   max_num_batched_tokens=max_num_batched_tokens)
+                   max_num_batched_tokens=max_num_batched_tokens, quantization=quantization)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -171,6 +185,20 @@ class Engine:
             raise ValueError(f"input_ids hold {input_ids.shape[1]} tokens; max_position_embeddings is "
                              f"{self.config.max_position_embeddings}")
         return self.reference(input_ids.to(self.device))
+
+    @property
+    def reference(self) -> ReferenceModel:
+        """The reference model on this engine's checkpoint (the oracle the fast path is checked against), built on
+        first use: on the weights the paged model reads, or, where the paged model packed its own copy, on the
+        weights read again from the model directory."""
+        if self._reference is None:
+            state_dict = self._reference_weights
+            if state_dict is None:
+                scheme = None if self.quantization is None else scheme_named(self.quantization)
+                _, _, state_dict = load_model_files(str(self.model_dir), dtype=self.dtype, device=self.device,
+                                                    quantization=scheme)
+            self._reference = ReferenceModel(self.config, state_dict)
+        return self._reference
 
     def close(self) -> None:
         self.paged.close()

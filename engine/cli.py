@@ -29,6 +29,7 @@ from hayabusa.engine.loading.config import DTYPE_NAMES, PRESETS
 from hayabusa.engine.loading.model_source import add_model_arguments
 from hayabusa.engine.loading.quant_schemes import QUANTIZATION_CHOICES, add_quantization_argument
 from hayabusa.engine.platform.devices import add_device_argument, resolve_device
+from hayabusa.engine.platform.dtypes import AUTO, DTYPE_CHOICES, DTYPE_HELP
 
 if TYPE_CHECKING:
     import torch
@@ -47,13 +48,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype | None:
+    """A --dtype name as a torch dtype; None for "auto" (engine.platform.dtypes decides)."""
     from hayabusa.engine.loading.config import DTYPES  # imports torch: only when --dtype is given
 
+    if name == AUTO:
+        return None
     try:
         return DTYPES[name]
     except KeyError:
-        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {name!r}") from None
+        raise argparse.ArgumentTypeError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}") from None
 
 
 def command_line_text(text: str) -> str:
@@ -143,8 +147,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     structured.add_argument("--grammar", type=Path, default=None, metavar="FILE",
                             help="the output derives from the grammar in FILE (GBNF or Lark; default: none)")
     add_device_argument(parser)
-    parser.add_argument("--dtype", type=parse_dtype, default=None,
-                        help="float32, float16 or bfloat16 (default: float16 on cuda, float32 on cpu)")
+    parser.add_argument("--dtype", type=parse_dtype, default=None, metavar="{" + ",".join(DTYPE_CHOICES) + "}",
+                        help=DTYPE_HELP)
     parser.add_argument("--backend", choices=("reference", "triton"), default=None,
                         help="default: triton on cuda, reference on cpu")
     add_quantization_argument(parser)
@@ -320,8 +324,8 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="kernel-path dtype (default: float16 on cuda, float32 on cpu); the reference is float32")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO,
+                        help="kernel-path dtype: " + DTYPE_HELP + "; the reference is float32")
     add_device_argument(parser)
     parser.add_argument("--ops", choices=("triton", "torch"), default="triton",  # model.op_sets.OP_SETS
                         help="triton: the kernels; torch: their plain-PyTorch references")

@@ -32,7 +32,7 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: T
                      activation: str | None) -> Tensor:
     """act(x @ weight.T + bias) + residual: [M, N] in x's dtype (arguments already validated)."""
     if _takes_onednn(x, weight) and not (activation and residual is not None):
-        return _onednn_linear(x, weight, bias, residual, activation)
+        return onednn_linear(x, weight, bias, residual, activation)
     y = _fp32_product(x, weight)  # fp32 [M, N], a fresh tensor: the epilogue works in place
     if bias is not None:
         y += bias
@@ -44,13 +44,18 @@ def reference_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: T
 
 
 def _takes_onednn(x: Tensor, weight: Tensor) -> bool:
-    if x.device.type != "cpu" or x.shape[0] == 0 or not onednn_fuses(x.dtype):
+    return x.device.type == "cpu" and x.shape[0] > 0 and onednn_takes(weight)
+
+
+def onednn_takes(weight: Tensor) -> bool:
+    """Whether oneDNN's fused product is this CPU weight's fast path (its dtype's, and big enough to gain)."""
+    if weight.device.type != "cpu" or not onednn_fuses(weight.dtype):
         return False
-    return x.dtype != torch.float32 or (weight.numel() >= ONEDNN_MIN_FP32_WEIGHT
-                                        and weight.shape[1] >= ONEDNN_MIN_FP32_K)
+    return weight.dtype != torch.float32 or (weight.numel() >= ONEDNN_MIN_FP32_WEIGHT
+                                             and weight.shape[1] >= ONEDNN_MIN_FP32_K)
 
 
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor | None,
                    activation: str | None) -> Tensor:
     if residual is not None:
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
@@ -87,7 +92,7 @@ def onednn_fuses(dtype: torch.dtype) -> bool:
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     try:
         for activation, res in ((None, None), ("gelu", None), (None, residual)):
-            got = _onednn_linear(x, weight, bias, res, activation).float()
+            got = onednn_linear(x, weight, bias, res, activation).float()
             want = x.float() @ weight.float().T + bias.float()
             want = F.gelu(want) if activation else want
             want = want + res.float() if res is not None else want

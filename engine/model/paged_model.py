@@ -17,18 +17,21 @@ what it launches on dense weights and no dense copy of a quantized weight exists
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from hayabusa.engine.loading.config import ModelConfig
+from hayabusa.engine.loading.quantized_tensors import scheme_counts
 from hayabusa.engine.loading.tensor_names import (
     EMBED_IN,
     EMBED_OUT,
     FINAL_LN_BIAS,
     FINAL_LN_WEIGHT,
+    LayerWeights,
     LinearWeight,
     expected_shapes,
     layer_weights,
@@ -89,13 +92,31 @@ class PagedModel:
         # Tied: one copy, as the loader hands it over.
         weights[EMBED_OUT] = weights[EMBED_IN] if state_dict.get(EMBED_OUT) is state_dict[EMBED_IN] \
             else self._checked(EMBED_OUT, state_dict)
-        self.embed_in = weights[EMBED_IN]
-        self.layers = [layer_weights(config, weights, i) for i in range(config.num_hidden_layers)]
-        self.final_ln_weight = weights[FINAL_LN_WEIGHT]
-        self.final_ln_bias = weights[FINAL_LN_BIAS]
-        self.embed_out = weights[EMBED_OUT]
+        # The quantized Linears by scheme (scheme_counts), as loaded: a packed weight no longer says.
+        self.weight_schemes = scheme_counts(weights[name] for name in weights if name != EMBED_IN)
+        # Each linear weight in the form the op set's linear ops read fastest (on a CPU: packed once, here).
+        self.layers = [self._packed(layer_weights(config, weights, i)) for i in range(config.num_hidden_layers)]
+        self.embed_out = ops.pack_linear_weight(weights[EMBED_OUT], self.dtype)
+        linears = [self.embed_out] + [w for layer in self.layers for w in (layer.qkv_weight, layer.dense_weight,
+                                                                           layer.mlp_in_weight, layer.mlp_out_weight)]
+        # Whether every linear weight is a packed copy: then the rest is copied too, so that the loaded weights
+        # (one host arena, see loading/host_arena.py) can be freed by whoever holds them (Engine does).
+        self.owns_weights = all(not isinstance(w, Tensor | QuantizedWeight) for w in linears)
+        own = Tensor.clone if self.owns_weights else lambda tensor: tensor
+        self.layers = [replace(layer, ln1_weight=own(layer.ln1_weight), ln1_bias=own(layer.ln1_bias),
+                               ln2_weight=own(layer.ln2_weight), ln2_bias=own(layer.ln2_bias),
+                               dense_bias=None if layer.dense_bias is None else own(layer.dense_bias))
+                       for layer in self.layers]
+        self.embed_in = own(weights[EMBED_IN])
+        self.final_ln_weight = own(weights[FINAL_LN_WEIGHT])
+        self.final_ln_bias = own(weights[FINAL_LN_BIAS])
         self.cos, self.sin = rotary_tables(config.rotary_dims, config.max_position_embeddings, config.rope_theta,
                                            self.device)  # float32 [max_positions, rotary_dims // 2]
+
+    def _packed(self, layer: LayerWeights) -> LayerWeights:
+        pack = functools.partial(self.ops.pack_linear_weight, dtype=self.dtype)
+        return replace(layer, qkv_weight=pack(layer.qkv_weight), dense_weight=pack(layer.dense_weight),
+                       mlp_in_weight=pack(layer.mlp_in_weight), mlp_out_weight=pack(layer.mlp_out_weight))
 
     def _checked(self, name: str, state_dict: dict[str, LinearWeight]) -> LinearWeight:
         if name not in state_dict:
@@ -112,8 +133,9 @@ class PagedModel:
                              f"on {self.device} (load every weight with one dtype and device)")
         return tensor.contiguous()  # a no-op for loaded weights; the kernels need row-major
 
-    def linear_weights(self) -> list[LinearWeight]:
-        """Every Linear's weight: each layer's qkv, dense, MLP in and out, then the LM head."""
+    def linear_weights(self) -> list[object]:
+        """Every Linear's weight as the op set runs it (on a CPU packed: kernels/cpu_linear.py): each layer's qkv,
+        dense, MLP in and out, then the LM head."""
         return [*(weight for layer in self.layers for weight in (layer.qkv_weight, layer.dense_weight,
                                                                   layer.mlp_in_weight, layer.mlp_out_weight)),
                 self.embed_out]

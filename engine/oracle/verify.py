@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = DTYPES.get(args.dtype) or default_dtype(device)  # "auto": the device's default
     scheme = scheme_named(args.quantization) if args.quantization else None
     model_dir, config, state_dict = load_model_files(args.model, dtype=dtype, device=device, revision=args.revision,
                                                      quantization=scheme)

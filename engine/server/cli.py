@@ -13,10 +13,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hayabusa.engine.loading.config import DTYPE_NAMES
 from hayabusa.engine.loading.model_source import add_model_arguments
 from hayabusa.engine.loading.quant_schemes import add_quantization_argument
 from hayabusa.engine.platform.devices import add_device_argument
+from hayabusa.engine.platform.dtypes import AUTO, DTYPE_CHOICES, DTYPE_HELP
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -84,8 +84,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("reference", "triton"), default=None,
                         help="triton: the kernels; reference: plain-PyTorch ops (default: triton on cuda, else "
                              "reference)")
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                        help="default: float16 on cuda, float32 on cpu")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=AUTO, help=DTYPE_HELP)
     add_quantization_argument(parser)
     # The defaults are model_runner's pool sizing (CPU_DEFAULT_SEQUENCES, CPU_KV_MEMORY_FRACTION,
     # gpu_memory_utilization); that module imports torch, so they are spelled out here.

@@ -16,6 +16,7 @@ from hayabusa.engine.core.paged_engine import PagedEngine
 from hayabusa.engine.loading.config import DTYPES
 from hayabusa.engine.loading.quant_schemes import scheme_named
 from hayabusa.engine.platform.devices import resolve_device
+from hayabusa.engine.platform.dtypes import AUTO
 from hayabusa.engine.server.app import build_app
 from hayabusa.engine.server.cli import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TOKENS_PER_REQUEST, DEFAULT_MAX_WAITING
 from hayabusa.engine.server.engine_loop import EngineLoop
@@ -33,7 +34,7 @@ class ServerSettings:
     served_model_name: str | None = None  # the `model` clients send; default: `model`
     backend: str | None = None  # "triton" (the kernels) or "reference" (plain-PyTorch ops); default per device
     device: str | torch.device | None = None  # default: cuda when available, else cpu
-    dtype: str | None = None  # a config.DTYPES name; default per device
+    dtype: str | None = None  # a config.DTYPES name; None or "auto": the device's default (platform.dtypes)
     quantization: str | None = None  # a quant_schemes name (int8, int4, W4A16, ...): quantize while loading
     kv_cache_blocks: int | None = None  # default: from free memory (model_runner's pool sizing, per device)
     block_size: int = 16
@@ -49,8 +50,8 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if self.backend is not None and self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in (None, AUTO, *DTYPES):
+            raise ValueError(f"dtype must be one of {', '.join((AUTO, *DTYPES))}, got {self.dtype!r}")
         if self.quantization is not None:
             scheme_named(self.quantization)  # a bad name fails here, before the model loads
         for name in ("max_waiting", "max_request_bytes", "max_tokens_per_request"):

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from hayabusa.bench import cli, report, roofline, scenarios, suite
+from hayabusa.bench.openvino_runner import openvino_missing
 from hayabusa.bench.records import ENGINES, RECORD_KEYS, SCENARIOS, BenchRecord
-from hayabusa.bench.runners import BenchRunner, GenerateResult, make_runner, static_batches
+from hayabusa.bench.runners import OPENVINO_ENGINES, BenchRunner, GenerateResult, make_runner, static_batches
 from hayabusa.bench.timing import median
 from hayabusa.bench.workloads import SIZES, check_sizes_fit, mixed_lengths, random_prompts
 from hayabusa.engine.core.block_manager import BlockManager
@@ -17,8 +18,8 @@ from hayabusa.engine.loading.config import PRESETS
 from hayabusa.engine.loading.model_source import resolve_model_dir
 
 BIG = PRESETS["2.7b"]
-DECODE_HEADER = ("| engine | batch | prompt | ms / token | tokens / s | % of bandwidth floor | weights GB / s "
-                 "| vs eager | threads | others' CPUs |")
+DECODE_HEADER = ("| engine | weights | batch | prompt | ms / token | tokens / s | % of bandwidth floor "
+                 "| weights GB / s | % of weight-read floor | vs eager | threads | others' CPUs |")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -187,9 +188,9 @@ def test_markdown_table_compares_each_engine_with_transformers_eager(tmp_path):
                                   _decode_record("hayabusa", 8, 5.0)])
     text = report.markdown_report(results)
     assert DECODE_HEADER in text
-    assert "| hayabusa | 1 | 128 | 4.00 | 250.0 | 50.0 | – | 5.00x | – | – |" in text
-    assert "| transformers-eager | 1 | 128 | 20.00 | 50.0 | 50.0 | – | 1.00x | – | – |" in text
-    assert "| hayabusa | 8 | 128 | 5.00 | 1,600 | 50.0 | – | – | – | – |" in text  # no baseline at batch 8
+    assert "| hayabusa | – | 1 | 128 | 4.00 | 250.0 | 50.0 | – | – | 5.00x | – | – |" in text
+    assert "| transformers-eager | – | 1 | 128 | 20.00 | 50.0 | 50.0 | – | – | 1.00x | – | – |" in text
+    assert "| hayabusa | – | 8 | 128 | 5.00 | 1,600 | 50.0 | – | – | – | – | – |" in text  # no baseline at batch 8
     assert "`transformers-compile` (all): because" in text
     report.write_plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes().startswith(PNG_MAGIC)
@@ -241,14 +242,18 @@ def test_cpu_run_writes_the_json_schema(cpu_run):
         extra = record["extra"]
         assert extra["pct_copy_bandwidth_weights"] == pytest.approx(
             100 * extra["weight_gb_per_s"] / results["roofline"]["copy_gb_per_s"])
+        assert extra["pct_read_bandwidth_weights"] == pytest.approx(
+            100 * extra["weight_gb_per_s"] / results["roofline"]["read_gb_per_s"])
+        assert extra["weight_format"] == {"float32": "fp32", "bfloat16": "bf16"}[results["dtype"]]
     assert threads["transformers-eager"] == results["torch_threads"]
     assert results["decode_kernels"] == []  # CUDA only
     launches = results["launches_per_decode_step"]  # counted with an H200's configs on a CPU
     assert launches["num_sms"] == 132 and [c["batch"] for c in launches["by_batch"]] == [1, 4]
     assert [c["per_layer"] for c in launches["by_batch"]] == [5, 5]
-    # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason; prompt-lookup
-    # acceptance is measured on hayabusa's engine only
-    assert {s["engine"] for s in results["skipped"] if s["scenario"] == "all"} == {"hayabusa", "transformers-compile"}
+    # on a CPU the Triton engine and torch.compile are skipped by default, each with its reason, and OpenVINO where
+    # optimum-intel is not installed; prompt-lookup acceptance is measured on hayabusa's engine only
+    skipped_engines = {"hayabusa", "transformers-compile"} | (set(OPENVINO_ENGINES) if openvino_missing() else set())
+    assert {s["engine"] for s in results["skipped"] if s["scenario"] == "all"} == skipped_engines
     assert [s["engine"] for s in results["skipped"] if s["scenario"] == "speculation"] == ["transformers-eager"]
     assert all(s["reason"] for s in results["skipped"])
     (speculation,) = [r for r in results["records"] if r["scenario"] == "speculation"]

@@ -85,7 +85,7 @@ def test_a_busy_machine_is_warned_about_once_per_condition(monkeypatch, tmp_path
         "\"others' CPUs\" column of results.md)"]
     markdown = (tmp_path / "results.md").read_text(encoding="utf-8")
     assert markdown.count("- **Warning**: ") == 2
-    assert "| hayabusa-reference | 1 | 16 | 1.00 |" in markdown and markdown.count(" | 1.50 |") == 6
+    assert "| hayabusa-reference | fp32 | 1 | 16 | 1.00 |" in markdown and markdown.count(" | 1.50 |") == 6
 
 
 def test_the_runs_own_load_is_no_warning(monkeypatch, tmp_path, capsys, instant_engines):

@@ -38,8 +38,11 @@ def test_every_scheme_runs_beside_transformers_with_its_own_bytes_and_floor(tmp_
         assert record["extra"]["floor_ms_per_step"] == pytest.approx(
             record["extra"]["bytes_per_step"] / results["roofline"]["copy_gb_per_s"] / 1e6)
     table = report.markdown_report(results)
-    assert "| hayabusa-reference | 1 |" in table and "| hayabusa-reference W8A16_CHANNEL | 1 |" in table
-    assert table.index("| hayabusa-reference | 1 |") < table.index("| hayabusa-reference W8A16_CHANNEL | 1 |")
+    dense_format = {"float32": "fp32", "bfloat16": "bf16"}[results["dtype"]]
+    assert f"| hayabusa-reference | {dense_format} | 1 |" in table
+    assert "| hayabusa-reference W8A16_CHANNEL | int8 | 1 |" in table
+    assert table.index(f"| hayabusa-reference | {dense_format} | 1 |") < \
+        table.index("| hayabusa-reference W8A16_CHANNEL | int8 | 1 |")
 
 
 def test_a_quantized_checkpoint_runs_as_stored_in_every_engine(tmp_path, capsys) -> None:

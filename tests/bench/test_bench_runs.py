@@ -170,7 +170,7 @@ def test_runs_of_separate_processes_merge_into_one_triple_named_by_device_and_da
     assert merged["machine_load"] == {"start": load("hayabusa"), "end": load("transformers-eager")}
     assert merged["model"]["preset"] == "2.7b" and merged["model"]["random_weights"]
     markdown = (tmp_path / "out" / "nvidia-h100-80gb-hbm3-2026-12-24.md").read_text()
-    assert "| hayabusa | 1 | 128 | 2.50 |" in markdown and "8.00x" in markdown  # compared with eager
+    assert "| hayabusa | – | 1 | 128 | 2.50 |" in markdown and "8.00x" in markdown  # compared with eager
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in written)
 
 

@@ -1,8 +1,9 @@
 """The correctness chain on quantized weights, second link: the paged engine's greedy tokens on QuantizedWeight
 linears equal the reference model's on the same weights dequantized, on both op sets (fp32): every scheme on the
 torch op set, and under the Triton interpreter llm-compressor's checkpoint holding all four schemes and a quantized
-LM head (the GEMV at decode sizes, the tile GEMM for prompts). The engine holds the loader's QuantizedWeights
-themselves: no dense copy of a quantized weight exists."""
+LM head (the GEMV at decode sizes, the tile GEMM for prompts). Off the CPU the engine holds the loader's
+QuantizedWeights themselves (no dense copy of a quantized weight exists); on a CPU, what kernels/cpu_linear.py packs
+them into for its kernel."""
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hayabusa.engine.loading.weights import load_weights
 from hayabusa.engine.oracle.reference_generate import reference_outputs
 from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.engine.sampling_params import SamplingParams
+from hayabusa.kernels.cpu_linear import pack_linear_weight
 from hayabusa.kernels.quantized_weight import QuantizedWeight
 from hayabusa.tokenizer import Tokenizer
 
@@ -49,7 +51,12 @@ def test_torch_op_set_greedy_equals_the_reference(source, name) -> None:
         layer, role = int(weight_name.split(".")[2]), weight_name.split(".")[-2]
         held = {"query_key_value": "qkv_weight", "dense": "dense_weight", "dense_h_to_4h": "mlp_in_weight",
                 "dense_4h_to_h": "mlp_out_weight"}[role]
-        assert getattr(engine.model.layers[layer], held) is state_dict[weight_name]
+        weight = getattr(engine.model.layers[layer], held)
+        if torch.device(DEVICE).type == "cpu":
+            expected_form = pack_linear_weight(state_dict[weight_name], torch.float32)
+            assert type(weight) is type(expected_form) and weight.shape == expected_form.shape
+        else:
+            assert weight is state_dict[weight_name]
     prompts = [[5, 17, 99, 3, 42, 8, 66, 70, 12], [77, 1, 2], [9, 30, 31, 32, 60]]
     actual, expected = greedy(engine, state_dict, config, prompts, 6)
     assert actual == expected

@@ -77,14 +77,14 @@ def test_both_backends_serve_the_paged_engine(backend, op_set) -> None:
 
 def test_serve_and_batch_quantize_while_loading() -> None:
     from hayabusa.engine.server.batch import EngineSpec
-    from hayabusa.kernels.quantized_weight import QuantizedWeight
 
     settings = settings_from_args(parse(["serve", "--model", "tiny", "--quantization", "int8", "--backend",
                                          "reference", "--kv-cache-blocks", "8"]))
     engine = load_paged_engine(settings)
-    assert settings.quantization == "int8" and isinstance(engine.model.layers[0].qkv_weight, QuantizedWeight)
+    layer_linears = 4 * engine.model.config.num_hidden_layers  # the LM head stays dense
+    assert settings.quantization == "int8" and engine.model.weight_schemes == {"W8A16_CHANNEL": layer_linears}
     batch_engine = EngineSpec(model="tiny", backend="reference", kv_cache_blocks=8, quantization="int8").load()
-    assert isinstance(batch_engine.paged.model.layers[1].mlp_out_weight, QuantizedWeight)
+    assert batch_engine.paged.model.weight_schemes == {"W8A16_CHANNEL": layer_linears}
     with pytest.raises(ValueError, match="quantization must be one of int8, int4, .* got 'int2'"):
         ServerSettings(model="tiny", quantization="int2")
 
