@@ -3,10 +3,12 @@ fifth of them hung up on purpose at a random point, over a KV pool small enough 
 leaked: every KV block is back in the pool, no request is tracked by the engine loop or the drain, the event loop
 runs as many tasks and the process holds as many file descriptors as after the warm-up, and the resident memory
 (sampled after every round of requests) grew by at most RSS_BOUND_MIB over the whole run and at most
-LATE_RSS_BOUND_MIB after its first round: flat, not creeping. (Seen on a 2-core CPU: +6.4 MiB in the first 500
-requests, the allocator settling, then +0.6 MiB over the next 4,500.)
+a late bound after its first round: flat, not creeping. (Seen on a 2-core CPU: +6.4 MiB in the first 500 requests,
+the allocator settling, then +0.6 MiB over the next 4,500.)
 
-CI runs a short soak (SHORT_ROUNDS); `-m soak` runs 5,000 requests after the warm-up.
+CI runs a short soak (SHORT_ROUNDS; late bound SHORT_LATE_RSS_BOUND_MIB over 200 requests: a leak of 20 KB per
+request fails it, while the allocator's own settling, seen at up to 2.4 MiB that early, passes); `-m soak` runs
+5,000 requests after the warm-up (late bound LATE_RSS_BOUND_MIB over 4,500: a leak of 0.5 KB per request fails).
 """
 
 import asyncio
@@ -29,8 +31,9 @@ HANG_UP = 0.2
 KV_CACHE_BLOCKS = 24  # 384 tokens for 16 users: requests wait and get preempted
 WARM_UP_REQUESTS = 100
 RSS_BOUND_MIB = 16  # resident memory may grow this much from the warm-up to the end of the soak
-LATE_RSS_BOUND_MIB = 2  # ... and this much after the first round
-SHORT_ROUNDS = (100, 100)  # CI: 200 requests after the warm-up
+LATE_RSS_BOUND_MIB = 2  # ... and this much after the first round of the long soak
+SHORT_LATE_RSS_BOUND_MIB = 4  # ... or of the short one, where the allocator may still be settling
+SHORT_ROUNDS = (100, 100, 100)  # CI: 300 requests after the warm-up
 LONG_ROUNDS = (500,) * 10  # -m soak: 5,000 requests after the warm-up
 LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None  # None: not glibc
 
@@ -79,8 +82,10 @@ def settle(server: RunningServer, fds: int, tasks: int, timeout_s: float = 15.0)
         time.sleep(0.05)
 
 
-def soak(rounds: tuple[int, ...]) -> None:
-    with running_server(kv_cache_blocks=KV_CACHE_BLOCKS) as server:
+def soak(rounds: tuple[int, ...], late_bound_mib: float) -> None:
+    # float32: tiny's fp32 weights run MKL; in bf16 oneDNN compiles and caches a primitive per batch row count
+    # (at most ONEDNN_PRIMITIVE_CACHE_CAPACITY, 1024), bounded growth this test would read as a leak
+    with running_server(kv_cache_blocks=KV_CACHE_BLOCKS, dtype="float32") as server:
         run_load(server.url, users=USERS, workload=workload(0, WARM_UP_REQUESTS), run_time_s=120)
         server.wait_until_idle()
         time.sleep(0.5)  # the warm-up's connections close
@@ -103,16 +108,16 @@ def soak(rounds: tuple[int, ...]) -> None:
     assert metric(text, 'hayabusa_requests_total{finish_reason="abort"}') > 0  # the hang-ups reached the engine
     assert outcomes["hung_up"] > 0 and outcomes["completed"] > 0
     growth, late_growth = max(rss) - baseline_rss, max(rss) - rss[0]
-    assert growth <= RSS_BOUND_MIB and late_growth <= LATE_RSS_BOUND_MIB, \
+    assert growth <= RSS_BOUND_MIB and late_growth <= late_bound_mib, \
         f"resident memory grew {growth:.1f} MiB ({late_growth:.1f} after the first round): {baseline_rss:.1f} -> {rss}"
 
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_short_soak_leaks_nothing() -> None:
-    soak(SHORT_ROUNDS)
+    soak(SHORT_ROUNDS, SHORT_LATE_RSS_BOUND_MIB)
 
 
 @pytest.mark.soak
 @pytest.mark.usefixtures("one_torch_thread")
 def test_a_soak_of_5000_requests_leaks_nothing_and_memory_stays_flat() -> None:
-    soak(LONG_ROUNDS)
+    soak(LONG_ROUNDS, LATE_RSS_BOUND_MIB)
