@@ -65,11 +65,8 @@ def record_decode_step(mode: SamplerMode, batch: int = 1):
     runner = ModelRunner(placeholder_model(CONFIG, torch.float16), block_size=16, num_kv_blocks=128, max_num_seqs=8,
                          max_num_batched_tokens=512, use_cuda_graphs=False)
     views = runner._decode_layout(batch).device
-    with simulated_device(H200):
-        with recorded_launches():  # first use allocates (split-K tickets): not a step's cost
-            runner._decode_body(batch, mode, views)
-        with recorded_launches() as log:
-            runner._decode_body(batch, mode, views)
+    with simulated_device(H200), runner.on_device(), recorded_launches() as log:
+        runner._decode_body(batch, mode, views)
     return log
 
 
