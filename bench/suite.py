@@ -208,6 +208,20 @@ def launch_counts(settings: SuiteSettings) -> dict[str, Any]:
             "by_batch": counts}
 
 
+def with_predictions(profile: dict[str, Any], settings: SuiteSettings, device_roofline: DeviceRoofline) -> dict:
+    """The profile with each kernel's predicted time beside its measured one (engine/model/decode_occupancy.py: bytes
+    over this run's copy bandwidth plus a launch cost). A tool like the launch counter (it records launches on meta
+    tensors): where it breaks, the profile says why and keeps its measurements."""
+    try:
+        from hayabusa.bench.decode_occupancy import predicted_beside
+
+        predicted = predicted_beside(profile, settings.config, settings.dtype, settings.device,
+                                     device_roofline.copy_bytes_per_s)
+    except Exception as err:  # noqa: BLE001 - any failure of the tool only drops its predictions
+        predicted = {"unavailable": f"the predictions failed here: {type(err).__name__}: {err}"}
+    return profile | {"vs_predicted": predicted}
+
+
 def profiles_kernels(engine: str, settings: SuiteSettings) -> bool:
     """Whether this engine's run includes the per-kernel table of a decode step (hayabusa's Triton engine only)."""
     return engine == "hayabusa" and KERNEL_TABLE in settings.scenarios
@@ -271,7 +285,8 @@ def _run_engine(engine: str, cases: list[Case], settings: SuiteSettings, result:
         if profiles_kernels(engine, settings):
             progress.set_postfix_str(f"{engine} decode kernels")
             _guarded(result, engine, KERNEL_TABLE, lambda: [
-                result.add_decode_kernels(decode_step_kernels(runner, batch, prompt_len))
+                result.add_decode_kernels(with_predictions(decode_step_kernels(runner, batch, prompt_len), settings,
+                                                           result.roofline))
                 for batch, prompt_len in decode_cases(settings.sizes)])
     finally:
         runner.unload()
