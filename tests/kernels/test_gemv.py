@@ -9,7 +9,7 @@ from hayabusa.kernels._launch import DeviceLimits
 from hayabusa.kernels.gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv, work_shares
 from hayabusa.kernels.linear import choose_linear, linear, linear_ref, ln_linear, ln_linear_ref
 
-from devices import DEVICE
+from devices import DEVICE, FULL_SHAPES
 from tolerance import Guarded, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -105,6 +105,35 @@ def test_crossover_and_configs():
         assert config.block_n == 16 and config.num_warps == 16 and config.block_k * 2 in (512, 256)
     assert choose_gemv_config(3, 2560, 10240, 2, limits).block_m == 4
     assert choose_gemv_config(1, 10, 7, 2, limits).programs == 1  # one unit of work: one program
+
+
+# The 2.7B model's linear layers as the decode step calls them: (N, K, LayerNorm fused, bias, GELU, residual).
+MODEL_LINEARS = {"qkv": (7680, 2560, True, False, False, False), "dense": (2560, 2560, False, True, False, True),
+                 "mlp_in": (10240, 2560, True, False, True, False), "mlp_out": (2560, 10240, False, False, False, True),
+                 "lm_head": (32000, 2560, True, False, False, False)}
+
+
+@pytest.mark.skipif(not FULL_SHAPES, reason="the 2.7B widths need a GPU (hours under the interpreter)")
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("layer", MODEL_LINEARS)
+def test_gemv_at_the_model_shapes(layer, M):
+    """The decode step's GEMVs with the engine's configs: with aligned guard bands these are the exact variants the
+    engine compiles (16-byte loads), so a GPU meets them here before `hayabusa verify` does."""
+    N, K, has_ln, has_bias, gelu, has_residual = MODEL_LINEARS[layer]
+    t = make_inputs(M, N, K, torch.float16, seed=3)
+    epilogue = dict(bias=t["bias"] if has_bias else None, residual=t["residual"] if has_residual else None,
+                    activation="gelu" if gelu else None)
+    out = guarded_out(M, N, torch.float16)
+    if has_ln:
+        ln = (t["ln_weight"], t["ln_bias"], EPS)
+        ln_linear(t["x"], *ln, t["weight"], **epilogue, out=out.tensor)
+        expected = ln_linear_ref(t["x"], *ln, t["weight"], **epilogue)
+    else:
+        linear(t["x"], t["weight"], **epilogue, out=out.tensor)
+        expected = linear_ref(t["x"], t["weight"], **epilogue)
+    assert choose_linear(M, N, K, torch.float16, torch.device(DEVICE)).gemv is not None
+    assert_close(out.tensor, expected, torch.float16)
+    out.check()
 
 
 def test_ln_linear_rejects_bad_arguments():
