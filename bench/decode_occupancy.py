@@ -4,7 +4,7 @@ SM, waves on 132 SMs and predicted times on an H100 SXM and an H200 (engine/mode
 --profile, a GPU run's per-kernel decode profile (a bench results.json, or the first light's / bench's JSON lines)
 beside the predictions.
 
-    python -m hayabusa.bench.decode_occupancy [--batches 1 2 4] [--context 128] [--json table.json]
+    python -m hayabusa.bench.decode_occupancy [--batches 1 2 4] [--context 128] [--quantized] [--json table.json]
     python -m hayabusa.bench.decode_occupancy --profile results.json  # measured vs predicted, per kernel
 
 Weight-streaming kernels are marked ok or MISS against the fill rule (>= 2 CTAs per SM, a whole number of waves or
@@ -31,13 +31,17 @@ from hayabusa.engine.model.decode_occupancy import (
     H100,
     H200,
     LAUNCH_COST_S,
+    QUANTIZED_SCHEMES,
+    CompileReport,
     DecodeStepTable,
     Device,
     Resources,
     decode_step_table,
     format_table,
+    quantized_linear_table,
 )
 from hayabusa.engine.worker.shape_buckets import graph_batch_sizes
+from hayabusa.kernels.gemv import GEMV_MAX_M
 from hayabusa.kernels.launch_count import RecordedLaunch
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -59,16 +63,22 @@ def _key(launch: RecordedLaunch) -> str:
     return compile_check.compile_key(compile_check.Launch("", launch.kernel, launch.args, launch.kwargs))
 
 
-def build_tables(batches: list[int], context_len: int, dtype: torch.dtype, jobs: int,
-                 compile: bool = True) -> list[DecodeStepTable]:
-    """The 2.7B decode step's table at each batch; compiled for sm_90 unless compile is False."""
+def build_tables(batches: list[int], context_len: int, dtype: torch.dtype, jobs: int, compile: bool = True,
+                 quantized_batches: list[int] = ()) -> list[DecodeStepTable]:
+    """The 2.7B decode step's table at each batch, then its linear layers on each quantized scheme at each of
+    quantized_batches; compiled for sm_90 unless compile is False."""
     config = PRESETS["2.7b"]
-    tables = [decode_step_table(config, batch, context_len, None, dtype) for batch in batches]
+
+    def tables_with(report: CompileReport | None) -> list[DecodeStepTable]:
+        return ([decode_step_table(config, batch, context_len, report, dtype) for batch in batches]
+                + [quantized_linear_table(config, scheme, batch, report, dtype)
+                   for scheme in QUANTIZED_SCHEMES for batch in quantized_batches])
+
+    tables = tables_with(None)
     if not compile:
         return tables
     resources = compiled_resources([row.launch for table in tables for row in table.rows], jobs)
-    return [decode_step_table(config, table.batch, context_len, lambda launch: resources[_key(launch)], dtype)
-            for table in tables]
+    return tables_with(lambda launch: resources[_key(launch)])
 
 
 def load_profiles(path: Path) -> tuple[list[dict[str, Any]], Device | None]:
@@ -145,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT,
                         help="positions each sequence attends, the new one included (default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp16")
+    parser.add_argument("--quantized", action="store_true",
+                        help="also the linear layers on int8 / int4 weights (issue 18's presets) at each batch <= 4")
     parser.add_argument("--profile", type=Path, help="a GPU run's results.json or JSON lines with decode_kernels")
     parser.add_argument("--device", choices=("h100", "h200"), default=None,
                         help="the bandwidth to predict --profile's times with (default: the run's measured one, "
@@ -172,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             out["comparisons"].append({"batch": table.batch, "context": context, "device": device.name, "rows": rows})
     else:
         batches = args.batches or graph_batch_sizes(DEFAULT_MAX_NUM_SEQS)
-        for table in build_tables(batches, args.context, dtype, args.jobs, compile=reason is None):
+        quantized_batches = [batch for batch in batches if batch <= GEMV_MAX_M] if args.quantized else []
+        for table in build_tables(batches, args.context, dtype, args.jobs, reason is None, quantized_batches):
             print(format_table(table) + "\n")
             out["tables"].append(table_dict(table))
         bandwidths = ", ".join(f"{d.name} {d.copy_bytes_per_s / 1e12:.1f} TB/s ({d.measured})" for d in DEVICES)
@@ -183,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table_dict(table: DecodeStepTable) -> dict[str, Any]:
-    return {"batch": table.batch, "context": table.context_len, "launches": table.launches,
+    return {"title": table.title, "batch": table.batch, "context": table.context_len, "launches": table.launches,
             "predicted_step_us": {d.name: table.predicted_step_us(d) for d in DEVICES},
             "rows": [{"role": r.role, "kernel": r.kernel, "calls": r.calls, "bytes": r.bytes, "grid": list(r.grid),
                       "num_warps": r.num_warps, "registers": r.resources.registers if r.resources else None,

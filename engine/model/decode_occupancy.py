@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from hayabusa.engine.loading.config import ModelConfig
-from hayabusa.engine.model.launches import BLOCK_SIZE, _record_decode, placeholder_model
+from hayabusa.engine.model.launches import BLOCK_SIZE, _record_decode, placeholder_model, placeholder_tickets
 from hayabusa.kernels._launch import H200 as H200_LIMITS
-from hayabusa.kernels._launch import DeviceLimits, cdiv, simulated_device
-from hayabusa.kernels.launch_count import RecordedLaunch
+from hayabusa.kernels._launch import DeviceLimits, cdiv, engine_tickets, simulated_device
+from hayabusa.kernels.launch_count import RecordedLaunch, recorded_launches
 
 
 @dataclass(frozen=True)
@@ -198,10 +198,11 @@ class KernelRow:
 @dataclass(frozen=True)
 class DecodeStepTable:
     batch: int
-    context_len: int  # positions each sequence attends, the new one included
+    context_len: int | None  # positions each sequence attends, the new one included (None: no attention rows)
     dtype: torch.dtype
     rows: list[KernelRow]  # in launch order: one layer's kernels (calls = layers), then the LM head's
     other_launches: tuple[str, ...]  # torch operators of the step (the embedding gather, the runner's ops)
+    title: str = "decode step"
 
     @property
     def launches(self) -> int:
@@ -247,7 +248,8 @@ def format_table(table: DecodeStepTable, devices: tuple[Device, ...] = DEVICES) 
     kernel and lets the next one launch (griddepcontrol.wait / .launch_dependents); ok / MISS: a weight-streaming
     kernel meets the fill rule or not (KernelRow.fills_the_chip)."""
     dtype = str(table.dtype).removeprefix("torch.")
-    lines = [f"decode step, batch {table.batch}, context {table.context_len}, {dtype}: {table.launches} launches",
+    context = "" if table.context_len is None else f", context {table.context_len}"
+    lines = [f"{table.title}, batch {table.batch}{context}, {dtype}: {table.launches} launches",
              f"{'kernel':<14}{'calls':>6}{'MB':>8}{'grid':>12}{'warps':>6}{'regs':>5}{'spill':>6}{'smem':>7}"
              f"{'CTA/SM':>7} {'limit':<10}{'waves':>6}{'units':>7}{'pdl':>5}"
              + "".join(f"{d.name + ' us':>13}" for d in devices)]
@@ -262,7 +264,54 @@ def format_table(table: DecodeStepTable, devices: tuple[Device, ...] = DEVICES) 
         mark = "" if not row.weight_streaming or r is None else "  ok" if row.fills_the_chip() else "  MISS"
         lines.append(cells + "".join(f"{row.predicted_us(d):>13.2f}" for d in devices) + mark)
     total_mb = sum(r.calls * r.bytes for r in table.rows) / 1e6
-    lines.append(f"{'step':<14}{table.launches:>6}{total_mb:>8.0f}" + " " * 77
+    lines.append(f"{'step' if table.other_launches else 'all':<14}{table.launches:>6}{total_mb:>8.0f}" + " " * 77
                  + "".join(f"{table.predicted_step_us(d):>13.1f}" for d in devices))
     lines.append(f"{'floor (bytes)':<14}" + " " * 91 + "".join(f"{table.floor_us(d):>13.1f}" for d in devices))
     return "\n".join(lines)
+
+
+# Issue 18's presets (bits, group size, symmetric) on the 2.7B projections; the LM head stays dense (llm-compressor's
+# recipes leave embed_out out).
+QUANTIZED_SCHEMES = {"int8-channel": (8, None, True), "int8-g128": (8, 128, True), "int4-g128": (4, 128, True),
+                     "int4-g128-asym": (4, 128, False)}
+
+
+def quantized_linear_table(config: ModelConfig, scheme: str, batch: int, compile_report: CompileReport | None,
+                           dtype: torch.dtype = torch.float16,
+                           limits: DeviceLimits = H200_LIMITS) -> DecodeStepTable:
+    """A decode step's linear layers on int8 / int4 weights (QuantizedWeight), as the layers call linear / ln_linear
+    at `batch` rows: one row per layer's linear (its LayerNorm launch too above GEMV_MAX_M rows)."""
+    from hayabusa.kernels.linear import linear, ln_linear
+    from hayabusa.kernels.quantized_weight import QuantizedWeight, code_columns
+
+    bits, group_size, symmetric = QUANTIZED_SCHEMES[scheme]
+    h, inter = config.hidden_size, config.intermediate_size
+    meta = torch.device("meta")
+    rows = []
+    # (N, K, LayerNorm fused, bias, activation, residual), as PagedModel's layers call them
+    for N, K, has_ln, has_bias, activation, has_residual in ((3 * h, h, True, False, None, False),
+                                                             (h, h, False, True, None, True),
+                                                             (inter, h, True, False, "gelu", False),
+                                                             (h, inter, False, False, None, True)):
+        groups = 1 if group_size is None else K // group_size
+        weight = QuantizedWeight(torch.empty(N, code_columns(bits, K), dtype=torch.uint8, device=meta),
+                                 torch.empty(N, groups, dtype=dtype, device=meta),
+                                 None if symmetric else torch.empty(N, groups, dtype=torch.uint8, device=meta),
+                                 bits, group_size, K)
+        x, vector = torch.empty(batch, K, dtype=dtype, device=meta), torch.empty(K, dtype=dtype, device=meta)
+        epilogue = dict(bias=torch.empty(N, dtype=dtype, device=meta) if has_bias else None,
+                        residual=torch.empty(batch, N, dtype=dtype, device=meta) if has_residual else None,
+                        activation=activation)
+        with simulated_device(limits), engine_tickets(placeholder_tickets(config, batch)), \
+                recorded_launches() as log:
+            if has_ln:
+                ln_linear(x, vector, vector, config.layer_norm_eps, weight, **epilogue, checked=False)
+            else:
+                linear(x, weight, **epilogue, checked=False)
+        for launch in log.triton:
+            resources = compile_report(launch) if compile_report is not None else None
+            resident, limiter = resident_ctas(launch.kwargs["num_warps"], resources) if resources else (None, None)
+            rows.append(KernelRow(_role(launch, config), launch.name, config.num_hidden_layers,
+                                  launch_bytes(launch, 0), launch.grid, launch.kwargs["num_warps"], resources,
+                                  resident, limiter, limits.num_sms, launch))
+    return DecodeStepTable(batch, None, dtype, rows, (), title=f"{scheme} linear layers")

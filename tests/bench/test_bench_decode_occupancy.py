@@ -1,7 +1,7 @@
 """The decode step fills the chip at batch 1-4 (issue 19): every weight-streaming kernel of the 2.7B step, compiled
 for sm_90 without a GPU, holds >= 2 CTAs per SM with no spills and runs a whole number of waves (or >= 4) of equal
-shares; its PTX waits for the previous kernel (programmatic dependent launch) where Triton has it. And a GPU run's
-per-kernel profile is printed beside the predictions."""
+shares; its PTX waits for the previous kernel (programmatic dependent launch) where Triton has it. So do the linear
+layers on int8 / int4 weights. And a GPU run's per-kernel profile is printed beside the predictions."""
 
 import json
 import os
@@ -24,17 +24,20 @@ GRID_DEPENDENCY = ["griddepcontrol.launch_dependents", "griddepcontrol.wait"]
 def test_every_weight_streaming_kernel_at_batch_1_to_4_fills_the_chip(tmp_path):
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-m", "hayabusa.bench.decode_occupancy", "--batches", "1", "2", "3", "4",
-                          "--json", str(tmp_path / "table.json")], env=env, capture_output=True, text=True, timeout=600)
+                          "--quantized", "--json", str(tmp_path / "table.json")], env=env, capture_output=True,
+                         text=True, timeout=600)
     print(run.stdout)  # the tables, shown with -s or on failure
     assert run.returncode == 0, run.stderr[-3000:]
     if run.stdout.startswith("no sm_90 compile here"):
         pytest.skip(run.stdout.splitlines()[0])
     tables = json.loads((tmp_path / "table.json").read_text())["tables"]
-    assert [t["batch"] for t in tables] == [1, 2, 3, 4]
+    steps = [t for t in tables if t["title"] == "decode step"]
+    assert [t["batch"] for t in steps] == [1, 2, 3, 4] and len(tables) == 4 + 4 * 4  # + 4 quantized schemes
     for table in tables:
-        assert table["launches"] == 164
-        streaming = [row for row in table["rows"] if row["kernel"] == "_gemv_kernel"]
-        assert [row["role"] for row in streaming] == ["qkv", "attention out", "mlp in", "mlp out", "lm head"]
+        assert table["launches"] == (164 if table in steps else 4 * 32)
+        streaming = [row for row in table["rows"] if row["kernel"] in ("_gemv_kernel", "_gemv_quantized_kernel")]
+        assert [row["role"] for row in streaming] == ["qkv", "attention out", "mlp in", "mlp out"] + (
+            ["lm head"] if table in steps else [])
         for row in streaming:
             where = (table["batch"], row["role"], row["registers"], row["resident"], row["waves"])
             assert row["spill_bytes"] == 0 and row["resident"] >= 2 and row["fills_the_chip"], where
