@@ -123,8 +123,12 @@ def ticket_counters(device: torch.device, count: int) -> torch.Tensor:
 # has it (tl.extra.cuda.gdc_*, the launch_pdl option); on an older Triton both helpers compile to nothing.
 try:
     from triton.backends.nvidia.compiler import CUDAOptions
+    CUDA_LAUNCH_OPTIONS = frozenset(CUDAOptions.__dataclass_fields__)
+except ImportError:  # a Triton without its NVIDIA backend
+    CUDA_LAUNCH_OPTIONS = frozenset()
+try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    TRITON_HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+    TRITON_HAS_PDL = "launch_pdl" in CUDA_LAUNCH_OPTIONS
 except ImportError:
     TRITON_HAS_PDL = False
 
@@ -146,6 +150,11 @@ def uses_pdl(device: torch.device) -> bool:
     """Whether launches on `device` (or the simulated one) use programmatic dependent launch."""
     limits = device_limits(device)
     return limits.programmatic_launch and TRITON_HAS_PDL and not limits.interpreted
+
+
+def register_cap(registers: int) -> dict:
+    """The launch option that caps a kernel's registers per thread (ptxas' .maxnreg), where this Triton has it."""
+    return {"maxnreg": registers} if "maxnreg" in CUDA_LAUNCH_OPTIONS else {}
 
 
 def pdl_meta(enabled: bool) -> dict:

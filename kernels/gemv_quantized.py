@@ -28,6 +28,7 @@ from ._launch import (
     interpreted_bf16,
     next_power_of_2,
     pdl_meta,
+    register_cap,
     ticket_counters,
     uses_pdl,
     wait_for_prior_grid,
@@ -193,7 +194,7 @@ def _launch_params(config: GemvConfig, N: int, K: int, elem_bytes: int, bits: in
                 HAS_RESIDUAL=has_residual, INTERPRETED_BF16=interpreted, num_warps=config.num_warps, num_stages=1,
                 **pdl_meta(pdl))
     if not interpreted and config.num_warps == GEMV_NUM_WARPS:
-        meta["maxnreg"] = MAX_REGISTERS
+        meta |= register_cap(MAX_REGISTERS)
     return starts_inside_tiles > 0, meta
 
 
