@@ -218,7 +218,25 @@ def _kernel_section(tables: list[dict[str, Any]]) -> list[str]:
                   *_table(["kernel", "calls", "total µs", "mean µs", "gaps before µs"],
                           [[f"`{k['name'][:80]}`", str(k["calls"]), _fmt(k["total_us"], 1), _fmt(k["mean_us"], 1),
                             _fmt(k["gap_before_us"], 1)] for k in kernel_summary(t["kernels"])]), ""]
+        lines += _predicted_section(t.get("vs_predicted"))
     return lines
+
+
+def _predicted_section(predicted: dict[str, Any] | None) -> list[str]:
+    """Each Triton kernel's measured time per call beside its prediction (bytes over the run's copy bandwidth plus
+    a launch cost): the ratio says which kernels miss and by how much."""
+    if not predicted:
+        return []
+    if "unavailable" in predicted:
+        return [f"No predictions: {predicted['unavailable']}", ""]
+    bandwidth, launch_cost = _fmt(predicted["copy_gb_per_s"], 0), _fmt(predicted["launch_cost_us"], 1)
+    return [f"Predicted (bytes / {bandwidth} GB/s + {launch_cost} µs per launch; step "
+            f"{_fmt(predicted['predicted_step_us'], 1)} µs) vs measured, per call:", "",
+            *_table(["kernel", "calls", "MB", "predicted µs", "measured µs", "gap before µs", "GB / s",
+                     "(measured + gap) / predicted"],
+                    [[r["role"], str(r["calls"]), _fmt(r["bytes"] / 1e6, 2), _fmt(r["predicted_us"], 2),
+                      _fmt(r["measured_us"], 2), _fmt(r["gap_before_us"], 2), _fmt(r["measured_gb_per_s"], 0),
+                      _fmt(r["miss"], 2)] for r in predicted["rows"]]), ""]
 
 
 def _targets_section(results: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import triton
@@ -67,6 +67,7 @@ class CompileResult:
     spill_stores: int = -1  # bytes, from ptxas -v
     spill_loads: int = -1
     shared: int = -1  # bytes of shared memory per block (Triton's dynamic allocation)
+    grid_dependency: list[str] = field(default_factory=list)  # griddepcontrol instructions in the PTX (PDL)
     seconds: float = 0.0
 
 
@@ -180,6 +181,7 @@ def compile_one(index: int) -> CompileResult:
     result.registers = int(registers.group(1))
     result.spill_stores, result.spill_loads = int(spills.group(1)), int(spills.group(2))
     result.shared = compiled.metadata.shared
+    result.grid_dependency = sorted(set(re.findall(r"griddepcontrol\.\w+", compiled.asm["ptx"])))
     result.ok = result.shared <= H200.shared_memory_bytes
     if not result.ok:
         result.error = f"needs {result.shared} bytes of shared memory, the H200 allows {H200.shared_memory_bytes}"
@@ -208,6 +210,28 @@ def format_table(results: list[CompileResult]) -> str:
     return "\n".join(rows)
 
 
+def compile_distinct(launches: list[Launch], jobs: int) -> list[CompileResult]:
+    """Compile each distinct kernel among `launches` once for sm_90, in a fresh Triton cache (so every kernel really
+    goes through ptxas, whose -v report gives registers and spills), `jobs` at a time. One result per distinct kernel,
+    in first-seen order; its same_kernel names the other launches that compile to exactly that kernel."""
+    launches_of_key: dict[str, list[int]] = {}
+    for index, launch in enumerate(launches):
+        launches_of_key.setdefault(compile_key(launch), []).append(index)
+    cache_dir, dump_log = triton.knobs.cache.dir, triton.knobs.nvidia.dump_ptxas_log
+    with tempfile.TemporaryDirectory(prefix="hayabusa-sm90-") as fresh:
+        triton.knobs.cache.dir = fresh
+        triton.knobs.nvidia.dump_ptxas_log = True
+        _launches[:] = launches
+        try:
+            with multiprocessing.get_context("fork").Pool(max(1, jobs)) as pool:
+                results = pool.map(compile_one, [indices[0] for indices in launches_of_key.values()], chunksize=1)
+        finally:
+            triton.knobs.cache.dir, triton.knobs.nvidia.dump_ptxas_log = cache_dir, dump_log
+    for result, indices in zip(results, launches_of_key.values(), strict=True):
+        result.same_kernel = [launches[index].label for index in indices[1:]]
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the results to this file")
@@ -218,22 +242,9 @@ def main() -> int:
         print(f"skip: {reason}")
         return SKIP_EXIT_CODE
 
-    # A fresh cache, so every kernel really goes through ptxas (whose -v report gives registers and spills).
-    cache_dir = tempfile.TemporaryDirectory(prefix="hayabusa-sm90-")
-    triton.knobs.cache.dir = cache_dir.name
-    triton.knobs.nvidia.dump_ptxas_log = True
     launches = engine_launches() + quantized_launches()
-    launches_of_key: dict[str, list[int]] = {}
-    for index, launch in enumerate(launches):
-        launches_of_key.setdefault(compile_key(launch), []).append(index)
-    _launches[:] = launches
     start = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
-        results = pool.map(compile_one, [indices[0] for indices in launches_of_key.values()], chunksize=1)
-    cache_dir.cleanup()
-    for result, indices in zip(results, launches_of_key.values(), strict=True):
-        result.same_kernel = [launches[index].label for index in indices[1:]]
-
+    results = compile_distinct(launches, args.jobs)
     print(format_table(results))
     failed = [r for r in results if not r.ok]
     print(f"{len(results)} distinct kernels from {len(launches)} launches compiled for sm_90 in "

@@ -224,6 +224,24 @@ def engine_variants(engine: str, settings: SuiteSettings) -> tuple[str | None, .
     return settings.quantizations if engine.startswith("hayabusa") else (None,)
 
 
+def with_predictions(profile: dict[str, Any], settings: SuiteSettings, device_roofline: DeviceRoofline,
+                     quantization: str | None) -> dict:
+    """The profile with each kernel's predicted time beside its measured one (engine/model/decode_occupancy.py: bytes
+    over this run's copy bandwidth plus a launch cost), for dense weights (quantized ones have no step table yet).
+    A tool like the launch counter (it records launches on meta tensors): where it breaks, the profile says why and
+    keeps its measurements."""
+    if quantization is not None:
+        return profile | {"vs_predicted": {"unavailable": f"predictions are for dense weights, not {quantization}"}}
+    try:
+        from hayabusa.bench.decode_occupancy import predicted_beside
+
+        predicted = predicted_beside(profile, settings.config, settings.dtype, settings.device,
+                                     device_roofline.copy_bytes_per_s)
+    except Exception as err:  # noqa: BLE001 - any failure of the tool only drops its predictions
+        predicted = {"unavailable": f"the predictions failed here: {type(err).__name__}: {err}"}
+    return profile | {"vs_predicted": predicted}
+
+
 def profiles_kernels(engine: str, settings: SuiteSettings) -> bool:
     """Whether this engine's run includes the per-kernel table of a decode step (hayabusa's Triton engine only)."""
     return engine == "hayabusa" and KERNEL_TABLE in settings.scenarios
@@ -290,7 +308,8 @@ def _run_engine(engine: str, quantize: str | None, cases: list[Case], settings: 
         if profiles_kernels(engine, settings):
             progress.set_postfix_str(f"{label} decode kernels")
             _guarded(result, label, KERNEL_TABLE, lambda: [
-                result.add_decode_kernels({**decode_step_kernels(runner, batch, prompt_len),
+                result.add_decode_kernels({**with_predictions(decode_step_kernels(runner, batch, prompt_len), settings,
+                                                              result.roofline, runner.quantization),
                                            "quantization": runner.quantization})
                 for batch, prompt_len in decode_cases(settings.sizes)])
     finally:

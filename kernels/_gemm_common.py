@@ -57,3 +57,42 @@ def finish_tile(acc, offs_m, offs_n, M, N, tile, split, partial_ptr, tickets_ptr
             tl.store(tickets_ptr + tile, 0)
             epilogue_store(total, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU,
                            HAS_RESIDUAL, INTERPRETED_BF16)
+
+
+@triton.jit
+def finish_shared_tile(y, offs_m, offs_n, M, N, tile, k_tiles, num_units, first, pid, programs, partial_ptr,
+                       tickets_ptr, bias_ptr, residual_ptr, out_ptr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+    """Store output tile `tile` (columns offs_n), or this program's share of it, for a launch whose `programs`
+    programs each took an equal run of its num_units (tile, K-step) units, program p from unit
+    p * num_units // programs (`first` for this one); a tile has k_tiles units.
+
+    A tile whose units all fell to one program is stored at once. A shared one: each program stores its fp32 partial
+    y ([BLOCK_M, BLOCK_N]) in its slot of partial ([programs, 2, BLOCK_M, BLOCK_N]: slot 0 for a program's first tile,
+    1 for its last), then takes a ticket on the tile's counter; the one that draws the last ticket adds the partials
+    in program order, so the sum's rounding never depends on which program finished last: bit-identical outputs run
+    to run. It then applies the epilogue and resets the counter to 0 for the next launch.
+    """
+    tile_first = tile * k_tiles
+    # the program holding unit u is ((u + 1) * programs - 1) // num_units
+    first_program = ((tile_first + 1) * programs - 1) // num_units
+    last_program = ((tile_first + k_tiles) * programs - 1) // num_units
+    if first_program == last_program:
+        epilogue_store(y, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU, HAS_RESIDUAL,
+                       INTERPRETED_BF16)
+    else:
+        BLOCK_M: tl.constexpr = y.shape[0]
+        BLOCK_N: tl.constexpr = y.shape[1]
+        in_slot = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        slot = (first // k_tiles != tile).to(tl.int64)
+        tl.store(partial_ptr + (pid * 2 + slot) * BLOCK_M * BLOCK_N + in_slot, y)
+        tl.debug_barrier()  # every thread's partial is stored before the ticket (a release by one thread)
+        ticket = tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel")
+        if ticket == last_program - first_program:
+            total = tl.zeros_like(y)
+            for program in range(first_program, last_program + 1):  # .cg: from L2, never a stale L1 line
+                slot = (program * num_units // programs // k_tiles != tile).to(tl.int64)
+                total += tl.load(partial_ptr + (program * 2 + slot) * BLOCK_M * BLOCK_N + in_slot, cache_modifier=".cg")
+            tl.store(tickets_ptr + tile, 0)
+            epilogue_store(total, offs_m, offs_n, M, N, bias_ptr, residual_ptr, out_ptr, HAS_BIAS, GELU,
+                           HAS_RESIDUAL, INTERPRETED_BF16)

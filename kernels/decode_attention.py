@@ -33,7 +33,10 @@ from hayabusa.kernels._launch import (
     device_limits,
     interpreted_bf16,
     next_power_of_2,
+    pdl_meta,
     ticket_counters,
+    uses_pdl,
+    wait_for_prior_grid,
 )
 from hayabusa.kernels.rotary import apply_rotary_ref
 
@@ -67,11 +70,12 @@ def _decode_attention_kernel(
     qkv_row_stride, block_table_row_stride, rotary_row_stride, scale_log2,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROT_HALF: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    INTERPRETED_BF16: tl.constexpr,
+    INTERPRETED_BF16: tl.constexpr, PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     split = tl.program_id(2)
+    wait_for_prior_grid(PDL)  # qkv is the previous kernel's output
     position = tl.load(positions_ptr + seq).to(tl.int32)
     if position < 0:  # padding row: split 0 writes its zero output, no split takes a ticket
         if split == 0:
@@ -216,7 +220,7 @@ def launch_decode_attention(
     if batch == 0:
         return out
     scale_log2, block_d, meta = _launch_params(num_heads, head_dim, rotary_dims, page_size, num_splits,
-                                               interpreted_bf16(qkv.dtype, qkv.device))
+                                               interpreted_bf16(qkv.dtype, qkv.device), uses_pdl(qkv.device))
     if num_splits > 1:  # max, sum and acc partials in one allocation (the kernel finds each part)
         partials = torch.empty(batch * num_heads * num_splits * (block_d + 2), dtype=torch.float32, device=qkv.device)
         tickets = ticket_counters(qkv.device, batch * num_heads)
@@ -232,7 +236,7 @@ def launch_decode_attention(
 
 @functools.cache
 def _launch_params(num_heads: int, head_dim: int, rotary_dims: int, page_size: int, num_splits: int,
-                   interpreted: bool) -> tuple[float, int, dict]:
+                   interpreted: bool, pdl: bool) -> tuple[float, int, dict]:
     """(softmax scale in log2 units, BLOCK_D, constexprs + launch options) of one shape, computed once."""
     block_d = next_power_of_2(head_dim)
     # 4096 loaded elements per K or V tile: ~64 registers/thread at 4 warps (sm_90, no spills), so 8 programs
@@ -240,7 +244,7 @@ def _launch_params(num_heads: int, head_dim: int, rotary_dims: int, page_size: i
     block_n = max(16, 4096 // block_d)
     meta = dict(NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, ROT_HALF=rotary_dims // 2,
                 PAGE_SIZE=page_size, BLOCK_N=block_n, NUM_SPLITS=num_splits, BLOCK_S=next_power_of_2(num_splits),
-                INTERPRETED_BF16=interpreted, num_warps=4, num_stages=2)
+                INTERPRETED_BF16=interpreted, num_warps=4, num_stages=2, **pdl_meta(pdl))
     return LOG2E / math.sqrt(head_dim), block_d, meta
 
 

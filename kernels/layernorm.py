@@ -4,13 +4,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import cast_rounded, check_tensor, check_triton_device, interpreted_bf16, row_block
+from ._launch import (
+    cast_rounded,
+    check_tensor,
+    check_triton_device,
+    interpreted_bf16,
+    pdl_meta,
+    row_block,
+    uses_pdl,
+    wait_for_prior_grid,
+)
 
 
 @triton.jit
 def _layer_norm_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, N, eps, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr,
-                       INTERPRETED_BF16: tl.constexpr):
+                       INTERPRETED_BF16: tl.constexpr, PDL: tl.constexpr):
     # x, out: [M, N] rows; weight, bias: [N].
+    wait_for_prior_grid(PDL)  # x is the previous kernel's output
     row_start = tl.program_id(0).to(tl.int64) * N
     cols = tl.arange(0, BLOCK_N)
     if WHOLE_ROW:  # BLOCK_N >= N: the whole row stays in registers: one read, one write
@@ -66,7 +76,8 @@ def launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         return
     block_n, num_warps = row_block(N)
     _layer_norm_kernel[(M,)](x, weight, bias, out, N, float(eps), BLOCK_N=block_n, WHOLE_ROW=block_n >= N,
-                             INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device), num_warps=num_warps)
+                             INTERPRETED_BF16=interpreted_bf16(x.dtype, x.device), num_warps=num_warps,
+                             **pdl_meta(uses_pdl(x.device)))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,

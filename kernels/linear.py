@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._gemm_common import finish_tile
 from ._launch import (
+    SPLIT_MAX_ROWS,
     DeviceLimits,
     cdiv,
     check_tensor,
@@ -37,7 +38,10 @@ from ._launch import (
     dot,
     interpreted_bf16,
     next_power_of_2,
+    pdl_meta,
     ticket_counters,
+    uses_pdl,
+    wait_for_prior_grid,
 )
 from ._reference_gemm import reference_linear
 from .gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
@@ -82,10 +86,12 @@ def m_bucket(M: int) -> int:
 def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr, tickets_ptr, M, N, K,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
-                   HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+                   HAS_RESIDUAL: tl.constexpr, INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr,
+                   PDL: tl.constexpr):
     # x: [M, K], weight: [N, K], out/residual: [M, N], partial: [SPLIT_K, M, N] fp32 (used when SPLIT_K > 1)
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    wait_for_prior_grid(PDL)  # x and the residual may be the previous kernel's output
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
@@ -143,7 +149,7 @@ def _bucket_config(bucket: int, N: int, K: int, elem_bytes: int, sm_count: int, 
     # Split K while the output tiles alone leave SMs idle, keeping >= 4 K-tiles per split for the pipeline. Sized
     # for the bucket's largest M, so one config (one compiled kernel) serves the whole bucket.
     split_k = 1
-    if bucket <= 256:
+    if bucket <= SPLIT_MAX_ROWS:
         out_tiles = cdiv(bucket, block_m) * cdiv(N, block_n)
         k_tiles = cdiv(K, block_k)
         while out_tiles * split_k < sm_count and k_tiles // (2 * split_k) >= 4 and split_k < 16:
@@ -157,7 +163,7 @@ def _bucket_config(bucket: int, N: int, K: int, elem_bytes: int, sm_count: int, 
 @functools.cache
 def _cached_choice(bucket: int, N: int, K: int, elem_bytes: int, limits: DeviceLimits) -> LinearChoice:
     if bucket <= GEMV_MAX_M:
-        return LinearChoice(choose_gemv_config(bucket, N, K, limits), None)
+        return LinearChoice(choose_gemv_config(bucket, N, K, elem_bytes, limits), None)
     return LinearChoice(None, _bucket_config(bucket, N, K, elem_bytes, limits.num_sms, limits.shared_memory_bytes))
 
 
@@ -216,13 +222,13 @@ def _check_ln_args(x: torch.Tensor, ln_weight: torch.Tensor, ln_bias: torch.Tens
 
 
 @functools.cache
-def _launch_params(config: GemmConfig, N: int, K: int, flags: tuple[bool, bool, bool, bool, bool]) -> tuple:
+def _launch_params(config: GemmConfig, N: int, K: int, flags: tuple[bool, bool, bool, bool, bool, bool]) -> tuple:
     """(output-tile columns, constexprs + launch options) of one shape and epilogue, computed once."""
-    has_bias, gelu, has_residual, fp32, interpreted = flags
+    has_bias, gelu, has_residual, fp32, interpreted, pdl = flags
     meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k,
                 GROUP_M=config.group_m, EVEN_K=K % config.block_k == 0, HAS_BIAS=has_bias, GELU=gelu,
                 HAS_RESIDUAL=has_residual, INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=interpreted,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages, **pdl_meta(pdl))
     return cdiv(N, config.block_n), meta
 
 
@@ -234,7 +240,7 @@ def launch_linear(config: GemmConfig, x: torch.Tensor, weight: torch.Tensor, bia
     if M == 0:
         return out
     flags = (bias is not None, activation == "gelu", residual is not None, x.dtype == torch.float32,
-             interpreted_bf16(x.dtype, x.device))
+             interpreted_bf16(x.dtype, x.device), uses_pdl(x.device))
     n_tiles, meta = _launch_params(config, N, K, flags)
     out_tiles = cdiv(M, config.block_m) * n_tiles
     partial = tickets = out  # placeholders for pointers the kernel never reads when split_k == 1

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._gemm_common import finish_tile
-from ._launch import cdiv, dot, interpreted_bf16, ticket_counters
+from ._launch import cdiv, dot, interpreted_bf16, pdl_meta, ticket_counters, uses_pdl, wait_for_prior_grid
 from .quantized_weight import QuantizedWeight
 
 if TYPE_CHECKING:  # linear.py imports this module to dispatch to it
@@ -35,11 +35,12 @@ def _linear_quantized_kernel(x_ptr, codes_ptr, scales_ptr, zeros_ptr, bias_ptr, 
                              GROUP_SIZE: tl.constexpr, BITS: tl.constexpr, HAS_ZEROS: tl.constexpr,
                              SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
                              HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                             INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr):
+                             INPUT_PRECISION: tl.constexpr, INTERPRETED_BF16: tl.constexpr, PDL: tl.constexpr):
     # x: [M, K], codes: uint8 [N, CODE_COLS], scales/zeros: [N, NUM_GROUPS], out/residual: [M, N],
     # partial: [SPLIT_K, M, N] fp32 (used when SPLIT_K > 1). GROUP_SIZE = 0: one scale per row.
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    wait_for_prior_grid(PDL)  # x and the residual may be the previous kernel's output
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_per_group = GROUP_M * num_pid_n
@@ -112,14 +113,14 @@ def quantized_gemm_config(config: "GemmConfig", group_size: int | None) -> "Gemm
 
 @functools.cache
 def _launch_params(config: "GemmConfig", N: int, K: int, bits: int, group_size: int | None, has_zeros: bool,
-                   flags: tuple[bool, bool, bool, bool, bool]) -> tuple:
+                   flags: tuple[bool, bool, bool, bool, bool, bool]) -> tuple:
     """(output-tile columns, constexprs + launch options) of one shape, format and epilogue, computed once."""
-    has_bias, gelu, has_residual, fp32, interpreted = flags
+    has_bias, gelu, has_residual, fp32, interpreted, pdl = flags
     meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_SIZE=group_size or 0,
                 BITS=bits, HAS_ZEROS=has_zeros, SPLIT_K=config.split_k, GROUP_M=config.group_m,
                 EVEN_K=K % config.block_k == 0, HAS_BIAS=has_bias, GELU=gelu, HAS_RESIDUAL=has_residual,
                 INPUT_PRECISION="ieee" if fp32 else "tf32", INTERPRETED_BF16=interpreted,
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages, **pdl_meta(pdl))
     return cdiv(N, config.block_n), meta
 
 
@@ -131,7 +132,7 @@ def launch_quantized_linear(config: "GemmConfig", x: torch.Tensor, weight: Quant
     if M == 0:
         return out
     flags = (bias is not None, activation == "gelu", residual is not None, x.dtype == torch.float32,
-             interpreted_bf16(x.dtype, x.device))
+             interpreted_bf16(x.dtype, x.device), uses_pdl(x.device))
     n_tiles, meta = _launch_params(config, N, K, weight.bits, weight.group_size, weight.zeros is not None, flags)
     out_tiles = cdiv(M, config.block_m) * n_tiles
     partial = tickets = out  # placeholders for pointers the kernel never reads when split_k == 1

@@ -55,3 +55,35 @@ def test_registry_routes_torch_empty_through_guard_bands(monkeypatch):
     torch.as_strided(out, (1,), (1,), storage_offset=out.storage_offset() + 6).fill_(0.0)  # out[2, 0]
     with pytest.raises(AssertionError, match=r"torch.empty allocation #0 \(2, 3\).*guard band after"):
         registry.check()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.uint8])
+def test_aligned_bands_keep_a_16_byte_start_and_odd_ones_do_not(dtype, monkeypatch):
+    import tolerance
+
+    monkeypatch.setattr(tolerance, "aligned_guards", True)
+    aligned = Guarded((5, 3), dtype, "cpu", fill=0)
+    assert aligned.tensor.data_ptr() % 16 == 0 and aligned._guard not in (256, 512) and aligned._guard > 256
+    monkeypatch.setattr(tolerance, "aligned_guards", False)
+    odd = Guarded((5, 3), dtype, "cpu", fill=0)
+    assert odd.tensor.data_ptr() % 16 != 0 and odd._guard == 257
+
+
+def test_kernel_tests_run_every_aligned_variant_before_any_odd_one():
+    """tests/kernels/conftest.py's collection hook: a stable sort, every aligned test first (on a GPU both run)."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("kernel_tests_conftest",
+                                                  Path(__file__).parent / "kernels" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    collected = [("a.py::x", "aligned"), ("a.py::x", "odd"), ("a.py::y", "aligned"), ("a.py::y", "odd"),
+                 ("b.py::z", "odd"), ("b.py::z", "aligned"), ("c.py::plain", None)]
+    items = [SimpleNamespace(name=name, callspec=SimpleNamespace(params={} if guards is None else {"guards": guards}))
+             for name, guards in collected]
+    conftest.pytest_collection_modifyitems(items)
+    assert [(item.name, item.callspec.params.get("guards")) for item in items] == [
+        ("a.py::x", "aligned"), ("a.py::y", "aligned"), ("b.py::z", "aligned"), ("c.py::plain", None),
+        ("a.py::x", "odd"), ("a.py::y", "odd"), ("b.py::z", "odd")]

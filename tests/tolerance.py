@@ -42,7 +42,17 @@ def poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.T
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
 
-GUARD_ELEMENTS = 257  # odd, so a band never lines up with a power-of-two tile
+GUARD_ELEMENTS = 257  # odd, so a band never lines up with a power-of-two tile (and the tensor starts misaligned)
+ALIGNMENT = 16  # bytes: Triton compiles a kernel variant per pointer argument's 16-byte divisibility
+# Whether Guarded tensors start 16-byte aligned (the variants the engine runs, its tensors being aligned) or not
+# (scalar-load variants); tests/kernels/conftest.py sets it per test.
+aligned_guards = False
+
+
+def guard_elements(dtype: torch.dtype, aligned: bool) -> int:
+    """Elements of each guard band: GUARD_ELEMENTS, or the fewest above 256 that keep a 16-byte start (264 fp16,
+    260 fp32: neither a power of two)."""
+    return 256 + ALIGNMENT // dtype.itemsize if aligned else GUARD_ELEMENTS
 
 # Band bit patterns (before, after) per dtype: quiet NaNs with payloads no arithmetic produces, so a stray store of
 # any value (a computed NaN included) changes a band's bits, and a stray read turns what it feeds into NaN.
@@ -59,11 +69,13 @@ class Guarded:
 
     A kernel that writes past either end of its output (or a cache) changes a band; `check` catches it bit for
     bit, where a plain allocation would let the stray store corrupt memory quietly. Float bands hold NaN, so a
-    kernel that reads past an input's end computes NaN, which `assert_close` rejects.
+    kernel that reads past an input's end computes NaN, which `assert_close` rejects. `guard`: the band's elements
+    (default: guard_elements(dtype, aligned_guards)).
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device,
-                 fill: float = float("nan"), guard: int = GUARD_ELEMENTS) -> None:
+                 fill: float = float("nan"), guard: int | None = None) -> None:
+        guard = guard_elements(dtype, aligned_guards) if guard is None else guard
         numel = 1
         for size in shape:
             numel *= size
@@ -80,7 +92,7 @@ class Guarded:
         self._bands = self._band_bits()
 
     @classmethod
-    def copy_of(cls, tensor: torch.Tensor, guard: int = GUARD_ELEMENTS) -> "Guarded":
+    def copy_of(cls, tensor: torch.Tensor, guard: int | None = None) -> "Guarded":
         """A guarded copy of `tensor` (bit for bit, NaN payloads included)."""
         guarded = cls(tuple(tensor.shape), tensor.dtype, tensor.device, guard=guard)
         guarded.tensor.copy_(tensor)

@@ -133,17 +133,21 @@ def build_plan(mode: Mode, *, python: str, repo: Path, work: Path, jsonl: Path,
         replace(bench_stage("kernel-profile", "one decode step per decode case, kernel by kernel (torch.profiler)",
                             "--engines", "hayabusa", "--scenarios", "kernels"),
                 unavailable=mode.cpu_only.get("kernel-profile")),
+        # Aligned guard bands first: the kernel variants the engine runs (16-byte loads), at the 2.7B shapes; then
+        # the misaligned (scalar-load) variants, as far as the stage's time goes (tests/kernels/conftest.py).
         Stage("kernel-tests", mode.caps["kernel-tests"], pytest,
-              "kernel tests at full shapes, decode path first" if mode.device == "cuda"
-              else "a kernel test file under the Triton interpreter",
-              needs=("install",), env={"HAYABUSA_KERNEL_SHAPES": "full"} if mode.device == "cuda" else {},
-              open_ended=True, figures=pytest_outcomes),
+              "kernel tests at full shapes, the engine's aligned variants first, decode path first"
+              if mode.device == "cuda" else "a kernel test file under the Triton interpreter",
+              needs=("install",),
+              env={"HAYABUSA_KERNEL_SHAPES": "full", "HAYABUSA_GUARD_ALIGNMENT": "both"} if mode.device == "cuda"
+              else {}, open_ended=True, figures=pytest_outcomes),
         Stage("memcheck", mode.caps["memcheck"],  # skipped where compute-sanitizer is not found (runner.py)
               (sanitizer or "compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "1", "--print-limit", "20",
                *pytest),
               "kernel tests at small shapes under compute-sanitizer memcheck", needs=("install",),
               # no caching allocator: an access past a tensor then lands outside any allocation, where memcheck sees it
-              env={"HAYABUSA_KERNEL_SHAPES": "small", "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, open_ended=True,
+              env={"HAYABUSA_KERNEL_SHAPES": "small", "HAYABUSA_GUARD_ALIGNMENT": "aligned",
+                   "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, open_ended=True,
               unavailable=mode.cpu_only.get("memcheck"),
               figures=lambda log: {**pytest_outcomes(log), **sanitizer_findings(log)}),
         # One case, so one compile: every (batch, cache length) is a new static shape to compile and capture.

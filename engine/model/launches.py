@@ -25,7 +25,7 @@ from hayabusa.engine.loading.tensor_names import (
 )
 from hayabusa.engine.model.op_sets import load_ops
 from hayabusa.engine.model.paged_model import DecodeInputs, KVCaches, PagedModel, PrefillInputs
-from hayabusa.kernels._launch import H200, DeviceLimits, cdiv, simulated_device
+from hayabusa.kernels._launch import H200, DeviceLimits, cdiv, engine_tickets, simulated_device, ticket_capacity
 from hayabusa.kernels.launch_count import LaunchLog, RecordedLaunch, recorded_launches
 from hayabusa.kernels.linear import M_BUCKETS
 from hayabusa.kernels.quantized_weight import QuantizedWeight, code_columns
@@ -74,11 +74,19 @@ def placeholder_decode_inputs(batch: int, blocks_per_seq: int, device: torch.dev
                         check_indices=False)
 
 
+def placeholder_tickets(config: ModelConfig, max_num_seqs: int) -> torch.Tensor:
+    """An engine's split-reduction ticket counters (ModelRunner's size), on the meta device."""
+    capacity = ticket_capacity(max(3 * config.hidden_size, config.intermediate_size, config.vocab_size),
+                               max_num_seqs, config.num_attention_heads)
+    return torch.empty(capacity, dtype=torch.int32, device=META)
+
+
 def _record_decode(model: PagedModel, batch: int, blocks_per_seq: int) -> LaunchLog:
-    """The launches of one decode step of `batch` sequences whose block tables hold blocks_per_seq entries."""
+    """The launches of one decode step of `batch` sequences whose block tables hold blocks_per_seq entries, with an
+    engine's ticket counters (a split launch needing more than the engine holds fails here)."""
     inputs = placeholder_decode_inputs(batch, blocks_per_seq)
     kv_caches = placeholder_kv_caches(model, batch * blocks_per_seq)
-    with recorded_launches() as log:
+    with engine_tickets(placeholder_tickets(model.config, batch)), recorded_launches() as log:
         model.decode(inputs, kv_caches)
     return log
 
@@ -95,7 +103,7 @@ def _record_prefill(model: PagedModel, num_tokens: int) -> LaunchLog:
                            block_tables=torch.empty(num_seqs, blocks_per_seq, dtype=torch.int32, device=META),
                            last_token_rows=torch.empty(num_seqs, dtype=torch.int64, device=META),
                            max_seqlen_q=min(num_tokens, max_len), check_indices=False)
-    with recorded_launches() as log:
+    with engine_tickets(placeholder_tickets(model.config, num_seqs)), recorded_launches() as log:
         model.prefill(inputs, placeholder_kv_caches(model, num_seqs * blocks_per_seq))
     return log
 
@@ -134,7 +142,6 @@ def decode_step_launches(config: ModelConfig, batch: int = 1, *, dtype: torch.dt
         model = placeholder_model(config.with_overrides(num_hidden_layers=num_layers), dtype, scheme=scheme)
         blocks_per_seq = cdiv(config.max_position_embeddings, BLOCK_SIZE)
         with simulated_device(limits):
-            _record_decode(model, batch, blocks_per_seq)  # first use allocates (split-K tickets): not a step's cost
             logs.append(_record_decode(model, batch, blocks_per_seq))
     base, extended = logs
     per_layer = len(extended.triton) - len(base.triton)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,7 @@ from hayabusa.engine.worker.varlen import (
     scored_fields,
     varlen_fields,
 )
+from hayabusa.kernels._launch import engine_tickets, ticket_capacity
 
 
 @dataclass
@@ -129,9 +131,19 @@ class ModelRunner:
         self._decode_layouts: dict[tuple[int, bool], Layout] = {}  # (batch, masked) -> layout
         # The torch op set reads indices back to the host (a sync no graph capture allows); it runs eagerly.
         self.use_cuda_graphs = use_cuda_graphs and self.device.type == "cuda" and self.bucketed
-        self._on_device = (lambda: torch.cuda.device(self.device)) if self.device.type == "cuda" \
-            else contextlib.nullcontext
+        # The split reductions' counters, this runner's own and never reallocated: captured graphs point at them.
+        self.tickets = torch.zeros(ticket_capacity(max(3 * config.hidden_size, config.intermediate_size,
+                                                       config.vocab_size), max_num_seqs, config.num_attention_heads),
+                                   dtype=torch.int32, device=self.device)
         self.graphs: dict[tuple[int, SamplerMode], torch.cuda.CUDAGraph] = {}  # (batch size, sampler mode) -> graph
+
+    @contextlib.contextmanager
+    def on_device(self) -> Iterator[None]:
+        """Where the runner's launches go: its device (a thread's current CUDA device is its own) and its ticket
+        counters (kernels/_launch.py engine_tickets)."""
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with device, engine_tickets(self.tickets):
+            yield
 
     # ---- shapes ----------------------------------------------------------------------------------------------
 
@@ -189,7 +201,7 @@ class ModelRunner:
     def launch(self, plan: StepPlan) -> InFlight:
         """Start one planned step on the device; its sampled ids are read with `collect`."""
         # Steps may run on any caller's thread, and a thread's current CUDA device is its own.
-        with self._on_device():
+        with self.on_device():
             self._apply_bookkeeping(plan)
             if plan.is_mixed:
                 return self._launch_mixed(plan)
@@ -407,7 +419,7 @@ class ModelRunner:
         if prefill:
             shapes += [("prefill", tokens) for tokens in prefill_buckets(self.max_prefill_tokens)]
         pool = None
-        with self._on_device():
+        with self.on_device():
             for kind, size in tqdm(shapes, desc="hayabusa warm-up", unit="shape", disable=not progress):
                 if kind == "decode":
                     pool = self._warm_decode(size, pool)

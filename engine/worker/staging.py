@@ -9,6 +9,10 @@ processes that step, one step later.
 On CUDA the host buffers are pinned, so both copies are truly asynchronous, and each side keeps a ring of two: the
 buffer a step writes was last used two steps ago, whose results have been read (so its copies are done). On a CPU
 the same code runs and every copy is synchronous.
+
+Every field starts 16 bytes into the buffer or a multiple of 16 further: Triton compiles a kernel variant per
+pointer argument's 16-byte divisibility, so fields placed by the lengths before them (cu_seqlens after T positions,
+context_lens after S + 1 cu_seqlens) would flip between variants with the step's lengths and recompile mid-run.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor
 from hayabusa.engine.sample.logprobs import DeviceLogprobs, StepLogprobs
 
 RING = 2
-_ALIGN = 8
+FIELD_ALIGNMENT = 16  # bytes: what Triton specializes pointer arguments on
 _NUMPY_DTYPES = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32}
 
 Field = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape)
@@ -31,7 +35,7 @@ Field = tuple[str, torch.dtype, tuple[int, ...]]  # (name, dtype, shape)
 
 @dataclass
 class Layout:
-    """Fields packed at 8-byte-aligned offsets; views of each host ring buffer and of the device buffer."""
+    """Fields packed at FIELD_ALIGNMENT-byte offsets; views of each host ring buffer and of the device buffer."""
 
     nbytes: int
     host: list[dict[str, np.ndarray]]  # per ring buffer
@@ -135,4 +139,4 @@ def _field_bytes(field: Field) -> int:
 
 
 def _aligned(nbytes: int) -> int:
-    return -(-nbytes // _ALIGN) * _ALIGN
+    return -(-nbytes // FIELD_ALIGNMENT) * FIELD_ALIGNMENT

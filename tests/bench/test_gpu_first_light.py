@@ -74,7 +74,9 @@ def test_dry_run_plans_every_stage_in_the_order_of_their_worth_within_540_s():
     assert "--decode-batches 1 --long-decode-prompt 0" in commands["transformers-compile"]  # one shape to compile
     assert "hayabusa.bench.start_time" in commands["warm-start"] and "--backend triton" in commands["warm-start"]
     assert "HAYABUSA_KERNEL_SHAPES=full" in commands["kernel-tests"] and "sm90" not in commands["kernel-tests"]
-    assert commands["memcheck"].startswith("HAYABUSA_KERNEL_SHAPES=small PYTORCH_NO_CUDA_MEMORY_CACHING=1 ")
+    assert "HAYABUSA_GUARD_ALIGNMENT=both" in commands["kernel-tests"]  # the engine's aligned variants, then the odd
+    assert commands["memcheck"].startswith("HAYABUSA_KERNEL_SHAPES=small HAYABUSA_GUARD_ALIGNMENT=aligned "
+                                           "PYTORCH_NO_CUDA_MEMORY_CACHING=1 ")
     assert "compute-sanitizer --tool memcheck" in commands["memcheck"]
     assert not Path(work).exists()  # the wrapper's scratch directory is gone, as after every run
 

@@ -1,13 +1,15 @@
 """Skinny-M GEMV and ln_linear: kernels vs their torch references at odd shapes, every M up to the crossover and past
-it, forced split-K paths (ragged and empty splits), in-place residuals; every output inside poisoned guard bands."""
+it, forced persistent configs whose programs share tiles, in-place residuals; every output inside poisoned guard
+bands."""
 
 import pytest
 import torch
 
-from hayabusa.kernels.gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv
+from hayabusa.kernels._launch import DeviceLimits
+from hayabusa.kernels.gemv import GEMV_MAX_M, GemvConfig, choose_gemv_config, launch_gemv, work_shares
 from hayabusa.kernels.linear import choose_linear, linear, linear_ref, ln_linear, ln_linear_ref
 
-from devices import DEVICE
+from devices import DEVICE, FULL_SHAPES
 from tolerance import Guarded, assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -59,15 +61,15 @@ def test_gemv_linear_matches_reference(M, N, K, dtype):
         out.check()
 
 
-# Forced GEMV configs: split-K with a ragged last K-step (1030 = 2 x 512 + 6) in 2 and 3 splits, and 4 splits of 3
-# K-steps (the last split has none: it must still take its ticket and add nothing).
-SPLIT_CASES = [(GemvConfig(1, 16, 512, 2, 16), (1, 37, 1030)), (GemvConfig(2, 16, 128, 3, 16), (2, 33, 1030)),
-               (GemvConfig(4, 8, 128, 4, 8), (3, 29, 300))]
+# Forced GEMV configs whose programs share tiles: a ragged last K-step (1030 = 2 x 512 + 6) with tiles over 2 programs,
+# tiles over 3 and 4 programs (27 units in 7 shares), one unit per program, and tiles and K-steps that fit exactly.
+SHARED_CASES = [(GemvConfig(1, 16, 512, 5, 16), (1, 37, 1030)), (GemvConfig(2, 16, 128, 7, 16), (2, 33, 1030)),
+                (GemvConfig(4, 8, 128, 12, 8), (3, 29, 300)), (GemvConfig(1, 16, 64, 5, 16), (1, 48, 256))]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("config,shape", SPLIT_CASES, ids=["split2_ragged", "split3_ragged", "split4_one_empty"])
-def test_gemv_split_k_with_layer_norm_and_in_place_residual(config, shape, dtype):
+@pytest.mark.parametrize("config,shape", SHARED_CASES, ids=["ragged_2", "3_and_4", "one_unit_each", "even"])
+def test_gemv_shared_tiles_with_layer_norm_and_in_place_residual(config, shape, dtype):
     M, N, K = shape
     t = make_inputs(M, N, K, dtype, seed=2)
     ln = (t["ln_weight"], t["ln_bias"], EPS)
@@ -78,21 +80,60 @@ def test_gemv_split_k_with_layer_norm_and_in_place_residual(config, shape, dtype
     stream.check()
 
 
-def test_crossover_and_configs():
-    h200 = dict(num_sms=132, shared_memory_bytes=232448)
-    from hayabusa.kernels._launch import DeviceLimits
+def test_work_shares_cover_each_unit_once():
+    """Program p takes units p * units // programs onwards; a tile is shared where a share starts inside it."""
+    config = GemvConfig(2, 16, 128, 7, 16)
+    assert work_shares(config, 33, 1030) == (27, 6)  # 3 tiles x 9 K-steps; shares start at 3, 7, 11, 15, 19, 23
+    assert work_shares(GemvConfig(1, 16, 64, 3, 16), 48, 256) == (12, 0)  # 3 tiles x 4 K-steps: starts at 4, 8
+    with pytest.raises(ValueError, match="needs 1 to 12 programs"):
+        t = make_inputs(1, 48, 256, torch.float32)
+        launch_gemv(GemvConfig(1, 16, 64, 13, 16), t["x"], t["weight"], None, None, None, guarded_out(1, 48,
+                    torch.float32).tensor)
 
-    limits = DeviceLimits(**h200)
+
+def test_crossover_and_configs():
+    limits = DeviceLimits(num_sms=132, shared_memory_bytes=232448)
     assert GEMV_MAX_M == 4
     for M in (1, 2, 3, 4):
         assert choose_linear(M, 2560, 2560, torch.float16, torch.device(DEVICE)).gemv is not None
     assert choose_linear(5, 2560, 2560, torch.float16, torch.device(DEVICE)).gemm is not None
-    # the 2.7B widths on an H200: every weight-row block is a program; K is split only where N is narrow
-    assert choose_gemv_config(1, 7680, 2560, limits).split_k == 1  # qkv: 480 programs
-    dense = choose_gemv_config(1, 2560, 2560, limits)  # 160 blocks < 2 per SM: split K in two
-    assert dense.split_k == 2 and dense.block_n == 16 and dense.num_warps == 16
-    assert choose_gemv_config(3, 2560, 10240, limits).block_m == 4
-    assert choose_gemv_config(1, 10, 7, limits).split_k == 1  # one K-step cannot be split
+    # the 2.7B widths on an H200: 2 persistent programs per SM, each >= 4 units (K-steps of 16 rows)
+    for M, N, K in ((1, 7680, 2560), (1, 2560, 2560), (2, 10240, 2560), (4, 2560, 10240), (1, 32000, 2560)):
+        config = choose_gemv_config(M, N, K, 2, limits)
+        units, _ = work_shares(config, N, K)
+        assert config.programs == 2 * 132 and units >= 4 * config.programs, (M, N, K, config)
+        assert config.block_n == 16 and config.num_warps == 16 and config.block_k * 2 in (512, 256)
+    assert choose_gemv_config(3, 2560, 10240, 2, limits).block_m == 4
+    assert choose_gemv_config(1, 10, 7, 2, limits).programs == 1  # one unit of work: one program
+
+
+# The 2.7B model's linear layers as the decode step calls them: (N, K, LayerNorm fused, bias, GELU, residual).
+MODEL_LINEARS = {"qkv": (7680, 2560, True, False, False, False), "dense": (2560, 2560, False, True, False, True),
+                 "mlp_in": (10240, 2560, True, False, True, False), "mlp_out": (2560, 10240, False, False, False, True),
+                 "lm_head": (32000, 2560, True, False, False, False)}
+
+
+@pytest.mark.skipif(not FULL_SHAPES, reason="the 2.7B widths need a GPU (hours under the interpreter)")
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+@pytest.mark.parametrize("layer", MODEL_LINEARS)
+def test_gemv_at_the_model_shapes(layer, M):
+    """The decode step's GEMVs with the engine's configs: with aligned guard bands these are the exact variants the
+    engine compiles (16-byte loads), so a GPU meets them here before `hayabusa verify` does."""
+    N, K, has_ln, has_bias, gelu, has_residual = MODEL_LINEARS[layer]
+    t = make_inputs(M, N, K, torch.float16, seed=3)
+    epilogue = dict(bias=t["bias"] if has_bias else None, residual=t["residual"] if has_residual else None,
+                    activation="gelu" if gelu else None)
+    out = guarded_out(M, N, torch.float16)
+    if has_ln:
+        ln = (t["ln_weight"], t["ln_bias"], EPS)
+        ln_linear(t["x"], *ln, t["weight"], **epilogue, out=out.tensor)
+        expected = ln_linear_ref(t["x"], *ln, t["weight"], **epilogue)
+    else:
+        linear(t["x"], t["weight"], **epilogue, out=out.tensor)
+        expected = linear_ref(t["x"], t["weight"], **epilogue)
+    assert choose_linear(M, N, K, torch.float16, torch.device(DEVICE)).gemv is not None
+    assert_close(out.tensor, expected, torch.float16)
+    out.check()
 
 
 def test_ln_linear_rejects_bad_arguments():

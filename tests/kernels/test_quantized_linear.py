@@ -98,16 +98,16 @@ def test_the_dequantized_reference_is_the_dense_reference_on_dequantize_ref():
     assert torch.equal(linear_ref(t["x"], t["weight"], bias=t["bias"]), linear_ref(t["x"], dense, bias=t["bias"]))
 
 
-# Forced configs: GEMV split-K with a ragged last K-step and an empty split; GEMM split-K over group-sized K-tiles
-# with ragged M and N, and grouped M-tile order.
-GEMV_SPLITS = [(GemvConfig(1, 16, 256, 2, 16), (1, 37, 320), "int4-g32"),
-               (GemvConfig(2, 16, 256, 3, 16), (2, 33, 576), "int8-g32"),
-               (GemvConfig(4, 8, 256, 4, 8), (3, 29, 640), "int4-g64-asym")]
+# Forced configs: GEMV programs sharing tiles (units of a ragged last K-step, tiles over 2 and 3 programs); GEMM split-K
+# over group-sized K-tiles with ragged M and N, and grouped M-tile order.
+GEMV_SHARES = [(GemvConfig(1, 16, 256, 2, 16), (1, 37, 320), "int4-g32"),
+               (GemvConfig(2, 16, 256, 4, 16), (2, 33, 576), "int8-g32"),
+               (GemvConfig(4, 8, 256, 7, 8), (3, 29, 640), "int4-g64-asym")]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("config,shape,scheme", GEMV_SPLITS, ids=["split2_ragged", "split3_ragged", "split4_empty"])
-def test_quantized_gemv_split_k(config, shape, scheme, dtype, guards):
+@pytest.mark.parametrize("config,shape,scheme", GEMV_SHARES, ids=["ragged_2_programs", "4_programs", "7_programs"])
+def test_quantized_gemv_shared_tiles(config, shape, scheme, dtype, guards):
     M, N, K = shape
     t = make_inputs(M, N, K, dtype, scheme, seed=2)
     ln = (t["ln_weight"], t["ln_bias"], EPS)

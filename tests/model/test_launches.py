@@ -1,6 +1,7 @@
 """Launches per decode step and the kernel specializations the engine can launch, at the 2.7B shapes with an H200's
 launch configs (PagedModel on meta tensors, every launch recorded instead of run: no GPU, no arithmetic)."""
 
+import dataclasses
 import importlib
 
 import pytest
@@ -8,11 +9,17 @@ import torch
 
 from hayabusa.engine.loading.config import PRESETS
 from hayabusa.engine.loading.quant_schemes import SCHEMES
-from hayabusa.engine.model.launches import decode_step_launches, engine_specializations, placeholder_model
+from hayabusa.engine.model.launches import (
+    decode_step_launches,
+    engine_specializations,
+    placeholder_decode_inputs,
+    placeholder_kv_caches,
+    placeholder_model,
+)
 from hayabusa.engine.sample.sampler import SamplerMode, row_mode
 from hayabusa.engine.sampling_params import SamplingParams
 from hayabusa.engine.worker.model_runner import ModelRunner
-from hayabusa.kernels._launch import H200, simulated_device
+from hayabusa.kernels._launch import H200, INTERPRETER, simulated_device
 from hayabusa.kernels.launch_count import recorded_launches
 
 CONFIG = PRESETS["2.7b"]
@@ -67,11 +74,8 @@ def record_decode_step(mode: SamplerMode, batch: int = 1, scheme=None):
     runner = ModelRunner(placeholder_model(CONFIG, torch.float16, scheme=scheme), block_size=16, num_kv_blocks=128,
                          max_num_seqs=8, max_num_batched_tokens=512, use_cuda_graphs=False)
     views = runner._decode_layout(batch).device
-    with simulated_device(H200):
-        with recorded_launches():  # first use allocates (split-K tickets): not a step's cost
-            runner._decode_body(batch, mode, views)
-        with recorded_launches() as log:
-            runner._decode_body(batch, mode, views)
+    with simulated_device(H200), runner.on_device(), recorded_launches() as log:
+        runner._decode_body(batch, mode, views)
     return log
 
 
@@ -108,3 +112,24 @@ def test_openai_options_at_their_defaults_keep_the_greedy_and_sampling_steps():
     assert {len(log.triton) for log in logs.values()} == {32 * 5 + 1}
     scatter_add = "aten.scatter_add_.default"  # the generated-token counts of the frequency and presence penalties
     assert scatter_add in logs[SamplerMode.PROCESS].torch_ops and scatter_add not in logs[SamplerMode.SAMPLE].torch_ops
+
+
+def decode_step_kwargs(limits) -> list[dict]:
+    model = placeholder_model(CONFIG.with_overrides(num_hidden_layers=1), torch.float16)
+    with simulated_device(limits), recorded_launches() as log:
+        model.decode(placeholder_decode_inputs(1, 128, torch.device("meta")), placeholder_kv_caches(model, 128))
+    return [launch.kwargs for launch in log.triton]
+
+
+def test_programmatic_dependent_launch_where_the_device_and_triton_have_it(monkeypatch):
+    """Every decode-step kernel waits for the previous one and is launched with launch_pdl on an sm_90 device with a
+    Triton that has both (>= 3.4); on an older Triton, an older device or under the interpreter, neither."""
+    import hayabusa.kernels._launch as launch_helpers
+
+    kwargs = decode_step_kwargs(H200)
+    if launch_helpers.TRITON_HAS_PDL:
+        assert all(k["PDL"] is True and k["launch_pdl"] is True for k in kwargs)
+    sm80 = dataclasses.replace(H200, programmatic_launch=False)
+    monkeypatch.setattr(launch_helpers, "TRITON_HAS_PDL", False)
+    for limits in (H200, sm80, INTERPRETER):
+        assert all(k["PDL"] is False and "launch_pdl" not in k for k in decode_step_kwargs(limits))

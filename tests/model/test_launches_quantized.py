@@ -1,11 +1,11 @@
 """linear / ln_linear on a QuantizedWeight launch what they launch on a dense weight: one kernel per linear at decode
 sizes (the LayerNorm fused), a LayerNorm launch and the tile GEMM above, and nothing else (the dequantization is
-inside the kernel). Recorded on meta tensors with the H200's configs, outside tests/kernels/ whose guard-band
-fixture cannot allocate on meta."""
+inside the kernel). Recorded on meta tensors with the H200's configs and an engine's ticket counters (outside an
+engine a split launch zero-fills its own), outside tests/kernels/ whose guard-band fixture cannot allocate on meta."""
 
 import torch
 
-from hayabusa.kernels._launch import H200, simulated_device
+from hayabusa.kernels._launch import H200, engine_tickets, simulated_device
 from hayabusa.kernels.launch_count import recorded_launches
 from hayabusa.kernels.linear import choose_quantized_linear, ln_linear
 from hayabusa.kernels.quantized_weight import QuantizedWeight
@@ -21,7 +21,8 @@ def test_one_launch_per_linear_at_2_7b_widths():
     vector = torch.empty(2560, dtype=torch.float16, device=meta)
     for M, ln_launches in ((1, 0), (4, 0), (16, 1), (2048, 1)):
         x = torch.empty(M, 2560, dtype=torch.float16, device=meta)
-        with simulated_device(H200), recorded_launches() as log:
+        tickets = torch.empty(32000, dtype=torch.int32, device=meta)
+        with simulated_device(H200), engine_tickets(tickets), recorded_launches() as log:
             ln_linear(x, vector, vector, EPS, weight, activation="gelu")
         assert len(log.triton) == 1 + ln_launches and not log.torch_ops, (M, [r.name for r in log.triton])
         kernel = "_gemv_quantized_kernel" if M <= 4 else "_linear_quantized_kernel"
