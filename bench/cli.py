@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs per figure (median reported; default: the --sizes preset's)")
     parser.add_argument("--decode-batches", type=int, nargs="+", default=None, metavar="N",
                         help="decode these batch sizes (default: the --sizes preset's)")
+    parser.add_argument("--decode-tokens", type=int, default=None, metavar="N",
+                        help="tokens each decode case generates, the first (prefill's) included (default: the "
+                             "--sizes preset's)")
+    parser.add_argument("--prefill-prompts", type=int, nargs="+", default=None, metavar="TOKENS",
+                        help="prompt lengths of the prefill (time to first token) cases (default: the --sizes "
+                             "preset's)")
     parser.add_argument("--long-decode-prompt", type=int, default=None, metavar="TOKENS",
                         help="also decode one sequence after a prompt this long; 0: no such case (default: the "
                              "--sizes preset's, 1920 in gpu)")
@@ -129,6 +135,15 @@ def _prepare(args: argparse.Namespace) -> tuple[SuiteSettings, bool]:
             raise ValueError(f"--decode-batches {max(args.decode_batches)}: more than the {sizes.static_batch} "
                              f"sequences --sizes {sizes.name} gives an engine at once")
         sizes = replace(sizes, decode_batches=tuple(dict.fromkeys(args.decode_batches)))
+    if args.decode_tokens is not None:
+        if args.decode_tokens < 2:
+            raise ValueError(f"--decode-tokens must be >= 2 (a decode step after the first token), got "
+                             f"{args.decode_tokens}")
+        sizes = replace(sizes, decode_gen_len=args.decode_tokens)
+    if args.prefill_prompts is not None:
+        if min(args.prefill_prompts) < 1:
+            raise ValueError(f"--prefill-prompts must all be >= 1, got {' '.join(map(str, args.prefill_prompts))}")
+        sizes = replace(sizes, prefill_prompt_lens=tuple(dict.fromkeys(args.prefill_prompts)))
     if args.long_decode_prompt is not None:
         if args.long_decode_prompt < 0:
             raise ValueError(f"--long-decode-prompt must be >= 0 (0: no long-context case), got "

@@ -141,7 +141,8 @@ def check_sizes_fit(sizes: SuiteSizes, max_positions: int) -> None:
         if prompt_len + gen_len > max_positions:
             raise ValueError(
                 f"--sizes {sizes.name}: {what} needs prompt {prompt_len} + generated {gen_len} tokens, more than "
-                f"the model's max_position_embeddings {max_positions}; use smaller --sizes"
+                f"the model's max_position_embeddings {max_positions}; use smaller --sizes, "
+                "--decode-tokens or --long-decode-prompt"
             )
     if max(sizes.decode_batches) > sizes.static_batch:
         raise ValueError(f"--sizes {sizes.name}: decode batch {max(sizes.decode_batches)} exceeds static_batch "

@@ -119,10 +119,27 @@ def test_case_overrides_pick_the_decode_cases_and_the_jsonl_gets_the_figures(tmp
     assert "batch1-prompt8" not in (tmp_path / "no-long" / "results.md").read_text(encoding="utf-8")
 
 
+def test_token_count_overrides_set_the_decode_length_and_the_prefill_prompts(tmp_path, instant_engines):
+    argv = ["--model", "tiny", "--device", "cpu", "--sizes", "smoke", "--scenarios", "decode", "prefill",
+            "--engines", "hayabusa-reference", "--decode-batches", "1", "--decode-tokens", "7",
+            "--prefill-prompts", "12", "5", "12", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert results["sizes"]["decode_gen_len"] == 7 and results["sizes"]["prefill_prompt_lens"] == [12, 5]
+    decode = [r for r in results["records"] if r["scenario"] == "decode"]
+    prefill = [r for r in results["records"] if r["scenario"] == "prefill"]
+    assert [r["gen_len"] for r in decode] == [7] and [r["prompt_len"] for r in prefill] == [12, 5]
+
+
 @pytest.mark.parametrize("flags, error", [
     (["--decode-batches", "1", "0"], "--decode-batches must all be >= 1, got 1 0"),
     (["--decode-batches", "8"], "--decode-batches 8: more than the 4 sequences --sizes smoke gives an engine at once"),
     (["--long-decode-prompt", "-1"], "--long-decode-prompt must be >= 0 (0: no long-context case), got -1"),
+    (["--decode-tokens", "1"], "--decode-tokens must be >= 2 (a decode step after the first token), got 1"),
+    (["--prefill-prompts", "8", "0"], "--prefill-prompts must all be >= 1, got 8 0"),
+    (["--decode-tokens", "5000"], "--sizes smoke: decode needs prompt 16 + generated 5000 tokens, more than the "
+                                  "model's max_position_embeddings 512; use smaller --sizes, --decode-tokens or "
+                                  "--long-decode-prompt"),
     (["--jsonl", "."], "--jsonl . is a directory; give a file to append JSON lines to"),
 ])
 def test_bad_case_overrides_and_jsonl_are_refused_before_the_run(tmp_path, capsys, flags, error):
