@@ -77,7 +77,6 @@ class Scheduler:
         self.running: dict[Sequence, None] = {}  # admission order, oldest first (an ordered set)
         self.prefilling: dict[Sequence, None] = {}  # running sequences whose tokens are not all computed yet
         self.slots = SlotTable(max_num_seqs, block_manager.block_size)
-        self._settings_loads: list[Sequence] = []  # forked after the last launch: their sampler rows need loading
         self._fork_parent: dict[Sequence, Sequence] = {}  # children admitted with a parent still prefilling
         self.beam_groups: dict[BeamGroup, None] = {}  # running beam groups that started (admission order)
 
@@ -124,9 +123,6 @@ class Scheduler:
             if slots.num_constrained:
                 plan.grammar_masks = self._grammar_masks(plan)
             plan.slot_moves = slots.take_moves()
-            # Children that left before this launch (aborted) hold no row any more.
-            plan.settings_loads = [seq for seq in self._settings_loads if seq.slot >= 0]
-            self._settings_loads = []
             plan.block_copies = copies
         elif copies:
             raise RuntimeError("a copy-on-write was planned for a step that launches nothing")
@@ -208,7 +204,7 @@ class Scheduler:
             self.prefilling[seq] = None
             admitted.append(self.slots.assign(seq))
             for child in seq.fork_children:  # they share its blocks and wait for its last chunk
-                self._fork(seq, child, copy_device_row=False)
+                self._fork(seq, child)
                 self._fork_parent[child] = seq
                 admitted.append(child.slot)
             budget -= self._add_chunk(chunks, seq, budget)
@@ -307,32 +303,11 @@ class Scheduler:
 
     # ---- forks -----------------------------------------------------------------------------------------------
 
-    def fork(self, parent: Sequence, children: list[Sequence]) -> None:
-        """Fork a running sequence whose tokens are all known (none in flight) into children that continue from
-        its tokens: each child shares its KV blocks (copy-on-write at the first write into a shared block) and its
-        device rows (next input id, block table, seen tokens), and samples with its own seed from the next step on.
-        Each child is a fresh Sequence with parent's token_ids, num_prompt_tokens and params."""
-        if parent.status is not SequenceStatus.RUNNING:
-            raise ValueError(f"sequence {parent.seq_id} is {parent.status.value}; only a running sequence forks")
-        if self.slots.num_tokens[parent.slot] != len(parent.token_ids) or self.slots.prefilling[parent.slot]:
-            raise RuntimeError(f"sequence {parent.seq_id} has a sampled token in flight or its prompt still running; "
-                               f"read it back (or let the prompt finish) before forking")
-        if len(self.running) + len(children) > self.max_num_seqs:
-            raise ValueError(f"{len(children)} children do not fit beside {len(self.running)} running sequences "
-                             f"(max_num_seqs {self.max_num_seqs})")
-        for child in children:
-            if (child.token_ids, child.num_prompt_tokens, child.params) != \
-                    (parent.token_ids, parent.num_prompt_tokens, parent.params):
-                raise ValueError(f"fork child {child.seq_id} must hold the tokens, prompt length and params of "
-                                 f"sequence {parent.seq_id}")
-            self._fork(parent, child, copy_device_row=True)
-            self._settings_loads.append(child)
-
-    def _fork(self, parent: Sequence, child: Sequence, copy_device_row: bool) -> None:
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
         self.block_manager.fork(parent, child)
         child.status = SequenceStatus.RUNNING
         self.running[child] = None
-        self.slots.fork(parent, child, copy_device_row=copy_device_row)
+        self.slots.fork(parent, child)
 
     # ---- leaving ---------------------------------------------------------------------------------------------
 

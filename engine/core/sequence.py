@@ -63,8 +63,9 @@ class Sequence:
         self.text_deltas: list[str] = []  # produced but not yet taken by a stream() reader
 
     def fork(self, seq_id: int, seed: int, index: int | None = None) -> Sequence:
-        """A child of this sequence's request with its tokens so far, its own seed and output (Scheduler.fork makes
-        it share the KV blocks). index: which completion of the request it is (default: this one's)."""
+        """A child of this sequence's request with its prompt, its own seed and output (the scheduler admits it
+        beside this one, sharing the prompt's KV blocks). index: which completion of the request it is (default:
+        this one's)."""
         child = Sequence(seq_id, self.token_ids[: self.num_prompt_tokens], self.params, self.output.fork(),
                          self.delivery, seed=seed, request_id=self.request_id,
                          index=self.index if index is None else index)

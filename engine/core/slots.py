@@ -60,16 +60,11 @@ class SlotTable:
         self._count_mode(seq, 1)
         return slot
 
-    def fork(self, parent: Sequence, child: Sequence, *, copy_device_row: bool) -> int:
-        """Give child, whose tokens and blocks are parent's (none in flight), the next free row. copy_device_row:
-        the child's device state (next input id, block table row, sampling settings, seen tokens, history) is
-        parent's row, copied at the next launch, and it decodes from the next step on; else the step that admits
-        both loads it, and it waits (prefilling) until the scheduler starts it with its parent's last prompt chunk."""
+    def fork(self, parent: Sequence, child: Sequence) -> int:
+        """Give child, whose prompt and blocks are parent's, the next free row: the step that admits both loads it,
+        and it waits (prefilling) until the scheduler starts it with its parent's last prompt chunk."""
         slot = self.assign(child)
         self.may_share_write_block.update((parent.slot, slot))
-        if copy_device_row:
-            self.prefilling[slot] = False
-            self.copy_rows([slot], [parent.slot])
         return slot
 
     def copy_rows(self, destinations: list[int], sources: list[int]) -> None:

@@ -60,7 +60,6 @@ class StepPlan:
     grammar_masks: np.ndarray | None = None
     # (destination slots, source slots) whose device rows must be copied before this step (SlotTable.take_moves)
     slot_moves: tuple[list[int], list[int]] = NO_MOVES
-    settings_loads: Seq[Sequence] = ()  # running sequences forked since the last launch: their sampler rows load
     block_copies: Seq[tuple[int, int]] = ()  # (source, destination) KV blocks, copy-on-write before the step
 
     def __post_init__(self) -> None:

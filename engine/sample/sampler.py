@@ -138,11 +138,8 @@ class SlotSampler:
     def num_seen_tokens(seqs: Sequence[SlotSequence]) -> int:
         return sum(len(seq.token_ids) for seq in seqs if seq.params.repetition_penalty != 1.0)
 
-    def fill_settings(self, host: dict[str, np.ndarray], slots: Sequence[int], seqs: Sequence[SlotSequence], *,
-                      seen: bool = True) -> None:
-        """Write the settings of seqs, admitted into `slots`, into host views of settings_fields. seen=False: leave
-        the seen masks alone (settings_fields(n, 0): a fork whose row, seen tokens included, was copied from its
-        parent's and only its seed differs)."""
+    def fill_settings(self, host: dict[str, np.ndarray], slots: Sequence[int], seqs: Sequence[SlotSequence]) -> None:
+        """Write the settings of seqs, admitted into `slots`, into host views of settings_fields."""
         vocab, cursor, seen_index = self.vocab_size, 0, host["seen_index"]
         for i, (slot, seq) in enumerate(zip(slots, seqs, strict=True)):
             p = seq.params
@@ -153,7 +150,7 @@ class SlotSampler:
             host["int_settings"][i] = (p.top_k, seq.seed, seq.num_completion_tokens, p.min_new_tokens,
                                        p.no_repeat_ngram_size, len(multi), int(bool(single)), seq.num_prompt_tokens,
                                        len(p.logit_bias))
-            if seen and p.repetition_penalty != 1.0:  # every token it has seen, as flat indices slot * vocab + token
+            if p.repetition_penalty != 1.0:  # every token it has seen, as flat indices slot * vocab + token
                 seen_index[cursor:cursor + len(seq.token_ids)] = np.asarray(seq.token_ids, np.int64) + slot * vocab
                 cursor += len(seq.token_ids)
         host["settings_slots"][:] = slots

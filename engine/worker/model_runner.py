@@ -6,10 +6,10 @@ KV pool: engine.worker.kv_cache (one tensor for every layer's k and v; sized fro
 Per-slot state (rows are engine.core.slots' slots): `block_tables` int32 [max_num_seqs + 1, max_blocks_per_seq], whose
 extra last row absorbs the padding entries of a step's block-table update, and the SlotSampler's tensors (the
 next input ids `last_token`, sampling settings, seen-token masks). Rows move with their sequences (plan.slot_moves)
-and are copied to forked ones.
+and are copied where beams reorder.
 
 Before a step's forward, in stream order, its bookkeeping (one small upload, only when there is any): slot-row moves
-and fork copies, sampler settings of sequences forked since the last step, copy-on-write KV block copies.
+and copies, copy-on-write KV block copies.
 
 A decode step: the pending slot moves; one upload of the rows' positions and the block-table entries they gained;
 then the block-table scatter, PagedModel.decode on last_token[:B] and block_tables[:B], and the sampler writing
@@ -125,7 +125,7 @@ class ModelRunner:
         self.mask_words = mask_words(config.vocab_size)  # int32 words per row of a grammar mask
         self.uploads = PackedUpload(max(PackedUpload.nbytes(self._decode_fields(max_num_seqs, masked=True)),
                                         self._largest_varlen_upload()), self.device)
-        self.bookkeeping_uploads = PackedUpload(PackedUpload.nbytes(self._bookkeeping_fields(*(max_num_seqs,) * 3)),
+        self.bookkeeping_uploads = PackedUpload(PackedUpload.nbytes(self._bookkeeping_fields(*(max_num_seqs,) * 2)),
                                                 self.device)
         self.results = ResultRing(max_num_seqs, model.dtype, self.sampler.row_max_bits_dtype, self.device)
         self._decode_layouts: dict[tuple[int, bool], Layout] = {}  # (batch, masked) -> layout
@@ -185,10 +185,9 @@ class ModelRunner:
         return PackedUpload.nbytes(fields + self.sampler.settings_fields(rows, rows * length))
 
     @staticmethod
-    def _bookkeeping_fields(num_moves: int, num_loads: int, num_copies: int) -> list[Field]:
-        """Slot-row moves, the settings of forked rows (their seen masks are copied with the row) and block copies."""
-        return [("moves", torch.int64, (2, num_moves)), ("block_copies", torch.int64, (2, num_copies)),
-                *SlotSampler.settings_fields(num_loads, 0)]
+    def _bookkeeping_fields(num_moves: int, num_copies: int) -> list[Field]:
+        """Slot-row moves and block copies."""
+        return [("moves", torch.int64, (2, num_moves)), ("block_copies", torch.int64, (2, num_copies))]
 
     def _decode_layout(self, batch: int, masked: bool = False) -> Layout:
         layout = self._decode_layouts.get((batch, masked))
@@ -221,15 +220,14 @@ class ModelRunner:
         return StepResult(row_tokens, bad_rows, readback.logprobs, step.beam_logits)
 
     def _apply_bookkeeping(self, plan: StepPlan) -> None:
-        """Before the step: copy moved and forked sequences' rows of every per-slot tensor (all sources read before
-        any row is written), load forked sequences' sampler settings, copy shared KV blocks before their writes."""
-        (destinations, sources), loads, copies = plan.slot_moves, plan.settings_loads, plan.block_copies
-        if not (destinations or loads or copies):
+        """Before the step: copy moved sequences' rows of every per-slot tensor (all sources read before any row is
+        written), copy shared KV blocks before their writes."""
+        (destinations, sources), copies = plan.slot_moves, plan.block_copies
+        if not (destinations or copies):
             return
-        layout = self.bookkeeping_uploads.layout(self._bookkeeping_fields(len(destinations), len(loads), len(copies)))
+        layout = self.bookkeeping_uploads.layout(self._bookkeeping_fields(len(destinations), len(copies)))
         host = self.bookkeeping_uploads.host_views(layout)
         host["moves"][:] = (destinations, sources)
-        self.sampler.fill_settings(host, [seq.slot for seq in loads], loads, seen=False)
         if copies:
             host["block_copies"][:] = np.asarray(copies).T
         views = self.bookkeeping_uploads.upload(layout)  # async: a blocking copy would wait for the device
@@ -237,8 +235,6 @@ class ModelRunner:
             rows = views["moves"]
             for tensor in self._per_slot:
                 tensor.index_copy_(0, rows[0], tensor.index_select(0, rows[1]))
-        if loads:
-            self.sampler.load(views)
         if copies:
             blocks = views["block_copies"]  # [2, copies]: sources, destinations
             self.kv_pool.index_copy_(2, blocks[1], self.kv_pool.index_select(2, blocks[0]))

@@ -1,20 +1,11 @@
-"""Forks on the real runner (torch op set, CPU): sequences that share KV blocks, copy-on-write of the block they
-write next, and children that sample with their own seeds.
-
-A running sequence is forked mid-decode (Scheduler.fork); each child must continue exactly as a teacher-forced
-oracle does: the reference model's full forward over the child's tokens, sampled with the child's seed and step
-(so its KV blocks, the copied block, its moved device rows and its own settings are all right).
+"""Forks on the real runner (torch op set, CPU): the n completions of one prompt share its KV blocks, copy the block
+they write next, and sample with their own seeds.
 """
 
 from dataclasses import replace
 
 import pytest
-import torch
 
-from hayabusa.engine.core.paged_engine import PagedEngine
-from hayabusa.engine.core.sequence import Delivery
-from hayabusa.engine.oracle.reference_model import ReferenceModel
-from hayabusa.engine.oracle.reference_sampler import sample_next_tokens
 from hayabusa.engine.sample.seeds import completion_seed
 from hayabusa.engine.sampling_params import SamplingParams
 
@@ -31,92 +22,7 @@ def model():
     return small_model()
 
 
-def step_in_lockstep(engine: PagedEngine) -> None:
-    """One step of the engine's scheduler and runner with no read-back lag (every token known afterwards)."""
-    plan = engine.scheduler.schedule()
-    if plan.has_work:
-        if plan.chunks:
-            engine.scheduler.publish_prefilled(plan)
-        run(engine, plan)
-
-
-def run(engine: PagedEngine, plan) -> None:
-    outputs = engine.output_processor.process(plan, engine.runner.collect(engine.runner.launch(plan)))
-    engine.scheduler.update_from_outputs(plan, outputs)
-
-
-def oracle_continuation(config, state_dict, seq, num_tokens: int) -> list[int]:
-    """The next num_tokens tokens of seq's request, from the reference model's full forward at each step."""
-    reference = ReferenceModel(config, state_dict)
-    tokens = list(seq.token_ids)
-    for _ in range(num_tokens):
-        logits = reference(torch.tensor([tokens]))[0, -1:]
-        step = len(tokens) - seq.num_prompt_tokens
-        tokens.append(int(sample_next_tokens(logits, [seq.params], [tokens], [seq.seed], [step])[0]))
-    return tokens[len(seq.token_ids):]
-
-
-@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_a_running_sequence_forks_and_its_children_continue_on_their_own(model, params) -> None:
-    config, state_dict = model
-    engine = make_engine(config, state_dict)
-    scheduler, manager = engine.scheduler, engine.block_manager
-    parent = engine._new_sequence(PROMPT, params, Delivery.RESULT)
-    scheduler.add(parent)
-    step_in_lockstep(engine)  # prefill: the first token
-    step_in_lockstep(engine)  # 8 tokens: the next write (position 7) lands in the half-full second block
-    children = [parent.fork(100 + j, seed=11 + j) for j in range(2)]
-    free_before = manager.num_free_blocks
-    scheduler.fork(parent, children)
-    assert manager.num_free_blocks == free_before  # nothing copied yet
-    assert all(child.block_table == parent.block_table for child in children)
-    shared = parent.block_table[1]
-    assert manager.blocks[shared].ref_count == 3
-
-    plan = scheduler.schedule()
-    # Two of the three holders copy the shared block before writing into it; the last one writes in place.
-    assert [source for source, _ in plan.block_copies] == [shared, shared]
-    assert manager.num_free_blocks == free_before - 2
-    expected = {seq.seq_id: oracle_continuation(config, state_dict, seq, 8) for seq in [parent, *children]}
-    known = {seq.seq_id: len(seq.token_ids) for seq in [parent, *children]}
-    run(engine, plan)
-    while scheduler.has_work():
-        step_in_lockstep(engine)
-    for seq in [parent, *children]:
-        assert seq.output.finish_reason == "length"
-        assert seq.token_ids[known[seq.seq_id]:] == expected[seq.seq_id], seq.seq_id
-    if params is GREEDY:  # one greedy stream, three copies of it
-        assert children[0].token_ids == children[1].token_ids == parent.token_ids
-    else:
-        assert len({tuple(seq.token_ids) for seq in [parent, *children]}) == 3
-    assert manager.num_free_blocks == manager.num_blocks and all(b.ref_count == 0 for b in manager.blocks)
-
-
-def test_fork_refuses_a_token_in_flight_and_foreign_children_and_skips_aborted_ones(model) -> None:
-    config, state_dict = model
-    engine = make_engine(config, state_dict)
-    parent = engine._new_sequence(PROMPT, GREEDY, Delivery.RESULT)
-    engine.scheduler.add(parent)
-    plan = engine.scheduler.schedule()  # its first token is in flight
-    with pytest.raises(RuntimeError, match="sampled token in flight"):
-        engine.scheduler.fork(parent, [parent.fork(100, seed=1)])
-    run(engine, plan)
-    stranger = engine._new_sequence(PROMPT, SAMPLED, Delivery.RESULT)
-    with pytest.raises(ValueError, match="must hold the tokens, prompt length and params"):
-        engine.scheduler.fork(parent, [stranger])
-    kept, dropped = parent.fork(100, seed=1), parent.fork(101, seed=2)
-    engine.scheduler.fork(parent, [kept, dropped])
-    engine.scheduler.abort(dropped)  # gone before the next launch: its settings are not loaded
-    plan = engine.scheduler.schedule()
-    assert plan.settings_loads == [kept]
-    run(engine, plan)
-    assert kept.token_ids == parent.token_ids
-
-
-# ---- num_return_sequences: n completions of one prompt --------------------------------------------------------------
-
 LONG_PROMPT = [5, 17, 9, 3, 77, 1, 2, 3, 4, 5]  # blocks of 4: two full blocks and a half-full third
-
 
 
 # Budget 3: the 10-token prompt runs in 4 chunks while the other 3 completions wait, forked, for its last one.
