@@ -80,7 +80,7 @@ def write_random_checkpoint(out_dir: str | Path, config: ModelConfig, *, fmt: st
         raise ValueError("store_embed_out=False needs config.tie_word_embeddings: an untied model must store embed_out")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_old_weights(out_dir, overwrite)
+    clear_old_weights(out_dir, overwrite)
 
     shapes = expected_shapes(config)
     if not store_embed_out:
@@ -127,7 +127,7 @@ def _write_config(out_dir: Path, config: ModelConfig, dtype: torch.dtype) -> Non
     (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
 
 
-def _clear_old_weights(out_dir: Path, overwrite: bool) -> None:
+def clear_old_weights(out_dir: Path, overwrite: bool) -> None:
     """Old weight files would be read instead of (or mixed with) the new ones: refuse, or remove them."""
     old = sorted({p.name for pattern in SAFETENSORS_FILES + BIN_FILES for p in out_dir.glob(pattern)})
     if old and not overwrite:

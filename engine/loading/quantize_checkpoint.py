@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from hayabusa.engine.loading.checkpoint_writer import clear_old_weights
 from hayabusa.engine.loading.compressed_tensors_config import KEY, quantization_config_for
 from hayabusa.engine.loading.config import load_config
 from hayabusa.engine.loading.model_source import resolve_model_dir
@@ -50,7 +51,7 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, scheme: WeightS
         check_groups(name, scheme, shapes[name][1], f"{scheme.name} quantizes")
     stored, read_tensor = open_stored_weights(model_dir, config)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _clear_old_weights(out_dir, overwrite)
+    clear_old_weights(out_dir, overwrite)
 
     tensors: dict[str, torch.Tensor] = {}
     for name in tqdm([name for name in shapes if name in stored], desc=f"quantizing to {scheme.name}",
@@ -67,16 +68,6 @@ def quantize_checkpoint(source: str | Path, out_dir: str | Path, scheme: WeightS
     (out_dir / "config.json").write_text(json.dumps(config_out, indent=2) + "\n", encoding="utf-8")
     _copy_other_files(model_dir, out_dir)
     return out_dir
-
-
-def _clear_old_weights(out_dir: Path, overwrite: bool) -> None:
-    """Weight files already in out_dir would be read with (or instead of) the new ones: refuse, or remove them."""
-    old = sorted({p.name for pattern in SAFETENSORS_FILES + BIN_FILES for p in out_dir.glob(pattern)})
-    if old and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds weights ({', '.join(old)}); choose an empty directory or "
-                              "overwrite (--overwrite)")
-    for name in old:
-        (out_dir / name).unlink()
 
 
 def _copy_other_files(model_dir: Path, out_dir: Path) -> None:
