@@ -74,6 +74,8 @@ class SuiteResult:
     warnings: list[str] = field(default_factory=list)
     case_loads: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (label, load just before it)
     started: str = ""
+    # (commit, where it was found) of the code as the run starts: a checkout edited while it runs is not what ran
+    code_origin: tuple[str | None, str] = (None, "")
     seconds: float = 0.0
 
     def add_record(self, record: BenchRecord) -> None:
@@ -100,7 +102,7 @@ class SuiteResult:
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
-        commit, commit_source = environment.code_origin()
+        commit, commit_source = self.code_origin
         return {
             "schema_version": 1,
             "created": self.started,
@@ -131,6 +133,7 @@ class SuiteResult:
 
 def run_suite(settings: SuiteSettings) -> SuiteResult:
     started = datetime.datetime.now(datetime.timezone.utc)
+    code_origin = environment.code_origin()
     sizes = settings.sizes
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
@@ -139,6 +142,7 @@ def run_suite(settings: SuiteSettings) -> SuiteResult:
     device_roofline = measure_roofline(settings.device, settings.dtype, sizes.roofline_copy_bytes,
                                        sizes.roofline_matmul_size)
     result = SuiteResult(settings, device_roofline, started=started.isoformat(timespec="seconds"),
+                         code_origin=code_origin,
                          launches_per_decode_step=launch_counts(settings),
                          machine_load={"start": start_load.as_dict()})
     result.emit("run", {"device": environment.device_description(settings.device),

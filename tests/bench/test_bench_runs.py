@@ -119,6 +119,17 @@ def test_case_overrides_pick_the_decode_cases_and_the_jsonl_gets_the_figures(tmp
     assert "batch1-prompt8" not in (tmp_path / "no-long" / "results.md").read_text(encoding="utf-8")
 
 
+def test_the_commit_recorded_is_the_one_the_run_started_from(tmp_path, monkeypatch, instant_engines):
+    """Before: read when the results were written, so a checkout committed or edited during a long run was recorded
+    instead of the code that ran."""
+    origins = iter([("aaaa", "of the checkout"), ("bbbb-dirty", "of the checkout")])
+    monkeypatch.setattr(suite.environment, "code_origin", lambda: next(origins))
+    argv = ["--model", "tiny", "--device", "cpu", "--sizes", "smoke", "--scenarios", "decode",
+            "--engines", "hayabusa-reference", "--decode-batches", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["commit"] == "aaaa"
+
+
 def test_token_count_overrides_set_the_decode_length_and_the_prefill_prompts(tmp_path, instant_engines):
     argv = ["--model", "tiny", "--device", "cpu", "--sizes", "smoke", "--scenarios", "decode", "prefill",
             "--engines", "hayabusa-reference", "--decode-batches", "1", "--decode-tokens", "7",
