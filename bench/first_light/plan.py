@@ -22,7 +22,7 @@ from .runner import Stage
 
 RESERVE_S = 15.0  # kept after the last stage: merge the bench results, write the summary, close the bundle
 STAGE_ORDER = ("preflight", "install", "checkpoint", "warm-start", "verify-fp16", "hayabusa", "transformers-eager",
-               "kernel-profile", "kernel-tests", "memcheck", "transformers-compile")
+               "quantized", "kernel-profile", "kernel-tests", "memcheck", "transformers-compile")
 # Kernel tests by what they guard: the decode path first. Not the sm_90 compile check (a tool that recompiles every
 # kernel: minutes) nor the interpreter's own memcheck tests.
 KERNEL_TESTS = ("test_gemv.py", "test_decode_attention.py", "test_linear.py", "test_prefill_attention.py",
@@ -42,6 +42,7 @@ class Mode:
     sizes: str  # hayabusa bench --sizes
     engine: str  # the hayabusa engine the bench stages time
     cases: str  # what the --sizes preset decodes and prefills
+    quantizations: tuple[str, ...]  # the quantized stage's --quantization schemes (quantized while loading)
     verify_args: tuple[str, ...]
     kernel_tests: tuple[str, ...]
     caps: dict[str, float]  # seconds per stage
@@ -50,22 +51,25 @@ class Mode:
 
 GPU = Mode(
     name="gpu", device="cuda", preset="2.7b", run_dtype="float16", backend="triton", sizes="gpu", engine="hayabusa",
-    cases="decode at batch 1/8/64 and at batch 1 after 1920 tokens, then prefill 2048", verify_args=(),
+    cases="decode at batch 1/8/64 and at batch 1 after 1920 tokens, then prefill 2048", quantizations=("int8", "int4"),
+    verify_args=(),
     kernel_tests=KERNEL_TESTS,
     # warm start: ~45 kernel specializations compiled one after another (engine_specializations); eager: four
-    # decode cases of 4 x 128 steps at ~20 ms; compile: one compile and CUDA-graph capture of the 2.7B decode step
-    caps={"preflight": 15, "install": 20, "checkpoint": 30, "warm-start": 140, "verify-fp16": 35, "hayabusa": 50,
-          "transformers-eager": 80, "kernel-profile": 25, "kernel-tests": 25, "memcheck": 20,
-          "transformers-compile": 85},
+    # decode cases of 4 x 128 steps at ~20 ms; quantized: two loads quantizing 128 linears on the GPU and the
+    # quantized kernels' own compiles; compile: one compile and CUDA-graph capture of the 2.7B decode step
+    caps={"preflight": 15, "install": 20, "checkpoint": 30, "warm-start": 125, "verify-fp16": 35, "hayabusa": 50,
+          "transformers-eager": 80, "quantized": 40, "kernel-profile": 25, "kernel-tests": 25, "memcheck": 20,
+          "transformers-compile": 60},
     cpu_only={})
 # The same control flow on a CPU with the tiny model: the reference engine, smoke sizes, one kernel test file;
 # shares about twice what each stage took on a 2-core machine.
 CPU_SMOKE = Mode(
     name="cpu-smoke", device="cpu", preset="tiny", run_dtype="float32", backend="reference", sizes="smoke",
     engine="hayabusa-reference", cases="smoke sizes: decode at batch 1/4, prefill 16/32",
+    quantizations=("int8",),  # tiny's 160 columns are no whole number of int4's groups of 128
     verify_args=("--ops", "torch", "--steps", "4"), kernel_tests=("test_rotary.py",),
     caps={"preflight": 10, "install": 10, "checkpoint": 15, "warm-start": 15, "verify-fp16": 25, "hayabusa": 35,
-          "transformers-eager": 55, "kernel-profile": 10, "kernel-tests": 45, "memcheck": 10,
+          "transformers-eager": 55, "quantized": 25, "kernel-profile": 10, "kernel-tests": 45, "memcheck": 10,
           "transformers-compile": 10},
     cpu_only={"kernel-profile": "the per-kernel table times CUDA kernels: a GPU run's stage",
               "memcheck": "compute-sanitizer checks CUDA kernels: a GPU run's stage",
@@ -130,6 +134,9 @@ def build_plan(mode: Mode, *, python: str, repo: Path, work: Path, jsonl: Path,
         bench_stage("hayabusa", mode.cases, "--engines", mode.engine, "--scenarios", "decode", "prefill"),
         bench_stage("transformers-eager", "the same cases on transformers' generate(), eager",
                     "--engines", "transformers-eager", "--scenarios", "decode", "prefill"),
+        bench_stage("quantized", f"{' and '.join(mode.quantizations)} weights quantized while loading (issue 18), "
+                    "decode at batch 1", "--engines", mode.engine, "--scenarios", "decode", "--decode-batches", "1",
+                    "--long-decode-prompt", "0", "--quantization", *mode.quantizations),
         replace(bench_stage("kernel-profile", "one decode step per decode case, kernel by kernel (torch.profiler)",
                             "--engines", "hayabusa", "--scenarios", "kernels"),
                 unavailable=mode.cpu_only.get("kernel-profile")),

@@ -54,7 +54,7 @@ def test_dry_run_plans_every_stage_in_the_order_of_their_worth_within_540_s():
     plan = planned(done.stdout)
     assert tuple(plan) == STAGE_ORDER == (
         "preflight", "install", "checkpoint", "warm-start", "verify-fp16", "hayabusa", "transformers-eager",
-        "kernel-profile", "kernel-tests", "memcheck", "transformers-compile")
+        "quantized", "kernel-profile", "kernel-tests", "memcheck", "transformers-compile")
     assert all(stage["budget"] for stage in plan.values())  # every stage has a share on a GPU machine
     assert sum(stage["budget"] for stage in plan.values()) + 15 == worst_case(done.stdout) <= 540
     starts = [stage["start"] for stage in plan.values()]
@@ -72,6 +72,9 @@ def test_dry_run_plans_every_stage_in_the_order_of_their_worth_within_540_s():
         assert bench.format(work=work) in commands[name]
         assert f"--engines {engines} --scenarios {scenarios}" in commands[name]
     assert "--decode-batches 1 --long-decode-prompt 0" in commands["transformers-compile"]  # one shape to compile
+    assert bench.format(work=work) in commands["quantized"]
+    assert "--engines hayabusa --scenarios decode --decode-batches 1 --long-decode-prompt 0 --quantization int8 int4" \
+        in commands["quantized"]
     assert "hayabusa.bench.start_time" in commands["warm-start"] and "--backend triton" in commands["warm-start"]
     assert "HAYABUSA_KERNEL_SHAPES=full" in commands["kernel-tests"] and "sm90" not in commands["kernel-tests"]
     assert "HAYABUSA_GUARD_ALIGNMENT=both" in commands["kernel-tests"]  # the engine's aligned variants, then the odd
@@ -149,7 +152,8 @@ def test_the_deadline_holds_and_the_stages_that_do_not_need_the_broken_ones_stil
     assert list(stages) == list(STAGE_ORDER)
     assert {name: e["status"] for name, e in stages.items()} == {
         "preflight": "ok", "install": "ok", "checkpoint": "ok", "warm-start": "timed_out", "verify-fp16": "failed",
-        "hayabusa": "ok", "transformers-eager": "timed_out", "kernel-profile": "skipped", "kernel-tests": "skipped",
+        "hayabusa": "ok", "transformers-eager": "timed_out", "quantized": "skipped", "kernel-profile": "skipped",
+        "kernel-tests": "skipped",
         "memcheck": "skipped", "transformers-compile": "skipped"}
     warm, eager = stages["warm-start"], stages["transformers-eager"]
     assert warm["seconds"] <= warm["limit_s"] + 1 and warm["reason"] == f"ran past its {warm['limit_s']:.0f} s limit"
