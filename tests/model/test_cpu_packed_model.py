@@ -5,9 +5,12 @@ the packed engine's logits stay within bf16's tolerance of the reference's, and 
 import torch
 
 from hayabusa.engine.api import Engine
+from hayabusa.engine.loading.quant_schemes import scheme_named
 from hayabusa.engine.loading.tensor_names import EMBED_IN
+from hayabusa.engine.loading.weights import load_model_files
 from hayabusa.engine.model.op_sets import load_ops
 from hayabusa.engine.model.paged_model import PagedModel
+from hayabusa.engine.oracle.reference_model import ReferenceModel
 from hayabusa.kernels.cpu_linear import PackedLinearWeight
 
 from hf_oracle import random_hf_model
@@ -44,3 +47,16 @@ def test_a_packed_engine_reloads_its_reference_and_matches_it():
     got = torch.tensor([logprob for _, logprob in first.top])
     assert_close(got, expected[[token for token, _ in first.top]], torch.bfloat16)
     assert expected[first.token_id] >= expected.max() - 0.05  # greedy: the reference's top token or a near-tie
+
+
+def test_an_engine_quantized_while_loading_reloads_its_reference_quantized_the_same_way():
+    """Before: the reference was read again without the quantization, so Engine.logits scored the fp weights."""
+    engine = Engine.from_pretrained("tiny", dtype=torch.bfloat16, device="cpu", quantization="int8")
+    assert engine.paged.model.owns_weights and engine._reference_weights is None
+    _, _, quantized = load_model_files("tiny", dtype=torch.bfloat16, device=torch.device("cpu"),
+                                       quantization=scheme_named("int8"))
+    _, _, dense = load_model_files("tiny", dtype=torch.bfloat16, device=torch.device("cpu"))
+    ids = torch.tensor([[30014, 26883, 26638, 27228, 25]])
+    logits = engine.logits(ids)
+    assert torch.equal(logits, ReferenceModel(engine.config, quantized)(ids))
+    assert not torch.equal(logits, ReferenceModel(engine.config, dense)(ids))
