@@ -72,10 +72,11 @@ def num_tasks(server: RunningServer) -> int:
 
 
 def settle(server: RunningServer, fds: int, tasks: int, timeout_s: float = 15.0) -> None:
-    """Wait until the engine is idle and connections are closed: the fd and task counts back to the baseline."""
+    """Wait until the engine is idle and connections are closed: the fd and task counts back to the baseline or
+    below it (files that other tests of this process left to the garbage collector may close meanwhile)."""
     server.wait_until_idle(timeout_s)
     deadline = time.monotonic() + timeout_s
-    while (num_fds(), num_tasks(server)) != (fds, tasks):
+    while num_fds() > fds or num_tasks(server) > tasks:
         if time.monotonic() > deadline:
             raise AssertionError(f"leaked: {num_fds()} fds (baseline {fds}), {num_tasks(server)} tasks "
                                  f"(baseline {tasks})")
@@ -89,8 +90,8 @@ def soak(rounds: tuple[int, ...], late_bound_mib: float) -> None:
         run_load(server.url, users=USERS, workload=workload(0, WARM_UP_REQUESTS), run_time_s=120)
         server.wait_until_idle()
         time.sleep(0.5)  # the warm-up's connections close
+        baseline_rss, rss = rss_mib(), []  # (after a garbage collection, which also closes files left to it)
         fds, tasks = num_fds(), num_tasks(server)
-        baseline_rss, rss = rss_mib(), []
         outcomes = {"completed": 0, "hung_up": 0}
         for index, requests in enumerate(rounds, start=1):
             result = run_load(server.url, users=USERS, workload=workload(index, requests), run_time_s=300)
