@@ -1,11 +1,33 @@
-"""Device helpers the two linear kernels (gemv.py, linear.py) share: the fused epilogue, and the split-K finish that
-reduces partial sums inside the GEMM launch (no second kernel, no float atomics).
+"""Device helpers the linear kernels (gemv.py, linear.py and their quantized twins) share: the tile GEMMs' grouped
+tile order and split-K range, the fused epilogue, and the split-K finish that reduces partial sums inside the GEMM
+launch (no second kernel, no float atomics).
 """
 
 import triton
 import triton.language as tl
 
 from ._launch import cast_rounded
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program pid: GROUP_M row tiles walk the column tiles together, so the weight tiles they
+    share are read while still in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % pids_per_group) % group_size_m, (pid % pids_per_group) // group_size_m
+
+
+@triton.jit
+def split_k_tiles(K, split, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[start, end) of the K-tiles split `split` of SPLIT_K reduces."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_tile_start = split * tiles_per_split
+    return k_tile_start, tl.minimum(k_tile_start + tiles_per_split, k_tiles)
 
 
 @triton.jit

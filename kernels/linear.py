@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gemm_common import finish_tile
+from ._gemm_common import finish_tile, grouped_tile, split_k_tiles
 from ._launch import (
     SPLIT_MAX_ROWS,
     DeviceLimits,
@@ -92,13 +92,7 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     pid = tl.program_id(0)
     split = tl.program_id(1)
     wait_for_prior_grid(PDL)  # x and the residual may be the previous kernel's output
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % pids_per_group) % group_size_m
-    pid_n = (pid % pids_per_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -107,10 +101,7 @@ def _linear_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_p
     rows = (offs_m % M).to(tl.int64)
     cols = (offs_n % N).to(tl.int64)
 
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_tile_start = split * tiles_per_split
-    k_tile_end = tl.minimum(k_tile_start + tiles_per_split, k_tiles)
+    k_tile_start, k_tile_end = split_k_tiles(K, split, BLOCK_K, SPLIT_K)
     x_ptrs = x_ptr + rows[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
     w_ptrs = weight_ptr + cols[:, None] * K + (k_tile_start * BLOCK_K + offs_k)[None, :]
 
