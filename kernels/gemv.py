@@ -212,6 +212,35 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, residual_ptr, out_ptr, partial_ptr
         k_tile = next_k_tile
 
 
+def launch_flags(x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None, activation: str | None,
+                 ln: tuple[torch.Tensor, torch.Tensor, float] | None) -> tuple[bool, bool, bool, bool, bool, bool]:
+    """(has_ln, has_bias, gelu, has_residual, interpreted bf16, pdl): what selects a GEMV launch's variant."""
+    return (ln is not None, bias is not None, activation == "gelu", residual is not None,
+            interpreted_bf16(x.dtype, x.device), uses_pdl(x.device))
+
+
+def variant_meta(config: GemvConfig, K: int, has_ln: bool, interpreted: bool) -> dict:
+    """The constexprs and launch options both GEMVs set alike: the LayerNorm statistics' chunk ([BLOCK_M,
+    STATS_BLOCK], STATS_VALUES_PER_THREAD per thread; unused without ln), one stage, the register cap."""
+    stats_block = min(next_power_of_2(K), STATS_VALUES_PER_THREAD * 32 * config.num_warps // config.block_m) \
+        if has_ln else 16
+    meta = dict(STATS_BLOCK=stats_block, num_stages=1)
+    if not interpreted and config.num_warps == GEMV_NUM_WARPS:
+        meta |= register_cap(MAX_REGISTERS)
+    return meta
+
+
+def shared_tile_buffers(config: GemvConfig, N: int, shares_tiles: bool, out: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial sums, ticket counters) for programs that share output tiles; else `out` twice, placeholders for
+    pointers the kernel never reads."""
+    if not shares_tiles:
+        return out, out
+    partial = torch.empty((config.programs, 2, config.block_m, config.block_n), dtype=torch.float32,
+                          device=out.device)
+    return partial, ticket_counters(out.device, cdiv(N, config.block_n))
+
+
 @functools.cache
 def _launch_params(config: GemvConfig, N: int, K: int, flags: tuple[bool, bool, bool, bool, bool, bool]) -> tuple:
     """(whether programs share tiles, constexprs + launch options) of one shape and epilogue, computed once."""
@@ -220,15 +249,10 @@ def _launch_params(config: GemvConfig, N: int, K: int, flags: tuple[bool, bool, 
     if not 1 <= config.programs <= units or N * K >= 2**31:
         raise ValueError(f"GEMV config {config} on weights [{N}, {K}]: needs 1 to {units} programs (one unit of "
                          f"work each at least) and N * K < 2**31")
-    # LayerNorm statistics: [BLOCK_M, STATS_BLOCK] chunks of STATS_VALUES_PER_THREAD per thread (unused without ln)
-    stats_block = min(next_power_of_2(K), STATS_VALUES_PER_THREAD * 32 * config.num_warps // config.block_m) \
-        if has_ln else 16
-    meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, STATS_BLOCK=stats_block,
+    meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                 EVEN_N=N % config.block_n == 0, EVEN_K=K % config.block_k == 0, HAS_LN=has_ln, HAS_BIAS=has_bias,
                 GELU=gelu, HAS_RESIDUAL=has_residual, INTERPRETED_BF16=interpreted, num_warps=config.num_warps,
-                num_stages=1, **pdl_meta(pdl))
-    if not interpreted and config.num_warps == GEMV_NUM_WARPS:
-        meta |= register_cap(MAX_REGISTERS)
+                **pdl_meta(pdl), **variant_meta(config, K, has_ln, interpreted))
     return starts_inside_tiles > 0, meta
 
 
@@ -240,14 +264,8 @@ def launch_gemv(config: GemvConfig, x: torch.Tensor, weight: torch.Tensor, bias:
     N = weight.shape[0]
     if M == 0:
         return out
-    flags = (ln is not None, bias is not None, activation == "gelu", residual is not None,
-             interpreted_bf16(x.dtype, x.device), uses_pdl(x.device))
-    shares_tiles, meta = _launch_params(config, N, K, flags)
-    partial = tickets = out  # placeholders for pointers the kernel never reads when no tile is shared
-    if shares_tiles:
-        partial = torch.empty((config.programs, 2, config.block_m, config.block_n), dtype=torch.float32,
-                              device=x.device)
-        tickets = ticket_counters(x.device, cdiv(N, config.block_n))
+    shares_tiles, meta = _launch_params(config, N, K, launch_flags(x, bias, residual, activation, ln))
+    partial, tickets = shared_tile_buffers(config, N, shares_tiles, out)
     ln_weight, ln_bias, eps = ln if ln is not None else (out, out, 0.0)
     _gemv_kernel[(config.programs,)](x, weight, bias if bias is not None else out,
                                      residual if residual is not None else out, out, partial, tickets, ln_weight,

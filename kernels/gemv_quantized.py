@@ -25,25 +25,22 @@ from ._gemm_common import finish_shared_tile
 from ._launch import (
     DeviceLimits,
     cdiv,
-    interpreted_bf16,
     next_power_of_2,
     pdl_meta,
-    register_cap,
-    ticket_counters,
-    uses_pdl,
     wait_for_prior_grid,
 )
 from .gemv import (
     GEMV_BLOCK_N,
     GEMV_NUM_WARPS,
     INTERPRETED_BLOCK_N,
-    MAX_REGISTERS,
     PROGRAMS_PER_SM,
-    STATS_VALUES_PER_THREAD,
     UNITS_PER_PROGRAM,
     GemvConfig,
     _normalized,
     _row_stats,
+    launch_flags,
+    shared_tile_buffers,
+    variant_meta,
     work_shares,
 )
 from .quantized_weight import QuantizedWeight
@@ -186,15 +183,10 @@ def _launch_params(config: GemvConfig, N: int, K: int, elem_bytes: int, bits: in
     if not 1 <= config.programs <= units:
         raise ValueError(f"quantized GEMV config {config} on weights [{N}, {K}]: needs 1 to {units} programs")
     chunk = X_VECTOR_BYTES // elem_bytes
-    stats_block = min(next_power_of_2(K), STATS_VALUES_PER_THREAD * 32 * config.num_warps // config.block_m) \
-        if has_ln else 16
     meta = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, SUBSTEPS=config.block_k // (32 * chunk), CHUNK=chunk,
-                GROUP_SIZE=group_size or 0, BITS=bits, HAS_ZEROS=has_zeros, STATS_BLOCK=stats_block,
-                EVEN_K=K % config.block_k == 0, HAS_LN=has_ln, HAS_BIAS=has_bias, GELU=gelu,
-                HAS_RESIDUAL=has_residual, INTERPRETED_BF16=interpreted, num_warps=config.num_warps, num_stages=1,
-                **pdl_meta(pdl))
-    if not interpreted and config.num_warps == GEMV_NUM_WARPS:
-        meta |= register_cap(MAX_REGISTERS)
+                GROUP_SIZE=group_size or 0, BITS=bits, HAS_ZEROS=has_zeros, EVEN_K=K % config.block_k == 0,
+                HAS_LN=has_ln, HAS_BIAS=has_bias, GELU=gelu, HAS_RESIDUAL=has_residual, INTERPRETED_BF16=interpreted,
+                num_warps=config.num_warps, **pdl_meta(pdl), **variant_meta(config, K, has_ln, interpreted))
     return starts_inside_tiles > 0, meta
 
 
@@ -206,15 +198,9 @@ def launch_quantized_gemv(config: GemvConfig, x: torch.Tensor, weight: Quantized
     N = weight.shape[0]
     if M == 0:
         return out
-    flags = (ln is not None, bias is not None, activation == "gelu", residual is not None,
-             interpreted_bf16(x.dtype, x.device), uses_pdl(x.device))
     shares_tiles, meta = _launch_params(config, N, K, x.element_size(), weight.bits, weight.group_size,
-                                        weight.zeros is not None, flags)
-    partial = tickets = out  # placeholders for pointers the kernel never reads when no tile is shared
-    if shares_tiles:
-        partial = torch.empty((config.programs, 2, config.block_m, config.block_n), dtype=torch.float32,
-                              device=x.device)
-        tickets = ticket_counters(x.device, cdiv(N, config.block_n))
+                                        weight.zeros is not None, launch_flags(x, bias, residual, activation, ln))
+    partial, tickets = shared_tile_buffers(config, N, shares_tiles, out)
     ln_weight, ln_bias, eps = ln if ln is not None else (out, out, 0.0)
     zeros = weight.zeros if weight.zeros is not None else weight.scales
     _gemv_quantized_kernel[(config.programs,)](
